@@ -1,0 +1,5 @@
+import sys
+
+from qdemo.cli import main
+
+sys.exit(main())

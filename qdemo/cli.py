@@ -1,0 +1,171 @@
+"""`python -m qdemo models | prepare NAME | chat NAME PROMPT | bench NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from typing import Sequence
+
+from qdemo.errors import QdemoError
+
+
+class TqdmProgress:
+    """A progress callback that shows one tqdm bar per phase."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._phase: str | None = None
+
+    def __call__(self, phase: str, done: float, total: float) -> None:
+        from tqdm import tqdm
+
+        if phase != self._phase:
+            self.close()
+            byte_phase = total > 1
+            self._bar = tqdm(total=total, desc=phase, unit="B" if byte_phase else " step",
+                             unit_scale=byte_phase, leave=True, file=sys.stderr)
+            self._phase = phase
+        self._bar.n = done
+        self._bar.refresh()
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar, self._phase = None, None
+
+
+def _sampling_overrides(args: argparse.Namespace, defaults):
+    changes = {}
+    for field in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            changes[field] = value
+    if args.greedy:
+        changes["do_sample"] = False
+    return defaults.replace(**changes)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qdemo.registry import load_registry
+    from qdemo.sources import cache_root, cache_state
+
+    registry = load_registry(args.registry)
+    rows = [(("* " if s.name == registry.default else "  ") + s.name, s.family, s.source.describe(), cache_state(s))
+            for s in registry.models.values()]
+    widths = [max(len(r[i]) for r in rows + [("  name", "family", "source", "state")]) for i in range(4)]
+    for row in [("  name", "family", "source", "state")] + rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"\n* default model; cache: {cache_root()} (set QDEMO_CACHE to move it)")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from qdemo.registry import load_registry
+    from qdemo.sources import resolve
+
+    spec = load_registry(args.registry).get(args.name)
+    progress = TqdmProgress()
+    path = resolve(spec, progress)
+    progress.close()
+    print(f"{spec.name}: ready at {path}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qdemo.engine import generate
+    from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
+    from qdemo.loader import load_model
+    from qdemo.registry import load_registry
+
+    spec = load_registry(args.registry).get(args.name)
+    progress = TqdmProgress()
+    lm = load_model(spec, device=args.device, dtype=args.dtype, progress=progress)
+    progress.close()
+    params = _sampling_overrides(args, spec.sampling)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}]
+    stop = threading.Event()
+    try:
+        for event in generate(lm, messages=messages, params=params, stop_event=stop, top_n=5 if args.stages else 0):
+            if isinstance(event, PrefillEvent) and event.dropped_turns:
+                print(f"[dropped messages {list(event.dropped_turns)} to fit the context]", file=sys.stderr)
+            elif isinstance(event, TokenEvent):
+                print(event.text, end="", flush=True)
+                if args.stages:
+                    _print_stages(lm.tokenizer, event)
+            elif isinstance(event, DoneEvent):
+                s = event.stats
+                print(f"\n[{event.reason}] {s.new_tokens} tokens, TTFT {s.ttft_seconds:.2f}s, "
+                      f"prefill {s.prefill_tokens_per_s:.0f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s, "
+                      f"peak {s.peak_memory_bytes / 2**20:.0f} MiB", file=sys.stderr)
+                if event.error:
+                    print(f"error: {event.error}", file=sys.stderr)
+                    return 1
+    except KeyboardInterrupt:
+        stop.set()
+        print("\n[stopped]", file=sys.stderr)
+    return 0
+
+
+def _print_stages(tokenizer, event) -> None:
+    for stage in event.stages:
+        tops = ", ".join(f"{tokenizer.decode([t])!r}:{p:.3f}" for t, p in zip(stage.token_ids, stage.probs))
+        print(f"\n    {stage.name:>18}: chosen {stage.chosen_prob:.3f} | {tops}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qdemo.bench import format_table, run_bench
+
+    result = run_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
+                       device=args.device, dtype=args.dtype, prompt=args.prompt)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qdemo", description="qdemo generation core")
+    parser.add_argument("--registry", help="models.yaml to use (default: $QDEMO_MODELS or the bundled one)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list models with their source and cache state").set_defaults(func=cmd_models)
+    p = sub.add_parser("prepare", help="materialise a model's weights in the cache")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_prepare)
+
+    def device_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the registry's")
+
+    p = sub.add_parser("chat", help="stream one answer to the terminal")
+    p.add_argument("name")
+    p.add_argument("prompt")
+    p.add_argument("--system", help="system prompt (default: the model's)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    for flag, kind in (("temperature", float), ("top-k", int), ("top-p", float), ("min-p", float),
+                       ("repetition-penalty", float), ("max-new-tokens", int), ("seed", int)):
+        p.add_argument(f"--{flag}", type=kind)
+    p.add_argument("--stages", action="store_true", help="print each token's top-5 after every stage")
+    device_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("bench", help="engine vs transformers generate, tokens per second")
+    p.add_argument("name")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
+    p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    device_args(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (QdemoError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

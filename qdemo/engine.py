@@ -1,0 +1,221 @@
+"""The generation core: one generator of events that every tab consumes.
+
+It knows nothing of Gradio. Contract: `generate(...)` validates its inputs eagerly (ValueError naming
+the field), then returns an iterator that yields one PrefillEvent, a TokenEvent per generated token
+(an ending eos/stop token included, with empty text) and exactly one DoneEvent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import threading
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from qdemo.errors import PromptTooLongError
+from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, StageTopN, TokenEvent
+from qdemo.loader import LoadedModel
+from qdemo.metrics import kv_cache_bytes, memory_sample, now
+from qdemo.prompting import build_prompt
+from qdemo.sampling import RAW_STAGE, SamplingParams, build_stages
+from qdemo.textstream import IncrementalDetokenizer
+
+
+def generate(
+    lm: LoadedModel,
+    messages: Sequence[dict[str, str]] | None = None,
+    input_ids: Sequence[int] | None = None,
+    params: SamplingParams | None = None,
+    stop_event: threading.Event | None = None,
+    top_n: int = 20,
+    ignore_eos: bool = False,
+) -> Iterator[Event]:
+    """Stream a completion of `messages` (via the chat template) or of raw `input_ids`.
+
+    top_n: how many tokens per stage to report (0 turns stage capture off).
+    ignore_eos: keep going past eos/stop tokens (benchmarks that need a fixed length).
+    """
+    started = time.perf_counter()
+    params = params if params is not None else lm.spec.sampling
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be an integer >= 0, got {top_n!r}")
+    if (messages is None) == (input_ids is None):
+        raise ValueError("pass exactly one of messages or input_ids")
+    if messages is not None:
+        prompt = build_prompt(lm.tokenizer, messages, lm.spec.max_context, params.max_new_tokens,
+                              lm.spec.system_prompt, lm.spec.name)
+        ids, dropped = prompt.ids, prompt.dropped_turns
+    else:
+        ids, dropped = _check_ids(lm, input_ids, params), ()
+    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, time.perf_counter() - started)
+
+
+def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
+    ids = [int(t) for t in input_ids]
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    if not ids:
+        raise ValueError("input_ids is empty")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"input_ids contains {bad[0]}, outside the vocabulary of {lm.spec.name} (0..{vocab - 1})")
+    budget = lm.spec.max_context - params.max_new_tokens
+    if len(ids) > budget:
+        raise PromptTooLongError(f"{lm.spec.name}: {len(ids)} prompt tokens exceed the {budget} that fit "
+                                 "(max_context − max_new_tokens)")
+    return ids
+
+
+def _run(
+    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
+    stop_event: threading.Event | None, top_n: int, ignore_eos: bool, prep_s: float,
+) -> Iterator[Event]:
+    # 1. Set-up: buffers sized once so the decode loop never concatenates.
+    device, model = lm.device, lm.model
+    stages = build_stages(params)
+    seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(62))
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    prompt_len, limit = len(ids), params.max_new_tokens
+    seq = torch.empty((1, prompt_len + limit), dtype=torch.long, device=device)
+    seq[0, :prompt_len] = torch.tensor(ids, dtype=torch.long)
+    mask = torch.ones((1, prompt_len + limit), dtype=torch.long, device=device)
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_kwarg(model)
+    detok = IncrementalDetokenizer(lm.tokenizer)
+    eos, stops = lm.eos_token_ids, lm.stop_token_ids
+    generated: list[int] = []
+    step_times: list[float] = []
+    peak = 0
+    reason, error = "max_tokens", None
+    prefill_s = 0.0
+
+    def done() -> DoneEvent:
+        decode = step_times[1:]
+        ttft = prep_s + step_times[0] if step_times else 0.0
+        stats = GenerationStats(
+            prompt_tokens=prompt_len, new_tokens=len(generated), ttft_seconds=ttft,
+            prefill_seconds=prefill_s, prefill_tokens_per_s=prompt_len / prefill_s if prefill_s else 0.0,
+            decode_tokens_per_s=len(decode) / sum(decode) if decode and sum(decode) > 0 else 0.0,
+            total_seconds=prep_s + sum(step_times), peak_memory_bytes=peak,
+        )
+        return DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(generated), error=error)
+
+    try:
+        # 2. Prefill: the whole prompt once; its last logits choose the first token.
+        t0 = now(device)
+        logits = _forward(model, seq[:, :prompt_len], mask[:, :prompt_len], cache, cache_kw)
+        prefill_s = now(device) - t0
+        mem = memory_sample(device)
+        peak = max(peak, mem.used_bytes, mem.cuda_peak or 0)
+        yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=seed,
+                           kv_cache_bytes=kv_cache_bytes(cache), memory=mem)
+        step_start = now(device) - prefill_s  # time spent by the consumer on the PrefillEvent is not ours
+        # 3. Decode: choose, report, stop or feed the token back.
+        for step in range(limit):
+            length = prompt_len + step
+            token, snapshots = _choose(logits, seq[:, :length], stages, generator, top_n, params.greedy)
+            seq[0, length] = token
+            generated.append(token)
+            ends = not ignore_eos and (token in eos or token in stops)
+            text = "" if ends else detok.push(token)
+            if ends or step == limit - 1:
+                text += detok.flush()
+            step_times.append(now(device) - step_start)
+            mem = memory_sample(device)
+            peak = max(peak, mem.used_bytes, mem.cuda_peak or 0)
+            yield TokenEvent(step=step, token_id=token, text=text, stages=snapshots, step_seconds=step_times[-1],
+                             kv_cache_bytes=kv_cache_bytes(cache), memory=mem)
+            if ends:
+                reason = "eos" if token in eos else "stop_token"
+                break
+            if step == limit - 1:
+                break
+            if stop_event is not None and stop_event.is_set():
+                reason = "stopped"
+                break
+            step_start = now(device)
+            logits = _forward(model, seq[:, length:length + 1], mask[:, :length + 1], cache, cache_kw)
+    except Exception as exc:  # reported to the consumer; the stream still ends with a DoneEvent
+        reason, error = "error", _describe_error(lm, exc)
+    finally:
+        # Drop the KV cache now rather than when the consumer lets go of this generator.
+        cache = None
+        logits = None
+    yield done()
+
+
+@torch.inference_mode()
+def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, cache_kw: str) -> torch.Tensor:
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    # fp32 copy as generate() makes, so processors see the same numbers.
+    return out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def _choose(
+    logits: torch.Tensor, seq: torch.Tensor, stages, generator, top_n: int, greedy: bool
+) -> tuple[int, tuple[StageTopN, ...]]:
+    """Run the processor chain stage by stage, pick the token, and summarise each stage's top-N.
+    Only the top-N of each stage (and the chosen token's probabilities) leave the device."""
+    scores = logits
+    names = [RAW_STAGE]
+    stage_probs = [torch.softmax(scores, dim=-1)] if top_n else []
+    for name, processor in stages:
+        scores = processor(seq, scores)
+        if top_n:
+            names.append(name)
+            stage_probs.append(torch.softmax(scores, dim=-1))
+    if greedy:
+        token = torch.argmax(scores, dim=-1)
+    else:
+        probs = stage_probs[-1] if top_n else torch.softmax(scores, dim=-1)
+        token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if not top_n:
+        return int(token.item()), ()
+    stacked = torch.cat(stage_probs, dim=0)  # [stages, vocab]
+    k = min(top_n, stacked.shape[-1])
+    top = torch.topk(stacked, k, dim=-1)
+    chosen = stacked[:, token]
+    payload = torch.cat([top.indices.to(torch.float64), top.values.to(torch.float64),
+                         chosen.to(torch.float64).reshape(-1, 1), token.to(torch.float64).reshape(1, 1).expand(
+                             len(names), 1)], dim=1).cpu().tolist()  # one transfer
+    snapshots = tuple(
+        StageTopN(name=name, token_ids=tuple(int(i) for i in row[:k]), probs=tuple(row[k:2 * k]),
+                  chosen_prob=row[2 * k])
+        for name, row in zip(names, payload)
+    )
+    return int(payload[0][2 * k + 1]), snapshots
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.2x names the argument `cache`; earlier releases call it `past_key_values`.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _describe_error(lm: LoadedModel, exc: Exception) -> str:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"{lm.spec.name}: out of memory on {lm.device}; lower max_new_tokens or shorten the conversation"
+    return f"{lm.spec.name}: {type(exc).__name__}: {exc}"
+
+
+def collect(events: Iterator[Event]) -> dict[str, Any]:
+    """Drain a stream into {prefill, tokens, done}: handy for tests, CLI and benchmarks."""
+    prefill, tokens, final = None, [], None
+    for event in events:
+        if isinstance(event, PrefillEvent):
+            prefill = event
+        elif isinstance(event, TokenEvent):
+            tokens.append(event)
+        else:
+            final = event
+    return {"prefill": prefill, "tokens": tokens, "done": final}

@@ -1,0 +1,82 @@
+"""What the engine emits: small, plain dataclasses that every tab folds into its own view."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Union
+
+DoneReason = Literal["eos", "stop_token", "max_tokens", "stopped", "error"]
+
+
+@dataclass(frozen=True)
+class StageTopN:
+    """The distribution after one stage of the processor chain ("raw" is the model's own softmax)."""
+
+    name: str
+    token_ids: tuple[int, ...]
+    probs: tuple[float, ...]
+    chosen_prob: float  # probability of the token finally chosen, at this stage
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    device: str  # "cuda" or "cpu"
+    rss_bytes: int | None = None  # process RSS (CPU runs)
+    cuda_allocated: int | None = None
+    cuda_reserved: int | None = None
+    cuda_peak: int | None = None
+
+    @property
+    def used_bytes(self) -> int:
+        """The figure charts plot: allocated on CUDA, RSS on CPU."""
+        return (self.cuda_allocated if self.device == "cuda" else self.rss_bytes) or 0
+
+
+@dataclass(frozen=True)
+class PrefillEvent:
+    prompt_ids: tuple[int, ...]
+    prefill_seconds: float
+    dropped_turns: tuple[int, ...]  # indices of input messages left out to fit the context
+    seed: int | None  # the seed actually used (None for greedy runs)
+    kv_cache_bytes: int
+    memory: MemorySample
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    step: int
+    token_id: int
+    text: str  # what this token adds to the visible text (may be "" while bytes are held back)
+    stages: tuple[StageTopN, ...]
+    step_seconds: float  # forward that produced this token's logits + processing + sampling
+    kv_cache_bytes: int
+    memory: MemorySample
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    ttft_seconds: float
+    prefill_seconds: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float  # tokens after the first, over their step time
+    total_seconds: float
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    reason: DoneReason
+    stats: GenerationStats
+    text: str  # the whole visible answer
+    token_ids: tuple[int, ...]
+    error: str | None = None
+
+
+Event = Union[PrefillEvent, TokenEvent, DoneEvent]
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """JSON-ready form, tagged with the event's kind."""
+    return {"kind": type(event).__name__, **asdict(event)}

@@ -1,0 +1,113 @@
+"""The one place that calls `from_pretrained`: picks device and dtype, returns a ready LoadedModel."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qdemo.errors import SourceError
+from qdemo.families import Family, get_family
+from qdemo.registry import ModelSpec
+from qdemo.sources import ProgressFn, resolve
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    family: Family
+    eos_token_ids: frozenset[int]  # ending here reports reason "eos"
+    stop_token_ids: frozenset[int]  # the family's other stop tokens: reason "stop_token"
+    path: Path | None = None
+    weight_bytes: int = field(default=0)
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} was asked for but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 arithmetic instructions (AVX512-BF16 / AMX on x86, BF16 on Arm)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:
+        # macOS on Apple silicon M2 and later has bf16; older hosts fall back to fp32.
+        return platform.system() == "Darwin" and platform.machine() == "arm64"
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_dtype(requested: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on CUDA with bf16 support else fp16; on CPU bf16 only where it is native, else fp32
+    (emulated bf16 is slower than fp32 there)."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested and requested != "auto":
+        try:
+            return _DTYPES[requested]
+        except KeyError:
+            raise ValueError(f"dtype must be auto or one of {', '.join(_DTYPES)}, got {requested!r}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def load_model(
+    spec: ModelSpec, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    progress: ProgressFn | None = None, attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(spec, progress)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype if dtype is not None else spec.dtype, dev)
+    if progress:
+        progress("load weights", 0, 1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"model {spec.name}: cannot load the checkpoint at {path}: {exc}") from None
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    if progress:
+        progress("load weights", 1, 1)
+    family = get_family(spec.family)
+    eos = _eos_ids(model, tokenizer)
+    stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
+                       eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
+                       weight_bytes=weight_bytes)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        return None
+    return int(tid)

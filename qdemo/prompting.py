@@ -1,0 +1,100 @@
+"""Chat messages → prompt token ids, fitted into the model's context.
+
+History that does not fit (`max_context − max_new_tokens`) loses its oldest turns whole; the system
+message and the newest turn are always kept, and the caller is told which messages were dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from qdemo.errors import PromptTooLongError
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    dropped_turns: tuple[int, ...]  # indices into the caller's messages
+    budget: int  # tokens the prompt may use
+
+
+def validate_messages(messages: Any) -> list[Message]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} mappings")
+    clean: list[Message] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {i} must be a mapping with role and content, got {type(message).__name__}")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}) content must be text, got {type(content).__name__}")
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+        clean.append({"role": role, "content": content})
+    if clean[-1]["role"] != "user":
+        raise ValueError(f"the last message must be the user's, got {clean[-1]['role']!r}")
+    return clean
+
+
+def split_turns(messages: Sequence[Message]) -> tuple[list[int], list[list[int]]]:
+    """(system message indices, turns) where a turn is a user message and the replies after it."""
+    system = [0] if messages and messages[0]["role"] == "system" else []
+    turns: list[list[int]] = []
+    for i in range(len(system), len(messages)):
+        if messages[i]["role"] == "user" or not turns:
+            turns.append([i])
+        else:
+            turns[-1].append(i)
+    return system, turns
+
+
+def fit_messages(
+    messages: Sequence[Message], encode: Callable[[list[Message]], list[int]], budget: int, model_name: str = "model"
+) -> Prompt:
+    """Drop the oldest whole turns until `encode(kept)` fits `budget` tokens."""
+    system, turns = split_turns(messages)
+    for first in range(len(turns)):
+        kept = system + [i for turn in turns[first:] for i in turn]
+        ids = encode([messages[i] for i in kept])
+        if len(ids) <= budget:
+            dropped = tuple(i for turn in turns[:first] for i in turn)
+            return Prompt(ids=ids, dropped_turns=dropped, budget=budget)
+    raise PromptTooLongError(
+        f"{model_name}: the newest message alone needs {len(ids)} prompt tokens but only {budget} fit "
+        f"(max_context − max_new_tokens); shorten it or lower max_new_tokens"
+    )
+
+
+def chat_template_encoder(tokenizer) -> Callable[[list[Message]], list[int]]:
+    def encode(messages: list[Message]) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    return encode
+
+
+def build_prompt(
+    tokenizer, messages: Any, max_context: int, max_new_tokens: int,
+    system_prompt: str | None = None, model_name: str = "model",
+) -> Prompt:
+    """Validate, add the model's default system prompt when none is given, and fit the context."""
+    clean = validate_messages(messages)
+    if system_prompt and clean[0]["role"] != "system":
+        clean = [{"role": "system", "content": system_prompt}] + clean
+        offset = 1
+    else:
+        offset = 0
+    budget = max_context - max_new_tokens
+    if budget <= 0:
+        raise PromptTooLongError(f"{model_name}: max_new_tokens {max_new_tokens} leaves no room in "
+                                 f"max_context {max_context}")
+    prompt = fit_messages(clean, chat_template_encoder(tokenizer), budget, model_name)
+    # Report indices in the caller's list, not the one with the added system message.
+    dropped = tuple(i - offset for i in prompt.dropped_turns)
+    return Prompt(ids=prompt.ids, dropped_turns=dropped, budget=budget)

@@ -1,0 +1,234 @@
+"""Turn a ModelSpec's source into a local transformers checkpoint directory.
+
+GGUF parts shipped in packages are assembled, verified (size + sha256 before any parsing), dequantized
+once and cached as a dense safetensors checkpoint. Every cache entry is written into a temporary
+directory and renamed into place, so an interrupted run never leaves a half cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from qdemo.errors import SourceError
+from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
+
+# progress(phase, done, total): phase is a short label, done/total are in the phase's own units.
+ProgressFn = Callable[[str, float, float], None]
+MARKER = "qdemo-source.json"
+_CHUNK = 8 << 20
+
+
+def cache_root() -> Path:
+    """$QDEMO_CACHE, else $XDG_CACHE_HOME/qdemo, else ~/.cache/qdemo."""
+    explicit = os.environ.get("QDEMO_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qdemo"
+
+
+def gguf_cache_dir(spec: ModelSpec) -> Path:
+    assert isinstance(spec.source, GgufPartsSource)
+    return cache_root() / "models" / f"{spec.name}-{spec.source.sha256[:12]}"
+
+
+def cache_state(spec: ModelSpec) -> str:
+    """A short human description of whether the weights are ready locally."""
+    src = spec.source
+    if isinstance(src, GgufPartsSource):
+        if (gguf_cache_dir(spec) / MARKER).is_file():
+            return "prepared"
+        try:
+            locate_parts(spec)
+        except SourceError:
+            return "packages missing"
+        return "not prepared"
+    if isinstance(src, LocalSource):
+        return "local" if (src.path / "config.json").is_file() else "missing"
+    if isinstance(src, HubSource):
+        return "in HF cache" if _hub_snapshot(src) else "not downloaded"
+    raise TypeError(src)
+
+
+def resolve(spec: ModelSpec, progress: ProgressFn | None = None) -> Path:
+    """A local directory `from_pretrained` can read, materialising the weights if needed."""
+    src = spec.source
+    if isinstance(src, LocalSource):
+        if not (src.path / "config.json").is_file():
+            raise SourceError(f"model {spec.name}: local path {src.path} has no config.json")
+        return src.path
+    if isinstance(src, HubSource):
+        return _resolve_hub(spec, src)
+    if isinstance(src, GgufPartsSource):
+        return _resolve_gguf(spec, src, progress)
+    raise TypeError(src)
+
+
+# ---------------------------------------------------------------------------------------------- hub
+def _hub_cache_dir() -> str:
+    # Read at call time: huggingface_hub freezes its constants at import.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_snapshot(src: HubSource) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
+                                      local_files_only=True))
+    except Exception:
+        return None
+
+
+def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
+    cached = _hub_snapshot(src)
+    if cached is not None:
+        return cached
+    where = f"model {spec.name}: {src.repo_id}@{src.revision} is not in the Hugging Face cache ({_hub_cache_dir()})"
+    if _hub_offline():
+        raise SourceError(f"{where} and HF_HUB_OFFLINE is set, so it cannot be downloaded. "
+                          "Download it where the hub is reachable, or pick an embedded model.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"],
+        )
+    except Exception as exc:
+        raise SourceError(f"{where} and downloading it failed ({type(exc).__name__}: {exc}). "
+                          "The hub looks unreachable (offline?): pick an embedded model.") from None
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------- gguf
+def locate_parts(spec: ModelSpec) -> list[Path]:
+    """The part files of each package, in package order, found without importing package code."""
+    src = spec.source
+    assert isinstance(src, GgufPartsSource)
+    parts: list[Path] = []
+    for package in src.packages:
+        module = package.replace("-", "_")
+        found = importlib.util.find_spec(module)  # a top-level find_spec never executes the package
+        locations = list(found.submodule_search_locations or []) if found else []
+        if not locations:
+            raise SourceError(f"model {spec.name}: package {package!r} is not installed "
+                              f"(pip install {package}; see requirements*.txt)")
+        files = sorted(Path(locations[0], "data").glob("part*.bin"))
+        if not files:
+            raise SourceError(f"model {spec.name}: package {package!r} has no data/part*.bin file")
+        parts.extend(files)
+    return parts
+
+
+def assemble_parts(parts: list[Path], dest: Path, size: int, sha256: str, label: str,
+                   progress: ProgressFn | None = None) -> None:
+    """Concatenate parts into dest, checking total size and sha256; dest is removed on mismatch."""
+    total = sum(p.stat().st_size for p in parts)
+    if total != size:
+        raise SourceError(f"{label}: the parts hold {total:,} bytes, expected {size:,}; "
+                          "reinstall the packages at the pinned versions")
+    digest = hashlib.sha256()
+    done = 0
+    try:
+        with open(dest, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress("assemble + sha256", done, total)
+        if digest.hexdigest() != sha256:
+            raise SourceError(f"{label}: sha256 of the assembled file is {digest.hexdigest()}, "
+                              f"expected {sha256}; the packages are corrupt or not the pinned versions")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def _resolve_gguf(spec: ModelSpec, src: GgufPartsSource, progress: ProgressFn | None) -> Path:
+    final = gguf_cache_dir(spec)
+    if (final / MARKER).is_file():
+        return final
+    parts = locate_parts(spec)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
+    try:
+        gguf_path = work / src.file_name
+        assemble_parts(parts, gguf_path, src.size, src.sha256, f"model {spec.name}", progress)
+        out = work / "checkpoint"
+        _dequantize(gguf_path, out, progress)
+        gguf_path.unlink()
+        (out / MARKER).write_text(json.dumps({
+            "model": spec.name, "file_name": src.file_name, "sha256": src.sha256,
+            "packages": list(src.packages), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }, indent=2))
+        if final.exists():  # a half-written dir cannot be here (rename is atomic): another process won
+            if not (final / MARKER).is_file():
+                shutil.rmtree(final)
+        if not final.exists():
+            os.rename(out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    def step(phase: str, i: int) -> None:
+        if progress:
+            progress(phase, i, 1)
+
+    step("tokenizer from GGUF", 0)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    step("tokenizer from GGUF", 1)
+    step("dequantize weights", 0)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    step("dequantize weights", 1)
+    step("save safetensors", 0)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    step("save safetensors", 1)
+
+
+def _remove_stale_temps(final: Path) -> None:
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            pid = int(stale.name[len(f".tmp-{final.name}-"):].split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

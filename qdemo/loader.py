@@ -108,6 +108,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def _token_id(tokenizer, token: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+    # An unknown token maps to unk (whatever that is); only a round trip proves the token exists.
+    if tid is None or tokenizer.convert_ids_to_tokens(int(tid)) != token:
         return None
     return int(tid)

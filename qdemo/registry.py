@@ -156,6 +156,8 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
     sampling_data = entry.get("sampling", {})
     if not isinstance(sampling_data, dict):
         raise fail("sampling", "must be a mapping")
+    if "max_new_tokens" not in sampling_data:  # leave room for a prompt in small contexts
+        sampling_data = {**sampling_data, "max_new_tokens": min(SamplingParams.max_new_tokens, max_context // 2)}
     try:
         sampling = SamplingParams.from_dict(sampling_data)
     except (TypeError, ValueError) as exc:

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+
+from qdemo.errors import PromptTooLongError
+from qdemo.prompting import build_prompt, split_turns, validate_messages
+
+
+def conversation(turns: int, words: int = 10):
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"question {i} " + "word " * words})
+        messages.append({"role": "assistant", "content": f"answer {i} " + "word " * words})
+    messages.append({"role": "user", "content": "final question 最后的问题"})
+    return messages
+
+
+def encode(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_fits_without_dropping(tiny_lm):
+    messages = conversation(2)
+    prompt = build_prompt(tiny_lm.tokenizer, messages, max_context=4096, max_new_tokens=64)
+    assert prompt.dropped_turns == ()
+    assert prompt.ids == encode(tiny_lm.tokenizer, messages)
+
+
+def test_oldest_turns_dropped_whole(tiny_lm):
+    tok = tiny_lm.tokenizer
+    messages = conversation(6)
+    full = len(encode(tok, messages))
+    keep_two = [messages[0]] + messages[9:]  # system + turns 4, 5 + final
+    budget = len(encode(tok, keep_two))
+    assert budget < full
+    prompt = build_prompt(tok, messages, max_context=budget + 32, max_new_tokens=32)
+    assert prompt.dropped_turns == tuple(range(1, 9))  # turns 0..3, user and assistant each
+    assert prompt.ids == encode(tok, keep_two)
+    assert len(prompt.ids) <= prompt.budget
+
+
+def test_default_system_prompt_added_and_indices_refer_to_caller_messages(tiny_lm):
+    tok = tiny_lm.tokenizer
+    messages = conversation(3)[1:]  # no system message
+    with_system = [{"role": "system", "content": "SYS"}] + messages
+    budget = len(encode(tok, [with_system[0]] + with_system[5:]))
+    prompt = build_prompt(tok, messages, max_context=budget + 8, max_new_tokens=8, system_prompt="SYS")
+    assert prompt.dropped_turns == (0, 1, 2, 3)
+    assert prompt.ids == encode(tok, [with_system[0]] + with_system[5:])
+
+
+def test_newest_turn_too_long(tiny_lm):
+    messages = [{"role": "user", "content": "long " * 500}]
+    with pytest.raises(PromptTooLongError, match="newest message alone needs .* only 56 fit"):
+        build_prompt(tiny_lm.tokenizer, messages, max_context=64, max_new_tokens=8, model_name="m")
+
+
+def test_split_turns_groups_replies_with_their_question():
+    messages = validate_messages(conversation(2))
+    system, turns = split_turns(messages)
+    assert system == [0] and turns == [[1, 2], [3, 4], [5]]
+
+
+@pytest.mark.parametrize("messages,pattern", [
+    ([], "non-empty list"),
+    ([{"role": "robot", "content": "x"}], "message 0 has role 'robot'"),
+    ([{"role": "user", "content": 5}], "message 0 .* content must be text"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+     "message 1: a system message may only come first"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be the user's"),
+    (["hello"], "message 0 must be a mapping"),
+])
+def test_invalid_messages(messages, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        validate_messages(messages)

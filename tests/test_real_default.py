@@ -1,0 +1,90 @@
+"""The real embedded default model end to end: prepare from packages, load, chat in English and Chinese,
+and greedy tokens equal transformers' generate. The first run dequantizes the GGUF (≈1.5 min)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from qdemo.engine import collect, generate
+from qdemo.loader import load_model, pick_dtype
+from qdemo.prompting import build_prompt
+from qdemo.registry import load_registry
+from qdemo.sampling import SamplingParams
+from qdemo.sources import resolve
+from qdemo.textstream import IncrementalDetokenizer
+
+pytestmark = pytest.mark.real_model
+NAME = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_registry().get(NAME)
+
+
+@pytest.fixture(scope="module")
+def lm(spec):
+    phases = []
+    resolve(spec, lambda phase, done, total: phases.append(phase))
+    t0 = time.perf_counter()
+    path = resolve(spec)  # cached now: no assembly, no conversion
+    assert time.perf_counter() - t0 < 1.0
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    return load_model(spec)
+
+
+def test_loaded_as_expected(lm):
+    cfg = lm.model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
+        24, 896, 14, 2)
+    assert lm.dtype == pick_dtype("auto", lm.device)
+    assert 151645 in lm.eos_token_ids and 151643 in lm.eos_token_ids | lm.stop_token_ids
+    assert lm.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"]) == [
+        151644, 151645, 151643]
+
+
+def test_prompt_is_official_chatml(lm):
+    system, user = lm.spec.system_prompt, "用一句话介绍你自己。"
+    prompt = build_prompt(lm.tokenizer, [{"role": "user", "content": user}], lm.spec.max_context, 64, system)
+    expected_text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+    assert prompt.ids == lm.tokenizer.encode(expected_text)
+    assert prompt.ids.count(151644) == 3 and prompt.ids.count(151645) == 2
+
+
+def test_greedy_matches_generate(lm):
+    messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    params = SamplingParams(do_sample=False, max_new_tokens=16)
+    run = collect(generate(lm, messages=messages, params=params))
+    ids = torch.tensor([list(run["prefill"].prompt_ids)])
+    expected = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                                 eos_token_id=sorted(lm.eos_token_ids | lm.stop_token_ids),
+                                 pad_token_id=151643)[0, ids.shape[1]:].tolist()
+    assert [t.token_id for t in run["tokens"]] == expected
+
+
+@pytest.mark.parametrize("prompt,check", [
+    ("Say hello in one short sentence.", lambda text: any(c.isalpha() for c in text)),
+    ("用一句话介绍你自己。", lambda text: any("\u4e00" <= c <= "\u9fff" for c in text)),
+])
+def test_chat_streams_clean_text(lm, prompt, check):
+    params = lm.spec.sampling.replace(max_new_tokens=40, seed=1234)
+    run = collect(generate(lm, messages=[{"role": "user", "content": prompt}], params=params))
+    done = run["done"]
+    assert done.reason in ("eos", "max_tokens") and done.error is None
+    assert all("\ufffd" not in t.text for t in run["tokens"])
+    assert done.text == "".join(t.text for t in run["tokens"]) and check(done.text)
+    assert [s.name for s in run["tokens"][0].stages] == ["raw", "repetition_penalty", "temperature", "top_k",
+                                                         "top_p"]
+    assert done.stats.decode_tokens_per_s > 0 and done.stats.ttft_seconds > 0
+
+
+def test_real_tokenizer_holds_back_split_characters(lm):
+    text = "表情 🚀🌍 和中文：模型思考。"
+    ids = lm.tokenizer.encode(text)
+    detok = IncrementalDetokenizer(lm.tokenizer)
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)

@@ -43,12 +43,13 @@ def write_tiny_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer()
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, **overrides,
+        bos_token_id=None,
     )
+    config = Qwen2Config(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     # Spread the logits so sampling has a shape worth looking at (default init is nearly uniform).
@@ -79,6 +80,7 @@ def write_registry(path: Path, model_dir: Path, name: str = "tiny-qwen2", max_co
               top_k: 40
               top_p: 0.9
               max_new_tokens: 16
+              seed: 7
         """), encoding="utf-8")
     return path
 

@@ -58,19 +58,24 @@ def hf_run(lm: LoadedModel, ids: list[int], tokens: int) -> dict[str, float]:
 
 
 def bandwidth_probe(dtype: torch.dtype, device: torch.device, mib: int = 512, repeats: int = 8) -> float:
-    """Bytes/s streamed by a matrix-vector product (the decode step's dominant op) larger than any cache."""
+    """Bytes/s streamed by a matrix-vector product (the decode step's dominant op) larger than any cache;
+    the better of row- and column-major storage, as the loader may use either (qdemo.cpu_layout)."""
     cols = 4096
     rows = (mib << 20) // (cols * torch.empty((), dtype=dtype).element_size())
     weight = torch.randn(rows, cols, dtype=dtype, device=device)
     x = torch.randn(1, cols, dtype=dtype, device=device)
-    times = []
-    with torch.inference_mode():
-        torch.nn.functional.linear(x, weight)
-        for _ in range(repeats):
-            t0 = now(device)
-            torch.nn.functional.linear(x, weight)
-            times.append(now(device) - t0)
-    return weight.numel() * weight.element_size() / statistics.median(times)
+    best = 0.0
+    for w in (weight, weight.t().contiguous().t()):
+        times = []
+        with torch.inference_mode():
+            torch.nn.functional.linear(x, w)
+            for _ in range(repeats):
+                t0 = now(device)
+                torch.nn.functional.linear(x, w)
+                times.append(now(device) - t0)
+        best = max(best, w.numel() * w.element_size() / statistics.median(times))
+        del w
+    return best
 
 
 def decode_step_bytes(lm: LoadedModel) -> int:

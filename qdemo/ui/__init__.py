@@ -1,0 +1,1 @@
+"""Gradio wiring. Builders only: generation lives in qdemo.engine, figures in qdemo.views."""

@@ -14,14 +14,15 @@ import time
 from typing import Any, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from qdemo.errors import PromptTooLongError
 from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, StageTopN, TokenEvent
 from qdemo.loader import LoadedModel
 from qdemo.metrics import kv_cache_bytes, memory_sample, now
 from qdemo.prompting import build_prompt
-from qdemo.sampling import RAW_STAGE, SamplingParams, build_stages
+from qdemo.chain import run_chain, summarise
+from qdemo.sampling import SamplingParams, build_stages
 from qdemo.textstream import IncrementalDetokenizer
 
 
@@ -53,7 +54,10 @@ def generate(
         ids, dropped = prompt.ids, prompt.dropped_turns
     else:
         ids, dropped = _check_ids(lm, input_ids, params), ()
-    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, time.perf_counter() - started)
+    prep_s = time.perf_counter() - started
+    if params.beam_search:
+        return _run_beams(lm, ids, dropped, params, stop_event, prep_s)
+    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, prep_s)
 
 
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -164,16 +168,9 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache
 def _choose(
     logits: torch.Tensor, seq: torch.Tensor, stages, generator, top_n: int, greedy: bool
 ) -> tuple[int, tuple[StageTopN, ...]]:
-    """Run the processor chain stage by stage, pick the token, and summarise each stage's top-N.
+    """Run the processor chain, pick the token, and summarise each stage's top-N.
     Only the top-N of each stage (and the chosen token's probabilities) leave the device."""
-    scores = logits
-    names = [RAW_STAGE]
-    stage_probs = [torch.softmax(scores, dim=-1)] if top_n else []
-    for name, processor in stages:
-        scores = processor(seq, scores)
-        if top_n:
-            names.append(name)
-            stage_probs.append(torch.softmax(scores, dim=-1))
+    scores, names, stage_probs = run_chain(logits, seq, stages, keep=top_n > 0)
     if greedy:
         token = torch.argmax(scores, dim=-1)
     else:
@@ -181,19 +178,86 @@ def _choose(
         token = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
     if not top_n:
         return int(token.item()), ()
-    stacked = torch.cat(stage_probs, dim=0)  # [stages, vocab]
-    k = min(top_n, stacked.shape[-1])
-    top = torch.topk(stacked, k, dim=-1)
-    chosen = stacked[:, token]
-    payload = torch.cat([top.indices.to(torch.float64), top.values.to(torch.float64),
-                         chosen.to(torch.float64).reshape(-1, 1), token.to(torch.float64).reshape(1, 1).expand(
-                             len(names), 1)], dim=1).cpu().tolist()  # one transfer
-    snapshots = tuple(
-        StageTopN(name=name, token_ids=tuple(int(i) for i in row[:k]), probs=tuple(row[k:2 * k]),
-                  chosen_prob=row[2 * k])
-        for name, row in zip(names, payload)
-    )
-    return int(payload[0][2 * k + 1]), snapshots
+    return summarise(names, stage_probs, token, top_n)
+
+
+class _BeamClock(StoppingCriteria):
+    """Times every beam step and ends the search when the stop event is set (within one step)."""
+
+    def __init__(self, device: torch.device, stop_event: threading.Event | None) -> None:
+        self.device, self.stop_event, self.times = device, stop_event, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.times.append(now(self.device))
+        stop = self.stop_event is not None and self.stop_event.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _run_beams(
+    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
+    stop_event: threading.Event | None, prep_s: float,
+) -> Iterator[Event]:
+    """Beam search is transformers' own (the best beam can change until the end, so nothing streams):
+    the events arrive when the search ends, with per-step timings and each token's beam transition
+    probability as its only stage."""
+    device, model = lm.device, lm.model
+    clock = _BeamClock(device, stop_event)
+    reason, error, new_ids, step_probs = "max_tokens", None, [], []
+    peak = 0
+    t0 = now(device)
+    try:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=params.num_beams,
+                max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+                eos_token_id=sorted(lm.eos_token_ids | lm.stop_token_ids), pad_token_id=_pad_id(lm),
+                stopping_criteria=StoppingCriteriaList([clock]), output_scores=True,
+                return_dict_in_generate=True, length_penalty=1.0, early_stopping=False)
+            new_ids = out.sequences[0, len(ids):].tolist()
+            transition = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
+                                                         normalize_logits=False)
+            step_probs = torch.exp(transition[0, :len(new_ids)].float()).tolist()
+        while new_ids and new_ids[-1] == _pad_id(lm) and _pad_id(lm) not in lm.eos_token_ids | lm.stop_token_ids:
+            new_ids.pop()
+    except Exception as exc:
+        reason, error = "error", _describe_error(lm, exc)
+    mem = memory_sample(device)
+    peak = max(mem.used_bytes, mem.cuda_peak or 0)
+    times = [t0] + clock.times
+    steps = [b - a for a, b in zip(times, times[1:])][:len(new_ids)]
+    prefill_s = steps[0] if steps else 0.0
+    yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=None,
+                       kv_cache_bytes=0, memory=mem)
+    detok = IncrementalDetokenizer(lm.tokenizer)
+    stops = lm.eos_token_ids | lm.stop_token_ids
+    for step, token in enumerate(new_ids):
+        ends = token in stops
+        text = "" if ends else detok.push(token)
+        if ends or step == len(new_ids) - 1:
+            text += detok.flush()
+        prob = step_probs[step] if step < len(step_probs) else float("nan")
+        yield TokenEvent(step=step, token_id=token, text=text,
+                         stages=(StageTopN(name="beam", token_ids=(token,), probs=(prob,), chosen_prob=prob),),
+                         step_seconds=steps[step] if step < len(steps) else 0.0, kv_cache_bytes=0, memory=mem)
+        if ends:
+            reason = "eos" if token in lm.eos_token_ids else "stop_token"
+            break
+    if reason == "max_tokens" and stop_event is not None and stop_event.is_set() and len(
+            new_ids) < params.max_new_tokens:
+        reason = "stopped"
+    decode = steps[1:]
+    stats = GenerationStats(
+        prompt_tokens=len(ids), new_tokens=len(new_ids), ttft_seconds=prep_s + sum(steps),
+        prefill_seconds=prefill_s, prefill_tokens_per_s=len(ids) / prefill_s if prefill_s else 0.0,
+        decode_tokens_per_s=len(decode) / sum(decode) if decode and sum(decode) > 0 else 0.0,
+        total_seconds=prep_s + sum(steps), peak_memory_bytes=peak)
+    yield DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(new_ids), error=error)
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    pad = lm.tokenizer.pad_token_id
+    return int(pad) if pad is not None else min(lm.eos_token_ids)
 
 
 def _cache_kwarg(model) -> str:

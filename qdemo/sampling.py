@@ -21,6 +21,7 @@ from transformers import (
 )
 
 RAW_STAGE = "raw"
+MAX_BEAMS = 8
 STAGE_ORDER = (RAW_STAGE, "repetition_penalty", "temperature", "top_k", "top_p", "min_p")
 
 
@@ -36,6 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0 disables
     max_new_tokens: int = 256
     seed: int | None = None
+    num_beams: int = 1  # > 1: deterministic beam search (no sampling, no per-step streaming)
 
     def __post_init__(self) -> None:
         _check_bool("do_sample", self.do_sample)
@@ -47,10 +49,18 @@ class SamplingParams:
         _check_int("max_new_tokens", self.max_new_tokens, low=1)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        _check_int("num_beams", self.num_beams, low=1, high=MAX_BEAMS)
+        if self.num_beams > 1 and not self.greedy:
+            raise ValueError(f"sampling field num_beams is {self.num_beams}: beam search here is deterministic, "
+                             "so set do_sample to false (or num_beams to 1 to sample)")
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+    @property
+    def beam_search(self) -> bool:
+        return self.num_beams > 1
 
     def replace(self, **changes: Any) -> "SamplingParams":
         unknown = set(changes) - {f.name for f in fields(self)}

@@ -1,0 +1,47 @@
+"""How a token or a run is written on screen. One place, so Chinese and English tokens read alike everywhere."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+MAX_LABEL = 24
+EMPTY = "∅"
+ELLIPSIS = "…"
+# Whitespace a reader would otherwise not see, or that would break a one-line axis label.
+_VISIBLE = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _visible(ch: str) -> str:
+    if ch in _VISIBLE:
+        return _VISIBLE[ch]
+    if ch.isprintable():  # CJK, emoji and the replacement char "�" are printable and shown as they are
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def token_label(text: str) -> str:
+    """`text` with whitespace and control characters made visible, "∅" when empty, at most 24 characters."""
+    if not text:
+        return EMPTY
+    pieces = [_visible(ch) for ch in text]
+    if sum(map(len, pieces)) <= MAX_LABEL:
+        return "".join(pieces)
+    # Cut on piece boundaries so an escape like "\n" is never split in half.
+    out, used = [], 0
+    for piece in pieces:
+        if used + len(piece) > MAX_LABEL - len(ELLIPSIS):
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out) + ELLIPSIS
+
+
+def id_labels(ids: Sequence[int], labels: Mapping[int, str]) -> list[str]:
+    """Display labels for token ids, unique even when two ids decode alike (e.g. two partial-byte "�"),
+    because plotly merges equal category names into one bar."""
+    shown = [token_label(labels.get(i, f"#{i}")) for i in ids]
+    counts: dict[str, int] = {}
+    for label in shown:
+        counts[label] = counts.get(label, 0) + 1
+    return [f"{label} #{i}" if counts[label] > 1 else label for label, i in zip(shown, ids)]

@@ -1,76 +1,55 @@
-"""The web app. For now one streaming chat page on the generation core; the full tabbed UI replaces it."""
+"""The web app: one builder per tab, sharing the session's runs and conversation."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
 import gradio as gr
 
-from qdemo.engine import generate
-from qdemo.errors import QdemoError
-from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
 from qdemo.registry import Registry
+from qdemo.ui import api, chat_tab
+from qdemo.ui.context import AppContext, SessionComponents
 from qdemo.ui.models import ModelCache
 
-EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数。"]
-
-
-def _status(done: DoneEvent, dropped: tuple[int, ...]) -> str:
-    s = done.stats
-    parts = [f"{done.reason}", f"{s.new_tokens} tokens", f"TTFT {s.ttft_seconds:.2f} s",
-             f"decode {s.decode_tokens_per_s:.1f} tok/s", f"peak {s.peak_memory_bytes / 2**20:.0f} MiB"]
-    if dropped:
-        parts.append(f"dropped {len(dropped)} old message(s) to fit the context")
-    if done.error:
-        parts.append(f"error: {done.error}")
-    return " · ".join(parts)
-
-
-def chat_stream(models: ModelCache, name: str, message: str, history: list[dict[str, Any]],
-                progress: gr.Progress | None = None) -> Iterator[tuple[str, str]]:
-    """Yields (answer so far, status line) for one user message."""
-    if not message or not message.strip():
-        yield "", "empty message ignored"
-        return
-    try:
-        lm = models.get(name, (lambda phase, done, total: progress(done / total, desc=phase)) if progress else None)
-    except (QdemoError, ValueError, OSError) as exc:
-        yield "", f"could not load {name}: {exc}"
-        return
-    messages = [{"role": m["role"], "content": _text(m["content"])} for m in history] + [
-        {"role": "user", "content": message}]
-    answer, dropped = "", ()
-    for event in generate(lm, messages=messages, params=lm.spec.sampling, top_n=0):
-        if isinstance(event, PrefillEvent):
-            dropped = event.dropped_turns
-        elif isinstance(event, TokenEvent):
-            answer += event.text
-            yield answer, "generating…"
-        elif isinstance(event, DoneEvent):
-            yield answer, _status(event, dropped)
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # Gradio 6 may hand back content as a list of typed parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
+CSS = """
+#metrics {font-variant-numeric: tabular-nums}
+"""
 
 
 def build_app(registry: Registry, device: str | None = None, default: str | None = None) -> gr.Blocks:
-    models = ModelCache(registry, device)
     name = default or registry.default
-    registry.get(name)
-
-    def respond(message: str, history: list[dict[str, Any]], progress=gr.Progress()):
-        for answer, status in chat_stream(models, name, message, history, progress):
-            yield answer, status
-
+    registry.get(name)  # an unknown --model fails before anything is served
+    ctx = AppContext(registry=registry, models=ModelCache(registry, device), default_model=name)
+    tabs = _optional_tabs()
     with gr.Blocks(title="qdemo") as demo:
-        gr.Markdown(f"# qdemo\nStreaming chat with **{registry.get(name).display_name}** on the qdemo "
-                    "generation core. Comparison, sampling lab and internals arrive with the full UI.")
-        status = gr.Markdown("", elem_id="status")
-        gr.ChatInterface(respond, additional_outputs=[status], examples=EXAMPLES, api_name="chat",
-                         fill_height=False)
+        gr.Markdown("# qdemo\nSee how Qwen models think: every token with its probabilities after each sampling "
+                    "stage, side-by-side comparisons, attention, RoPE and performance.")
+        session = SessionComponents(
+            runs=gr.State([]),
+            conversation=gr.BrowserState({"model": name, "system": None, "messages": []},
+                                         storage_key="qdemo-conversation"),
+        )
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat_tab.build(ctx, session)
+            for title, module in tabs:
+                with gr.Tab(title, id=title.lower().replace(" ", "-")):
+                    module.build(ctx, session)
+        api.register(ctx)
+        model, system, chatbot = session.extra["chat_restore"]
+
+        def restore(saved):
+            if not saved or not saved.get("messages") and saved.get("system") is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            chosen = saved.get("model") if saved.get("model") in registry.models else name
+            system_text = saved.get("system")
+            return chosen, (system_text if system_text is not None else gr.skip()), saved.get("messages") or []
+
+        demo.load(restore, session.conversation, [model, system, chatbot], api_visibility="private")
     return demo
+
+
+def _optional_tabs():
+    """Tabs other than Chat, in order; each module has build(ctx, session)."""
+    from qdemo.ui import compare_tab, internals_tab, lab_tab, perf_tab
+
+    return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),
+            ("Performance", perf_tab)]

@@ -1,0 +1,233 @@
+"""Chat tab: streaming chatbot, Stop/Regenerate/Undo/Clear, sampling accordion, metrics strip, token view,
+prompt inspector, export/import. Handlers fold engine events (via chatflow) into component updates."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from qdemo.errors import QdemoError
+from qdemo.runs import RunRecord
+from qdemo.ui import chatflow
+from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
+from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.views.labels import token_label
+from qdemo.views.stages import stage_figure
+from qdemo.views.tokens import probability_legend, token_highlights
+
+EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
+            "Explain what a KV cache is in two sentences."]
+
+
+def progress_callback(progress: gr.Progress | None):
+    if progress is None:
+        return None
+    return lambda phase, done, total: progress(done / total if total else 0, desc=phase)
+
+
+def load_or_message(ctx: AppContext, name: str, progress: gr.Progress | None):
+    """(LoadedModel, "") or (None, readable error): a failed load never takes the app down."""
+    try:
+        return ctx.models.get(name, progress_callback(progress)), ""
+    except (QdemoError, ValueError, OSError, RuntimeError) as exc:
+        return None, f"⚠️ Could not load **{name}**: {exc}"
+
+
+def build(ctx: AppContext, session: SessionComponents) -> None:
+    spec = ctx.registry.get(ctx.default_model)
+    stop = gr.State(StopFlag())
+    last_run = gr.State(None)
+    with gr.Row():
+        model = gr.Dropdown(ctx.choices(), value=ctx.default_model, label="model", elem_id="chat-model", scale=2)
+        system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=1, scale=3,
+                            elem_id="chat-system")
+    with gr.Row():
+        with gr.Column(scale=3):
+            chatbot = gr.Chatbot(label="chat", height=460, elem_id="chatbot", buttons=["copy"])
+            with gr.Row():
+                box = gr.Textbox(placeholder="Message (Enter to send) · 输入消息", show_label=False, scale=5,
+                                 elem_id="chat-input", max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            with gr.Row():
+                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop")
+                regen = gr.Button("Regenerate", elem_id="regenerate")
+                undo = gr.Button("Undo last turn", elem_id="undo")
+                clear = gr.Button("Clear", elem_id="clear")
+            metrics = gr.Markdown(chatflow.metrics_line(None), elem_id="metrics")
+            with gr.Accordion("Sampling", open=False):
+                controls = build_controls(spec, prefix="chat-")
+                settings_note = gr.Markdown("")
+            with gr.Accordion("Save / load conversation (JSON)", open=False):
+                with gr.Row():
+                    export_btn = gr.DownloadButton("Export JSON", elem_id="export")
+                    import_btn = gr.UploadButton("Import JSON", file_types=[".json"], elem_id="import")
+            gr.Examples(EXAMPLES, inputs=box, label="examples")
+        with gr.Column(scale=2):
+            gr.Markdown("### Token view of the last answer")
+            tokens_view = gr.HighlightedText(label="tokens (click one)", elem_id="token-view",
+                                             show_legend=False, combine_adjacent=False, interactive=False)
+            gr.Markdown(probability_legend())
+            stage_plot = gr.Plot(label="stage by stage", elem_id="stage-plot")
+            with gr.Accordion("Prompt inspector", open=False):
+                prompt_view = gr.HighlightedText(label="prompt tokens", color_map={"special": "#f59e0b"},
+                                                 elem_id="prompt-view", interactive=False)
+                prompt_ids = gr.Code(label="prompt ids", language=None, elem_id="prompt-ids")
+                dropped_md = gr.Markdown("")
+
+    session.chat_model, session.chatbot = model, chatbot
+    control_values = controls.components()
+
+    def respond(message, history, model_name, system_prompt, *rest, progress=gr.Progress()):
+        *values, flag, runs = rest
+        history = list(history or [])
+        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
+
+    outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, runs_out(session),
+               last_run, session.conversation, settings_note]
+    inputs = [box, chatbot, model, system, *control_values, stop, session.runs]
+    submit_events = [
+        box.submit(respond, inputs, outputs, api_visibility="private"),
+        send.click(respond, inputs, outputs, api_visibility="private"),
+    ]
+
+    def regenerate(history, model_name, system_prompt, *rest, progress=gr.Progress()):
+        *values, flag, runs = rest
+        history = list(history or [])
+        while history and history[-1].get("role") == "assistant":
+            history.pop()
+        if not history:
+            yield _no_change(len(outputs), settings_note="Nothing to regenerate yet.")
+            return
+        message = chatflow.content_text(history.pop().get("content"))
+        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
+
+    submit_events.append(regen.click(regenerate, [chatbot, model, system, *control_values, stop, session.runs],
+                                     outputs, api_visibility="private"))
+    stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")
+
+    def undo_turn(history, model_name, system_prompt):
+        history = list(history or [])
+        while history and history[-1].get("role") == "assistant":
+            history.pop()
+        text = chatflow.content_text(history.pop().get("content")) if history else ""
+        return history, text, _conversation(model_name, system_prompt, history)
+
+    undo.click(undo_turn, [chatbot, model, system], [chatbot, box, session.conversation], api_visibility="private")
+    clear.click(lambda m, s: ([], "", _conversation(m, s, []), chatflow.metrics_line(None), [], None, None),
+                [model, system], [chatbot, box, session.conversation, metrics, tokens_view, stage_plot, last_run],
+                api_visibility="private")
+
+    def on_model_change(name, history, system_prompt):
+        new_spec = ctx.registry.get(name)
+        return [*defaults_for(new_spec), new_spec.system_prompt or "", _conversation(name, new_spec.system_prompt
+                                                                                     or "", history or [])]
+
+    model.input(on_model_change, [model, chatbot, system], [*control_values, system, session.conversation],
+                 api_visibility="private")
+
+    def show_stages(run: RunRecord | None, evt: gr.SelectData):
+        if run is None or not run.tokens:
+            return None
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if not 0 <= index < len(run.tokens):
+            return None
+        event = run.tokens[index]
+        tokenizer = ctx.models.get(run.model).tokenizer
+        ids = {i for s in event.stages for i in s.token_ids} | {event.token_id}
+        labels = {i: token_label(tokenizer.decode([i])) for i in ids}
+        return stage_figure(event.stages, labels, chosen=event.token_id,
+                            title=f"token {index}: {labels[event.token_id]} — each stage's top-N")
+
+    tokens_view.select(show_stages, [last_run], stage_plot, api_visibility="private")
+
+    def export(history, model_name, system_prompt, *values):
+        try:
+            settings = to_params(*values).to_dict()
+        except ValueError:
+            settings = {}
+        folder = Path(tempfile.mkdtemp(prefix="qdemo-export-"))
+        path = folder / "qdemo-conversation.json"
+        path.write_text(chatflow.export_conversation(model_name, system_prompt, history or [], settings),
+                        encoding="utf-8")
+        return str(path)
+
+    export_btn.click(export, [chatbot, model, system, *control_values], export_btn, api_visibility="private")
+
+    def do_import(file, model_name, system_prompt, history):
+        try:
+            text = Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8")
+            data = chatflow.import_conversation(text)
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            gr.Warning(f"Could not import that file: {exc}")
+            return history, model_name, system_prompt, gr.skip()
+        name = data["model"] if data["model"] in ctx.registry.models else model_name
+        return (data["messages"], name, data["system"],
+                _conversation(name, data["system"], data["messages"]))
+
+    import_btn.upload(do_import, [import_btn, model, system, chatbot], [chatbot, model, system, session.conversation],
+                      api_visibility="private")
+
+    session.extra["chat_restore"] = (model, system, chatbot)
+    session.extra["chat_events"] = submit_events
+
+
+def runs_out(session: SessionComponents) -> gr.State:
+    return session.runs
+
+
+def _conversation(model: str, system: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": model, "system": system,
+            "messages": [{"role": m["role"], "content": chatflow.content_text(m.get("content"))} for m in messages]}
+
+
+def _no_change(n: int, settings_note: str = "") -> list[Any]:
+    updates = [gr.skip()] * n
+    updates[-1] = settings_note
+    return updates
+
+
+def _respond(ctx: AppContext, message, history, model_name, system_prompt, values, flag: StopFlag,
+             runs: list[RunRecord], progress) -> Iterator[list[Any]]:
+    """One chat turn: validate, load, stream, then fill the token view and prompt inspector."""
+    n = 12
+    turn = chatflow.prepare_turn(message, history, system_prompt)
+    if turn is None:
+        yield _no_change(n, "Empty message ignored.")
+        return
+    try:
+        params = to_params(*values)
+    except ValueError as exc:
+        yield _no_change(n, f"⚠️ Sampling settings: {exc}")
+        return
+    lm, error = load_or_message(ctx, model_name, progress)
+    if lm is None:
+        yield _no_change(n, error)
+        return
+    shown = history + [{"role": "user", "content": turn.user_text}, {"role": "assistant", "content": ""}]
+    run = RunRecord(run_id=next_run_id(runs), model=model_name, settings=params.to_dict(), label="chat")
+    event = flag.arm()
+    note = turn.notice
+    try:
+        for run in chatflow.stream_run(lm, turn.messages, params, run, event):
+            shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
+            if run.done is None:
+                yield [shown, "", chatflow.metrics_line(run), *[gr.skip()] * 8, note]
+    except (QdemoError, ValueError) as exc:  # prompt too long and friends: the user can act on these
+        yield [history, turn.user_text, chatflow.metrics_line(None), *[gr.skip()] * 8, f"⚠️ {exc}"]
+        return
+    runs = runs + [run]
+    texts = [lm.tokenizer.decode([t.token_id]) for t in run.tokens]
+    prompt = list(run.prefill.prompt_ids)
+    dropped = ""
+    if run.prefill.dropped_turns:
+        offset = 1 if turn.messages[0]["role"] == "system" else 0  # indices count the system message
+        dropped = "**Dropped to fit the context:** " + ", ".join(
+            f"{turn.messages[i]['role']} message {i + 1 - offset}" for i in run.prefill.dropped_turns)
+    if params.beam_search:
+        note = (note + " " if note else "") + "Beam search shows the answer when the search ends."
+    yield [shown, "", chatflow.metrics_line(run), token_highlights(run.tokens, texts), None,
+           chatflow.prompt_tokens(lm.tokenizer, prompt), str(prompt), dropped, runs, run,
+           _conversation(model_name, system_prompt, shown), note]

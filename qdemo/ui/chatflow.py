@@ -1,0 +1,128 @@
+"""Chat turn logic shared by the Chat tab, Compare and the API endpoints. No Gradio components here:
+messages in, engine events folded into a RunRecord, short strings out."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from qdemo.engine import generate
+from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
+from qdemo.loader import LoadedModel
+from qdemo.prompting import validate_messages
+from qdemo.runs import RunRecord
+from qdemo.sampling import SamplingParams
+
+MAX_INPUT_CHARS = 16_000
+EXPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Turn:
+    messages: list[dict[str, str]]  # what goes to the engine (system first when given)
+    user_text: str  # what the chat shows as the user's message
+    notice: str  # "" or a sentence for the user (truncation)
+
+
+def prepare_turn(message: Any, history: list[dict[str, Any]], system: str | None,
+                 max_chars: int = MAX_INPUT_CHARS) -> Turn | None:
+    """None for empty input; over-long input is cut to `max_chars` with a notice."""
+    text = message if isinstance(message, str) else ""
+    if not text.strip():
+        return None
+    notice = ""
+    if len(text) > max_chars:
+        notice = f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent."
+        text = text[:max_chars]
+    messages = ([{"role": "system", "content": system}] if system and system.strip() else [])
+    messages += [{"role": m["role"], "content": content_text(m.get("content"))} for m in history
+                 if m.get("role") in ("user", "assistant")]
+    messages.append({"role": "user", "content": text})
+    return Turn(messages=messages, user_text=text, notice=notice)
+
+
+def content_text(content: Any) -> str:
+    """Gradio 6 may hand a message's content back as a list of typed parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return "" if content is None else str(content)
+
+
+def stream_run(lm: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, run: RunRecord,
+               stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[RunRecord]:
+    """Fold the engine's events into `run`, yielding it after every event."""
+    for event in generate(lm, messages=messages, params=params, stop_event=stop_event, top_n=top_n):
+        run.add(event)
+        yield run
+
+
+def answer_text(run: RunRecord) -> str:
+    return run.done.text if run.done else "".join(t.text for t in run.tokens)
+
+
+def metrics_line(run: RunRecord | None) -> str:
+    """The live metrics strip: TTFT, tok/s, tokens, KV cache, memory."""
+    if run is None or run.prefill is None:
+        return "TTFT – · tok/s – · tokens 0 · KV – · peak –"
+    last = run.tokens[-1] if run.tokens else None
+    kv = (last.kv_cache_bytes if last else run.prefill.kv_cache_bytes)
+    if run.done:
+        s = run.done.stats
+        head = f"**{run.done.reason}** · TTFT {s.ttft_seconds:.2f} s · {s.decode_tokens_per_s:.1f} tok/s"
+        peak = s.peak_memory_bytes
+    else:
+        steps = [t.step_seconds for t in run.tokens[1:]][-8:]
+        rate = len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0
+        ttft = run.tokens[0].step_seconds if run.tokens else None
+        head = f"generating · TTFT {ttft:.2f} s" if ttft is not None else "prefill done"
+        head += f" · {rate:.1f} tok/s" if rate else ""
+        peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
+    line = f"{head} · tokens {len(run.tokens)} · KV {_mib(kv)} · peak {_mib(peak)}"
+    if run.prefill.dropped_turns:
+        line += f" · dropped {len(run.prefill.dropped_turns)} old message(s) to fit the context"
+    if run.done and run.done.error:
+        line += f"\n\n⚠️ {run.done.error}"
+    return line
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def prompt_tokens(tokenizer, ids: list[int]) -> list[tuple[str, str | None]]:
+    """(token text, "special" or None) for the prompt inspector."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, tok in added.items() if getattr(tok, "special", False)}
+    return [(tokenizer.decode([i]), "special" if i in special else None) for i in ids]
+
+
+def export_conversation(model: str, system: str, messages: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    clean = [{"role": m["role"], "content": content_text(m.get("content"))} for m in messages]
+    return json.dumps({"qdemo_conversation": EXPORT_VERSION, "model": model, "system": system,
+                       "settings": settings, "messages": clean}, ensure_ascii=False, indent=2)
+
+
+def import_conversation(text: str) -> dict[str, Any]:
+    """Parse an exported conversation; ValueError says what is wrong with the file."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON file: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict) or "messages" not in data:
+        raise ValueError("not a qdemo conversation: expected an object with a 'messages' list")
+    messages = data["messages"]
+    if messages:
+        # A saved chat may end with the assistant's answer; check it as if a user turn followed.
+        validate_messages(list(messages) + ([{"role": "user", "content": ""}]
+                                            if messages[-1].get("role") == "assistant" else []))
+    if any(m["role"] == "system" for m in messages):
+        raise ValueError("put the system prompt in the 'system' field, not in 'messages'")
+    return {"model": data.get("model"), "system": data.get("system") or "", "messages": list(messages),
+            "settings": data.get("settings") or {}}

@@ -1,0 +1,95 @@
+"""Compare tab: panes A | B with their own model and settings, one prompt and seed, streaming together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from qdemo.errors import QdemoError
+from qdemo.runs import RunRecord
+from qdemo.ui import chatflow, compareflow
+from qdemo.ui.chat_tab import load_or_message
+from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
+from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.views.compare import side_by_side_frame, tps_overlay_figure
+
+EXAMPLES = ["Write a limerick about a GPU.", "用三句话解释什么是注意力机制。"]
+
+
+def build(ctx: AppContext, session: SessionComponents) -> None:
+    spec = ctx.registry.get(ctx.default_model)
+    stop = gr.State(StopFlag())
+    with gr.Row():
+        prompt = gr.Textbox(label="prompt (both sides)", lines=2, scale=4, elem_id="compare-prompt")
+        seed = gr.Number(value=1234, precision=0, label="seed (both sides)", scale=1, elem_id="compare-seed")
+    with gr.Row():
+        run_btn = gr.Button("Run both", variant="primary", elem_id="compare-run")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+    gr.Examples(EXAMPLES, inputs=prompt, label="examples")
+    panes = []
+    with gr.Row():
+        for side, mode in (("A", "greedy"), ("B", "sample")):
+            with gr.Column():
+                gr.Markdown(f"### {side}")
+                model = gr.Dropdown(ctx.choices(), value=ctx.default_model, label=f"model {side}",
+                                    elem_id=f"compare-model-{side.lower()}")
+                with gr.Accordion(f"sampling {side}", open=False):
+                    controls = build_controls(spec, prefix=f"compare-{side.lower()}-")
+                controls.mode.value = mode
+                output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320)
+                metrics = gr.Markdown(chatflow.metrics_line(None))
+                panes.append((model, controls, output, metrics))
+    verdict = gr.Markdown("", elem_id="compare-verdict")
+    with gr.Row():
+        table = gr.Dataframe(label="side by side", interactive=False, elem_id="compare-table")
+        chart = gr.Plot(label="tokens per second", elem_id="compare-chart")
+
+    for model, controls, _, _ in panes:
+        model.input(lambda name: defaults_for(ctx.registry.get(name)), model, controls.components(),
+                    api_visibility="private")
+
+    (model_a, controls_a, out_a, metrics_a), (model_b, controls_b, out_b, metrics_b) = panes
+    n_a = len(controls_a.components())
+    outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs]
+
+    def run_both(text, seed_value, name_a, name_b, *rest, progress=gr.Progress()):
+        values_a, values_b, (flag, runs) = rest[:n_a], rest[n_a:2 * n_a], rest[2 * n_a:]
+        skip = [gr.skip()] * len(outputs)
+        turn = chatflow.prepare_turn(text, [], None)
+        if turn is None:
+            yield skip[:4] + ["Type a prompt first."] + skip[5:]
+            return
+        try:
+            params_a = to_params(*values_a).replace(seed=int(seed_value) if seed_value is not None else None)
+            params_b = to_params(*values_b).replace(seed=int(seed_value) if seed_value is not None else None)
+        except ValueError as exc:
+            yield skip[:4] + [f"⚠️ Sampling settings: {exc}"] + skip[5:]
+            return
+        lm_a, error_a = load_or_message(ctx, name_a, progress)
+        lm_b, error_b = load_or_message(ctx, name_b, progress) if lm_a is not None else (None, "")
+        if lm_a is None or lm_b is None:
+            yield skip[:4] + [error_a or error_b] + skip[5:]
+            return
+        first = next_run_id(runs)
+        run_a = RunRecord(run_id=first, model=name_a, settings=params_a.to_dict(), label="A")
+        run_b = RunRecord(run_id=first + 1, model=name_b, settings=params_b.to_dict(), label="B")
+        event = flag.arm()
+        try:
+            for run_a, run_b in compareflow.run_pair(lm_a, lm_b, turn.messages, params_a, params_b, run_a, run_b,
+                                                     event):
+                yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
+                       chatflow.metrics_line(run_b), turn.notice or "streaming…", *[gr.skip()] * 3]
+        except (QdemoError, ValueError) as exc:
+            yield skip[:4] + [f"⚠️ {exc}"] + skip[5:]
+            return
+        report = compareflow.divergence_report(lm_a, lm_b, run_a, run_b, params_a, params_b)
+        yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
+               chatflow.metrics_line(run_b), compareflow.describe(report), side_by_side_frame(run_a, run_b),
+               tps_overlay_figure([run_a, run_b]), runs + [run_a, run_b]]
+
+    inputs: list[Any] = [prompt, seed, model_a, model_b, *controls_a.components(), *controls_b.components(), stop,
+                         session.runs]
+    run_btn.click(run_both, inputs, outputs, api_visibility="private")
+    prompt.submit(run_both, inputs, outputs, api_visibility="private")
+    stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")

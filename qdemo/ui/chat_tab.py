@@ -4,6 +4,7 @@ prompt inspector, export/import. Handlers fold engine events (via chatflow) into
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ from qdemo.views.labels import token_label
 from qdemo.views.stages import stage_figure
 from qdemo.views.tokens import probability_legend, token_highlights
 
+UI_INTERVAL_S = 0.05
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
             "Explain what a KV cache is in two sentences."]
 
@@ -115,10 +117,11 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         text = chatflow.content_text(history.pop().get("content")) if history else ""
         return history, text, _conversation(model_name, system_prompt, history)
 
-    undo.click(undo_turn, [chatbot, model, system], [chatbot, box, session.conversation], api_visibility="private")
-    clear.click(lambda m, s: ([], "", _conversation(m, s, []), chatflow.metrics_line(None), [], None, None),
+    edits = [undo.click(undo_turn, [chatbot, model, system], [chatbot, box, session.conversation],
+                        api_visibility="private")]
+    edits.append(clear.click(lambda m, s: ([], "", _conversation(m, s, []), chatflow.metrics_line(None), [], None, None),
                 [model, system], [chatbot, box, session.conversation, metrics, tokens_view, stage_plot, last_run],
-                api_visibility="private")
+                api_visibility="private"))
 
     def on_model_change(name, history, system_prompt):
         new_spec = ctx.registry.get(name)
@@ -154,7 +157,8 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
                         encoding="utf-8")
         return str(path)
 
-    export_btn.click(export, [chatbot, model, system, *control_values], export_btn, api_visibility="private")
+    # The file is written whenever the conversation settles, so the button downloads it straight away.
+    export_inputs = [chatbot, model, system, *control_values]
 
     def do_import(file, model_name, system_prompt, history):
         try:
@@ -167,8 +171,10 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         return (data["messages"], name, data["system"],
                 _conversation(name, data["system"], data["messages"]))
 
-    import_btn.upload(do_import, [import_btn, model, system, chatbot], [chatbot, model, system, session.conversation],
-                      api_visibility="private")
+    edits.append(import_btn.upload(do_import, [import_btn, model, system, chatbot],
+                                   [chatbot, model, system, session.conversation], api_visibility="private"))
+    for event in submit_events + edits:
+        event.then(export, export_inputs, export_btn, api_visibility="private")
 
     session.extra["chat_restore"] = (model, system, chatbot)
     session.extra["chat_events"] = submit_events
@@ -210,14 +216,18 @@ def _respond(ctx: AppContext, message, history, model_name, system_prompt, value
     run = RunRecord(run_id=next_run_id(runs), model=model_name, settings=params.to_dict(), label="chat")
     event = flag.arm()
     note = turn.notice
+    shown_at = 0.0
     try:
         for run in chatflow.stream_run(lm, turn.messages, params, run, event):
-            shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
-            if run.done is None:
+            # Each update re-sends the chat; more than ~20 a second would slow a fast model down to the UI's pace.
+            if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
+                shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
                 yield [shown, "", chatflow.metrics_line(run), *[gr.skip()] * 8, note]
+                shown_at = time.perf_counter()
     except (QdemoError, ValueError) as exc:  # prompt too long and friends: the user can act on these
         yield [history, turn.user_text, chatflow.metrics_line(None), *[gr.skip()] * 8, f"⚠️ {exc}"]
         return
+    shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
     runs = runs + [run]
     texts = [lm.tokenizer.decode([t.token_id]) for t in run.tokens]
     prompt = list(run.prefill.prompt_ids)

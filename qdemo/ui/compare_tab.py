@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gradio as gr
@@ -9,7 +10,7 @@ import gradio as gr
 from qdemo.errors import QdemoError
 from qdemo.runs import RunRecord
 from qdemo.ui import chatflow, compareflow
-from qdemo.ui.chat_tab import load_or_message
+from qdemo.ui.chat_tab import UI_INTERVAL_S, load_or_message
 from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
 from qdemo.ui.controls import build_controls, defaults_for, to_params
 from qdemo.views.compare import side_by_side_frame, tps_overlay_figure
@@ -75,9 +76,13 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         run_a = RunRecord(run_id=first, model=name_a, settings=params_a.to_dict(), label="A")
         run_b = RunRecord(run_id=first + 1, model=name_b, settings=params_b.to_dict(), label="B")
         event = flag.arm()
+        shown_at = 0.0
         try:
             for run_a, run_b in compareflow.run_pair(lm_a, lm_b, turn.messages, params_a, params_b, run_a, run_b,
                                                      event):
+                if time.perf_counter() - shown_at < UI_INTERVAL_S:
+                    continue
+                shown_at = time.perf_counter()
                 yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
                        chatflow.metrics_line(run_b), turn.notice or "streaming…", *[gr.skip()] * 3]
         except (QdemoError, ValueError) as exc:

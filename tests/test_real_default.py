@@ -88,3 +88,26 @@ def test_real_tokenizer_holds_back_split_characters(lm):
     detok = IncrementalDetokenizer(lm.tokenizer)
     deltas = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+
+
+def test_app_endpoints_on_the_real_default(lm):
+    from gradio_client import Client
+
+    from qdemo.ui.app import build_app
+
+    demo = build_app(load_registry())
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        settings = {"do_sample": False, "max_new_tokens": 12}
+        answer = client.predict("用一句话介绍 Python。", [], NAME, settings, None, api_name="/chat")
+        params = lm.spec.sampling.replace(**settings)
+        expected = collect(generate(lm, messages=[{"role": "user", "content": "用一句话介绍 Python。"}],
+                                    params=params, top_n=0))["done"].text
+        assert answer == expected and "\ufffd" not in answer
+        result = client.predict("def add(a, b):", NAME, {"do_sample": True, "top_k": 5}, "raw text", 5,
+                                api_name="/next_token")
+        final = result["stages"][-1]["tokens"]
+        assert len(final) == 5 and abs(sum(t["p"] for t in final) - 1) < 1e-4  # top-k 5 keeps exactly 5
+    finally:
+        demo.close()

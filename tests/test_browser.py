@@ -101,6 +101,7 @@ def test_stop_halts_generation(page):
     number.press("Tab")
     page.locator("#chat-mode").get_by_text("greedy").click()  # from a clear chat this runs 3000+ tokens, no eos
     page.locator("#clear").click()
+    page.locator("#chatbot").get_by_text("hello 你好").wait_for(state="detached")  # the send must see an empty chat
     _send(page, "a very long story please")
     page.locator("#metrics").get_by_text("generating").wait_for()
     page.locator("#stop").click()

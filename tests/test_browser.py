@@ -17,6 +17,17 @@ CHROMIUM = os.environ.get("QDEMO_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
+BROWSER_REGISTRY = """\
+default: tiny-qwen2
+models:
+  - name: tiny-qwen2
+    family: qwen2
+    source: {{local: {{path: {path}}}}}
+    dtype: float32
+    max_context: 8192
+    system_prompt: You are a tiny test model.
+    sampling: {{do_sample: false, max_new_tokens: 2000}}
+"""
 
 
 def _missing() -> str | None:
@@ -38,15 +49,15 @@ def page(tiny_dir, tmp_path_factory):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    from conftest import write_registry
-
     from qdemo.registry import load_registry
     from qdemo.ui.app import build_app
 
     shots = tmp_path_factory.mktemp("screenshots")
     print(f"\nscreenshots: {shots}")
-    # Room for a long answer, so Stop has something to stop (the tiny model writes ≈ 400 tok/s).
-    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml", tiny_dir, max_context=8192)
+    # Greedy and long by default, so Stop always has something to stop: from a clear chat the tiny model writes
+    # 3000+ tokens without eos (≈ 400 tok/s), and no test depends on typing into sliders.
+    registry = tmp_path_factory.mktemp("registry") / "models.yaml"
+    registry.write_text(BROWSER_REGISTRY.format(path=tiny_dir), encoding="utf-8")
     demo = build_app(load_registry(registry))
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     with sync_playwright() as pw:
@@ -95,11 +106,6 @@ def test_chat_streams_and_token_view(page):
 
 def test_stop_halts_generation(page):
     _tab(page, "Chat")
-    page.get_by_text("Sampling", exact=True).click()
-    number = page.locator("#chat-max-new-tokens input[type=number]")
-    number.fill("4000")
-    number.press("Tab")
-    page.locator("#chat-mode").get_by_text("greedy").click()  # from a clear chat this runs 3000+ tokens, no eos
     page.locator("#clear").click()
     page.locator("#chatbot").get_by_text("hello 你好").wait_for(state="detached")  # the send must see an empty chat
     _send(page, "a very long story please")

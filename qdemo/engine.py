@@ -16,12 +16,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from qdemo.chain import run_chain, summarise
 from qdemo.errors import PromptTooLongError
 from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, StageTopN, TokenEvent
 from qdemo.loader import LoadedModel
 from qdemo.metrics import kv_cache_bytes, memory_sample, now
 from qdemo.prompting import build_prompt
-from qdemo.chain import run_chain, summarise
 from qdemo.sampling import SamplingParams, build_stages
 from qdemo.textstream import IncrementalDetokenizer
 
@@ -102,14 +102,8 @@ def _run(
     prefill_s = 0.0
 
     def done() -> DoneEvent:
-        decode = step_times[1:]
         ttft = prep_s + step_times[0] if step_times else 0.0
-        stats = GenerationStats(
-            prompt_tokens=prompt_len, new_tokens=len(generated), ttft_seconds=ttft,
-            prefill_seconds=prefill_s, prefill_tokens_per_s=prompt_len / prefill_s if prefill_s else 0.0,
-            decode_tokens_per_s=len(decode) / sum(decode) if decode and sum(decode) > 0 else 0.0,
-            total_seconds=prep_s + sum(step_times), peak_memory_bytes=peak,
-        )
+        stats = _stats(prompt_len, len(generated), ttft, prefill_s, prep_s, step_times, peak)
         return DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(generated), error=error)
 
     try:
@@ -202,8 +196,9 @@ def _run_beams(
     probability as its only stage."""
     device, model = lm.device, lm.model
     clock = _BeamClock(device, stop_event)
+    stops = lm.eos_token_ids | lm.stop_token_ids
+    pad = _pad_id(lm)
     reason, error, new_ids, step_probs = "max_tokens", None, [], []
-    peak = 0
     t0 = now(device)
     try:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -211,26 +206,24 @@ def _run_beams(
             out = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=params.num_beams,
                 max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
-                eos_token_id=sorted(lm.eos_token_ids | lm.stop_token_ids), pad_token_id=_pad_id(lm),
+                eos_token_id=sorted(stops), pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList([clock]), output_scores=True,
                 return_dict_in_generate=True, length_penalty=1.0, early_stopping=False)
             new_ids = out.sequences[0, len(ids):].tolist()
             transition = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
                                                          normalize_logits=False)
             step_probs = torch.exp(transition[0, :len(new_ids)].float()).tolist()
-        while new_ids and new_ids[-1] == _pad_id(lm) and _pad_id(lm) not in lm.eos_token_ids | lm.stop_token_ids:
+        while new_ids and new_ids[-1] == pad and pad not in stops:
             new_ids.pop()
     except Exception as exc:
         reason, error = "error", _describe_error(lm, exc)
     mem = memory_sample(device)
-    peak = max(mem.used_bytes, mem.cuda_peak or 0)
     times = [t0] + clock.times
     steps = [b - a for a, b in zip(times, times[1:])][:len(new_ids)]
     prefill_s = steps[0] if steps else 0.0
     yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=None,
                        kv_cache_bytes=0, memory=mem)
     detok = IncrementalDetokenizer(lm.tokenizer)
-    stops = lm.eos_token_ids | lm.stop_token_ids
     for step, token in enumerate(new_ids):
         ends = token in stops
         text = "" if ends else detok.push(token)
@@ -246,13 +239,21 @@ def _run_beams(
     if reason == "max_tokens" and stop_event is not None and stop_event.is_set() and len(
             new_ids) < params.max_new_tokens:
         reason = "stopped"
-    decode = steps[1:]
-    stats = GenerationStats(
-        prompt_tokens=len(ids), new_tokens=len(new_ids), ttft_seconds=prep_s + sum(steps),
-        prefill_seconds=prefill_s, prefill_tokens_per_s=len(ids) / prefill_s if prefill_s else 0.0,
-        decode_tokens_per_s=len(decode) / sum(decode) if decode and sum(decode) > 0 else 0.0,
-        total_seconds=prep_s + sum(steps), peak_memory_bytes=peak)
+    # Nothing is visible before the search ends, so the first token's time is the whole search.
+    stats = _stats(len(ids), len(new_ids), prep_s + sum(steps), prefill_s, prep_s, steps,
+                   max(mem.used_bytes, mem.cuda_peak or 0))
     yield DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(new_ids), error=error)
+
+
+def _stats(prompt_len: int, new_tokens: int, ttft: float, prefill_s: float, prep_s: float,
+           step_times: list[float], peak: int) -> GenerationStats:
+    """Stats of a finished run from its step times (step 0 includes the prefill)."""
+    decode = sum(step_times[1:])
+    return GenerationStats(
+        prompt_tokens=prompt_len, new_tokens=new_tokens, ttft_seconds=ttft, prefill_seconds=prefill_s,
+        prefill_tokens_per_s=prompt_len / prefill_s if prefill_s else 0.0,
+        decode_tokens_per_s=(len(step_times) - 1) / decode if decode > 0 else 0.0,
+        total_seconds=prep_s + sum(step_times), peak_memory_bytes=peak)
 
 
 def _pad_id(lm: LoadedModel) -> int:

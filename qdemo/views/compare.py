@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,8 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qdemo.runs import RunRecord
-from qdemo.views._figure import MIB
-from qdemo.views.perf import rolling_tps_figure
+from qdemo.views.perf import rolling_tps_figure, run_row
 
 
 @dataclass(frozen=True)
@@ -38,17 +36,13 @@ def tps_overlay_figure(runs: Sequence[RunRecord], window: int = 8) -> go.Figure:
     return rolling_tps_figure(runs, window, title=f"Decode speed compared (rolling over {window} tokens)")
 
 
-SIDE_BY_SIDE_METRICS = ("TTFT (s)", "prefill tok/s", "decode tok/s", "tokens", "peak memory MiB")
-
-
-def _metrics(run: RunRecord) -> list[float]:
-    # A run still going has only its token count; the rest waits for its DoneEvent.
-    if run.done is None:
-        return [math.nan, math.nan, math.nan, float(len(run.tokens)), math.nan]
-    stats = run.done.stats
-    return [round(stats.ttft_seconds, 3), round(stats.prefill_tokens_per_s, 1), round(stats.decode_tokens_per_s, 1),
-            float(stats.new_tokens), round(stats.peak_memory_bytes / MIB, 1)]
+# Table label → runs_table column: the same numbers, rounded the same way, as the Performance tab.
+SIDE_BY_SIDE_METRICS = {"TTFT (s)": "ttft_s", "prefill tok/s": "prefill_tok_s", "decode tok/s": "decode_tok_s",
+                        "tokens": "new_tokens", "peak memory MiB": "peak_mib"}
 
 
 def side_by_side_frame(a: RunRecord, b: RunRecord) -> pd.DataFrame:
-    return pd.DataFrame({"metric": list(SIDE_BY_SIDE_METRICS), "A": _metrics(a), "B": _metrics(b)})
+    rows = {side: run_row(run) for side, run in (("A", a), ("B", b))}
+    return pd.DataFrame({"metric": list(SIDE_BY_SIDE_METRICS),
+                         **{side: [float(row[col]) for col in SIDE_BY_SIDE_METRICS.values()]
+                            for side, row in rows.items()}})

@@ -31,10 +31,9 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
             with gr.Tab("Chat", id="chat"):
                 chat_tab.build(ctx, session)
             for title, module in tabs:
-                with gr.Tab(title, id=title.lower().replace(" ", "-")):
-                    module.build(ctx, session)
+                with gr.Tab(title, id=title.lower().replace(" ", "-")) as tab:
+                    module.build(ctx, session, tab)
         api.register(ctx)
-        model, system, chatbot = session.extra["chat_restore"]
 
         def restore(saved):
             if not saved or not saved.get("messages") and saved.get("system") is None:
@@ -43,12 +42,13 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
             system_text = saved.get("system")
             return chosen, (system_text if system_text is not None else gr.skip()), saved.get("messages") or []
 
-        demo.load(restore, session.conversation, [model, system, chatbot], api_visibility="private")
+        demo.load(restore, session.conversation, [session.chat_model, session.chat_system, session.chatbot],
+                  api_visibility="private")
     return demo
 
 
 def _optional_tabs():
-    """Tabs other than Chat, in order; each module has build(ctx, session)."""
+    """Tabs other than Chat, in order; each module has build(ctx, session, tab)."""
     from qdemo.ui import compare_tab, internals_tab, lab_tab, perf_tab
 
     return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),

@@ -79,7 +79,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
                 prompt_ids = gr.Code(label="prompt ids", language=None, elem_id="prompt-ids")
                 dropped_md = gr.Markdown("")
 
-    session.chat_model, session.chatbot = model, chatbot
+    session.chat_model, session.chat_system, session.chatbot = model, system, chatbot
     control_values = controls.components()
 
     def respond(message, history, model_name, system_prompt, *rest, progress=gr.Progress()):
@@ -87,8 +87,8 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         history = list(history or [])
         yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
 
-    outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, runs_out(session),
-               last_run, session.conversation, settings_note]
+    outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, session.runs,
+               last_run, session.conversation, settings_note]  # in the order of OUTPUTS
     inputs = [box, chatbot, model, system, *control_values, stop, session.runs]
     submit_events = [
         box.submit(respond, inputs, outputs, api_visibility="private"),
@@ -97,13 +97,10 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
 
     def regenerate(history, model_name, system_prompt, *rest, progress=gr.Progress()):
         *values, flag, runs = rest
-        history = list(history or [])
-        while history and history[-1].get("role") == "assistant":
-            history.pop()
-        if not history:
-            yield _no_change(len(outputs), settings_note="Nothing to regenerate yet.")
+        history, message = _pop_last_turn(history)
+        if message is None:
+            yield _updates(note="Nothing to regenerate yet.")
             return
-        message = chatflow.content_text(history.pop().get("content"))
         yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
 
     submit_events.append(regen.click(regenerate, [chatbot, model, system, *control_values, stop, session.runs],
@@ -111,11 +108,8 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
     stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")
 
     def undo_turn(history, model_name, system_prompt):
-        history = list(history or [])
-        while history and history[-1].get("role") == "assistant":
-            history.pop()
-        text = chatflow.content_text(history.pop().get("content")) if history else ""
-        return history, text, _conversation(model_name, system_prompt, history)
+        history, text = _pop_last_turn(history)
+        return history, text or "", _conversation(model_name, system_prompt, history)
 
     edits = [undo.click(undo_turn, [chatbot, model, system], [chatbot, box, session.conversation],
                         api_visibility="private")]
@@ -176,41 +170,48 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
     for event in submit_events + edits:
         event.then(export, export_inputs, export_btn, api_visibility="private")
 
-    session.extra["chat_restore"] = (model, system, chatbot)
-    session.extra["chat_events"] = submit_events
+
+OUTPUTS = ("chat", "box", "metrics", "tokens", "stages", "prompt", "prompt_ids", "dropped", "runs", "last_run",
+           "conversation", "note")
 
 
-def runs_out(session: SessionComponents) -> gr.State:
-    return session.runs
+def _updates(**values: Any) -> list[Any]:
+    """The handler's outputs in OUTPUTS order; anything not named stays as it is."""
+    unknown = set(values) - set(OUTPUTS)
+    if unknown:
+        raise TypeError(f"not a chat output: {', '.join(sorted(unknown))}")
+    return [values.get(name, gr.skip()) for name in OUTPUTS]
+
+
+def _pop_last_turn(history: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The history without its last user message (and the answers after it), and that message's text."""
+    history = list(history or [])
+    while history and history[-1].get("role") == "assistant":
+        history.pop()
+    if not history:
+        return history, None
+    return history, chatflow.content_text(history.pop().get("content"))
 
 
 def _conversation(model: str, system: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"model": model, "system": system,
-            "messages": [{"role": m["role"], "content": chatflow.content_text(m.get("content"))} for m in messages]}
-
-
-def _no_change(n: int, settings_note: str = "") -> list[Any]:
-    updates = [gr.skip()] * n
-    updates[-1] = settings_note
-    return updates
+    return {"model": model, "system": system, "messages": chatflow.history_messages(messages)}
 
 
 def _respond(ctx: AppContext, message, history, model_name, system_prompt, values, flag: StopFlag,
              runs: list[RunRecord], progress) -> Iterator[list[Any]]:
     """One chat turn: validate, load, stream, then fill the token view and prompt inspector."""
-    n = 12
     turn = chatflow.prepare_turn(message, history, system_prompt)
     if turn is None:
-        yield _no_change(n, "Empty message ignored.")
+        yield _updates(note="Empty message ignored.")
         return
     try:
         params = to_params(*values)
     except ValueError as exc:
-        yield _no_change(n, f"⚠️ Sampling settings: {exc}")
+        yield _updates(note=f"⚠️ Sampling settings: {exc}")
         return
     lm, error = load_or_message(ctx, model_name, progress)
     if lm is None:
-        yield _no_change(n, error)
+        yield _updates(note=error)
         return
     shown = history + [{"role": "user", "content": turn.user_text}, {"role": "assistant", "content": ""}]
     run = RunRecord(run_id=next_run_id(runs), model=model_name, settings=params.to_dict(), label="chat")
@@ -222,10 +223,10 @@ def _respond(ctx: AppContext, message, history, model_name, system_prompt, value
             # Each update re-sends the chat; more than ~20 a second would slow a fast model down to the UI's pace.
             if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
-                yield [shown, "", chatflow.metrics_line(run), *[gr.skip()] * 8, note]
+                yield _updates(chat=shown, box="", metrics=chatflow.metrics_line(run), note=note)
                 shown_at = time.perf_counter()
     except (QdemoError, ValueError) as exc:  # prompt too long and friends: the user can act on these
-        yield [history, turn.user_text, chatflow.metrics_line(None), *[gr.skip()] * 8, f"⚠️ {exc}"]
+        yield _updates(chat=history, box=turn.user_text, metrics=chatflow.metrics_line(None), note=f"⚠️ {exc}")
         return
     shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
     runs = runs + [run]
@@ -238,6 +239,7 @@ def _respond(ctx: AppContext, message, history, model_name, system_prompt, value
             f"{turn.messages[i]['role']} message {i + 1 - offset}" for i in run.prefill.dropped_turns)
     if params.beam_search:
         note = (note + " " if note else "") + "Beam search shows the answer when the search ends."
-    yield [shown, "", chatflow.metrics_line(run), token_highlights(run.tokens, texts), None,
-           chatflow.prompt_tokens(lm.tokenizer, prompt), str(prompt), dropped, runs, run,
-           _conversation(model_name, system_prompt, shown), note]
+    yield _updates(chat=shown, box="", metrics=chatflow.metrics_line(run), tokens=token_highlights(run.tokens, texts),
+                   stages=None, prompt=chatflow.prompt_tokens(lm.tokenizer, prompt), prompt_ids=str(prompt),
+                   dropped=dropped, runs=runs, last_run=run, conversation=_conversation(model_name, system_prompt, shown),
+                   note=note)

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from qdemo.engine import generate
-from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
 from qdemo.loader import LoadedModel
 from qdemo.prompting import validate_messages
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
+from qdemo.views.card import human_bytes
 
 MAX_INPUT_CHARS = 16_000
 EXPORT_VERSION = 1
@@ -36,11 +36,16 @@ def prepare_turn(message: Any, history: list[dict[str, Any]], system: str | None
     if len(text) > max_chars:
         notice = f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent."
         text = text[:max_chars]
-    messages = ([{"role": "system", "content": system}] if system and system.strip() else [])
-    messages += [{"role": m["role"], "content": content_text(m.get("content"))} for m in history
-                 if m.get("role") in ("user", "assistant")]
-    messages.append({"role": "user", "content": text})
+    messages = history_messages(history, system) + [{"role": "user", "content": text}]
     return Turn(messages=messages, user_text=text, notice=notice)
+
+
+def history_messages(history: list[dict[str, Any]] | None, system: str | None = None) -> list[dict[str, str]]:
+    """The chatbot's messages as plain {role, content} text, with the system prompt first when given."""
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    messages += [{"role": m["role"], "content": content_text(m.get("content"))} for m in history or []
+                 if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+    return messages
 
 
 def content_text(content: Any) -> str:
@@ -83,16 +88,12 @@ def metrics_line(run: RunRecord | None) -> str:
         head = f"generating · TTFT {ttft:.2f} s" if ttft is not None else "prefill done"
         head += f" · {rate:.1f} tok/s" if rate else ""
         peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
-    line = f"{head} · tokens {len(run.tokens)} · KV {_mib(kv)} · peak {_mib(peak)}"
+    line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
     if run.prefill.dropped_turns:
         line += f" · dropped {len(run.prefill.dropped_turns)} old message(s) to fit the context"
     if run.done and run.done.error:
         line += f"\n\n⚠️ {run.done.error}"
     return line
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def prompt_tokens(tokenizer, ids: list[int]) -> list[tuple[str, str | None]]:
@@ -104,9 +105,8 @@ def prompt_tokens(tokenizer, ids: list[int]) -> list[tuple[str, str | None]]:
 
 
 def export_conversation(model: str, system: str, messages: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    clean = [{"role": m["role"], "content": content_text(m.get("content"))} for m in messages]
     return json.dumps({"qdemo_conversation": EXPORT_VERSION, "model": model, "system": system,
-                       "settings": settings, "messages": clean}, ensure_ascii=False, indent=2)
+                       "settings": settings, "messages": history_messages(messages)}, ensure_ascii=False, indent=2)
 
 
 def import_conversation(text: str) -> dict[str, Any]:

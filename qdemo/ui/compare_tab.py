@@ -18,7 +18,7 @@ from qdemo.views.compare import side_by_side_frame, tps_overlay_figure
 EXAMPLES = ["Write a limerick about a GPU.", "用三句话解释什么是注意力机制。"]
 
 
-def build(ctx: AppContext, session: SessionComponents) -> None:
+def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
     spec = ctx.registry.get(ctx.default_model)
     stop = gr.State(StopFlag())
     with gr.Row():
@@ -36,8 +36,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
                 model = gr.Dropdown(ctx.choices(), value=ctx.default_model, label=f"model {side}",
                                     elem_id=f"compare-model-{side.lower()}")
                 with gr.Accordion(f"sampling {side}", open=False):
-                    controls = build_controls(spec, prefix=f"compare-{side.lower()}-")
-                controls.mode.value = mode
+                    controls = build_controls(spec, prefix=f"compare-{side.lower()}-", decoding=mode)
                 output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320)
                 metrics = gr.Markdown(chatflow.metrics_line(None))
                 panes.append((model, controls, output, metrics))
@@ -56,21 +55,23 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
 
     def run_both(text, seed_value, name_a, name_b, *rest, progress=gr.Progress()):
         values_a, values_b, (flag, runs) = rest[:n_a], rest[n_a:2 * n_a], rest[2 * n_a:]
-        skip = [gr.skip()] * len(outputs)
+        def verdict_only(text: str) -> list[Any]:
+            return [gr.skip()] * 4 + [text] + [gr.skip()] * (len(outputs) - 5)
+
         turn = chatflow.prepare_turn(text, [], None)
         if turn is None:
-            yield skip[:4] + ["Type a prompt first."] + skip[5:]
+            yield verdict_only("Type a prompt first.")
             return
         try:
             params_a = to_params(*values_a).replace(seed=int(seed_value) if seed_value is not None else None)
             params_b = to_params(*values_b).replace(seed=int(seed_value) if seed_value is not None else None)
         except ValueError as exc:
-            yield skip[:4] + [f"⚠️ Sampling settings: {exc}"] + skip[5:]
+            yield verdict_only(f"⚠️ Sampling settings: {exc}")
             return
         lm_a, error_a = load_or_message(ctx, name_a, progress)
         lm_b, error_b = load_or_message(ctx, name_b, progress) if lm_a is not None else (None, "")
         if lm_a is None or lm_b is None:
-            yield skip[:4] + [error_a or error_b] + skip[5:]
+            yield verdict_only(error_a or error_b)
             return
         first = next_run_id(runs)
         run_a = RunRecord(run_id=first, model=name_a, settings=params_a.to_dict(), label="A")
@@ -86,7 +87,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
                 yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
                        chatflow.metrics_line(run_b), turn.notice or "streaming…", *[gr.skip()] * 3]
         except (QdemoError, ValueError) as exc:
-            yield skip[:4] + [f"⚠️ {exc}"] + skip[5:]
+            yield verdict_only(f"⚠️ {exc}")
             return
         report = compareflow.divergence_report(lm_a, lm_b, run_a, run_b, params_a, params_b)
         yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),

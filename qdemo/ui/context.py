@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -44,18 +42,15 @@ class AppContext:
 
 @dataclass
 class SessionComponents:
-    """Session state shared between tabs (created once in the app builder)."""
+    """Components other tabs read (created in the app builder; the chat_* ones are set by the Chat tab,
+    which is built first)."""
 
     runs: gr.State  # list[RunRecord] of this session, newest last
     conversation: gr.BrowserState  # {"model", "system", "messages"}: survives a page reload
-    chat_model: gr.Dropdown | None = None  # set by the Chat tab; Internals follows it
+    chat_model: gr.Dropdown | None = None  # Internals follows it
+    chat_system: gr.Textbox | None = None
     chatbot: gr.Chatbot | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def next_run_id(runs: list) -> int:
-    return (max((r.run_id for r in runs), default=0) + 1) if runs else 1
-
-
-def fresh(value: Any) -> Any:
-    return copy.deepcopy(value)
+    return max((r.run_id for r in runs), default=0) + 1

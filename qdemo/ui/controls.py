@@ -30,11 +30,11 @@ class SamplingControls:
                 self.repetition_penalty, self.max_new_tokens, self.seed]
 
 
-def build_controls(spec: ModelSpec, prefix: str = "") -> SamplingControls:
-    """The accordion's sliders, pre-filled from the model's defaults."""
+def build_controls(spec: ModelSpec, prefix: str = "", decoding: str | None = None) -> SamplingControls:
+    """The accordion's sliders, pre-filled from the model's defaults (`decoding` overrides its mode)."""
     s = spec.sampling
     with gr.Row():
-        mode = gr.Radio(list(MODES), value=_mode(s), label="decoding", elem_id=f"{prefix}mode")
+        mode = gr.Radio(list(MODES), value=decoding or _mode(s), label="decoding", elem_id=f"{prefix}mode")
         num_beams = gr.Slider(2, MAX_BEAMS, value=max(2, s.num_beams), step=1, label="num beams",
                               elem_id=f"{prefix}num-beams")
         seed = gr.Number(value=s.seed if s.seed is not None else 1234, precision=0, label="seed",
@@ -67,17 +67,21 @@ def to_params(mode: str, num_beams: Any, temperature: Any, top_k: Any, top_p: An
         raise ValueError(f"decoding must be one of {', '.join(MODES)}, got {mode!r}")
     try:
         return SamplingParams(
-            do_sample=mode == "sample", temperature=float(temperature), top_k=_int(top_k, "top-k"),
+            do_sample=mode == "sample", temperature=float(temperature), top_k=whole_number(top_k, "top-k"),
             top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition_penalty),
-            max_new_tokens=_int(max_new_tokens, "max new tokens"),
-            seed=None if seed in (None, "") else _int(seed, "seed"),
-            num_beams=_int(num_beams, "num beams") if mode == "beam search" else 1)
+            max_new_tokens=whole_number(max_new_tokens, "max new tokens"),
+            seed=None if seed in (None, "") else whole_number(seed, "seed"),
+            num_beams=whole_number(num_beams, "num beams") if mode == "beam search" else 1)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
 
 
-def _int(value: Any, name: str) -> int:
-    number = float(value)
+def whole_number(value: Any, name: str) -> int:
+    """A slider/number box value as an int; ValueError names the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
     if not number.is_integer():
         raise ValueError(f"{name} must be a whole number, got {value}")
     return int(number)

@@ -15,7 +15,7 @@ from qdemo.errors import QdemoError
 from qdemo.introspect import attention_map, mean_over_heads, model_card, rope_angles, rope_decay, rope_info
 from qdemo.loader import LoadedModel
 from qdemo.ui.chat_tab import load_or_message
-from qdemo.ui.chatflow import content_text
+from qdemo.ui.chatflow import history_messages
 from qdemo.ui.context import AppContext, SessionComponents
 from qdemo.views.attention import attention_heatmap
 from qdemo.views.card import card_frame
@@ -59,19 +59,11 @@ def head_choices(num_heads: int) -> list[tuple[str, str]]:
     return [("mean of all heads", MEAN)] + [(f"head {h}", str(h)) for h in range(num_heads)]
 
 
-def conversation_messages(history: Sequence[dict[str, Any]] | None, system: str | None = None) -> list[dict[str, str]]:
-    """The chatbot's messages as plain {role, content} text, with the system prompt first when given."""
-    messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    messages += [{"role": m["role"], "content": content_text(m.get("content"))} for m in history or []
-                 if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
-    return messages
-
-
 def conversation_ids(lm: LoadedModel, history: Sequence[dict[str, Any]] | None,
                      system: str | None = None) -> list[int]:
     """The whole conversation (its last answer included) through the chat template, without a generation
     prompt; with no conversation yet, a short bilingual example text."""
-    messages = conversation_messages(history, system)
+    messages = history_messages(history, system)
     if not any(m["role"] in ("user", "assistant") for m in messages):
         return list(lm.tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False))
     if messages[0]["role"] != "system" and lm.spec.system_prompt:
@@ -97,7 +89,7 @@ def attention_view(lm: LoadedModel, history: Sequence[dict[str, Any]] | None, la
         shown, what = weights[h], f"head {h}"
     labels = [lm.tokenizer.decode([i]) for i in ids]
     title = f"{lm.spec.name} · layer {layer_index} of {num_layers} · {what}"
-    source = "the current conversation" if conversation_messages(history) else "an example text (the chat is empty)"
+    source = "the current conversation" if history_messages(history) else "an example text (the chat is empty)"
     caption = f"Attention over {source}: {len(all_ids)} tokens"
     if len(all_ids) > len(ids):
         caption += (f"; only the **last {MAX_ATTENTION_TOKENS}** are shown, and the map is computed over those "
@@ -130,11 +122,10 @@ def card_view(lm: LoadedModel) -> pd.DataFrame:
 
 # --- UI -------------------------------------------------------------------------------------------------------
 
-def build(ctx: AppContext, session: SessionComponents) -> None:
-    following = session.chat_model is not None
+def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
     with gr.Row():
         model = gr.Dropdown(ctx.choices(), value=ctx.default_model, elem_id="internals-model", scale=3,
-                            label="model" + (" (follows the Chat tab)" if following else ""))
+                            label="model (follows the Chat tab)")
         refresh = gr.Button("Load / refresh", elem_id="internals-refresh", scale=1)
     status = gr.Markdown(NOT_LOADED, elem_id="internals-status")
     with gr.Accordion("Attention", open=True):
@@ -176,41 +167,27 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
     load_outputs = [status, rope_md, freq_plot, angle_plot, decay_plot, card, layer, head]
     refresh.click(load, model, load_outputs, api_visibility="private")
     model.input(load, model, load_outputs, api_visibility="private")
-    tab = gr.context.Context.block  # the enclosing gr.Tab when app.py builds us inside one
-    if isinstance(tab, gr.Tab):
-        tab.select(load, model, load_outputs, api_visibility="private")
+    tab.select(load, model, load_outputs, api_visibility="private")
 
-    system_box = _chat_system(session)
-
-    def show_attention(name, history, layer_value, head_value, *system, progress=gr.Progress()):
+    def show_attention(name, history, layer_value, head_value, system, progress=gr.Progress()):
         lm, error = load_or_message(ctx, name, progress)
         if lm is None:
             return [error, gr.skip(), gr.skip(), gr.skip()]
         try:
-            view = attention_view(lm, history, layer_value, head_value, system[0] if system else None)
+            view = attention_view(lm, history, layer_value, head_value, system)
         except (QdemoError, ValueError, RuntimeError) as exc:
             return [f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip()]
         return [view.caption, view.figure, *shape_updates(lm)]
 
-    history_inputs = [session.chatbot] if session.chatbot is not None else [gr.State([])]
-    attn_btn.click(show_attention, [model, *history_inputs, layer, head, *([system_box] if system_box else [])],
+    attn_btn.click(show_attention, [model, session.chatbot, layer, head, session.chat_system],
                    [attn_caption, attn_plot, layer, head], api_visibility="private")
 
-    if session.chat_model is not None:
-        def follow(name, current):
-            if name not in ctx.registry.models or name == current:
-                return [gr.skip()] * 8
-            return [name, f"Model is now **{name}** (from the Chat tab). " + NOT_LOADED, "", None, None, None, None,
-                    None]
+    def follow(name, current):
+        if name not in ctx.registry.models or name == current:
+            return [gr.skip()] * 8
+        return [name, f"Model is now **{name}** (from the Chat tab). " + NOT_LOADED, "", None, None, None, None, None]
 
-        session.chat_model.change(follow, [session.chat_model, model],
-                                  [model, status, rope_md, freq_plot, angle_plot, decay_plot, card, attn_plot],
-                                  api_visibility="private")
+    session.chat_model.change(follow, [session.chat_model, model],
+                              [model, status, rope_md, freq_plot, angle_plot, decay_plot, card, attn_plot],
+                              api_visibility="private")
 
-
-def _chat_system(session: SessionComponents) -> gr.Textbox | None:
-    """The Chat tab's system prompt box, when it shared one, so the attention input matches what was sent."""
-    restore = session.extra.get("chat_restore")
-    if isinstance(restore, tuple) and len(restore) == 3 and isinstance(restore[1], gr.Textbox):
-        return restore[1]
-    return None

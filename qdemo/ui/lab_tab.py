@@ -24,7 +24,7 @@ from qdemo.loader import LoadedModel
 from qdemo.sampling import SamplingParams
 from qdemo.ui.chat_tab import load_or_message
 from qdemo.ui.context import AppContext, SessionComponents
-from qdemo.ui.controls import to_params
+from qdemo.ui.controls import to_params, whole_number
 from qdemo.ui.labflow import CONTEXT_MODES, context_ids
 from qdemo.views.lab import histogram_figure
 from qdemo.views.labels import token_label
@@ -108,8 +108,8 @@ def lab_view(lm: LoadedModel, context: LabContext, params: SamplingParams, top_n
 def sample_view(lm: LoadedModel, context: LabContext, params: SamplingParams, n: Any,
                 seed: Any = 0) -> tuple[Counter, go.Figure]:
     """Draw n next tokens from the final distribution (no model call) and chart how often each came out."""
-    count = _whole(n, "number of samples")
-    counts = sample_counts(context.logits, context.ids, params, count, seed=_whole(seed or 0, "seed"))
+    count = whole_number(n, "number of samples")
+    counts = sample_counts(context.logits, context.ids, params, count, seed=whole_number(seed or 0, "seed"))
     title = f"{count:,} samples ({'greedy: always the argmax' if params.greedy else 'from the final stage'})"
     return counts, histogram_figure(counts, token_texts(lm, counts), title=title)
 
@@ -123,19 +123,9 @@ def status_line(context: LabContext) -> str:
     return f"**{context.model}** · context {len(context.ids)} tokens · logits ready (the sliders reuse them)"
 
 
-def _whole(value: Any, name: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value}")
-    return int(number)
-
-
 # --- UI -------------------------------------------------------------------------------------------------------
 
-def build(ctx: AppContext, session: SessionComponents) -> None:
+def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
     s = ctx.registry.get(ctx.default_model).sampling
     state = gr.State(None)  # LabContext of this session, or None
     gr.Markdown("Compute the next-token logits **once**; every slider then re-applies the sampling chain "
@@ -188,7 +178,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         *chain, shown = values
         try:
             params = lab_params(*chain)
-            view = lab_view(lm, context, params, top_n=_whole(shown, "tokens shown"))
+            view = lab_view(lm, context, params, top_n=whole_number(shown, "tokens shown"))
         except ValueError as exc:
             return [gr.skip(), gr.skip(), gr.skip(), f"⚠️ Sampling settings: {exc}"]
         first = view.choices[0][1] if view.choices else None

@@ -53,7 +53,7 @@ def summary_line(runs: Sequence[RunRecord] | None) -> str:
 
 # --- UI -------------------------------------------------------------------------------------------------------
 
-def build(ctx: AppContext, session: SessionComponents) -> None:
+def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="perf-refresh")
         clear = gr.Button("Clear runs", variant="stop", elem_id="perf-clear")

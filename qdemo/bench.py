@@ -96,7 +96,7 @@ def run_bench(name: str, tokens: int = 64, runs: int = 3, registry_path: str | N
     if lm is None:
         lm = load_model(load_registry(registry_path).get(name), device=device, dtype=dtype)
     ids = build_prompt(lm.tokenizer, [{"role": "user", "content": prompt}], lm.spec.max_context, tokens,
-                       lm.spec.system_prompt, lm.spec.name).ids
+                       lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt).ids
     engine_run(lm, ids, 4)  # warm-up both paths (allocator, kernels, lazy imports)
     hf_run(lm, ids, 4)
     engine, hf = [], []

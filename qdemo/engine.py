@@ -50,7 +50,7 @@ def generate(
         raise ValueError("pass exactly one of messages or input_ids")
     if messages is not None:
         prompt = build_prompt(lm.tokenizer, messages, lm.spec.max_context, params.max_new_tokens,
-                              lm.spec.system_prompt, lm.spec.name)
+                              lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt)
         ids, dropped = prompt.ids, prompt.dropped_turns
     else:
         ids, dropped = _check_ids(lm, input_ids, params), ()

@@ -89,7 +89,11 @@ def attention_map(lm: LoadedModel, ids: Sequence[int], layer: int) -> np.ndarray
     if "hidden_states" not in captured:
         raise RuntimeError(f"model {lm.spec.name}: layer {layer} attention was never called")
     with torch.inference_mode():
-        probs = _eager_probs(lm, attn, captured["hidden_states"], captured["position_embeddings"])
+        own = getattr(attn, "eager_attention_probs", None)  # models of qdemo's own (ALiBi) say it themselves
+        if own is not None:
+            probs = own(captured["hidden_states"])
+        else:
+            probs = _eager_probs(lm, attn, captured["hidden_states"], captured["position_embeddings"])
     return probs[0].float().cpu().numpy()
 
 
@@ -213,6 +217,29 @@ def rope_decay(lm: LoadedModel, max_distance: int) -> tuple[np.ndarray, np.ndarr
     return np.arange(max_distance + 1), torch.cos(angles).mean(dim=-1).numpy()
 
 
+# --- ALiBi --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AlibiInfo:
+    slopes: np.ndarray  # [heads], the per-head slope m_h
+    bias: np.ndarray  # [heads, positions, positions]: m_h·(key − query) on and below the diagonal, NaN above
+
+
+def alibi_info(lm: LoadedModel, positions: int) -> AlibiInfo:
+    """ALiBi slopes as the loaded model holds them, and the bias each head adds to its attention scores over
+    `positions` tokens (relative form; the original's per-row constant shift changes no probability)."""
+    slopes_fn = getattr(lm.model, "alibi_slopes", None)
+    if slopes_fn is None:
+        raise ValueError(f"model {lm.spec.name} uses no ALiBi (it has no alibi_slopes)")
+    _check_count(lm, "positions", positions, 1)
+    slopes = slopes_fn().detach().float().cpu().numpy().astype(np.float64)
+    pos = np.arange(positions)
+    distance = (pos[None, :] - pos[:, None]).astype(np.float64)
+    bias = slopes[:, None, None] * distance[None]
+    bias[:, distance > 0] = np.nan  # masked: a query never sees later keys
+    return AlibiInfo(slopes=slopes, bias=bias)
+
+
 # --- model card & logits ------------------------------------------------------------------------------------
 
 def model_card(lm: LoadedModel) -> dict[str, object]:
@@ -236,7 +263,8 @@ def model_card(lm: LoadedModel) -> dict[str, object]:
         "head_dim": _head_dim(config),
         "vocab_size": int(config.vocab_size),
         "max_position_embeddings": int(config.max_position_embeddings),
-        "rope_theta": float(theta) if theta is not None else None,
+        "position_encoding": lm.family.position_encoding,
+        "rope_theta": float(theta) if theta is not None and lm.family.position_encoding == "rope" else None,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "parameters": int(parameters),
         "dtype": str(lm.dtype).removeprefix("torch."),

@@ -72,15 +72,19 @@ def load_model(
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    family = get_family(spec.family)
+    if family.position_encoding == "alibi":
+        import qdemo.families.alibi_model  # noqa: F401  registers qdemo's ALiBi model class with transformers
     path = resolve(spec, progress)
     dev = pick_device(device)
     dt = pick_dtype(dtype if dtype is not None else spec.dtype, dev)
+    _check_quantized(spec, path, dev)
     if progress:
         progress("load weights", 0, 1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise SourceError(f"model {spec.name}: cannot load the checkpoint at {path}: {exc}") from None
     model.to(dev)
     model.eval()
@@ -89,13 +93,32 @@ def load_model(
         column_major_tall_linears(model)
     if progress:
         progress("load weights", 1, 1)
-    family = get_family(spec.family)
     eos = _eos_ids(model, tokenizer)
     stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
                        eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
                        weight_bytes=weight_bytes)
+
+
+def _check_quantized(spec: ModelSpec, path: Path, device: torch.device) -> None:
+    """GPTQ checkpoints need optimum + gptqmodel (requirements-gptq.txt); say so before transformers does."""
+    import json
+
+    try:
+        quant = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return
+    if not quant or quant.get("quant_method") != "gptq":
+        return
+    import importlib.util
+
+    missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
+    if missing:
+        where = "" if device.type == "cuda" else (" Its fast kernels need a CUDA GPU; on a CPU gptqmodel's torch "
+                                                  "kernel runs, slowly.")
+        raise SourceError(f"model {spec.name} is GPTQ-quantized ({quant.get('bits', 4)}-bit) and needs "
+                          f"{' and '.join(missing)}: pip install -r requirements-gptq.txt.{where}")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

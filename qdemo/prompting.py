@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from qdemo.errors import PromptTooLongError
+from qdemo.families import PromptBuilder
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -81,9 +82,11 @@ def chat_template_encoder(tokenizer) -> Callable[[list[Message]], list[int]]:
 
 def build_prompt(
     tokenizer, messages: Any, max_context: int, max_new_tokens: int,
-    system_prompt: str | None = None, model_name: str = "model",
+    system_prompt: str | None = None, model_name: str = "model", builder: PromptBuilder | None = None,
 ) -> Prompt:
-    """Validate, add the model's default system prompt when none is given, and fit the context."""
+    """Validate, add the model's default system prompt when none is given, and fit the context.
+    `builder` is the family's own prompt format (Qwen v1 make_context, Baichuan build_chat_input); without
+    one the tokenizer's chat template is used."""
     clean = validate_messages(messages)
     if system_prompt and clean[0]["role"] != "system":
         clean = [{"role": "system", "content": system_prompt}] + clean
@@ -94,7 +97,29 @@ def build_prompt(
     if budget <= 0:
         raise PromptTooLongError(f"{model_name}: max_new_tokens {max_new_tokens} leaves no room in "
                                  f"max_context {max_context}")
-    prompt = fit_messages(clean, chat_template_encoder(tokenizer), budget, model_name)
+    if builder is None:
+        prompt = fit_messages(clean, chat_template_encoder(tokenizer), budget, model_name)
+    else:
+        ids, dropped_turns = builder(tokenizer, clean, budget)
+        if len(ids) > budget:
+            raise PromptTooLongError(
+                f"{model_name}: the newest message alone needs {len(ids)} prompt tokens but only {budget} fit "
+                f"(max_context − max_new_tokens); shorten it or lower max_new_tokens")
+        prompt = Prompt(ids=list(ids), dropped_turns=tuple(dropped_turns), budget=budget)
     # Report indices in the caller's list, not the one with the added system message.
-    dropped = tuple(i - offset for i in prompt.dropped_turns)
+    dropped = tuple(i - offset for i in prompt.dropped_turns if i >= offset)
     return Prompt(ids=prompt.ids, dropped_turns=dropped, budget=budget)
+
+
+def conversation_prompt_ids(tokenizer, messages: Sequence[Message], builder: PromptBuilder | None = None) -> list[int]:
+    """A whole conversation as the model saw it, its last answer included (for attention maps)."""
+    if builder is None:
+        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=False,
+                                            return_dict=False)
+        return [int(i) for i in ids]
+    answer = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+    asked = list(messages[:-1]) if answer is not None else list(messages)
+    ids, _ = builder(tokenizer, asked, 1 << 30)
+    if answer:
+        ids = list(ids) + list(tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    return [int(i) for i in ids]

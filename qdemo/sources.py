@@ -1,8 +1,10 @@
 """Turn a ModelSpec's source into a local transformers checkpoint directory.
 
 GGUF parts shipped in packages are assembled, verified (size + sha256 before any parsing), dequantized
-once and cached as a dense safetensors checkpoint. Every cache entry is written into a temporary
-directory and renamed into place, so an interrupted run never leaves a half cache behind.
+once and cached as a dense safetensors checkpoint. Checkpoints of families that transformers does not load
+natively (Qwen v1, Baichuan) are converted once by their family module and cached the same way. Every cache
+entry is written into a temporary directory and renamed into place, so an interrupted run never leaves a
+half cache behind.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from qdemo.errors import SourceError
+from qdemo.families import get_family
 from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
 
 # progress(phase, done, total): phase is a short label, done/total are in the phase's own units.
 ProgressFn = Callable[[str, float, float], None]
 MARKER = "qdemo-source.json"
 _CHUNK = 8 << 20
+# Part of every converted checkpoint's cache key: bump it when a family's conversion changes its output.
+CONVERSION_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -42,6 +47,25 @@ def gguf_cache_dir(spec: ModelSpec) -> Path:
 
 def cache_state(spec: ModelSpec) -> str:
     """A short human description of whether the weights are ready locally."""
+    state = _source_state(spec)
+    if get_family(spec.family).convert is None or state not in ("local", "in HF cache"):
+        return state
+    original = _original_dir(spec)
+    if original is not None and (converted_cache_dir(spec, original) / MARKER).is_file():
+        return "converted"
+    return f"{state}, converts on first load"
+
+
+def _original_dir(spec: ModelSpec) -> Path | None:
+    src = spec.source
+    if isinstance(src, LocalSource):
+        return src.path
+    if isinstance(src, HubSource):
+        return _hub_snapshot(src)
+    return None
+
+
+def _source_state(spec: ModelSpec) -> str:
     src = spec.source
     if isinstance(src, GgufPartsSource):
         if (gguf_cache_dir(spec) / MARKER).is_file():
@@ -64,12 +88,71 @@ def resolve(spec: ModelSpec, progress: ProgressFn | None = None) -> Path:
     if isinstance(src, LocalSource):
         if not (src.path / "config.json").is_file():
             raise SourceError(f"model {spec.name}: local path {src.path} has no config.json")
-        return src.path
-    if isinstance(src, HubSource):
-        return _resolve_hub(spec, src)
-    if isinstance(src, GgufPartsSource):
-        return _resolve_gguf(spec, src, progress)
-    raise TypeError(src)
+        path = src.path
+    elif isinstance(src, HubSource):
+        path = _resolve_hub(spec, src)
+    elif isinstance(src, GgufPartsSource):
+        path = _resolve_gguf(spec, src, progress)
+    else:
+        raise TypeError(src)
+    if get_family(spec.family).convert is not None:
+        return _resolve_converted(spec, path, progress)
+    return path
+
+
+# ----------------------------------------------------------------------------------------- conversion
+def _fingerprint(original: Path) -> str:
+    """What the converted cache depends on: the family's conversion version and every source file's name,
+    size and modification time (a hub snapshot's path already names its commit)."""
+    digest = hashlib.sha256(f"{CONVERSION_VERSION}\n{original.resolve()}\n".encode())
+    for path in sorted(p for p in original.iterdir() if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def converted_cache_dir(spec: ModelSpec, original: Path) -> Path:
+    return cache_root() / "models" / f"{spec.name}-{spec.family}-{_fingerprint(original)}"
+
+
+def _resolve_converted(spec: ModelSpec, original: Path, progress: ProgressFn | None) -> Path:
+    family = get_family(spec.family)
+    assert family.convert is not None
+    final = converted_cache_dir(spec, original)
+
+    def build(out: Path) -> dict:
+        try:
+            out.mkdir()
+            family.convert(original, out, progress)
+        except (ValueError, OSError) as exc:
+            raise SourceError(f"model {spec.name}: cannot convert the {family.name} checkpoint at {original}: "
+                              f"{exc}") from None
+        return {"model": spec.name, "family": family.name, "original": str(original),
+                "conversion_version": CONVERSION_VERSION}
+
+    return _build_atomically(final, build)
+
+
+def _build_atomically(final: Path, build: Callable[[Path], dict]) -> Path:
+    """Run build(out) into a temporary directory and rename it to `final` once complete (marker last), so an
+    interrupted build leaves nothing that looks ready. An existing complete entry is returned as it is."""
+    if (final / MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
+    try:
+        out = work / "checkpoint"  # build creates it
+        info = build(out)
+        info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        (out / MARKER).write_text(json.dumps(info, indent=2))
+        if final.exists() and not (final / MARKER).is_file():
+            shutil.rmtree(final)  # a dir without marker is no cache entry (rename is atomic)
+        if not final.exists():  # else another process won the race with an equal entry
+            os.rename(out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------- hub
@@ -105,11 +188,12 @@ def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
                           "Download it where the hub is reachable, or pick an embedded model.")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
+    if get_family(spec.family).convert is not None:
+        patterns.append("pytorch_model*.bin")  # older Baichuan releases ship no safetensors; never *.py code
     try:
-        path = snapshot_download(
-            src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"],
-        )
+        path = snapshot_download(src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
+                                 allow_patterns=patterns)
     except Exception as exc:
         raise SourceError(f"{where} and downloading it failed ({type(exc).__name__}: {exc}). "
                           "The hub looks unreachable (offline?): pick an embedded model.") from None
@@ -168,27 +252,15 @@ def _resolve_gguf(spec: ModelSpec, src: GgufPartsSource, progress: ProgressFn | 
     if (final / MARKER).is_file():
         return final
     parts = locate_parts(spec)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
-    try:
-        gguf_path = work / src.file_name
+
+    def build(out: Path) -> dict:
+        gguf_path = out.parent / src.file_name
         assemble_parts(parts, gguf_path, src.size, src.sha256, f"model {spec.name}", progress)
-        out = work / "checkpoint"
         _dequantize(gguf_path, out, progress)
         gguf_path.unlink()
-        (out / MARKER).write_text(json.dumps({
-            "model": spec.name, "file_name": src.file_name, "sha256": src.sha256,
-            "packages": list(src.packages), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }, indent=2))
-        if final.exists():  # a half-written dir cannot be here (rename is atomic): another process won
-            if not (final / MARKER).is_file():
-                shutil.rmtree(final)
-        if not final.exists():
-            os.rename(out, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final
+        return {"model": spec.name, "file_name": src.file_name, "sha256": src.sha256, "packages": list(src.packages)}
+
+    return _build_atomically(final, build)
 
 
 def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None:

@@ -12,18 +12,21 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qdemo.errors import QdemoError
-from qdemo.introspect import attention_map, mean_over_heads, model_card, rope_angles, rope_decay, rope_info
+from qdemo.introspect import (alibi_info, attention_map, mean_over_heads, model_card, rope_angles, rope_decay,
+                              rope_info)
 from qdemo.loader import LoadedModel
+from qdemo.prompting import conversation_prompt_ids
 from qdemo.ui.chat_tab import load_or_message
 from qdemo.ui.chatflow import history_messages
 from qdemo.ui.context import AppContext, SessionComponents
 from qdemo.views.attention import attention_heatmap
 from qdemo.views.card import card_frame
-from qdemo.views.rope import angle_heatmap, decay_figure, frequency_figure
+from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
 
 MAX_ATTENTION_TOKENS = 128
 ROPE_POSITIONS = 128
 ROPE_DISTANCE = 512
+ALIBI_POSITIONS = 32
 MEAN = "mean"
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog; the dog does not mind. "
                 "敏捷的棕色狐狸跳过了懒狗，懒狗并不在意。")
@@ -68,8 +71,7 @@ def conversation_ids(lm: LoadedModel, history: Sequence[dict[str, Any]] | None,
         return list(lm.tokenizer.encode(DEFAULT_TEXT, add_special_tokens=False))
     if messages[0]["role"] != "system" and lm.spec.system_prompt:
         messages = [{"role": "system", "content": lm.spec.system_prompt}] + messages  # as the engine does
-    ids = lm.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False, return_dict=False)
-    return [int(i) for i in ids]
+    return conversation_prompt_ids(lm.tokenizer, messages, lm.family.build_prompt)
 
 
 def attention_view(lm: LoadedModel, history: Sequence[dict[str, Any]] | None, layer: Any, head: Any = MEAN,
@@ -99,8 +101,19 @@ def attention_view(lm: LoadedModel, history: Sequence[dict[str, Any]] | None, la
                          weights=shown, total_tokens=len(all_ids))
 
 
+def alibi_view(lm: LoadedModel) -> RopeView:
+    """ALiBi models (Baichuan-13B): per-head slopes and the distance penalty of the first (steepest) head."""
+    info = alibi_info(lm, ALIBI_POSITIONS)
+    summary = (f"**ALiBi** (no RoPE) · {info.slopes.size} heads · slopes {info.slopes.min():.3g} – "
+               f"{info.slopes.max():.3g} · each head adds slope × (key − query) to its scores, so attention fades "
+               "linearly with distance, steeply for the first heads and slowly for the last.")
+    return RopeView(summary=summary, frequencies=alibi_figure(info.slopes, info.bias[0]), angles=None, decay=None)
+
+
 def rope_view(lm: LoadedModel) -> RopeView:
-    """RoPE facts and figures, or only a sentence when the model uses no RoPE (e.g. ALiBi)."""
+    """RoPE facts and figures, ALiBi's for ALiBi models, or only a sentence when the model uses neither."""
+    if lm.family.position_encoding == "alibi":
+        return alibi_view(lm)
     try:
         info = rope_info(lm)
     except ValueError as exc:
@@ -111,6 +124,8 @@ def rope_view(lm: LoadedModel) -> RopeView:
                f"{info.inv_freq.size} frequency pairs · rope_type **{info.rope_type}** · scaling: {scaling}"
                + (f" · attention scaling {info.attention_scaling:g}" if info.attention_scaling != 1.0 else "")
                + f" · wavelengths {info.wavelengths.min():.1f} – {info.wavelengths.max():,.0f} positions")
+    if lm.family.position_note:
+        summary += f"\n\nℹ️ {lm.family.position_note}"
     distances, scores = rope_decay(lm, ROPE_DISTANCE)
     return RopeView(summary=summary, frequencies=frequency_figure(info.inv_freq),
                     angles=angle_heatmap(rope_angles(lm, ROPE_POSITIONS)), decay=decay_figure(distances, scores))
@@ -137,7 +152,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
                                    f"{MAX_ATTENTION_TOKENS} tokens), computed when you press the button.",
                                    elem_id="attn-caption")
         attn_plot = gr.Plot(label="attention", elem_id="attn-plot")
-    with gr.Accordion("RoPE (rotary position embedding)", open=True):
+    with gr.Accordion("Position encoding (RoPE or ALiBi)", open=True):
         rope_md = gr.Markdown("", elem_id="rope-info")
         with gr.Row():
             freq_plot = gr.Plot(label="frequencies", elem_id="rope-freq")

@@ -22,7 +22,8 @@ def context_ids(lm: LoadedModel, text: str, mode: str, system: str | None = None
         raise ValueError("the context is empty: type some text first")
     if mode == "chat":
         return build_prompt(lm.tokenizer, [{"role": "user", "content": text}], lm.spec.max_context, 1,
-                            system if system is not None else lm.spec.system_prompt, lm.spec.name).ids
+                            system if system is not None else lm.spec.system_prompt, lm.spec.name,
+                            lm.family.build_prompt).ids
     ids = lm.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) >= lm.spec.max_context:
         raise ValueError(f"{lm.spec.name}: the context has {len(ids)} tokens; the model takes {lm.spec.max_context}")

@@ -70,7 +70,7 @@ def load_model(
     spec: ModelSpec, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None, attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     family = get_family(spec.family)
     if family.position_encoding == "alibi":
@@ -82,7 +82,7 @@ def load_model(
     if progress:
         progress("load weights", 0, 1)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _load_tokenizer(path, converted=family.convert is not None)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
     except (OSError, ValueError, ImportError) as exc:
         raise SourceError(f"model {spec.name}: cannot load the checkpoint at {path}: {exc}") from None
@@ -99,6 +99,16 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
                        eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
                        weight_bytes=weight_bytes)
+
+
+def _load_tokenizer(path: Path, converted: bool):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if converted:
+        # qdemo wrote this tokenizer.json itself; AutoTokenizer would pick a model-specific class from config.json
+        # (Qwen2Tokenizer for converted Qwen v1) that rebuilds the BPE and can merge differently.
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _check_quantized(spec: ModelSpec, path: Path, device: torch.device) -> None:

@@ -44,53 +44,53 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def _random_state(layout: Layout, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+def _random_state(layout: Layout, vocab: int, seed: int, hidden: int = HIDDEN) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, scale: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * scale
 
     def norm_weight() -> torch.Tensor:
-        return 1.0 + rand(HIDDEN, scale=0.1)
+        return 1.0 + rand(hidden, scale=0.1)
 
     state: dict[str, torch.Tensor] = {}
     if layout.qwen:
-        state["transformer.wte.weight"] = rand(vocab, HIDDEN, scale=0.5)
+        state["transformer.wte.weight"] = rand(vocab, hidden, scale=0.5)
         for i in range(LAYERS):
             p = f"transformer.h.{i}."
             state[p + "ln_1.weight"] = norm_weight()
-            state[p + "attn.c_attn.weight"] = rand(3 * HIDDEN, HIDDEN, scale=0.2)
-            state[p + "attn.c_attn.bias"] = rand(3 * HIDDEN, scale=0.2)
-            state[p + "attn.c_proj.weight"] = rand(HIDDEN, HIDDEN)
+            state[p + "attn.c_attn.weight"] = rand(3 * hidden, hidden, scale=0.2)
+            state[p + "attn.c_attn.bias"] = rand(3 * hidden, scale=0.2)
+            state[p + "attn.c_proj.weight"] = rand(hidden, hidden)
             state[p + "ln_2.weight"] = norm_weight()
-            state[p + "mlp.w1.weight"] = rand(INTERMEDIATE, HIDDEN)
-            state[p + "mlp.w2.weight"] = rand(INTERMEDIATE, HIDDEN)
-            state[p + "mlp.c_proj.weight"] = rand(HIDDEN, INTERMEDIATE)
+            state[p + "mlp.w1.weight"] = rand(INTERMEDIATE, hidden)
+            state[p + "mlp.w2.weight"] = rand(INTERMEDIATE, hidden)
+            state[p + "mlp.c_proj.weight"] = rand(hidden, INTERMEDIATE)
         state["transformer.ln_f.weight"] = norm_weight()
     else:
-        state["model.embed_tokens.weight"] = rand(vocab, HIDDEN, scale=0.5)
+        state["model.embed_tokens.weight"] = rand(vocab, hidden, scale=0.5)
         for i in range(LAYERS):
             p = f"model.layers.{i}."
             state[p + "input_layernorm.weight"] = norm_weight()
-            state[p + "self_attn.W_pack.weight"] = rand(3 * HIDDEN, HIDDEN, scale=0.2)
-            state[p + "self_attn.o_proj.weight"] = rand(HIDDEN, HIDDEN)
+            state[p + "self_attn.W_pack.weight"] = rand(3 * hidden, hidden, scale=0.2)
+            state[p + "self_attn.o_proj.weight"] = rand(hidden, hidden)
             state[p + "post_attention_layernorm.weight"] = norm_weight()
-            state[p + "mlp.gate_proj.weight"] = rand(INTERMEDIATE, HIDDEN)
-            state[p + "mlp.up_proj.weight"] = rand(INTERMEDIATE, HIDDEN)
-            state[p + "mlp.down_proj.weight"] = rand(HIDDEN, INTERMEDIATE)
+            state[p + "mlp.gate_proj.weight"] = rand(INTERMEDIATE, hidden)
+            state[p + "mlp.up_proj.weight"] = rand(INTERMEDIATE, hidden)
+            state[p + "mlp.down_proj.weight"] = rand(hidden, INTERMEDIATE)
         state["model.norm.weight"] = norm_weight()
     # Large enough that greedy answers vary; NormHead models get unnormalised rows, as trained ones have.
-    state["lm_head.weight"] = rand(vocab, HIDDEN, scale=3.0)
+    state["lm_head.weight"] = rand(vocab, hidden, scale=3.0)
     return state
 
 
-def _qwen_config(vocab: int) -> dict:
+def _qwen_config(vocab: int, hidden: int = HIDDEN) -> dict:
     return {
         "architectures": ["QWenLMHeadModel"], "model_type": "qwen",
         "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
                      "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "vocab_size": vocab, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
-        "kv_channels": HIDDEN // 4, "intermediate_size": 2 * INTERMEDIATE, "seq_length": 256,
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "kv_channels": hidden // 4, "intermediate_size": 2 * INTERMEDIATE, "seq_length": 256,
         "max_position_embeddings": 256, "rotary_emb_base": 10000, "rotary_pct": 1.0,
         "layer_norm_epsilon": 1e-6, "use_dynamic_ntk": True, "use_logn_attn": True, "no_bias": True,
         "scale_attn_weights": True, "bf16": False, "fp16": False, "fp32": True, "tie_word_embeddings": False,
@@ -118,13 +118,14 @@ def _baichuan_config(layout: Layout, vocab: int) -> dict:
     return config
 
 
-def write_checkpoint(path: Path, family: str, seed: int = 0, bin_weights: bool = False) -> Path:
-    """A tiny random checkpoint of `family` in its original layout; returns path."""
+def write_checkpoint(path: Path, family: str, seed: int = 0, bin_weights: bool = False, hidden: int = HIDDEN) -> Path:
+    """A tiny random checkpoint of `family` in its original layout; returns path. `hidden` other than HIDDEN is
+    for Qwen v1 only (the GPTQ test needs 32-wide quantization groups)."""
     layout = LAYOUTS[family]
     path.mkdir(parents=True, exist_ok=True)
     if layout.qwen:
         vocab = write_qwen_tiktoken(path)
-        config = _qwen_config(vocab)
+        config = _qwen_config(vocab, hidden)
         endoftext = len((path / "qwen.tiktoken").read_bytes().splitlines())  # specials follow the ranks
         _write_json(path / "generation_config.json", {
             "chat_format": "chatml", "eos_token_id": endoftext, "pad_token_id": endoftext, "max_window_size": 6144,
@@ -138,7 +139,7 @@ def write_checkpoint(path: Path, family: str, seed: int = 0, bin_weights: bool =
             "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 195,
             "assistant_token_id": 196, "max_new_tokens": 64})
     _write_json(path / "config.json", config)
-    state = _random_state(layout, vocab, seed)
+    state = _random_state(layout, vocab, seed, hidden)
     if bin_weights:  # the older Baichuan releases ship pytorch_model.bin
         torch.save(state, path / "pytorch_model.bin")
     else:
@@ -194,7 +195,9 @@ def reference_logits(state: dict[str, torch.Tensor], family: str, ids: list[int]
     """fp32 logits [seq, vocab] of the original model on ids."""
     layout = LAYOUTS[family]
     heads = heads_for(layout)
-    d = HIDDEN // heads
+    embed = state["transformer.wte.weight" if layout.qwen else "model.embed_tokens.weight"]
+    hidden = embed.shape[1]
+    d = hidden // heads
     n = len(ids)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     if layout.alibi:
@@ -218,13 +221,13 @@ def reference_logits(state: dict[str, torch.Tensor], family: str, ids: list[int]
             h = _rms(x, state[p + "input_layernorm.weight"])
             qkv = h @ state[p + "self_attn.W_pack.weight"].T
             o_proj = state[p + "self_attn.o_proj.weight"]
-        q, k, v = (t.view(n, heads, d).transpose(0, 1) for t in qkv.split(HIDDEN, dim=-1))
+        q, k, v = (t.view(n, heads, d).transpose(0, 1) for t in qkv.split(hidden, dim=-1))
         if not layout.alibi:
             q, k = _rope(q, 10000.0), _rope(k, 10000.0)
         scores = q @ k.transpose(1, 2) / math.sqrt(d) + bias
         scores = scores.masked_fill(~causal, float("-inf"))
         attn = torch.softmax(scores, dim=-1) @ v
-        x = x + attn.transpose(0, 1).reshape(n, HIDDEN) @ o_proj.T
+        x = x + attn.transpose(0, 1).reshape(n, hidden) @ o_proj.T
         if layout.qwen:
             h = _rms(x, state[p + "ln_2.weight"])
             mlp = (h @ state[p + "mlp.w1.weight"].T) * torch.nn.functional.silu(h @ state[p + "mlp.w2.weight"].T)

@@ -112,6 +112,10 @@ def convert(src: Path, out: Path, progress: Optional[Progress] = None) -> None:
     from qdemo.families.qwen_tokenizer import convert_qwen_tokenizer
 
     config = read_json(src / "config.json", "the model config")
+    if "quantization_config" not in config and (src / "quantize_config.json").is_file():
+        # AutoGPTQ-era releases keep the GPTQ settings beside config.json; transformers wants them inside.
+        quant = read_json(src / "quantize_config.json", "the GPTQ settings")
+        config = {**config, "quantization_config": {"quant_method": "gptq", **quant}}
     fields = qwen2_config(config)
     quant = fields.get("quantization_config")
     bits = int(quant.get("bits", 4)) if quant else None

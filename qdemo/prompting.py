@@ -6,6 +6,7 @@ message and the newest turn are always kept, and the caller is told which messag
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -74,10 +75,52 @@ def fit_messages(
 
 def chat_template_encoder(tokenizer) -> Callable[[list[Message]], list[int]]:
     def encode(messages: list[Message]) -> list[int]:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(ids)
+        return template_ids(tokenizer, messages, add_generation_prompt=True)
 
     return encode
+
+
+_OPEN, _CLOSE = "\ue000", "\ue001"  # private-use marks around a message's slot in the rendered template
+_SLOT = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer turns into special (control) tokens when they appear in text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {str(tok) for tok in added.values() if getattr(tok, "special", False)}
+    texts |= set(getattr(tokenizer, "all_special_tokens", []) or [])
+    return tuple(sorted(t for t in texts if t))
+
+
+def template_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+    """The chat template's ids, with message text never parsed as special tokens.
+
+    A user who types `<|im_end|>` must not end their own turn (prompt injection). When no message contains a
+    special token's text, this is exactly `apply_chat_template`; otherwise the template is rendered with a marker
+    in each message's place, its own text tokenized as usual and each message's text with special tokens split
+    into plain pieces."""
+    messages = list(messages)
+    specials = special_token_texts(tokenizer)
+    if not any(text in m["content"] for m in messages for text in specials):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            return_dict=False)
+        return [int(i) for i in ids]
+    marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    ids: list[int] = []
+    pos = 0
+    for match in _SLOT.finditer(rendered):
+        ids += _encode(tokenizer, rendered[pos:match.start()], split_special=False)
+        ids += _encode(tokenizer, messages[int(match.group(1))]["content"], split_special=True)
+        pos = match.end()
+    ids += _encode(tokenizer, rendered[pos:], split_special=False)
+    return ids
+
+
+def _encode(tokenizer, text: str, split_special: bool) -> list[int]:
+    if not text:
+        return []
+    return [int(i) for i in tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]]
 
 
 def build_prompt(
@@ -114,9 +157,7 @@ def build_prompt(
 def conversation_prompt_ids(tokenizer, messages: Sequence[Message], builder: PromptBuilder | None = None) -> list[int]:
     """A whole conversation as the model saw it, its last answer included (for attention maps)."""
     if builder is None:
-        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=False,
-                                            return_dict=False)
-        return [int(i) for i in ids]
+        return template_ids(tokenizer, messages, add_generation_prompt=False)
     answer = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
     asked = list(messages[:-1]) if answer is not None else list(messages)
     ids, _ = builder(tokenizer, asked, 1 << 30)

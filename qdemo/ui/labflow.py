@@ -15,7 +15,7 @@ CONTEXT_MODES = ("chat", "raw text")
 
 def context_ids(lm: LoadedModel, text: str, mode: str, system: str | None = None) -> list[int]:
     """'chat': the text is a user message in the model's chat template (answer about to start);
-    'raw text': the text itself, tokenized without special tokens."""
+    'raw text': the text itself, tokenized as plain text (typed `<|im_end|>` stays text, as everywhere)."""
     if mode not in CONTEXT_MODES:
         raise ValueError(f"context mode must be one of {', '.join(CONTEXT_MODES)}, got {mode!r}")
     if not text or not text.strip():
@@ -24,7 +24,7 @@ def context_ids(lm: LoadedModel, text: str, mode: str, system: str | None = None
         return build_prompt(lm.tokenizer, [{"role": "user", "content": text}], lm.spec.max_context, 1,
                             system if system is not None else lm.spec.system_prompt, lm.spec.name,
                             lm.family.build_prompt).ids
-    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    ids = lm.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if len(ids) >= lm.spec.max_context:
         raise ValueError(f"{lm.spec.name}: the context has {len(ids)} tokens; the model takes {lm.spec.max_context}")
     return list(ids)

@@ -7,11 +7,12 @@ the field), then returns an iterator that yields one PrefillEvent, a TokenEvent 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import secrets
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -25,6 +26,8 @@ from qdemo.prompting import build_prompt
 from qdemo.sampling import SamplingParams, build_stages
 from qdemo.textstream import IncrementalDetokenizer
 
+StepLock = Callable[[], ContextManager[Any]]
+
 
 def generate(
     lm: LoadedModel,
@@ -34,11 +37,14 @@ def generate(
     stop_event: threading.Event | None = None,
     top_n: int = 20,
     ignore_eos: bool = False,
+    step_lock: StepLock | None = None,
 ) -> Iterator[Event]:
     """Stream a completion of `messages` (via the chat template) or of raw `input_ids`.
 
     top_n: how many tokens per stage to report (0 turns stage capture off).
     ignore_eos: keep going past eos/stop tokens (benchmarks that need a fixed length).
+    step_lock: held around every model forward (a serving pool's per-model gate), so concurrent generations on
+    one model take turns step by step.
     """
     started = time.perf_counter()
     params = params if params is not None else lm.spec.sampling
@@ -55,9 +61,10 @@ def generate(
     else:
         ids, dropped = _check_ids(lm, input_ids, params), ()
     prep_s = time.perf_counter() - started
+    lock = step_lock or contextlib.nullcontext
     if params.beam_search:
-        return _run_beams(lm, ids, dropped, params, stop_event, prep_s)
-    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, prep_s)
+        return _run_beams(lm, ids, dropped, params, stop_event, prep_s, lock)
+    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, prep_s, lock)
 
 
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -77,7 +84,7 @@ def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams
 
 def _run(
     lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
-    stop_event: threading.Event | None, top_n: int, ignore_eos: bool, prep_s: float,
+    stop_event: threading.Event | None, top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock,
 ) -> Iterator[Event]:
     # 1. Set-up: buffers sized once so the decode loop never concatenates.
     device, model = lm.device, lm.model
@@ -108,14 +115,17 @@ def _run(
 
     try:
         # 2. Prefill: the whole prompt once; its last logits choose the first token.
-        t0 = now(device)
-        logits = _forward(model, seq[:, :prompt_len], mask[:, :prompt_len], cache, cache_kw)
-        prefill_s = now(device) - t0
+        queued = now(device)
+        with lock():
+            t0 = now(device)
+            logits = _forward(model, seq[:, :prompt_len], mask[:, :prompt_len], cache, cache_kw)
+            prefill_s = now(device) - t0
         mem = memory_sample(device)
         peak = max(peak, mem.used_bytes, mem.cuda_peak or 0)
         yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=seed,
                            kv_cache_bytes=kv_cache_bytes(cache), memory=mem)
-        step_start = now(device) - prefill_s  # time spent by the consumer on the PrefillEvent is not ours
+        # Time the consumer spends on the PrefillEvent is not ours; time waiting for the model is (TTFT).
+        step_start = now(device) - prefill_s - (t0 - queued)
         # 3. Decode: choose, report, stop or feed the token back.
         for step in range(limit):
             length = prompt_len + step
@@ -139,8 +149,9 @@ def _run(
             if stop_event is not None and stop_event.is_set():
                 reason = "stopped"
                 break
-            step_start = now(device)
-            logits = _forward(model, seq[:, length:length + 1], mask[:, :length + 1], cache, cache_kw)
+            step_start = now(device)  # waiting for the lock counts: it is the latency this user sees
+            with lock():
+                logits = _forward(model, seq[:, length:length + 1], mask[:, :length + 1], cache, cache_kw)
     except Exception as exc:  # reported to the consumer; the stream still ends with a DoneEvent
         reason, error = "error", _describe_error(lm, exc)
     finally:
@@ -189,7 +200,7 @@ class _BeamClock(StoppingCriteria):
 
 def _run_beams(
     lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
-    stop_event: threading.Event | None, prep_s: float,
+    stop_event: threading.Event | None, prep_s: float, lock: StepLock,
 ) -> Iterator[Event]:
     """Beam search is transformers' own (the best beam can change until the end, so nothing streams):
     the events arrive when the search ends, with per-step timings and each token's beam transition
@@ -202,7 +213,7 @@ def _run_beams(
     t0 = now(device)
     try:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
+        with lock(), torch.inference_mode():  # one search holds the model: beams do not interleave
             out = model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=params.num_beams,
                 max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,

@@ -1,0 +1,243 @@
+"""Loaded models shared by every session of one process, kept within a memory budget.
+
+- Each model loads once; concurrent first requests wait for that one load.
+- Before a load, the weights' size is estimated from the checkpoint's safetensors headers; while it does not fit
+  the budget, the least recently used *idle* model is unloaded (a model with a generation running is leased
+  and never unloaded). If it still cannot fit, the load is refused with a message that says what is in the way.
+- Unloading drops every reference the pool holds, collects garbage and empties the CUDA cache.
+- An out-of-memory during a load becomes a readable error; the models already loaded keep working.
+- Generations on one model share it through a `StepGate`: one forward pass at a time, in arrival order, so
+  concurrent users interleave token by token instead of one long answer blocking everyone, and the device is
+  never asked for more than one model step at once.
+
+Nothing per user lives here: leases and gate tickets belong to running generations and end with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from qdemo.errors import QdemoError
+from qdemo.loader import LoadedModel, load_model, pick_device, pick_dtype
+from qdemo.registry import Registry
+from qdemo.sources import ProgressFn, resolve
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
+          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CPU_BUDGET_FRACTION = 0.6  # of RAM: the OS, Python, activations and KV caches need the rest
+CUDA_BUDGET_FRACTION = 0.85
+
+
+class MemoryBudgetError(QdemoError):
+    """A model does not fit the memory budget, or the device ran out of memory loading it."""
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '8 GB', '500MiB', '1073741824' → bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"QDEMO_MAX_MEMORY must be a size such as 12GiB, 8GB or 500MiB, got {text!r}")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"QDEMO_MAX_MEMORY must be positive, got {text!r}")
+    return int(value)
+
+
+def default_budget(device: torch.device) -> int:
+    """QDEMO_MAX_MEMORY when set, else a share of the device's memory."""
+    configured = os.environ.get("QDEMO_MAX_MEMORY")
+    if configured:
+        return parse_bytes(configured)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_BUDGET_FRACTION)
+    import psutil
+
+    return int(psutil.virtual_memory().total * CPU_BUDGET_FRACTION)
+
+
+def estimate_weight_bytes(path: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights will take once loaded in `dtype`: floating tensors at dtype's size, others (GPTQ's
+    packed ints) as stored. Read from the safetensors headers only; 0 when the checkpoint has none."""
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            stored = info["dtype"]
+            total += count * (item if stored.startswith(("F", "BF")) else _SAFETENSORS_BYTES.get(stored, 4))
+    return total
+
+
+class StepGate:
+    """A FIFO lock around one model step: whoever asked first steps first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # next ticket to hand out
+        self._serving = 0  # ticket allowed to run
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        """Steps queued behind the running one."""
+        with self._cond:
+            return max(0, self._next - self._serving - 1)
+
+
+@dataclass
+class _Entry:
+    lm: LoadedModel
+    bytes: int
+    last_used: float
+    leases: int = 0
+
+
+Loader = Callable[..., LoadedModel]
+
+
+class ModelPool:
+    """`get(name)` → a loaded model (loading, and evicting idle ones, as needed); `lease(name)` pins it while a
+    generation runs; `gate(name)` is that model's StepGate."""
+
+    def __init__(self, registry: Registry, device: str | None = None, budget_bytes: int | None = None,
+                 loader: Loader = load_model) -> None:
+        self.registry, self.device = registry, device
+        self._device = pick_device(device)
+        self.budget = budget_bytes if budget_bytes is not None else default_budget(self._device)
+        self._loader = loader
+        self._entries: dict[str, _Entry] = {}
+        self._gates: dict[str, StepGate] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._guard = threading.RLock()
+
+    # --- what is loaded -------------------------------------------------------------------------------------
+    def loaded(self) -> list[str]:
+        with self._guard:
+            return list(self._entries)
+
+    def used_bytes(self) -> int:
+        with self._guard:
+            return sum(e.bytes for e in self._entries.values())
+
+    def gate(self, name: str) -> StepGate:
+        with self._guard:
+            return self._gates.setdefault(name, StepGate())
+
+    # --- getting models ---------------------------------------------------------------------------------------
+    def get(self, name: str, progress: ProgressFn | None = None) -> LoadedModel:
+        spec = self.registry.get(name)  # unknown names fail here with the registry's message
+        with self._guard:
+            if name in self._entries:
+                entry = self._entries[name]
+                entry.last_used = time.monotonic()
+                return entry.lm
+            lock = self._loading.setdefault(name, threading.Lock())
+        with lock:
+            with self._guard:
+                if name in self._entries:
+                    return self._entries[name].lm
+            path = resolve(spec, progress)  # prepare / convert first: the estimate reads the files
+            need = estimate_weight_bytes(path, pick_dtype(spec.dtype, self._device))
+            self._make_room(name, need)
+            try:
+                lm = self._loader(spec, device=self.device, progress=progress)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                self._release()
+                raise MemoryBudgetError(
+                    f"{name}: out of memory while loading (about {_gib(need)} of weights on {self._device}); "
+                    f"the models already loaded keep working. Free memory or lower QDEMO_MAX_MEMORY. ({exc})"
+                ) from None
+            with self._guard:
+                self._entries[name] = _Entry(lm=lm, bytes=lm.weight_bytes or need, last_used=time.monotonic())
+            return lm
+
+    @contextlib.contextmanager
+    def lease(self, name: str, progress: ProgressFn | None = None) -> Iterator[LoadedModel]:
+        """The model, pinned (never unloaded) until the block ends."""
+        while True:
+            lm = self.get(name, progress)
+            with self._guard:
+                entry = self._entries.get(name)
+                if entry is not None and entry.lm is lm:
+                    entry.leases += 1
+                    break
+        try:
+            yield lm
+        finally:
+            with self._guard:
+                entry.leases -= 1
+                entry.last_used = time.monotonic()
+
+    def unload(self, name: str) -> bool:
+        """Unload an idle model; False when it is not loaded or a generation is using it."""
+        with self._guard:
+            entry = self._entries.get(name)
+            if entry is None or entry.leases:
+                return False
+            del self._entries[name]
+        del entry
+        self._release()
+        return True
+
+    # --- internals ------------------------------------------------------------------------------------------------
+    def _make_room(self, name: str, need: int) -> None:
+        if need > self.budget:
+            raise MemoryBudgetError(f"{name} needs about {_gib(need)} for its weights but the memory budget is "
+                                    f"{_gib(self.budget)} (QDEMO_MAX_MEMORY)")
+        while True:
+            with self._guard:
+                used = sum(e.bytes for e in self._entries.values())
+                if used + need <= self.budget:
+                    return
+                idle = [(e.last_used, n) for n, e in self._entries.items() if not e.leases]
+                if not idle:
+                    busy = ", ".join(f"{n} ({_gib(e.bytes)})" for n, e in self._entries.items())
+                    raise MemoryBudgetError(
+                        f"{name} needs about {_gib(need)} but only {_gib(self.budget - used)} of the "
+                        f"{_gib(self.budget)} budget is free and every loaded model is generating: {busy}. "
+                        "Try again when they finish.")
+                victim = min(idle)[1]
+            self.unload(victim)
+
+    def _release(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB"

@@ -1,0 +1,176 @@
+"""The model pool: memory budget, LRU eviction of idle models only, release on unload, OOM on load, and the
+per-model step gate that lets concurrent generations take turns."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+
+from qdemo.engine import collect, generate
+from qdemo.loader import load_model
+from qdemo.pool import MemoryBudgetError, ModelPool, StepGate, estimate_weight_bytes, parse_bytes
+from qdemo.registry import load_registry
+from qdemo.sampling import SamplingParams
+from tests.conftest import write_registry
+
+
+@pytest.fixture
+def registry(tiny_dir, tmp_path):
+    """Three names for the tiny model (each loads its own copy)."""
+    path = tmp_path / "models.yaml"
+    write_registry(path, tiny_dir)
+    text = path.read_text(encoding="utf-8")
+    body = text[text.index("  - name:"):]
+    extra = "".join(body.replace("name: tiny-qwen2", f"name: tiny-{c}", 1) for c in "bc")
+    path.write_text(text + extra, encoding="utf-8")
+    registry = load_registry(path)
+    assert {"tiny-qwen2", "tiny-b", "tiny-c"} <= set(registry.names())
+    return registry
+
+
+@pytest.fixture
+def one_model_bytes(registry):
+    return load_model(registry.get("tiny-qwen2"), device="cpu").weight_bytes
+
+
+def test_estimate_matches_loaded_size(registry, one_model_bytes):
+    from qdemo.sources import resolve
+
+    assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.float32) == one_model_bytes
+    assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.bfloat16) == one_model_bytes // 2
+
+
+def test_parse_bytes():
+    assert parse_bytes("12GiB") == 12 * 1024 ** 3 and parse_bytes("8 GB") == 8 * 10 ** 9
+    assert parse_bytes("1073741824") == 1024 ** 3 and parse_bytes("1.5MiB") == 1572864
+    for bad in ("lots", "12 parsecs", "0", "-1GB"):
+        with pytest.raises(ValueError, match="QDEMO_MAX_MEMORY"):
+            parse_bytes(bad)
+
+
+def test_least_recently_used_idle_model_is_unloaded_and_released(registry, one_model_bytes):
+    pool = ModelPool(registry, "cpu", budget_bytes=int(2.5 * one_model_bytes))
+    a = weakref.ref(pool.get("tiny-qwen2").model)
+    pool.get("tiny-b")
+    pool.get("tiny-qwen2")  # a is now more recent than b
+    pool.get("tiny-c")  # does not fit: b goes
+    assert set(pool.loaded()) == {"tiny-qwen2", "tiny-c"}
+    assert pool.used_bytes() <= pool.budget
+    assert a() is not None
+    assert pool.unload("tiny-qwen2")
+    gc.collect()
+    assert a() is None  # nothing else kept the weights alive
+
+
+def test_a_generating_model_is_never_unloaded(registry, one_model_bytes):
+    pool = ModelPool(registry, "cpu", budget_bytes=int(1.5 * one_model_bytes))
+    with pool.lease("tiny-qwen2") as lm:
+        with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* every loaded model is generating: "
+                                                    r"tiny-qwen2"):
+            pool.get("tiny-b")
+        assert not pool.unload("tiny-qwen2")
+        out = collect(generate(lm, input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3), ignore_eos=True))
+        assert len(out["tokens"]) == 3  # still working
+    pool.get("tiny-b")  # idle now, so it makes room
+    assert pool.loaded() == ["tiny-b"]
+
+
+def test_a_model_larger_than_the_budget_is_refused_by_name(registry, one_model_bytes):
+    pool = ModelPool(registry, "cpu", budget_bytes=one_model_bytes // 2)
+    with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* budget is .*QDEMO_MAX_MEMORY"):
+        pool.get("tiny-b")
+
+
+def test_out_of_memory_while_loading_keeps_the_others(registry, one_model_bytes):
+    def loader(spec, **kwargs):
+        if spec.name == "tiny-b":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return load_model(spec, **kwargs)
+
+    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes, loader=loader)
+    lm = pool.get("tiny-qwen2")
+    with pytest.raises(MemoryBudgetError, match="tiny-b: out of memory while loading.*keep working"):
+        pool.get("tiny-b")
+    assert pool.loaded() == ["tiny-qwen2"]
+    assert collect(generate(lm, input_ids=[5, 6], params=SamplingParams(max_new_tokens=2)))["done"].error is None
+
+
+def test_unknown_names_fail_with_the_registry_message(registry):
+    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
+    with pytest.raises(ValueError, match="no-such-model"):
+        pool.get("no-such-model")
+
+
+def test_concurrent_first_requests_load_once(registry):
+    calls = []
+
+    def loader(spec, **kwargs):
+        calls.append(spec.name)
+        time.sleep(0.2)
+        return load_model(spec, **kwargs)
+
+    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30, loader=loader)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(pool.get("tiny-qwen2"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["tiny-qwen2"] and all(lm is got[0] for lm in got)
+
+
+def test_step_gate_serves_in_arrival_order():
+    gate = StepGate()
+    order = []
+    started = threading.Event()
+
+    def worker(i):
+        with gate.step():
+            order.append(i)
+
+    with gate.step():  # hold the gate while the others queue up in a known order
+        threads = []
+        for i in range(5):
+            t = threading.Thread(target=worker, args=(i,))
+            t.start()
+            threads.append(t)
+            while gate.waiting < i + 1:
+                time.sleep(0.001)
+        started.set()
+    for t in threads:
+        t.join()
+    assert order == [0, 1, 2, 3, 4] and gate.waiting == 0
+
+
+def test_gated_generations_interleave_and_match_their_solo_runs(tiny_lm):
+    """Two seeded generations sharing one model's gate take turns step by step and produce exactly the tokens
+    each produces alone."""
+    gate = StepGate()
+    params = [SamplingParams(do_sample=True, temperature=1.0, seed=s, max_new_tokens=12) for s in (1, 2)]
+    solo = [[t.token_id for t in collect(generate(tiny_lm, input_ids=[5, 6, 7], params=p, ignore_eos=True))["tokens"]]
+            for p in params]
+    steps: list[int] = []
+    results: dict[int, list[int]] = {}
+
+    def run(i):
+        tokens = []
+        for event in generate(tiny_lm, input_ids=[5, 6, 7], params=params[i], ignore_eos=True, step_lock=gate.step):
+            if type(event).__name__ == "TokenEvent":
+                tokens.append(event.token_id)
+                steps.append(i)
+                time.sleep(0.002)  # the consumer's work between tokens lets the other side in
+        results[i] = tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == solo[0] and results[1] == solo[1]
+    switches = sum(1 for a, b in zip(steps, steps[1:]) if a != b)
+    assert switches >= 4  # neither waited for the other to finish

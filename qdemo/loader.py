@@ -82,8 +82,10 @@ def load_model(
     if progress:
         progress("load weights", 0, 1)
     try:
-        tokenizer = _load_tokenizer(path, converted=family.convert is not None)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+        tokenizer = _load_tokenizer(path, converted=family.convert is not None, trust=spec.trust_remote_code)
+        # Remote code runs only for an entry that asks for it with a pinned commit (checked by the registry).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation,
+                                                     trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise SourceError(f"model {spec.name}: cannot load the checkpoint at {path}: {exc}") from None
     model.to(dev)
@@ -101,14 +103,14 @@ def load_model(
                        weight_bytes=weight_bytes)
 
 
-def _load_tokenizer(path: Path, converted: bool):
+def _load_tokenizer(path: Path, converted: bool, trust: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if converted:
         # qdemo wrote this tokenizer.json itself; AutoTokenizer would pick a model-specific class from config.json
         # (Qwen2Tokenizer for converted Qwen v1) that rebuilds the BPE and can merge differently.
         return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
 
 
 def _check_quantized(spec: ModelSpec, path: Path, device: torch.device) -> None:

@@ -153,6 +153,11 @@ class ModelPool:
         with self._guard:
             return sum(e.bytes for e in self._entries.values())
 
+    def active(self) -> dict[str, int]:
+        """Running generations per loaded model."""
+        with self._guard:
+            return {n: e.leases for n, e in self._entries.items()}
+
     def gate(self, name: str) -> StepGate:
         with self._guard:
             return self._gates.setdefault(name, StepGate())

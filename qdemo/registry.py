@@ -67,6 +67,9 @@ class ModelSpec:
     dtype: str = "auto"
     system_prompt: str | None = None
     notes: str = ""
+    # Run the checkpoint's own Python code. Only for a hub source pinned to a commit sha, so the code that runs
+    # is the code someone reviewed; no bundled entry needs it (qdemo loads every family natively).
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
 
 
 _TOP_KEYS = {"default", "models"}
-_ENTRY_KEYS = {"name", "display_name", "family", "source", "sampling", "max_context", "dtype", "system_prompt", "notes"}
+_ENTRY_KEYS = {"name", "display_name", "family", "source", "sampling", "max_context", "dtype", "system_prompt", "notes",
+               "trust_remote_code"}
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _REQUIRED = ("name", "family", "source", "max_context")
 
 
@@ -167,16 +172,24 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
     for key in ("display_name", "system_prompt", "notes"):
         if key in entry and entry[key] is not None and not isinstance(entry[key], str):
             raise fail(key, "must be text")
+    source = _parse_source(entry["source"], fail, base_dir)
+    trust = entry.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise fail("trust_remote_code", f"must be true or false, got {trust!r}")
+    if trust and not (isinstance(source, HubSource) and _COMMIT_SHA.fullmatch(source.revision)):
+        raise fail("trust_remote_code", "is refused unless the source is a hub repository pinned to a 40-character "
+                                        f"commit sha (source.hub.revision), got {source.describe()}")
     return ModelSpec(
         name=name,
         display_name=entry.get("display_name") or name,
         family=family,
-        source=_parse_source(entry["source"], fail, base_dir),
+        source=source,
         sampling=sampling,
         max_context=max_context,
         dtype=dtype,
         system_prompt=entry.get("system_prompt"),
         notes=entry.get("notes") or "",
+        trust_remote_code=trust,
     )
 
 

@@ -190,7 +190,9 @@ def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
     if get_family(spec.family).convert is not None:
-        patterns.append("pytorch_model*.bin")  # older Baichuan releases ship no safetensors; never *.py code
+        patterns.append("pytorch_model*.bin")  # older Baichuan releases ship no safetensors
+    if spec.trust_remote_code:
+        patterns.append("*.py")  # only for an entry pinned to a commit (see registry); otherwise never code
     try:
         path = snapshot_download(src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
                                  allow_patterns=patterns)

@@ -12,13 +12,13 @@ from qdemo.ui import chatflow
 from qdemo.ui.chat_tab import _respond
 from qdemo.ui.context import AppContext, StopFlag
 from qdemo.ui.controls import defaults_for
-from qdemo.ui.models import ModelCache
+from qdemo.pool import ModelPool
 
 
 @pytest.fixture(scope="module")
 def ctx(tiny_registry_path):
     registry = load_registry(tiny_registry_path)
-    return AppContext(registry=registry, models=ModelCache(registry, "cpu"), default_model=registry.default)
+    return AppContext(registry=registry, models=ModelPool(registry, "cpu"), default_model=registry.default)
 
 
 def test_empty_and_long_input():

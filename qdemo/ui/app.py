@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import gradio as gr
 
+from qdemo.limits import Limits
+from qdemo.pool import ModelPool
 from qdemo.registry import Registry
 from qdemo.ui import api, chat_tab
 from qdemo.ui.context import AppContext, SessionComponents
-from qdemo.ui.models import ModelCache
 
 CSS = """
 #metrics {font-variant-numeric: tabular-nums}
 """
 
 
-def build_app(registry: Registry, device: str | None = None, default: str | None = None) -> gr.Blocks:
+def build_app(registry: Registry, device: str | None = None, default: str | None = None,
+              limits: Limits | None = None, pool: ModelPool | None = None) -> gr.Blocks:
+    """The app; call `.queue(**queue_settings(limits))` (or `launch_app`) before launching it."""
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
-    ctx = AppContext(registry=registry, models=ModelCache(registry, device), default_model=name)
+    limits = limits or Limits()
+    ctx = AppContext(registry=registry, models=pool or ModelPool(registry, device), default_model=name,
+                     limits=limits)
     tabs = _optional_tabs()
     with gr.Blocks(title="qdemo") as demo:
-        gr.Markdown("# qdemo\nSee how Qwen models think: every token with its probabilities after each sampling "
+        gr.Markdown("# qdemo\nSee how Qwen and Baichuan models think: every token with its probabilities after each sampling "
                     "stage, side-by-side comparisons, attention, RoPE and performance.")
         session = SessionComponents(
             runs=gr.State([]),
@@ -53,3 +58,8 @@ def _optional_tabs():
 
     return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),
             ("Performance", perf_tab)]
+
+
+def queue_settings(limits: Limits) -> dict:
+    """Gradio queue settings; events that run a model share one group of `limits.concurrency` slots."""
+    return {"max_size": limits.queue_size, "default_concurrency_limit": limits.concurrency}

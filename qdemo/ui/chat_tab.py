@@ -82,29 +82,30 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
     session.chat_model, session.chat_system, session.chatbot = model, system, chatbot
     control_values = controls.components()
 
-    def respond(message, history, model_name, system_prompt, *rest, progress=gr.Progress()):
+    def respond(message, history, model_name, system_prompt, *rest, request: gr.Request = None,
+                progress=gr.Progress()):
         *values, flag, runs = rest
         history = list(history or [])
-        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
+        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
 
     outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, session.runs,
                last_run, session.conversation, settings_note]  # in the order of OUTPUTS
     inputs = [box, chatbot, model, system, *control_values, stop, session.runs]
     submit_events = [
-        box.submit(respond, inputs, outputs, api_visibility="private"),
-        send.click(respond, inputs, outputs, api_visibility="private"),
+        box.submit(respond, inputs, outputs, api_visibility="private", **ctx.queue_kwargs()),
+        send.click(respond, inputs, outputs, api_visibility="private", **ctx.queue_kwargs()),
     ]
 
-    def regenerate(history, model_name, system_prompt, *rest, progress=gr.Progress()):
+    def regenerate(history, model_name, system_prompt, *rest, request: gr.Request = None, progress=gr.Progress()):
         *values, flag, runs = rest
         history, message = _pop_last_turn(history)
         if message is None:
             yield _updates(note="Nothing to regenerate yet.")
             return
-        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress)
+        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
 
     submit_events.append(regen.click(regenerate, [chatbot, model, system, *control_values, stop, session.runs],
-                                     outputs, api_visibility="private"))
+                                     outputs, api_visibility="private", **ctx.queue_kwargs()))
     stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")
 
     def undo_turn(history, model_name, system_prompt):
@@ -198,14 +199,18 @@ def _conversation(model: str, system: str, messages: list[dict[str, Any]]) -> di
 
 
 def _respond(ctx: AppContext, message, history, model_name, system_prompt, values, flag: StopFlag,
-             runs: list[RunRecord], progress) -> Iterator[list[Any]]:
+             runs: list[RunRecord], progress, request: gr.Request | None = None) -> Iterator[list[Any]]:
     """One chat turn: validate, load, stream, then fill the token view and prompt inspector."""
-    turn = chatflow.prepare_turn(message, history, system_prompt)
+    turn = chatflow.prepare_turn(message, history, system_prompt, ctx.limits.max_input_chars, ctx.limits.max_turns)
     if turn is None:
         yield _updates(note="Empty message ignored.")
         return
+    refusal = ctx.admit(request)
+    if refusal:
+        yield _updates(note=f"⚠️ {refusal}")
+        return
     try:
-        params = to_params(*values)
+        params, capped = chatflow.cap_params(to_params(*values), ctx.limits.max_new_tokens)
     except ValueError as exc:
         yield _updates(note=f"⚠️ Sampling settings: {exc}")
         return
@@ -213,13 +218,19 @@ def _respond(ctx: AppContext, message, history, model_name, system_prompt, value
     if lm is None:
         yield _updates(note=error)
         return
+    with ctx.generation(model_name) as (lm, step_lock):
+        yield from _stream_turn(lm, step_lock, turn, history, model_name, system_prompt, params,
+                                " ".join(n for n in (turn.notice, capped) if n), flag, runs)
+
+
+def _stream_turn(lm, step_lock, turn: chatflow.Turn, history, model_name, system_prompt, params, note: str,
+                 flag: StopFlag, runs: list[RunRecord]) -> Iterator[list[Any]]:
     shown = history + [{"role": "user", "content": turn.user_text}, {"role": "assistant", "content": ""}]
     run = RunRecord(run_id=next_run_id(runs), model=model_name, settings=params.to_dict(), label="chat")
     event = flag.arm()
-    note = turn.notice
     shown_at = 0.0
     try:
-        for run in chatflow.stream_run(lm, turn.messages, params, run, event):
+        for run in chatflow.stream_run(lm, turn.messages, params, run, event, step_lock=step_lock):
             # Each update re-sends the chat; more than ~20 a second would slow a fast model down to the UI's pace.
             if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}

@@ -8,7 +8,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from qdemo.engine import generate
+from qdemo.engine import StepLock, generate
+from qdemo.limits import clean_text
 from qdemo.loader import LoadedModel
 from qdemo.prompting import validate_messages
 from qdemo.runs import RunRecord
@@ -27,25 +28,54 @@ class Turn:
 
 
 def prepare_turn(message: Any, history: list[dict[str, Any]], system: str | None,
-                 max_chars: int = MAX_INPUT_CHARS) -> Turn | None:
-    """None for empty input; over-long input is cut to `max_chars` with a notice."""
-    text = message if isinstance(message, str) else ""
+                 max_chars: int = MAX_INPUT_CHARS, max_turns: int | None = None) -> Turn | None:
+    """None for empty input. The text is cleaned (control characters, invalid UTF-8); over-long input is cut to
+    `max_chars` and history beyond `max_turns` turns loses its oldest ones, each with a notice."""
+    text = clean_text(message) if isinstance(message, str) else ""
     if not text.strip():
         return None
-    notice = ""
+    notices = []
     if len(text) > max_chars:
-        notice = f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent."
+        notices.append(f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent.")
         text = text[:max_chars]
-    messages = history_messages(history, system) + [{"role": "user", "content": text}]
-    return Turn(messages=messages, user_text=text, notice=notice)
+    past = history_messages(history, system)
+    past, trimmed = keep_last_turns(past, max_turns)
+    if trimmed:
+        notices.append(f"Only the last {max_turns} turns of the conversation were sent ({trimmed} older "
+                       "message(s) left out).")
+    messages = past + [{"role": "user", "content": text}]
+    return Turn(messages=messages, user_text=text, notice=" ".join(notices))
+
+
+def keep_last_turns(messages: list[dict[str, str]], max_turns: int | None) -> tuple[list[dict[str, str]], int]:
+    """At most `max_turns` turns (a user message and the answers after it) after the system message; returns the
+    kept messages and how many were left out."""
+    if max_turns is None:
+        return messages, 0
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    if len(starts) <= max_turns:
+        return messages, 0
+    cut = starts[-max_turns] if max_turns else len(rest)
+    return system + rest[cut:], cut
 
 
 def history_messages(history: list[dict[str, Any]] | None, system: str | None = None) -> list[dict[str, str]]:
     """The chatbot's messages as plain {role, content} text, with the system prompt first when given."""
+    system = clean_text(system) if isinstance(system, str) else None
     messages = [{"role": "system", "content": system}] if system and system.strip() else []
-    messages += [{"role": m["role"], "content": content_text(m.get("content"))} for m in history or []
+    messages += [{"role": m["role"], "content": clean_text(content_text(m.get("content")))} for m in history or []
                  if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
     return messages
+
+
+def cap_params(params: SamplingParams, max_new_tokens: int) -> tuple[SamplingParams, str]:
+    """Lower max_new_tokens to the server's limit, saying so."""
+    if params.max_new_tokens <= max_new_tokens:
+        return params, ""
+    return (params.replace(max_new_tokens=max_new_tokens),
+            f"max new tokens lowered from {params.max_new_tokens} to this server's limit of {max_new_tokens}.")
 
 
 def content_text(content: Any) -> str:
@@ -60,11 +90,18 @@ def content_text(content: Any) -> str:
 
 
 def stream_run(lm: LoadedModel, messages: list[dict[str, str]], params: SamplingParams, run: RunRecord,
-               stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[RunRecord]:
-    """Fold the engine's events into `run`, yielding it after every event."""
-    for event in generate(lm, messages=messages, params=params, stop_event=stop_event, top_n=top_n):
-        run.add(event)
-        yield run
+               stop_event: threading.Event | None = None, top_n: int = 20,
+               step_lock: StepLock | None = None) -> Iterator[RunRecord]:
+    """Fold the engine's events into `run`, yielding it after every event. Closing this generator (a client
+    that went away) closes the engine's, which drops its KV cache at once."""
+    events = generate(lm, messages=messages, params=params, stop_event=stop_event, top_n=top_n,
+                      step_lock=step_lock)
+    try:
+        for event in events:
+            run.add(event)
+            yield run
+    finally:
+        events.close()
 
 
 def answer_text(run: RunRecord) -> str:

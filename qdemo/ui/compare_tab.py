@@ -53,21 +53,28 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
     n_a = len(controls_a.components())
     outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs]
 
-    def run_both(text, seed_value, name_a, name_b, *rest, progress=gr.Progress()):
+    def run_both(text, seed_value, name_a, name_b, *rest, request: gr.Request = None, progress=gr.Progress()):
         values_a, values_b, (flag, runs) = rest[:n_a], rest[n_a:2 * n_a], rest[2 * n_a:]
         def verdict_only(text: str) -> list[Any]:
             return [gr.skip()] * 4 + [text] + [gr.skip()] * (len(outputs) - 5)
 
-        turn = chatflow.prepare_turn(text, [], None)
+        turn = chatflow.prepare_turn(text, [], None, ctx.limits.max_input_chars)
         if turn is None:
             yield verdict_only("Type a prompt first.")
+            return
+        refusal = ctx.admit(request)
+        if refusal:
+            yield verdict_only(f"⚠️ {refusal}")
             return
         try:
             params_a = to_params(*values_a).replace(seed=int(seed_value) if seed_value is not None else None)
             params_b = to_params(*values_b).replace(seed=int(seed_value) if seed_value is not None else None)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             yield verdict_only(f"⚠️ Sampling settings: {exc}")
             return
+        params_a, capped_a = chatflow.cap_params(params_a, ctx.limits.max_new_tokens)
+        params_b, capped_b = chatflow.cap_params(params_b, ctx.limits.max_new_tokens)
+        notice = " ".join(n for n in (turn.notice, capped_a or capped_b) if n)
         lm_a, error_a = load_or_message(ctx, name_a, progress)
         lm_b, error_b = load_or_message(ctx, name_b, progress) if lm_a is not None else (None, "")
         if lm_a is None or lm_b is None:
@@ -79,13 +86,14 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
         event = flag.arm()
         shown_at = 0.0
         try:
-            for run_a, run_b in compareflow.run_pair(lm_a, lm_b, turn.messages, params_a, params_b, run_a, run_b,
-                                                     event):
-                if time.perf_counter() - shown_at < UI_INTERVAL_S:
-                    continue
-                shown_at = time.perf_counter()
-                yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
-                       chatflow.metrics_line(run_b), turn.notice or "streaming…", *[gr.skip()] * 3]
+            with ctx.generation(name_a) as (lm_a, lock_a), ctx.generation(name_b) as (lm_b, lock_b):
+                for run_a, run_b in compareflow.run_pair(lm_a, lm_b, turn.messages, params_a, params_b, run_a,
+                                                         run_b, event, step_locks=(lock_a, lock_b)):
+                    if time.perf_counter() - shown_at < UI_INTERVAL_S:
+                        continue
+                    shown_at = time.perf_counter()
+                    yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
+                           chatflow.metrics_line(run_b), notice or "streaming…", *[gr.skip()] * 3]
         except (QdemoError, ValueError) as exc:
             yield verdict_only(f"⚠️ {exc}")
             return
@@ -96,6 +104,6 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
 
     inputs: list[Any] = [prompt, seed, model_a, model_b, *controls_a.components(), *controls_b.components(), stop,
                          session.runs]
-    run_btn.click(run_both, inputs, outputs, api_visibility="private")
-    prompt.submit(run_both, inputs, outputs, api_visibility="private")
+    run_btn.click(run_both, inputs, outputs, api_visibility="private", **ctx.queue_kwargs())
+    prompt.submit(run_both, inputs, outputs, api_visibility="private", **ctx.queue_kwargs())
     stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")

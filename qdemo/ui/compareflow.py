@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-from qdemo.engine import generate
+from qdemo.engine import StepLock, generate
 from qdemo.lab import stage_distributions
 from qdemo.introspect import next_token_logits
 from qdemo.loader import LoadedModel
@@ -27,20 +27,27 @@ class CrossProbability:
 
 def run_pair(lm_a: LoadedModel, lm_b: LoadedModel, messages: list[dict[str, str]], params_a: SamplingParams,
              params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
-             stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[tuple[RunRecord, RunRecord]]:
+             stop_event: threading.Event | None = None, top_n: int = 20,
+             step_locks: tuple[StepLock | None, StepLock | None] = (None, None)) -> Iterator[tuple[RunRecord, RunRecord]]:
     """Alternate one event from each side until both are done; yields both records after every step."""
-    streams = [generate(lm_a, messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
-               generate(lm_b, messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
+    streams = [generate(lm_a, messages=messages, params=params_a, stop_event=stop_event, top_n=top_n,
+                        step_lock=step_locks[0]),
+               generate(lm_b, messages=messages, params=params_b, stop_event=stop_event, top_n=top_n,
+                        step_lock=step_locks[1])]
     records = [run_a, run_b]
     live = [0, 1]
-    while live:
-        for side in list(live):
-            event = next(streams[side], None)
-            if event is None:
-                live.remove(side)
-                continue
-            records[side].add(event)
-        yield run_a, run_b
+    try:
+        while live:
+            for side in list(live):
+                event = next(streams[side], None)
+                if event is None:
+                    live.remove(side)
+                    continue
+                records[side].add(event)
+            yield run_a, run_b
+    finally:  # a client that went away: both engines drop their KV caches now
+        for stream in streams:
+            stream.close()
 
 
 def same_tokenizer(lm_a: LoadedModel, lm_b: LoadedModel) -> bool:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import gradio as gr
 
+from qdemo.engine import StepLock
+from qdemo.limits import Limits, RateLimiter
+from qdemo.loader import LoadedModel
+from qdemo.pool import ModelPool
 from qdemo.registry import Registry
-from qdemo.ui.models import ModelCache
+from qdemo.sources import ProgressFn
+
+
+GENERATION = "generation"  # the concurrency id shared by every event that runs a model
 
 
 class StopFlag:
@@ -32,12 +41,36 @@ class StopFlag:
 
 @dataclass
 class AppContext:
+    """App-wide pieces. Nothing here belongs to one user: the pool holds shared read-only models, and the rate
+    limiter only timestamps keyed by Gradio's session id."""
+
     registry: Registry
-    models: ModelCache
+    models: ModelPool
     default_model: str
+    limits: Limits = field(default_factory=Limits)
+    rates: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.rates is None:
+            self.rates = RateLimiter(self.limits.requests_per_minute)
 
     def choices(self) -> list[tuple[str, str]]:
         return [(spec.display_name, name) for name, spec in self.registry.models.items()]
+
+    def queue_kwargs(self) -> dict:
+        """For events that run the model: they share one concurrency group of `limits.concurrency` slots, so the
+        rest wait in Gradio's queue, which shows each waiting user their position."""
+        return {"concurrency_limit": self.limits.concurrency, "concurrency_id": GENERATION}
+
+    def admit(self, request: gr.Request | None) -> str | None:
+        """None when this session may start another request, else the refusal to show."""
+        return self.rates.check(getattr(request, "session_hash", None))
+
+    @contextlib.contextmanager
+    def generation(self, name: str, progress: ProgressFn | None = None) -> Iterator[tuple[LoadedModel, StepLock]]:
+        """The model pinned for one generation, and its step gate (concurrent users take turns per token)."""
+        with self.models.lease(name, progress) as lm:
+            yield lm, self.models.gate(name).step
 
 
 @dataclass

@@ -20,6 +20,7 @@ from qdemo.errors import QdemoError
 from qdemo.events import StageTopN
 from qdemo.introspect import next_token_logits
 from qdemo.lab import MAX_SAMPLES, sample_counts, stage_distributions
+from qdemo.limits import clean_text
 from qdemo.loader import LoadedModel
 from qdemo.sampling import SamplingParams
 from qdemo.ui.chat_tab import load_or_message
@@ -185,21 +186,31 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
         return [view.figure, view.table, gr.Dropdown(choices=view.choices, value=first),
                 note or status_line(context)]
 
-    def compute(name, text, context_mode, *values, progress=gr.Progress()):
+    def compute(name, text, context_mode, *values, request: gr.Request = None, progress=gr.Progress()):
+        refusal = ctx.admit(request)
+        if refusal:
+            return [gr.skip()] * 6 + [f"⚠️ {refusal}"]
         lm, error = load_or_message(ctx, name, progress)
         if lm is None:
             return [gr.skip()] * 3 + [gr.skip()] * 3 + [error]
+        text = clean_text(text) if isinstance(text, str) else ""
+        note = ""
+        if len(text) > ctx.limits.max_input_chars:
+            note = f"The context was cut to its first {ctx.limits.max_input_chars:,} characters. "
+            text = text[:ctx.limits.max_input_chars]
         try:
-            context = compute_context(lm, text, context_mode)
+            with ctx.generation(name) as (lm, step_lock), step_lock():
+                context = compute_context(lm, text, context_mode)
         except (QdemoError, ValueError) as exc:
             return [gr.skip()] * 6 + [f"⚠️ {exc}"]
-        return [context, context_text(lm, context), None, *render(lm, context, values)]
+        return [context, context_text(lm, context), None,
+                *render(lm, context, values, (note + status_line(context)) if note else "")]
 
     compute_outputs = [state, context_view, histogram, *view_outputs]
     compute_btn.click(compute, [model, context_box, mode, *slider_values], compute_outputs,
-                      api_visibility="private")
+                      api_visibility="private", **ctx.queue_kwargs())
     context_box.submit(compute, [model, context_box, mode, *slider_values], compute_outputs,
-                       api_visibility="private")
+                       api_visibility="private", **ctx.queue_kwargs())
 
     def apply(context: LabContext | None, *values):
         if context is None:
@@ -236,14 +247,16 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
         if lm is None:
             return [gr.skip()] * 6 + [error]
         try:
-            longer = append_token(lm, context, token_id)
+            with ctx.generation(context.model) as (lm, step_lock), step_lock():
+                longer = append_token(lm, context, token_id)
         except (QdemoError, ValueError) as exc:
             return [gr.skip()] * 6 + [f"⚠️ {exc}"]
         note = f"Appended {token_label(lm.tokenizer.decode([int(token_id)]))} (id {int(token_id)}). " \
                + status_line(longer)
         return [longer, context_text(lm, longer), None, *render(lm, longer, values, note)]
 
-    append_btn.click(append, [state, token, *slider_values], compute_outputs, api_visibility="private")
+    append_btn.click(append, [state, token, *slider_values], compute_outputs, api_visibility="private",
+                     **ctx.queue_kwargs())
 
     def change_model(name):
         spec = ctx.registry.get(name).sampling

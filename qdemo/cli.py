@@ -1,4 +1,4 @@
-"""`python -m qdemo models | prepare NAME | chat NAME PROMPT | bench NAME`."""
+"""`python -m qdemo models | prepare NAME | chat NAME PROMPT | bench NAME | loadtest`."""
 
 from __future__ import annotations
 
@@ -127,6 +127,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from qdemo.loadtest import format_result, run_loadtest
+
+    failed = False
+    for n in args.sessions:
+        log = (lambda *_: None) if args.json else (lambda msg: print(f"  [{n}] {msg}", file=sys.stderr))
+        result = run_loadtest(n, model=args.model, registry_path=args.registry, tokens=args.tokens,
+                              concurrency=args.concurrency, timeout_s=args.timeout, device=args.device, log=log)
+        print(json.dumps(result.to_dict()) if args.json else format_result(result) + "\n", flush=True)
+        failed |= bool(result.errors or result.mismatches or result.completions < n)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qdemo", description="qdemo generation core")
     parser.add_argument("--registry", help="models.yaml to use (default: $QDEMO_MODELS or the bundled one)")
@@ -159,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     device_args(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("loadtest", help="the app on loopback, N concurrent seeded chat sessions")
+    p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16], help="N per run (default: 1 4 16)")
+    p.add_argument("--model", help="registry name (default: the registry's default)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per answer (max 512)")
+    p.add_argument("--concurrency", type=int, help="the app's concurrent generations (default: QDEMO_CONCURRENCY or 4)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run")
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 

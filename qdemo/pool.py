@@ -16,11 +16,13 @@ Nothing per user lives here: leases and gate tickets belong to running generatio
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -242,6 +244,18 @@ class ModelPool:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps a model's freed weights in per-thread arenas (loads run
+    on Gradio's worker threads), so without this RSS stays up after an unload: measured on the 0.5B default,
+    3.66 GB loaded → 1.80 GB unloaded → 0.46 GB after the trim."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # musl or another libc: nothing to do
+            pass
 
 
 def _gib(n: int) -> str:

@@ -277,3 +277,17 @@ def test_models_load_without_remote_code_by_default(tiny_lm, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     load_model(tiny_lm.spec, device="cpu")
     assert seen["trust_remote_code"] is False
+
+
+def test_loadtest_reports_every_session(tiny_dir, tmp_path):
+    from qdemo.loadtest import format_result, percentile, run_loadtest
+
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
+    path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024)
+    result = run_loadtest(3, registry_path=str(path), tokens=8, concurrency=2, timeout_s=120, device="cpu",
+                          log=lambda *_: None)
+    assert (result.completions, result.errors, result.mismatches) == (3, [], [])
+    assert 0 < result.ttft_p50_s <= result.ttft_p95_s and result.generated_tokens > 0
+    assert result.rss_start_mib > 0 and "3 of 3" in format_result(result)
+    with pytest.raises(ValueError, match="sessions must be from 1 to 64"):
+        run_loadtest(65, registry_path=str(path))

@@ -16,6 +16,7 @@ from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.ui import chatflow, compareflow, labflow
 from qdemo.ui.context import AppContext
+from qdemo.ui.zerogpu import on_gpu
 
 
 def _params(ctx: AppContext, model: str, settings: dict | None) -> SamplingParams:
@@ -119,6 +120,7 @@ def register(ctx: AppContext) -> None:
             raise gr.Error(str(exc)) from None
 
     queue = ctx.queue_kwargs()
+    chat, compare, next_token = on_gpu(chat), on_gpu(compare), on_gpu(next_token)
     gr.api(chat, api_name="chat", **queue)
     gr.api(compare, api_name="compare", **queue)
     gr.api(next_token, api_name="next_token", **queue)

@@ -15,6 +15,7 @@ from qdemo.runs import RunRecord
 from qdemo.ui import chatflow
 from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
 from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
 from qdemo.views.stages import stage_figure
 from qdemo.views.tokens import probability_legend, token_highlights
@@ -88,6 +89,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
         history = list(history or [])
         yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
 
+    respond = on_gpu(respond)
     outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, session.runs,
                last_run, session.conversation, settings_note]  # in the order of OUTPUTS
     inputs = [box, chatbot, model, system, *control_values, stop, session.runs]
@@ -104,6 +106,7 @@ def build(ctx: AppContext, session: SessionComponents) -> None:
             return
         yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
 
+    regenerate = on_gpu(regenerate)
     submit_events.append(regen.click(regenerate, [chatbot, model, system, *control_values, stop, session.runs],
                                      outputs, api_visibility="private", **ctx.queue_kwargs()))
     stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")

@@ -13,6 +13,7 @@ from qdemo.ui import chatflow, compareflow
 from qdemo.ui.chat_tab import UI_INTERVAL_S, load_or_message
 from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
 from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.compare import side_by_side_frame, tps_overlay_figure
 
 EXAMPLES = ["Write a limerick about a GPU.", "用三句话解释什么是注意力机制。"]
@@ -102,6 +103,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
                chatflow.metrics_line(run_b), compareflow.describe(report), side_by_side_frame(run_a, run_b),
                tps_overlay_figure([run_a, run_b]), runs + [run_a, run_b]]
 
+    run_both = on_gpu(run_both)
     inputs: list[Any] = [prompt, seed, model_a, model_b, *controls_a.components(), *controls_b.components(), stop,
                          session.runs]
     run_btn.click(run_both, inputs, outputs, api_visibility="private", **ctx.queue_kwargs())

@@ -19,6 +19,7 @@ from qdemo.prompting import conversation_prompt_ids
 from qdemo.ui.chat_tab import load_or_message
 from qdemo.ui.chatflow import history_messages
 from qdemo.ui.context import AppContext, SessionComponents
+from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.attention import attention_heatmap
 from qdemo.views.card import card_frame
 from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
@@ -194,6 +195,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
             return [f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip()]
         return [view.caption, view.figure, *shape_updates(lm)]
 
+    show_attention = on_gpu(show_attention)
     attn_btn.click(show_attention, [model, session.chatbot, layer, head, session.chat_system],
                    [attn_caption, attn_plot, layer, head], api_visibility="private")
 

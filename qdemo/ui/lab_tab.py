@@ -27,6 +27,7 @@ from qdemo.ui.chat_tab import load_or_message
 from qdemo.ui.context import AppContext, SessionComponents
 from qdemo.ui.controls import to_params, whole_number
 from qdemo.ui.labflow import CONTEXT_MODES, context_ids
+from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.lab import histogram_figure
 from qdemo.views.labels import token_label
 from qdemo.views.stages import stage_figure, stage_table
@@ -206,6 +207,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
         return [context, context_text(lm, context), None,
                 *render(lm, context, values, (note + status_line(context)) if note else "")]
 
+    compute = on_gpu(compute)
     compute_outputs = [state, context_view, histogram, *view_outputs]
     compute_btn.click(compute, [model, context_box, mode, *slider_values], compute_outputs,
                       api_visibility="private", **ctx.queue_kwargs())
@@ -255,6 +257,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
                + status_line(longer)
         return [longer, context_text(lm, longer), None, *render(lm, longer, values, note)]
 
+    append = on_gpu(append)
     append_btn.click(append, [state, token, *slider_values], compute_outputs, api_visibility="private",
                      **ctx.queue_kwargs())
 

@@ -21,9 +21,10 @@ HELLO = [{"role": "user", "content": "hello"}]
 class Scripted(torch.nn.Module):
     """Adds a huge logit to script[i] at the i-th forward; optionally fails at one forward."""
 
-    def __init__(self, inner, script, fail_at: int | None = None):
+    def __init__(self, inner, script, fail_at: int | None = None, failure: Exception | None = None):
         super().__init__()
         self.inner, self.script, self.fail_at, self.calls = inner, list(script), fail_at, 0
+        self.failure = failure or RuntimeError("simulated device failure")
         self.config = inner.config
 
     def get_input_embeddings(self):
@@ -32,7 +33,7 @@ class Scripted(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, cache=None, use_cache=True, logits_to_keep=0):
         step, self.calls = self.calls, self.calls + 1
         if step == self.fail_at:
-            raise RuntimeError("simulated device failure")
+            raise self.failure
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
                          logits_to_keep=logits_to_keep)
         if step < len(self.script):
@@ -40,8 +41,8 @@ class Scripted(torch.nn.Module):
         return out
 
 
-def scripted(lm, script, fail_at=None):
-    return dataclasses.replace(lm, model=Scripted(lm.model, script, fail_at))
+def scripted(lm, script, fail_at=None, failure=None):
+    return dataclasses.replace(lm, model=Scripted(lm.model, script, fail_at, failure))
 
 
 def test_event_sequence_and_stats(tiny_lm):
@@ -151,6 +152,15 @@ def test_forward_error_becomes_done_event_naming_the_model(tiny_lm):
     assert run["done"].reason == "error"
     assert "tiny-qwen2" in run["done"].error and "simulated device failure" in run["done"].error
     assert len(run["tokens"]) == 3
+
+
+def test_out_of_memory_while_generating_is_a_message_and_the_model_keeps_working(tiny_lm):
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    run = collect(generate(scripted(tiny_lm, [], fail_at=2, failure=oom), messages=HELLO, params=GREEDY))
+    assert run["done"].reason == "error" and len(run["tokens"]) == 2
+    assert run["done"].error.startswith("tiny-qwen2: out of memory on cpu; lower max_new_tokens")
+    after = collect(generate(tiny_lm, messages=HELLO, params=GREEDY.replace(max_new_tokens=3), ignore_eos=True))
+    assert after["done"].reason == "max_tokens" and len(after["tokens"]) == 3
 
 
 def test_closing_the_stream_early_is_clean(tiny_lm):

@@ -41,7 +41,7 @@ def registry(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(registry):
-    demo, pool = launch(registry, Limits(max_input_chars=2000, max_new_tokens=4000))
+    demo, pool = launch(registry, Limits(max_input_chars=2000, max_new_tokens=4000, requests_per_minute=1000))
     try:
         yield demo, pool, Client(demo.local_url, verbose=False)
     finally:

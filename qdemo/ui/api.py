@@ -59,9 +59,9 @@ def register(ctx: AppContext) -> None:
                                      ctx.limits.max_turns)
         if turn is None:
             raise gr.Error("message is empty")
+        _admit(ctx, request)  # before any model loads
         name, _ = _model(ctx, model)
         params = _params(ctx, name, settings)
-        _admit(ctx, request)
         run = RunRecord(run_id=0, model=name, settings=params.to_dict(), label="api")
         try:
             with ctx.generation(name) as (lm, step_lock):
@@ -82,13 +82,13 @@ def register(ctx: AppContext) -> None:
             raise gr.Error("prompt is empty")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise gr.Error(f"seed must be a whole number, got {seed!r}")
-        name_a, _ = _model(ctx, model_a)
-        name_b, _ = _model(ctx, model_b)
         if not all(s is None or isinstance(s, dict) for s in (settings_a, settings_b)):
             raise gr.Error("settings_a and settings_b must be JSON objects of sampling fields")
+        _admit(ctx, request)
+        name_a, _ = _model(ctx, model_a)
+        name_b, _ = _model(ctx, model_b)
         params_a = _params(ctx, name_a, {**(settings_a or {}), "seed": seed})
         params_b = _params(ctx, name_b, {**(settings_b or {}), "seed": seed})
-        _admit(ctx, request)
         run_a = RunRecord(run_id=1, model=name_a, settings=params_a.to_dict(), label="A")
         run_b = RunRecord(run_id=2, model=name_b, settings=params_b.to_dict(), label="B")
         try:
@@ -108,9 +108,9 @@ def register(ctx: AppContext) -> None:
             raise gr.Error(f"context must be text, got {type(context).__name__}")
         if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= 200:
             raise gr.Error(f"top_n must be a whole number from 1 to 200, got {top_n!r}")
+        _admit(ctx, request)
         name, _ = _model(ctx, model)
         params = _params(ctx, name, settings)
-        _admit(ctx, request)
         context = clean_text(context)[:ctx.limits.max_input_chars]
         try:
             with ctx.generation(name) as (lm, step_lock), step_lock():

@@ -26,6 +26,13 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+def cut_text(text: str, max_chars: int, what: str = "message") -> tuple[str, str]:
+    """(text cut to max_chars, the notice to show, or "" when nothing was cut)."""
+    if len(text) <= max_chars:
+        return text, ""
+    return text[:max_chars], f"Your {what} had {len(text):,} characters; only the first {max_chars:,} were sent."
+
+
 @dataclass(frozen=True)
 class Limits:
     max_input_chars: int = 16_000  # a longer message is cut, with a notice

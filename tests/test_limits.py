@@ -81,3 +81,11 @@ def test_rate_limiter_is_per_session_and_slides():
     now[0] = 200.0
     limiter.check("carol")
     assert set(limiter._seen) == {"carol"}  # quiet sessions are forgotten
+
+
+def test_cut_text_says_what_was_cut():
+    from qdemo.limits import cut_text
+
+    assert cut_text("短文本", 10) == ("短文本", "")
+    text, notice = cut_text("上下文" * 5, 4, "context")
+    assert text == "上下文上" and notice == "Your context had 15 characters; only the first 4 were sent."

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from qdemo.errors import QdemoError
-from qdemo.limits import clean_text
+from qdemo.limits import clean_text, cut_text
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.ui import chatflow, compareflow, labflow
@@ -111,7 +111,7 @@ def register(ctx: AppContext) -> None:
         _admit(ctx, request)
         name, _ = _model(ctx, model)
         params = _params(ctx, name, settings)
-        context = clean_text(context)[:ctx.limits.max_input_chars]
+        context, _ = cut_text(clean_text(context), ctx.limits.max_input_chars)  # the report counts the tokens
         try:
             with ctx.generation(name) as (lm, step_lock), step_lock():
                 ids = labflow.context_ids(lm, context, mode)

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from qdemo.engine import StepLock, generate
-from qdemo.limits import clean_text
+from qdemo.limits import Limits, clean_text, cut_text
 from qdemo.loader import LoadedModel
 from qdemo.prompting import validate_messages
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.views.card import human_bytes
 
-MAX_INPUT_CHARS = 16_000
 EXPORT_VERSION = 1
 
 
@@ -28,16 +27,14 @@ class Turn:
 
 
 def prepare_turn(message: Any, history: list[dict[str, Any]], system: str | None,
-                 max_chars: int = MAX_INPUT_CHARS, max_turns: int | None = None) -> Turn | None:
+                 max_chars: int = Limits.max_input_chars, max_turns: int | None = None) -> Turn | None:
     """None for empty input. The text is cleaned (control characters, invalid UTF-8); over-long input is cut to
     `max_chars` and history beyond `max_turns` turns loses its oldest ones, each with a notice."""
     text = clean_text(message) if isinstance(message, str) else ""
     if not text.strip():
         return None
-    notices = []
-    if len(text) > max_chars:
-        notices.append(f"Your message had {len(text):,} characters; only the first {max_chars:,} were sent.")
-        text = text[:max_chars]
+    text, cut = cut_text(text, max_chars)
+    notices = [cut] if cut else []
     past = history_messages(history, system)
     past, trimmed = keep_last_turns(past, max_turns)
     if trimmed:

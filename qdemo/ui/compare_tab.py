@@ -75,7 +75,7 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
             return
         params_a, capped_a = chatflow.cap_params(params_a, ctx.limits.max_new_tokens)
         params_b, capped_b = chatflow.cap_params(params_b, ctx.limits.max_new_tokens)
-        notice = " ".join(n for n in (turn.notice, capped_a or capped_b) if n)
+        notice = " ".join(dict.fromkeys(n for n in (turn.notice, capped_a, capped_b) if n))
         lm_a, error_a = load_or_message(ctx, name_a, progress)
         lm_b, error_b = load_or_message(ctx, name_b, progress) if lm_a is not None else (None, "")
         if lm_a is None or lm_b is None:

@@ -20,7 +20,7 @@ from qdemo.errors import QdemoError
 from qdemo.events import StageTopN
 from qdemo.introspect import next_token_logits
 from qdemo.lab import MAX_SAMPLES, sample_counts, stage_distributions
-from qdemo.limits import clean_text
+from qdemo.limits import clean_text, cut_text
 from qdemo.loader import LoadedModel
 from qdemo.sampling import SamplingParams
 from qdemo.ui.chat_tab import load_or_message
@@ -194,18 +194,15 @@ def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
         lm, error = load_or_message(ctx, name, progress)
         if lm is None:
             return [gr.skip()] * 3 + [gr.skip()] * 3 + [error]
-        text = clean_text(text) if isinstance(text, str) else ""
-        note = ""
-        if len(text) > ctx.limits.max_input_chars:
-            note = f"The context was cut to its first {ctx.limits.max_input_chars:,} characters. "
-            text = text[:ctx.limits.max_input_chars]
+        text, note = cut_text(clean_text(text) if isinstance(text, str) else "", ctx.limits.max_input_chars,
+                              "context")
         try:
             with ctx.generation(name) as (lm, step_lock), step_lock():
                 context = compute_context(lm, text, context_mode)
         except (QdemoError, ValueError) as exc:
             return [gr.skip()] * 6 + [f"⚠️ {exc}"]
         return [context, context_text(lm, context), None,
-                *render(lm, context, values, (note + status_line(context)) if note else "")]
+                *render(lm, context, values, f"{note} {status_line(context)}" if note else "")]
 
     compute = on_gpu(compute)
     compute_outputs = [state, context_view, histogram, *view_outputs]

@@ -161,23 +161,44 @@ def _messages(buf: bytes) -> Iterator[tuple[int, int, bytes]]:
         yield field, wire, raw
 
 
-def _unused_piece(piece: bytes) -> bytes:
+def proto_pieces(data: bytes) -> list[tuple[str, int]]:
+    """(text, type) of each piece of a serialized ModelProto, read here (proto2 default type NORMAL = 1)."""
+    pieces = []
+    for field, _, raw in _messages(data):
+        if field == 1:
+            text, kind = "", 1
+            for sub, _, value in _messages(raw):
+                if sub == 1:
+                    text = value.decode("utf-8")
+                elif sub == 3:
+                    kind = _read_varint(value, 0)[0]
+            pieces.append((text, kind))
+    return pieces
+
+
+def _unused_piece(piece: bytes, unused: Callable[[str], bool]) -> bytes:
+    text = next((raw.decode("utf-8") for field, _, raw in _messages(piece) if field == 1), "")
     out = b""
     for field, wire, raw in _messages(piece):
-        if field == 3 and raw == _varint(4):  # USER_DEFINED -> UNUSED
+        if field == 3 and raw == _varint(4) and unused(text):  # USER_DEFINED -> UNUSED
             raw = _varint(5)
+        out += _varint(field << 3 | wire) + (_varint(len(raw)) if wire == 2 else b"") + raw
+    return out
+
+
+def with_unused_pieces(data: bytes, unused: Callable[[str], bool]) -> bytes:
+    """The ModelProto with the user-defined pieces whose text `unused` accepts marked UNUSED."""
+    out = b""
+    for field, wire, raw in _messages(data):
+        if field == 1:
+            raw = _unused_piece(raw, unused)
         out += _varint(field << 3 | wire) + (_varint(len(raw)) if wire == 2 else b"") + raw
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def plain_oracle_proto(style_name: str) -> bytes:
-    out = b""
-    for field, wire, raw in _messages(train_sp_model(style_name)):
-        if field == 1:
-            raw = _unused_piece(raw)
-        out += _varint(field << 3 | wire) + (_varint(len(raw)) if wire == 2 else b"") + raw
-    return out
+    return with_unused_pieces(train_sp_model(style_name), lambda text: True)
 
 
 def plain_oracle(style_name: str) -> spm.SentencePieceProcessor:

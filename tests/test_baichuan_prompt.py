@@ -144,11 +144,11 @@ def test_bos_and_eos_wrap_each_text_as_the_tokenizers_encode_does(tmp_path):
 
 
 @pytest.mark.parametrize("messages, budget, message", [
-    ([], 10, "at least one message"),
-    ([{"role": "user", "content": "a"}, SYSTEM], 10, "only come first"),
-    ([{"role": "tool", "content": "a"}], 10, "role 'tool'"),
-    ([{"role": "user", "content": None}], 10, "content must be a string"),
-    ([SYSTEM], 10, "besides the system message"),
+    ([], 10, "non-empty list"),
+    ([{"role": "user", "content": "a"}, SYSTEM], 10, "message 1: a system message may only come first"),
+    ([{"role": "tool", "content": "a"}], 10, "message 0 has role 'tool'"),
+    ([{"role": "user", "content": None}], 10, r"message 0 \(user\) content must be text, got NoneType"),
+    ([SYSTEM], 10, "last message must be the user's or the assistant's, got 'system'"),
     ([{"role": "user", "content": "a"}], 0, "at least 1"),
 ])
 def test_invalid_requests_are_refused(chat, messages, budget, message):

@@ -15,7 +15,7 @@ from qdemo.families.sp_tokenizer import (
     BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, convert_sp_tokenizer, encode_plain, parse_model_proto)
 from tests.baichuan_fixtures import (
     ASSISTANT_ID, CHECK_TEXTS, LEADING_MARKER_TEXTS, STYLES, USER_ID, plain_oracle, random_texts, sp_oracle,
-    train_sp_model, user_defined_pieces, write_baichuan_tokenizer)
+    train_sp_model, user_defined_pieces, with_unused_pieces, write_baichuan_tokenizer)
 
 
 def _convert(root: Path, style: str, **overrides):
@@ -181,3 +181,46 @@ def test_conversion_errors_name_the_problem(tmp_path):
     (tmp_path / "garbage" / "tokenizer.model").write_bytes(b"\xff\xff\xff")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         convert_sp_tokenizer(tmp_path / "garbage", tmp_path / "out")
+
+
+# ---- a Baichuan2-like model whose user-defined pieces are mostly ordinary text (the released one has ~100) ----
+
+ORDINARY_PIECES = ["\n", "，", "。", "?", "!", "...", "<p>", "１", "+"]
+RESERVED_PIECES = ["<reserved_106>", "<reserved_107>", "<reserved_5>"]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CHECK_TEXTS * 30 + random_texts(300, seed=5)), model_writer=writer, model_type="bpe",
+        vocab_size=600, byte_fallback=True, split_digits=True, add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=ORDINARY_PIECES + RESERVED_PIECES, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, hard_vocab_limit=False, minloglevel=2)
+    data = writer.getvalue()
+    write_baichuan_tokenizer(root / "original", style="baichuan2")
+    (root / "original" / "tokenizer.model").write_bytes(data)
+    convert_sp_tokenizer(root / "original", root / "converted")
+    sp = spm.SentencePieceProcessor(model_proto=data)
+    plain = spm.SentencePieceProcessor(model_proto=with_unused_pieces(data, lambda text: text in RESERVED_PIECES))
+    return AutoTokenizer.from_pretrained(root / "converted"), sp, plain
+
+
+def test_encode_plain_matches_ordinary_user_defined_pieces_as_sentencepiece_does(mixed):
+    tokenizer, sp, plain = mixed
+    ordinary_ids = {sp.piece_to_id(p) for p in ORDINARY_PIECES}
+    reserved_ids = {sp.piece_to_id(p) for p in RESERVED_PIECES} | {0, 1, 2}
+    rng = random.Random(9)
+    alphabet = list("ab 你好.,!?\n") + ORDINARY_PIECES + RESERVED_PIECES + ["<s>", "</s>", "<p", "１２"]
+    texts = CHECK_TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(500)]
+    emitted: set[int] = set()
+    for text in texts:
+        ids = encode_plain(tokenizer, text)
+        assert ids == plain.encode(text), repr(text)
+        assert not reserved_ids.intersection(ids), repr(text)
+        if not any(p in text for p in RESERVED_PIECES):
+            assert ids == sp.encode(text), repr(text)
+        emitted.update(ids)
+    assert ordinary_ids <= emitted  # "\n", "?", "..." come out as sentencepiece's own pieces

@@ -99,3 +99,93 @@ def test_typed_special_tokens_stay_plain_text(tiny_lm):
     # Without special-token text the ids are exactly the chat template's.
     plain = [{**m, "content": m["content"].replace(INJECTION, "plain")} for m in messages]
     assert build_prompt(tok, plain, max_context=4096, max_new_tokens=16).ids == encode(tok, plain)
+
+
+# ---- the shared conversation model: keep_last_turns, the validator's modes, one rule for every prompt format
+
+def msg(role, content=""):
+    return {"role": role, "content": content or role}
+
+
+def test_keep_last_turns_keeps_the_system_message_and_the_newest_turns():
+    from qdemo.prompting import keep_last_turns
+
+    s, u1, a1, u2, a2a, a2b, u3 = (msg("system"), msg("user", "q1"), msg("assistant", "a1"), msg("user", "q2"),
+                                   msg("assistant", "a2"), msg("assistant", "a2 again"), msg("user", "q3"))
+    messages = [s, u1, a1, u2, a2a, a2b, u3]
+    assert keep_last_turns(messages, 2) == ([s, u2, a2a, a2b, u3], 2)  # both replies stay with their question
+    assert keep_last_turns(messages, 1) == ([s, u3], 5)
+    assert keep_last_turns(messages, 0) == ([s], 6)
+    assert keep_last_turns(messages, 3) == (messages, 0)
+    assert keep_last_turns(messages, 10) == (messages, 0)
+    assert keep_last_turns(messages, None) == (messages, 0)
+    assert keep_last_turns(messages[1:], 1) == ([u3], 5)  # no system message
+    assert keep_last_turns([], 3) == ([], 0)
+
+
+def test_keep_last_turns_counts_user_messages_and_drops_leading_replies_only_when_cutting():
+    # a greeting before any user message is not a turn: kept while nothing is cut, left out with the oldest turns
+    from qdemo.prompting import keep_last_turns
+
+    greeting, u1, a1, u2 = msg("assistant", "Hi! Ask me."), msg("user", "q1"), msg("assistant", "a1"), msg("user")
+    assert keep_last_turns([greeting, u1, a1, u2], 2) == ([greeting, u1, a1, u2], 0)
+    assert keep_last_turns([greeting, u1, a1, u2], 1) == ([u2], 3)
+    with pytest.raises(ValueError, match="max_turns"):
+        keep_last_turns([u1], -1)
+
+
+def test_validator_may_allow_the_assistant_last():
+    ends_with_answer = [msg("system"), msg("user"), msg("assistant")]
+    assert validate_messages(ends_with_answer, allow_assistant_last=True) == ends_with_answer
+    with pytest.raises(ValueError, match="the last message must be the user's, got 'assistant'"):
+        validate_messages(ends_with_answer)
+    with pytest.raises(ValueError, match="the last message must be the user's or the assistant's, got 'system'"):
+        validate_messages([msg("system")], allow_assistant_last=True)
+    with pytest.raises(ValueError, match=r"message 2 \(assistant\) content must be text, got list"):
+        validate_messages([msg("user"), msg("assistant"), {"role": "assistant", "content": []}],
+                          allow_assistant_last=True)
+
+
+@pytest.mark.parametrize("messages", [
+    [msg("user"), {"role": "tool", "content": "x"}, msg("user")],
+    [msg("user"), {"role": "assistant", "content": None}, msg("user")],
+    [msg("user"), msg("system"), msg("user")],
+    [msg("user"), "not a mapping", msg("user")],
+    [],
+], ids=["role", "content", "system-late", "not-a-mapping", "empty"])
+def test_every_prompt_format_refuses_bad_messages_with_the_same_words(tiny_lm, messages):
+    # the chat template path, Qwen v1's make_context and Baichuan's build_chat_input share one validator
+    from qdemo.families.baichuan_chat import build_chat_input_ids
+    from qdemo.families.qwen_chat import make_context_ids
+
+    with pytest.raises(ValueError) as reference:
+        validate_messages(messages)
+    assert "message 1" in str(reference.value) or not messages
+    for build in (lambda: build_prompt(tiny_lm.tokenizer, messages, 4096, 16),
+                  lambda: make_context_ids(tiny_lm.tokenizer, messages, 6144),
+                  lambda: build_chat_input_ids(tiny_lm.tokenizer, messages, 4096)):
+        with pytest.raises(ValueError) as raised:
+            build()
+        assert str(raised.value) == str(reference.value)
+
+
+def test_prompting_imports_no_family_module():
+    # families import the conversation model from qdemo.prompting, never the other way round (no import cycle)
+    import subprocess
+    import sys
+
+    code = ("import sys, qdemo.prompting; "
+            "assert not [m for m in sys.modules if m.startswith('qdemo.families')], sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_family_has_only_the_fields_something_reads():
+    # default_system_prompt and description were never read outside the families (the registry's system_prompt
+    # is what qdemo sends)
+    import dataclasses
+
+    from qdemo.families import FAMILIES, Family
+
+    assert [f.name for f in dataclasses.fields(Family)] == [
+        "name", "stop_tokens", "position_encoding", "convert", "build_prompt", "position_note"]
+    assert set(FAMILIES) == {"qwen2", "qwen", "baichuan", "baichuan2", "baichuan-13b", "baichuan2-13b"}

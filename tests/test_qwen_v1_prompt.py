@@ -7,48 +7,8 @@ import unicodedata
 import pytest
 
 from qdemo.families.qwen_chat import DEFAULT_SYSTEM, QWEN_V1_STOP_TOKENS, make_context_ids
-from tests.qwen_v1_fixtures import build_ranks, convert_tiny, oracle_encode, tiktoken_oracle
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-def official_make_context(enc, query, history, system, max_window_size):
-    """Qwen's qwen_generation_utils.make_context(chat_format="chatml"), restated over a tiktoken Encoding.
-
-    QWenTokenizer.encode(text, allowed_special=...) is NFC + tiktoken; its default allows every special token.
-    Returns (raw_text, context_tokens, rounds_kept); rounds_kept is counted here for the dropped-index checks.
-    """
-    def encode(text, allowed_special="all"):
-        return oracle_encode(enc, text, allow_special=allowed_special == "all")
-
-    im_start_tokens = [enc.encode_single_token(IM_START)]
-    im_end_tokens = [enc.encode_single_token(IM_END)]
-    nl_tokens = encode("\n")
-
-    def tokenize_str(role, content):
-        return f"{role}\n{content}", encode(role, set()) + nl_tokens + encode(content, set())
-
-    system_text, system_part = tokenize_str("system", system)
-    system_tokens = im_start_tokens + system_part + im_end_tokens
-    raw_text, context_tokens, kept = "", [], 0
-    for turn_query, turn_response in reversed(history):
-        query_text, query_part = tokenize_str("user", turn_query)
-        response_text, response_part = tokenize_str("assistant", turn_response)
-        next_context_tokens = (nl_tokens + im_start_tokens + query_part + im_end_tokens
-                               + nl_tokens + im_start_tokens + response_part + im_end_tokens)
-        prev_chat = f"\n{IM_START}{query_text}{IM_END}\n{IM_START}{response_text}{IM_END}"
-        if len(system_tokens) + len(next_context_tokens) + len(context_tokens) < max_window_size:
-            context_tokens = next_context_tokens + context_tokens
-            raw_text = prev_chat + raw_text
-            kept += 1
-        else:
-            break
-    context_tokens = system_tokens + context_tokens
-    raw_text = f"{IM_START}{system_text}{IM_END}" + raw_text
-    context_tokens += (nl_tokens + im_start_tokens + tokenize_str("user", query)[1] + im_end_tokens
-                       + nl_tokens + im_start_tokens + encode("assistant") + nl_tokens)
-    raw_text += f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n"
-    return raw_text, context_tokens, kept
+from tests.qwen_v1_fixtures import (IM_END, IM_START, as_messages, build_ranks, convert_tiny, official_make_context,
+                                    oracle_encode, tiktoken_oracle)
 
 
 def oracle_newline(enc):
@@ -59,13 +19,6 @@ def oracle_message(enc, role, content):
     """<|im_start|>role\ncontent<|im_end|> the way make_context's _tokenize_str and control ids build it."""
     return ([enc.encode_single_token(IM_START)] + oracle_encode(enc, role, False) + oracle_newline(enc)
             + oracle_encode(enc, content, False) + [enc.encode_single_token(IM_END)])
-
-
-def as_messages(query, history, system=None):
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    for q, r in history:
-        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
-    return messages + [{"role": "user", "content": query}]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
-"""What differs per model family, one small module each. Nothing here imports the rest of qdemo.
+"""What differs per model family, one small module each. Of the rest of qdemo, the modules here import only
+qdemo.prompting, the conversation model every prompt format shares (messages, turns, their validation, and
+`encode_user_text` for what a user typed); qdemo.prompting imports nothing from here.
 
 A family says how its checkpoints become something transformers loads natively (`convert`, None when the
 checkpoint already is), how chat messages become prompt ids (`build_prompt`, None for the tokenizer's chat
@@ -9,17 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
+
+from qdemo.prompting import PromptBuilder
 
 # progress(phase, done, total), the same shape as qdemo.sources.ProgressFn.
 Progress = Callable[[str, float, float], None]
 # convert(original checkpoint dir, output dir, progress): writes a native checkpoint (config, safetensors,
 # tokenizer files, generation_config) that AutoModelForCausalLM / AutoTokenizer load without remote code.
 Converter = Callable[[Path, Path, Optional[Progress]], None]
-# build_prompt(tokenizer, messages, budget) -> (ids, dropped message indices). Messages are validated
-# {role, content} dicts (an optional system message first, the last one the user's); budget is the most
-# prompt tokens allowed. The newest user message is always kept.
-PromptBuilder = Callable[[object, Sequence[dict[str, str]], int], tuple[list[int], tuple[int, ...]]]
+# build_prompt: qdemo.prompting.PromptBuilder, (tokenizer, messages, budget) -> (ids, dropped message indices).
+# Messages are validated {role, content} dicts (an optional system message first, the last one the user's);
+# budget is the most prompt tokens allowed. The newest user message is always kept, and message text goes through
+# qdemo.prompting.encode_user_text, so it never produces an added token.
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,9 @@ class Family:
 
     name: str
     stop_tokens: tuple[str, ...]  # token strings that end an answer besides the tokenizer's eos
-    default_system_prompt: str | None
     position_encoding: str  # "rope" or "alibi"
     convert: Converter | None = None
     build_prompt: PromptBuilder | None = None
-    description: str = ""  # one line for the model card / README: how qdemo loads it
     position_note: str = ""  # shown beside the position-encoding figures (what qdemo does differently, if anything)
 
 

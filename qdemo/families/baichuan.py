@@ -118,20 +118,14 @@ def base_prompt(tokenizer, messages: Sequence[dict[str, str]], budget: int) -> t
     return ids[-budget:], dropped
 
 
-def _family(name: str, variant: Variant, chat: bool, description: str) -> Family:
-    return Family(name=name, stop_tokens=(), default_system_prompt=None,
-                  position_encoding="alibi" if variant.alibi else "rope", convert=_converter(variant),
-                  build_prompt=chat_prompt if chat else base_prompt, description=description)
+def _family(name: str, variant: Variant, chat: bool) -> Family:
+    return Family(name=name, stop_tokens=(), position_encoding="alibi" if variant.alibi else "rope",
+                  convert=_converter(variant), build_prompt=chat_prompt if chat else base_prompt)
 
 
-BAICHUAN = _family("baichuan", Variant(alibi=False, norm_head=False), chat=False,
-                   description="Baichuan-7B (base) as LlamaForCausalLM: W_pack split into q/k/v; plain-text prompts")
-BAICHUAN2 = _family("baichuan2", Variant(alibi=False, norm_head=True), chat=True,
-                    description="Baichuan2-7B as LlamaForCausalLM: W_pack split, NormHead normalised once; "
-                                "build_chat_input prompts")
-BAICHUAN_13B = _family("baichuan-13b", Variant(alibi=True, norm_head=False), chat=True,
-                       description="Baichuan-13B as qdemo's ALiBi model class: W_pack split; build_chat_input prompts")
-BAICHUAN2_13B = _family("baichuan2-13b", Variant(alibi=True, norm_head=True), chat=True,
-                        description="Baichuan2-13B as qdemo's ALiBi model class: W_pack split, NormHead normalised "
-                                    "once; build_chat_input prompts")
+# Baichuan-7B (base): plain-text prompts; the chat models: build_chat_input prompts.
+BAICHUAN = _family("baichuan", Variant(alibi=False, norm_head=False), chat=False)
+BAICHUAN2 = _family("baichuan2", Variant(alibi=False, norm_head=True), chat=True)
+BAICHUAN_13B = _family("baichuan-13b", Variant(alibi=True, norm_head=False), chat=True)
+BAICHUAN2_13B = _family("baichuan2-13b", Variant(alibi=True, norm_head=True), chat=True)
 FAMILIES = (BAICHUAN, BAICHUAN2, BAICHUAN_13B, BAICHUAN2_13B)

@@ -13,9 +13,13 @@ The official algorithm, which this reproduces id for id:
   left-truncated to `max_input_tokens` (which may cut into the system text, or into the newest round when it
   alone is too long, and cuts one token when the history exactly filled its budget).
 
-Deliberate deviation: the official `tokenizer.encode(content)` matches user-defined pieces, so a user who types
-`<reserved_106>` gets a real role marker. Here message text goes through `encode_plain`, which never yields an
-added-token id; bos/eos are added around each text exactly as the tokenizer's `encode` would (none for Baichuan).
+Messages are checked and cut into rounds by qdemo.prompting (validate_messages with the last message the user's
+or the assistant's, split_turns), the conversation model every prompt format shares.
+
+Deliberate deviation: the official `tokenizer.encode(content)` matches every user-defined piece, so a user who types
+`<reserved_106>` gets a real role marker. Here message text goes through `encode_plain`, which matches the ordinary
+user-defined pieces (`\\n`, `，`, `?`: the ids are sentencepiece's) but never a `<reserved_N>` or control piece;
+bos/eos are added around each text exactly as the tokenizer's `encode` would (none for Baichuan).
 
 Dropped messages: the indices of every message that does not reach the model intact: the messages of rounds left
 out, plus any message (the system message or one of the kept rounds, the newest user message included) of which
@@ -24,45 +28,10 @@ the final left truncation cut at least one token, role marker included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from qdemo.families.sp_tokenizer import encode_plain
-
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class ChatLayout:
-    """Messages grouped as the official code groups them: the system message's index, then rounds of indices."""
-
-    system: int | None
-    rounds: tuple[tuple[int, ...], ...]
-
-
-def chat_layout(messages: Sequence[dict[str, str]]) -> ChatLayout:
-    """Validate messages and split them into rounds at each user message."""
-    if not messages:
-        raise ValueError("build_chat_input_ids needs at least one message")
-    system: int | None = None
-    rounds: list[list[int]] = []
-    for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
-        if role == "system":
-            if i != 0:
-                raise ValueError(f"message {i}: a system message may only come first")
-            system = i
-        elif role == "user" or not rounds:
-            rounds.append([i])
-        else:
-            rounds[-1].append(i)
-    if not rounds:
-        raise ValueError("build_chat_input_ids needs a user or assistant message besides the system message")
-    return ChatLayout(system, tuple(tuple(r) for r in rounds))
+from qdemo.prompting import split_turns, validate_messages
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -81,17 +50,20 @@ def build_chat_input_ids(tokenizer, messages: Sequence[dict[str, str]], max_inpu
     `max_input_tokens = model_max_length - max_new_tokens`, and the indices of the dropped messages."""
     if max_input_tokens < 1:
         raise ValueError(f"max_input_tokens must be at least 1, got {max_input_tokens}")
-    layout = chat_layout(messages)
+    # rounds as the official code groups them: one starts at each user message
+    messages = validate_messages(messages, allow_assistant_last=True)
+    system_index, rounds = split_turns(messages)
+    system = system_index[0] if system_index else None
     prefix, suffix = special_frame(tokenizer)
 
     def encode(text: str) -> list[int]:
         return prefix + encode_plain(tokenizer, text) + suffix
 
-    system_ids = encode(messages[layout.system]["content"] if layout.system is not None else "")
+    system_ids = encode(messages[system]["content"] if system is not None else "")
     max_history_tokens = max_input_tokens - len(system_ids)
     history: list[int] = []
     kept: list[tuple[int, list[int]]] = []  # (message index, its ids with the marker), oldest first
-    for round_indices in reversed(layout.rounds):
+    for round_indices in reversed(rounds):
         round_messages = [(i, [user_token_id if messages[i]["role"] == "user" else assistant_token_id]
                            + encode(messages[i]["content"])) for i in round_indices]
         round_ids = [t for _, ids in round_messages for t in ids]
@@ -106,7 +78,7 @@ def build_chat_input_ids(tokenizer, messages: Sequence[dict[str, str]], max_inpu
     if messages[-1]["role"] != "assistant":
         prompt.append(assistant_token_id)
     cut = max(0, len(prompt) - max_input_tokens)
-    return prompt[cut:], _dropped(len(messages), layout.system, len(system_ids), kept, cut)
+    return prompt[cut:], _dropped(len(messages), system, len(system_ids), kept, cut)
 
 
 def _dropped(count: int, system: int | None, system_len: int, kept: list[tuple[int, list[int]]],

@@ -150,12 +150,9 @@ def build_prompt(tokenizer, messages: Sequence[dict[str, str]], budget: int) -> 
 FAMILY = Family(
     name="qwen",
     stop_tokens=("<|im_end|>", "<|im_start|>"),
-    default_system_prompt="You are a helpful assistant.",
     position_encoding="rope",
     convert=convert,
     build_prompt=build_prompt,
-    description="Qwen v1 (model_type qwen) converted once to Qwen2ForCausalLM: c_attn split into q/k/v, "
-                "w2/w1/c_proj as gate/up/down; qwen.tiktoken as a fast tokenizer; GPTQ Int4 kept packed",
     position_note="Qwen v1 also has dynamic-NTK RoPE and logn attention scaling, but both only act on sequences "
                   "longer than its `seq_length` (8192; 2048 in the first release). qdemo caps these models' "
                   "context at `seq_length`, so the plain RoPE shown here is exactly what the model computes.",

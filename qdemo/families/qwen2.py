@@ -6,6 +6,5 @@ FAMILY = Family(
     name="qwen2",
     # <|im_end|> closes an assistant turn; <|endoftext|> is what base models emit.
     stop_tokens=("<|im_end|>", "<|endoftext|>"),
-    default_system_prompt="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
     position_encoding="rope",
 )

@@ -12,9 +12,10 @@ History is taken newest-first while len(system) + len(this round) + len(rounds k
 stopping at the first round that does not fit; the current query is not counted and is always kept, so the prompt
 can be longer than max_window_size.
 
-Messages that do not alternate (the official API only takes (query, response) pairs): the history is cut into
-rounds as qdemo.prompting.split_turns does, a user message with the replies after it (replies before any user
-message form a round of their own), and every message of a round is written as the official builder writes one
+Messages are checked by qdemo.prompting.validate_messages (the last one the user's). Messages that do not
+alternate (the official API only takes (query, response) pairs): the history is cut into rounds by
+qdemo.prompting.split_turns, a user message with the replies after it (replies before any user message form a
+round of their own), and every message of a round is written as the official builder writes one
 message. A regular user/assistant round is exactly the official one; a user message left without a reply (two
 user messages in a row) stays a lone user message rather than getting an invented empty reply. Rounds drop whole.
 """
@@ -24,12 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from qdemo.prompting import encode_user_texts, split_turns, validate_messages
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MAX_WINDOW_SIZE = 6144  # generation_config.max_window_size of Qwen-7B-Chat
 QWEN_V1_STOP_TOKENS = ("<|im_end|>", "<|im_start|>")
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -48,37 +50,16 @@ class Conversation:
 
 def split_conversation(messages: Sequence[dict[str, str]]) -> Conversation:
     """Check the messages' shape and cut the history into rounds (see the module docstring)."""
-    _check_messages(messages)
-    start = 1 if messages[0]["role"] == "system" else 0
-    system = messages[0]["content"] if start else DEFAULT_SYSTEM
-    rounds: list[list[int]] = []
-    for i in range(start, len(messages) - 1):
-        if messages[i]["role"] == "user" or not rounds:
-            rounds.append([i])
-        else:
-            rounds[-1].append(i)
-    return Conversation(system, tuple(Round(tuple(r)) for r in rounds), len(messages) - 1)
-
-
-def _check_messages(messages: Sequence[dict[str, str]]) -> None:
-    if not messages:
-        raise ValueError("Qwen v1 prompt: no messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"Qwen v1 prompt: message {i} must be a {{role, content}} mapping, got {message!r:.60}")
-        role, content = message.get("role"), message.get("content")
-        if role not in _ROLES:
-            raise ValueError(f"Qwen v1 prompt: message {i} has role {role!r}; expected one of {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"Qwen v1 prompt: message {i} ({role}) content must be text, got {type(content).__name__}")
-        if role == "system" and i != 0:
-            raise ValueError(f"Qwen v1 prompt: message {i} is a system message; only the first may be")
-    if messages[-1]["role"] != "user":
-        raise ValueError(f"Qwen v1 prompt: the last message must be the user's, got {messages[-1]['role']!r}")
+    messages = validate_messages(messages)
+    system_index, turns = split_turns(messages)
+    system = messages[0]["content"] if system_index else DEFAULT_SYSTEM
+    # the last message is the user's, so it is a turn of its own: the query; the turns before it are the history
+    return Conversation(system, tuple(Round(tuple(turn)) for turn in turns[:-1]), len(messages) - 1)
 
 
 class _Encoder:
-    """Plain-text encoding (special tokens never recognised) and the chatml control ids of a fast tokenizer."""
+    """Plain-text encoding (qdemo.prompting.encode_user_text: no added token is ever recognised) and the chatml
+    control ids of a fast tokenizer."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -90,8 +71,7 @@ class _Encoder:
         # One batched call instead of one per message.
         todo = sorted({t for t in texts if t not in self.cache})
         if todo:
-            encoded = self.tokenizer(todo, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            self.cache.update(zip(todo, (list(ids) for ids in encoded)))
+            self.cache.update(zip(todo, encode_user_texts(self.tokenizer, todo)))
 
     def encode(self, text: str) -> list[int]:
         if text not in self.cache:
@@ -123,6 +103,7 @@ def make_context_ids(
     """Prompt ids as Qwen's official make_context builds them, and the indices of the history messages dropped."""
     if not isinstance(max_window_size, int) or max_window_size <= 0:
         raise ValueError(f"Qwen v1 prompt: max_window_size must be a positive integer, got {max_window_size!r}")
+    messages = validate_messages(messages)
     conversation = split_conversation(messages)
     enc = _Encoder(tokenizer)
     enc.prefetch(["\n", "assistant", conversation.system] + [m["role"] for m in messages]

@@ -10,15 +10,22 @@ the model proto, so the converted tokenizer encodes and decodes like sentencepie
   chunk only, as sentencepiece adds one "▁" to the whole text;
 - model: BPE over every piece, with one merge per (left, right) split of each normal piece ranked by the piece's
   score, because sentencepiece merges any adjacent pair whose concatenation is a piece, best score first;
-- user-defined pieces (Baichuan's `<reserved_N>`, among them the chat role markers): non-special added tokens
-  matched on the normalized text, as sentencepiece matches them before merging and never merges them further;
+- user-defined pieces: non-special added tokens matched on the normalized text, as sentencepiece matches them
+  before merging and never merges them further. Baichuan2 has about 1,086: the `<reserved_N>` slots (among them
+  the chat role markers 195/196) and ~100 pieces of ordinary text (`\\n`, `+ - =`, `，。`, `. ! ?`, full-width
+  digits, `...`, HTML tags);
 - control pieces and `<unk>`: special added tokens, but the saved tokenizer has `split_special_tokens=True`, so
   `<s>` typed in text stays plain text, as it does for sentencepiece;
 - decoder: "▁" → space, byte pieces fused back into UTF-8, and the dummy prefix's space dropped.
 
-Known difference: with a dummy prefix, a text that starts with a user-defined piece (`<reserved_102>hi`) encodes
-without the lone "▁" piece sentencepiece puts first (a tokenizers added token cannot carry it); `encode_plain`,
-which never matches added tokens, is unaffected.
+So `tokenizer.encode` is sentencepiece's encode, typed `<reserved_106>` included. Text a user typed goes through
+`encode_plain` (qdemo.prompting.encode_user_text) instead: the ordinary user-defined pieces, which the saved
+tokenizer_config.json lists under `plain_text_added_tokens`, match as in sentencepiece, while `<reserved_N>` and
+the control pieces are never matched and encode as the characters they are spelled with.
+
+Known difference: with a dummy prefix (Baichuan 1; not Baichuan 2), a text that starts with a user-defined piece
+(`<reserved_102>hi`, or `\\n…` if that is one) encodes without the lone "▁" piece sentencepiece puts first (a
+tokenizers added token cannot carry it); `encode_plain` shares it for the ordinary pieces it matches.
 
 The proto is read with a small protobuf wire-format reader, so neither protobuf nor a slow tokenizer is needed.
 """
@@ -26,12 +33,17 @@ The proto is read with a small protobuf wire-format reader, so neither protobuf 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from qdemo.prompting import PLAIN_TEXT_TOKENS_KEY, encode_user_text
+
 SPACE = "▁"
+# Reserved slots, among them Baichuan's chat role markers: user-defined pieces that are never text.
+RESERVED_PIECE = re.compile(r"<reserved_\d+>")
 
 # SentencePiece.Type values in sentencepiece_model.proto
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -358,11 +370,21 @@ def build_fast_tokenizer(src_dir: Path):
     extra = {} if settings.model_max_length is None else {"model_max_length": settings.model_max_length}
     # TokenizersBackend (not LlamaTokenizer) so that loading keeps tokenizer.json as written instead of
     # rebuilding a Llama pipeline from its vocab; split_special_tokens keeps "<s>" typed in text plain, as
-    # sentencepiece does.
+    # sentencepiece does. The ordinary-text user-defined pieces are listed for encode_plain (saved in
+    # tokenizer_config.json).
     return TokenizersBackend(
         tokenizer_object=build_backend(model), unk_token=special(settings.unk), bos_token=special(settings.bos),
         eos_token=special(settings.eos), pad_token=special(settings.pad), add_bos_token=settings.add_bos_token,
-        add_eos_token=settings.add_eos_token, clean_up_tokenization_spaces=False, split_special_tokens=True, **extra)
+        add_eos_token=settings.add_eos_token, clean_up_tokenization_spaces=False, split_special_tokens=True,
+        **{PLAIN_TEXT_TOKENS_KEY: text_pieces(model, settings)}, **extra)
+
+
+def text_pieces(model: SpModel, settings: TokenSettings) -> list[str]:
+    """The user-defined pieces that are ordinary text: all but the `<reserved_N>` slots and any piece the
+    tokenizer config names as its unk/bos/eos/pad token."""
+    named = {settings.unk, settings.bos, settings.eos, settings.pad}
+    return [p.text for p in model.pieces
+            if p.kind == USER_DEFINED and not RESERVED_PIECE.fullmatch(p.text) and p.text not in named]
 
 
 def convert_sp_tokenizer(src_dir: Path, out_dir: Path) -> None:
@@ -376,24 +398,10 @@ def convert_sp_tokenizer(src_dir: Path, out_dir: Path) -> None:
 
 
 def encode_plain(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as plain text: no bos/eos, and no added token (special or user-defined, e.g. Baichuan's
-    role markers `<reserved_106>`) is matched, so what a user types can never become a role or control id.
+    """Token ids of `text` as plain text: no bos/eos, and no reserved or control piece (`<reserved_106>`, the role
+    marker; `<s>`, `</s>`) is matched, so what a user types can never become a role or control id; the ordinary
+    user-defined pieces (`\\n`, `，`, `?`) encode exactly as sentencepiece encodes them.
 
-    Runs the backend's own normalizer → pre-tokenizer → model, i.e. the tokenizer's pipeline minus added tokens;
-    for the converted sentencepiece tokenizers this is sentencepiece's encoding with its user-defined pieces
-    treated as ordinary text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"encode_plain needs a fast tokenizer, got {type(tokenizer).__name__}")
-    normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
-    if backend.pre_tokenizer is not None:
-        chunks = [chunk for chunk, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
-    else:
-        chunks = [normalized] if normalized else []
-    ids = [token.id for chunk in chunks for token in backend.model.tokenize(chunk)]
-    # the model alone never yields an added token's id (merges only make normal pieces); checked, not assumed
-    reserved = set(tokenizer.added_tokens_decoder) - {tokenizer.unk_token_id}
-    leaked = sorted(reserved.intersection(ids))
-    if leaked:
-        raise RuntimeError(f"encode_plain produced added-token ids {leaked} for {text[:40]!r}")
-    return ids
+    This is qdemo.prompting.encode_user_text, the rule for user text in every prompt format: for a converted
+    sentencepiece tokenizer it is sentencepiece's encoding with its reserved pieces treated as ordinary text."""
+    return encode_user_text(tokenizer, text)

@@ -1,1 +1,2 @@
-"""Pure views: engine events and introspection arrays in, plotly figures and pandas frames out (no torch, no gradio)."""
+"""Pure views: engine events and introspection arrays in, plotly figures, pandas frames and HTML strings out
+(no torch, no gradio, no transformers)."""

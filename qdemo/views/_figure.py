@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import plotly.graph_objects as go
 
 TEMPLATE = "plotly_white"
@@ -27,3 +29,32 @@ def empty_figure(title: str, message: str, x_title: str, y_title: str) -> go.Fig
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     return fig
+
+
+def _width(text: str) -> int:
+    """Display width: wide (CJK) characters count two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def wrap_title(title: str, width: int = 44) -> str:
+    """`title` broken with <br> into lines about `width` Latin characters wide (CJK counts double), on spaces
+    where it can and anywhere inside a run without spaces (Chinese), so a narrow column does not cut it off.
+    Existing <br> are kept."""
+    lines: list[str] = []
+    for paragraph in title.split("<br>"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if _width(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            line = ""
+            for ch in word:  # a word wider than a line is cut where it must be
+                if _width(line + ch) > width:
+                    lines.append(line)
+                    line = ""
+                line += ch
+        lines.append(line)
+    return "<br>".join(lines)

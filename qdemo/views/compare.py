@@ -33,7 +33,8 @@ def first_divergence(a_ids: Sequence[int], b_ids: Sequence[int]) -> Divergence:
 
 
 def tps_overlay_figure(runs: Sequence[RunRecord], window: int = 8) -> go.Figure:
-    return rolling_tps_figure(runs, window, title=f"Decode speed compared (rolling over {window} tokens)")
+    """Both runs' decode speed (from step 1, as on the Performance tab), each in its run colour."""
+    return rolling_tps_figure(runs, window, title=f"Decode speed compared (rolling over {window} tokens, from step 1)")
 
 
 # Table label → runs_table column: the same numbers, rounded the same way, as the Performance tab.
@@ -46,3 +47,12 @@ def side_by_side_frame(a: RunRecord, b: RunRecord) -> pd.DataFrame:
     return pd.DataFrame({"metric": list(SIDE_BY_SIDE_METRICS),
                          **{side: [float(row[col]) for col in SIDE_BY_SIDE_METRICS.values()]
                             for side, row in rows.items()}})
+
+
+PLACEHOLDER = "–"
+
+
+def empty_side_by_side() -> pd.DataFrame:
+    """The side-by-side table before any run: its metric rows, with "–" for both sides."""
+    return pd.DataFrame({"metric": list(SIDE_BY_SIDE_METRICS), "A": [PLACEHOLDER] * len(SIDE_BY_SIDE_METRICS),
+                         "B": [PLACEHOLDER] * len(SIDE_BY_SIDE_METRICS)}, columns=["metric", "A", "B"])

@@ -45,3 +45,9 @@ def id_labels(ids: Sequence[int], labels: Mapping[int, str]) -> list[str]:
     for label in shown:
         counts[label] = counts.get(label, 0) + 1
     return [f"{label} #{i}" if counts[label] > 1 else label for label, i in zip(shown, ids)]
+
+
+def plot_text(text: str) -> str:
+    """`text` safe inside a plotly label or hover: plotly reads a subset of HTML ("<b>", "<br>") in text, so a
+    token like "<b>" would vanish; plotly shows the entities "&lt;", "&gt;" and "&amp;" as the characters."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

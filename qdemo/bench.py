@@ -95,7 +95,7 @@ def run_bench(name: str, tokens: int = 64, runs: int = 3, registry_path: str | N
         raise ValueError(f"bench needs --tokens >= 2 and --runs >= 1, got {tokens} and {runs}")
     if lm is None:
         lm = load_model(load_registry(registry_path).get(name), device=device, dtype=dtype)
-    ids = build_prompt(lm.tokenizer, [{"role": "user", "content": prompt}], lm.spec.max_context, tokens,
+    ids = build_prompt(lm.tokenizer, [{"role": "user", "content": prompt}], lm.max_context, tokens,
                        lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt).ids
     engine_run(lm, ids, 4)  # warm-up both paths (allocator, kernels, lazy imports)
     hf_run(lm, ids, 4)

@@ -2,16 +2,19 @@
 
 It knows nothing of Gradio. Contract: `generate(...)` validates its inputs eagerly (ValueError naming
 the field), then returns an iterator that yields one PrefillEvent, a TokenEvent per generated token
-(an ending eos/stop token included, with empty text) and exactly one DoneEvent.
+(an ending eos/stop token included, with empty text) and exactly one DoneEvent. Beam search first yields a
+ProgressEvent per search step (its tokens are only known at the end).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import queue
 import secrets
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
@@ -19,7 +22,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from qdemo.chain import run_chain, summarise
 from qdemo.errors import PromptTooLongError
-from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, StageTopN, TokenEvent
+from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, ProgressEvent, StageTopN, TokenEvent
 from qdemo.loader import LoadedModel
 from qdemo.metrics import kv_cache_bytes, memory_sample, now
 from qdemo.prompting import build_prompt
@@ -55,7 +58,7 @@ def generate(
     if (messages is None) == (input_ids is None):
         raise ValueError("pass exactly one of messages or input_ids")
     if messages is not None:
-        prompt = build_prompt(lm.tokenizer, messages, lm.spec.max_context, params.max_new_tokens,
+        prompt = build_prompt(lm.tokenizer, messages, lm.max_context, params.max_new_tokens,
                               lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt)
         ids, dropped = prompt.ids, prompt.dropped_turns
     else:
@@ -75,7 +78,7 @@ def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"input_ids contains {bad[0]}, outside the vocabulary of {lm.spec.name} (0..{vocab - 1})")
-    budget = lm.spec.max_context - params.max_new_tokens
+    budget = lm.max_context - params.max_new_tokens
     if len(ids) > budget:
         raise PromptTooLongError(f"{lm.spec.name}: {len(ids)} prompt tokens exceed the {budget} that fit "
                                  "(max_context − max_new_tokens)")
@@ -89,7 +92,7 @@ def _run(
     # 1. Set-up: buffers sized once so the decode loop never concatenates.
     device, model = lm.device, lm.model
     stages = build_stages(params)
-    seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(62))
+    seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(31))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device)
@@ -187,53 +190,86 @@ def _choose(
 
 
 class _BeamClock(StoppingCriteria):
-    """Times every beam step and ends the search when the stop event is set (within one step)."""
+    """Times every beam step, reports it, and ends the search when the stop event is set or the consumer went
+    away (within one step)."""
 
-    def __init__(self, device: torch.device, stop_event: threading.Event | None) -> None:
-        self.device, self.stop_event, self.times = device, stop_event, []
+    def __init__(self, device: torch.device, stop_event: threading.Event | None, report: Callable[[int], None]
+                 ) -> None:
+        self.device, self.stop_event, self.report, self.times = device, stop_event, report, []
+        self.abandoned = threading.Event()
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.times.append(now(self.device))
-        stop = self.stop_event is not None and self.stop_event.is_set()
+        self.report(len(self.times))
+        stop = self.abandoned.is_set() or (self.stop_event is not None and self.stop_event.is_set())
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class _BeamResult:
+    new_ids: list[int] = field(default_factory=list)
+    step_probs: list[float] = field(default_factory=list)
+    kv_bytes: int = 0
+    error: str | None = None
 
 
 def _run_beams(
     lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
     stop_event: threading.Event | None, prep_s: float, lock: StepLock,
 ) -> Iterator[Event]:
-    """Beam search is transformers' own (the best beam can change until the end, so nothing streams):
-    the events arrive when the search ends, with per-step timings and each token's beam transition
-    probability as its only stage."""
+    """Beam search is transformers' own (the best beam can change until the end, so no token streams): it runs
+    in a worker thread while this generator reports its progress each step; the tokens arrive when the search
+    ends, each with its beam transition probability as its only stage."""
     device, model = lm.device, lm.model
-    clock = _BeamClock(device, stop_event)
+    steps_done: "queue.Queue[int]" = queue.Queue()
+    clock = _BeamClock(device, stop_event, steps_done.put)
     stops = lm.eos_token_ids | lm.stop_token_ids
     pad = _pad_id(lm)
-    reason, error, new_ids, step_probs = "max_tokens", None, [], []
+    result = _BeamResult()
     t0 = now(device)
+
+    def search() -> None:
+        try:
+            input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+            with lock(), torch.inference_mode():  # one search holds the model: beams do not interleave
+                out = model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                    num_beams=params.num_beams, max_new_tokens=params.max_new_tokens,
+                    repetition_penalty=params.repetition_penalty, eos_token_id=sorted(stops), pad_token_id=pad,
+                    stopping_criteria=StoppingCriteriaList([clock]), output_scores=True,
+                    return_dict_in_generate=True, length_penalty=1.0, early_stopping=False)
+                result.new_ids = out.sequences[0, len(ids):].tolist()
+                result.kv_bytes = kv_cache_bytes(getattr(out, "past_key_values", None))
+                transition = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
+                                                             normalize_logits=False)
+                result.step_probs = torch.exp(transition[0, :len(result.new_ids)].float()).tolist()
+            while result.new_ids and result.new_ids[-1] == pad and pad not in stops:
+                result.new_ids.pop()
+        except Exception as exc:
+            result.error = _describe_error(lm, exc)
+        finally:
+            steps_done.put(-1)
+
+    worker = threading.Thread(target=search, name=f"beam-search-{lm.spec.name}", daemon=True)
+    worker.start()
     try:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        with lock(), torch.inference_mode():  # one search holds the model: beams do not interleave
-            out = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, num_beams=params.num_beams,
-                max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
-                eos_token_id=sorted(stops), pad_token_id=pad,
-                stopping_criteria=StoppingCriteriaList([clock]), output_scores=True,
-                return_dict_in_generate=True, length_penalty=1.0, early_stopping=False)
-            new_ids = out.sequences[0, len(ids):].tolist()
-            transition = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
-                                                         normalize_logits=False)
-            step_probs = torch.exp(transition[0, :len(new_ids)].float()).tolist()
-        while new_ids and new_ids[-1] == pad and pad not in stops:
-            new_ids.pop()
-    except Exception as exc:
-        reason, error = "error", _describe_error(lm, exc)
+        while True:
+            step = steps_done.get()
+            if step < 0:
+                break
+            yield ProgressEvent(phase="beam search", step=step, total=params.max_new_tokens,
+                                seconds=time.perf_counter() - t0)
+    finally:
+        clock.abandoned.set()  # a consumer that closed us early ends the search within a step
+        worker.join()
+    reason, error, new_ids, step_probs = ("error" if result.error else "max_tokens"), result.error, \
+        result.new_ids, result.step_probs
     mem = memory_sample(device)
     times = [t0] + clock.times
     steps = [b - a for a, b in zip(times, times[1:])][:len(new_ids)]
     prefill_s = steps[0] if steps else 0.0
     yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=None,
-                       kv_cache_bytes=0, memory=mem)
+                       kv_cache_bytes=result.kv_bytes, memory=mem)
     detok = IncrementalDetokenizer(lm.tokenizer)
     for step, token in enumerate(new_ids):
         ends = token in stops
@@ -243,7 +279,8 @@ def _run_beams(
         prob = step_probs[step] if step < len(step_probs) else float("nan")
         yield TokenEvent(step=step, token_id=token, text=text,
                          stages=(StageTopN(name="beam", token_ids=(token,), probs=(prob,), chosen_prob=prob),),
-                         step_seconds=steps[step] if step < len(steps) else 0.0, kv_cache_bytes=0, memory=mem)
+                         step_seconds=steps[step] if step < len(steps) else 0.0, kv_cache_bytes=result.kv_bytes,
+                         memory=mem)
         if ends:
             reason = "eos" if token in lm.eos_token_ids else "stop_token"
             break
@@ -292,6 +329,6 @@ def collect(events: Iterator[Event]) -> dict[str, Any]:
             prefill = event
         elif isinstance(event, TokenEvent):
             tokens.append(event)
-        else:
+        elif isinstance(event, DoneEvent):
             final = event
     return {"prefill": prefill, "tokens": tokens, "done": final}

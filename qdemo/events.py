@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Literal, Union
 
 DoneReason = Literal["eos", "stop_token", "max_tokens", "stopped", "error"]
 
@@ -74,9 +74,15 @@ class DoneEvent:
     error: str | None = None
 
 
-Event = Union[PrefillEvent, TokenEvent, DoneEvent]
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Work under way that has no token to show yet (beam search: the best beam can change until the end)."""
+
+    phase: str  # e.g. "beam search"
+    step: int  # steps done
+    total: int  # most steps it can take
+    seconds: float  # since the work started
+    kv_cache_bytes: int = 0
 
 
-def event_to_dict(event: Event) -> dict[str, Any]:
-    """JSON-ready form, tagged with the event's kind."""
-    return {"kind": type(event).__name__, **asdict(event)}
+Event = Union[PrefillEvent, TokenEvent, DoneEvent, ProgressEvent]

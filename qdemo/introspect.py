@@ -97,6 +97,46 @@ def attention_map(lm: LoadedModel, ids: Sequence[int], layer: int) -> np.ndarray
     return probs[0].float().cpu().numpy()
 
 
+def attention_maps(lm: LoadedModel, ids: Sequence[int]) -> np.ndarray:
+    """Attention probabilities of every decoder layer over `ids` from ONE forward: float16
+    [layers, num_heads, q_len, k_len]. Pre-hooks take each layer's attention inputs as the pass goes by; the
+    weights are then recomputed eagerly per layer exactly as `attention_map` does for one. Cheap to keep for a
+    short context (128 tokens × 24 layers × 14 heads ≈ 11 MB), so layer and head changes need no forward."""
+    tokens = _check_ids(lm, ids)
+    layers = _decoder_layers(lm)
+    captured: list[dict[str, object]] = [{} for _ in layers]
+    handles = []
+
+    def grabber(index: int):
+        def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[index]["hidden_states"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[index]["position_embeddings"] = kwargs.get("position_embeddings")
+        return grab
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(grabber(index), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            lm.model.model(input_ids=_input(lm, tokens), use_cache=False)  # no lm_head: only attention is wanted
+    finally:
+        for handle in handles:
+            handle.remove()
+    maps = []
+    with torch.inference_mode():
+        for index, layer in enumerate(layers):
+            if "hidden_states" not in captured[index]:
+                raise RuntimeError(f"model {lm.spec.name}: layer {index} attention was never called")
+            attn = layer.self_attn
+            own = getattr(attn, "eager_attention_probs", None)
+            if own is not None:
+                probs = own(captured[index]["hidden_states"])
+            else:
+                probs = _eager_probs(lm, attn, captured[index]["hidden_states"],
+                                     captured[index]["position_embeddings"])
+            maps.append(probs[0].to(torch.float16).cpu().numpy())
+    return np.stack(maps)
+
+
 def _eager_probs(lm: LoadedModel, attn: torch.nn.Module, hidden: torch.Tensor,
                  position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     # The attention class's own module holds the helpers it uses; any Llama-like family defines the same two.
@@ -270,7 +310,7 @@ def model_card(lm: LoadedModel) -> dict[str, object]:
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "weight_bytes": int(weight_bytes),
-        "context": lm.spec.max_context,
+        "context": lm.max_context,
     }
 
 

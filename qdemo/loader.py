@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from qdemo.cpu_layout import column_major_tall_linears
 from qdemo.errors import SourceError
 from qdemo.families import Family, get_family
+from qdemo.progress import reporting
 from qdemo.registry import ModelSpec
 from qdemo.sources import ProgressFn, resolve
 
@@ -29,6 +31,12 @@ class LoadedModel:
     stop_token_ids: frozenset[int]  # the family's other stop tokens: reason "stop_token"
     path: Path | None = None
     weight_bytes: int = field(default=0)
+    max_context: int = 0  # tokens the model may see: models.yaml's max_context, capped by the checkpoint's config
+    context_note: str = ""  # why max_context is below what models.yaml asks, when it is
+
+    def __post_init__(self) -> None:
+        if not self.max_context:
+            self.max_context = self.spec.max_context
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -66,6 +74,20 @@ def pick_dtype(requested: str | torch.dtype | None, device: torch.device) -> tor
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def describe_run(spec: ModelSpec, device: str | torch.device | None = None) -> str:
+    """How the model runs here, in words: "Q4_K_M GGUF, dequantized, fp32 on this CPU"."""
+    from qdemo.registry import GgufPartsSource
+
+    dev = pick_device(device)
+    dtype = str(pick_dtype(spec.dtype, dev)).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    where = "this CPU" if dev.type == "cpu" else f"this GPU ({dev})"
+    if isinstance(spec.source, GgufPartsSource):
+        quant = re.search(r"(?i)(i?q\d_[a-z0-9_]+|f16|bf16|f32)(?=\.gguf$)", spec.source.file_name)
+        kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
+        return f"{kind}, dequantized, {dtype} on {where}"
+    return f"{dtype} on {where}"
+
+
 def load_model(
     spec: ModelSpec, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None, attn_implementation: str = "sdpa",
@@ -80,14 +102,19 @@ def load_model(
     dt = pick_dtype(dtype if dtype is not None else spec.dtype, dev)
     _check_quantized(spec, path, dev)
     if progress:
-        progress("load weights", 0, 1)
+        progress("load tokenizer", 0, 1)
     try:
         tokenizer = _load_tokenizer(path, converted=family.convert is not None, trust=spec.trust_remote_code)
+        if progress:
+            progress("load weights", 0, 1)
         # Remote code runs only for an entry that asks for it with a pinned commit (checked by the registry).
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation,
-                                                     trust_remote_code=spec.trust_remote_code)
+        with reporting(progress):  # transformers' per-tensor bar moves the user's progress bar
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation,
+                                                         trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
-        raise SourceError(f"model {spec.name}: cannot load the checkpoint at {path}: {exc}") from None
+        raise SourceError(f"model {spec.name}: cannot load the checkpoint ({type(exc).__name__}: "
+                          f"{_without_paths(str(exc), path)})") from None
+
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
@@ -98,9 +125,28 @@ def load_model(
     eos = _eos_ids(model, tokenizer)
     stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    max_context, note = context_limit(spec, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
                        eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
-                       weight_bytes=weight_bytes)
+                       weight_bytes=weight_bytes, max_context=max_context, context_note=note)
+
+
+def context_limit(spec: ModelSpec, config) -> tuple[int, str]:
+    """models.yaml's max_context, capped at the checkpoint's own position limit. Past it a model computes
+    something qdemo does not show (Qwen v1 switches on dynamic NTK and logn scaling beyond `seq_length`; RoPE
+    models extrapolate), so the cap holds whatever models.yaml says, and the model card says why."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0 or spec.max_context <= limit:
+        return spec.max_context, ""
+    return limit, (f"{spec.name}: models.yaml asks for max_context {spec.max_context:,} but the checkpoint's config "
+                   f"allows {limit:,} positions (max_position_embeddings, from seq_length for Qwen v1); beyond it "
+                   f"the original model changes its attention (e.g. dynamic NTK and logn scaling), which qdemo does "
+                   f"not compute, so the context is capped at {limit:,}.")
+
+
+def _without_paths(text: str, path: Path) -> str:
+    """An error message without the server's directories (users of a public Space should not see them)."""
+    return text.replace(str(path), "<checkpoint>")
 
 
 def _load_tokenizer(path: Path, converted: bool, trust: bool = False):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from qdemo.events import (DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, StageTopN,
+from qdemo.events import (DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, ProgressEvent, StageTopN,
                           TokenEvent)
 
 
@@ -22,9 +22,12 @@ class RunRecord:
     prefill: PrefillEvent | None = None
     tokens: list[TokenEvent] = field(default_factory=list)
     done: DoneEvent | None = None
+    progress: ProgressEvent | None = None  # the latest, while work without tokens runs (not exported)
 
     def add(self, event: Event) -> None:
-        if isinstance(event, PrefillEvent):
+        if isinstance(event, ProgressEvent):
+            self.progress = event
+        elif isinstance(event, PrefillEvent):
             self.prefill = event
         elif isinstance(event, TokenEvent):
             self.tokens.append(event)
@@ -39,7 +42,9 @@ class RunRecord:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("progress", None)
+        return data
 
 
 def _memory(d: dict[str, Any]) -> MemorySample:

@@ -22,7 +22,6 @@ from transformers import (
 
 RAW_STAGE = "raw"
 MAX_BEAMS = 8
-STAGE_ORDER = (RAW_STAGE, "repetition_penalty", "temperature", "top_k", "top_p", "min_p")
 
 
 @dataclass(frozen=True)

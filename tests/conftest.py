@@ -45,7 +45,7 @@ def write_tiny_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
     tokenizer = build_tokenizer()
     fields = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384, rope_theta=10000.0,
         tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
@@ -62,7 +62,18 @@ def write_tiny_qwen2(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def write_registry(path: Path, model_dir: Path, name: str = "tiny-qwen2", max_context: int = 256) -> Path:
+def write_registry(path: Path, model_dir: Path, name: str = "tiny-qwen2", max_context: int = 256,
+                   cycle_dir: Path | None = None) -> Path:
+    """A models.yaml serving the tiny model (and, given `cycle_dir`, the scripted "cycle" model after it)."""
+    cycle = "" if cycle_dir is None else textwrap.indent(textwrap.dedent(f"""\
+          - name: cycle
+            family: qwen2
+            source: {{local: {{path: {cycle_dir}}}}}
+            dtype: float32
+            max_context: {max_context}
+            system_prompt: You are a tiny test model.
+            sampling: {{do_sample: false, max_new_tokens: {min(2000, max_context // 2)}}}
+        """), "  ")
     path.write_text(textwrap.dedent(f"""\
         default: {name}
         models:
@@ -81,7 +92,7 @@ def write_registry(path: Path, model_dir: Path, name: str = "tiny-qwen2", max_co
               top_p: 0.9
               max_new_tokens: 16
               seed: 7
-        """), encoding="utf-8")
+        """) + cycle, encoding="utf-8")
     return path
 
 
@@ -109,3 +120,55 @@ def _isolated_cache(tmp_path, monkeypatch, request):
     """Unit tests never touch the user's qdemo cache (the real-model tests opt out)."""
     if "real_model" not in request.keywords:
         monkeypatch.setenv("QDEMO_CACHE", str(tmp_path / "qdemo-cache"))
+
+
+CYCLE_LINE = "The quick brown fox"  # the scripted model writes this line, a newline, this line… until its limit
+
+
+def write_cycle_qwen2(path: Path) -> Path:
+    """A tiny Qwen2 whose greedy answer is known: every attention and MLP output is zero, so the logits depend on
+    the current token alone, and the embedding / lm_head rows are set so that after a newline it writes
+    CYCLE_LINE, then a newline again, forever. Browser tests use it for answers with known line breaks and for
+    long streams that only Stop ends."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer()
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    line = tokenizer.encode(CYCLE_LINE, add_special_tokens=False)
+    cycle = newline + line
+    assert len(newline) == 1 and len(set(cycle)) == len(cycle), (newline, line)
+    hidden = 64
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                         rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.normal_(0, 0.01)
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(cycle):
+            direction = torch.zeros(hidden)
+            direction[i] = 1.0
+            model.model.embed_tokens.weight[token] = direction
+            model.lm_head.weight[cycle[(i + 1) % len(cycle)]] = 30.0 * direction
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cycle_dir(tmp_path_factory) -> Path:
+    return write_cycle_qwen2(tmp_path_factory.mktemp("cycle-qwen2"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real model is slow to prepare and run: every real_model test is also a slow one."""
+    for item in items:
+        if "real_model" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)

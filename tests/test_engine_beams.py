@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qdemo.engine import collect, generate
+from qdemo.events import PrefillEvent, ProgressEvent, TokenEvent
 from qdemo.sampling import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about 内存."}]
@@ -46,3 +47,40 @@ def test_sampling_with_beams_is_refused():
         SamplingParams(do_sample=True, temperature=0.7, num_beams=3)
     with pytest.raises(ValueError, match="num_beams"):
         SamplingParams(num_beams=0)
+
+
+def test_beam_search_reports_progress_and_its_kv_cache(tiny_lm):
+    """A search that shows nothing until it ends still says it is working, step by step, and its metrics
+    report the beams' KV cache instead of 0 B."""
+    params = SamplingParams(num_beams=3, max_new_tokens=10)
+    events = list(generate(tiny_lm, messages=MESSAGES, params=params))
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    first_token = next(i for i, e in enumerate(events) if isinstance(e, TokenEvent))
+    assert progress and all(events.index(p) < first_token for p in progress)
+    assert [p.step for p in progress] == list(range(1, len(progress) + 1))
+    assert all(p.phase == "beam search" and p.total == 10 for p in progress)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    cfg = tiny_lm.model.config
+    per_token_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    prefill = next(e for e in events if isinstance(e, PrefillEvent))
+    # three beams' rows, each holding the prompt and the generated tokens but the last
+    assert prefill.kv_cache_bytes >= 3 * per_token_row * len(prefill.prompt_ids)
+    assert all(t.kv_cache_bytes == prefill.kv_cache_bytes for t in tokens)
+
+
+def test_closing_a_beam_search_early_ends_the_search(tiny_lm):
+    params = SamplingParams(num_beams=2, max_new_tokens=150)
+    forwards = []
+    handle = tiny_lm.model.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        stream = generate(tiny_lm, messages=MESSAGES, params=params, ignore_eos=True)
+        seen = 0
+        for event in stream:
+            seen += isinstance(event, ProgressEvent)
+            if seen == 3:
+                break
+        stream.close()  # joins the search thread, which must stop within a step instead of running 150
+    finally:
+        handle.remove()
+    assert not any(t.name.startswith("beam-search") for t in threading.enumerate())
+    assert len(forwards) < 50  # far from the 150 steps it would have run

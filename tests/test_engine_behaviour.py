@@ -163,10 +163,30 @@ def test_out_of_memory_while_generating_is_a_message_and_the_model_keeps_working
     assert after["done"].reason == "max_tokens" and len(after["tokens"]) == 3
 
 
-def test_closing_the_stream_early_is_clean(tiny_lm):
+def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
+    """A consumer that goes away (a closed tab, a cancelled API call) closes the stream: the KV cache it held is
+    released at once, not when the generator object is eventually collected."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    import qdemo.engine as engine
+
+    caches = []
+
+    class Tracked(DynamicCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            caches.append(weakref.ref(self))
+
+    monkeypatch.setattr(engine, "DynamicCache", Tracked)
     stream = generate(tiny_lm, messages=HELLO, params=GREEDY, ignore_eos=True)
-    next(stream), next(stream)
-    stream.close()  # a disconnected consumer: no DoneEvent needed, no exception
+    next(stream), next(stream), next(stream)
+    assert len(caches) == 1 and caches[0]() is not None and engine.kv_cache_bytes(caches[0]()) > 0
+    stream.close()  # no DoneEvent needed, no exception
+    gc.collect()
+    assert caches[0]() is None  # while `stream` itself is still referenced here
 
 
 def test_input_validation(tiny_lm):

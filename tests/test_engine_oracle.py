@@ -79,15 +79,18 @@ def _assert_stage_matches(stage, probs: torch.Tensor, chosen: int) -> None:
 def test_stage_names_follow_transformers_order(tiny_lm):
     params = SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, min_p=0.02,
                             repetition_penalty=1.1, max_new_tokens=3, seed=1)
-    run = collect(generate(tiny_lm, messages=PROMPT, params=params, top_n=5))
+    run = collect(generate(tiny_lm, messages=PROMPT, params=params, top_n=20))
     for event in run["tokens"]:
         assert [s.name for s in event.stages] == ["raw", "repetition_penalty", "temperature", "top_k", "top_p",
                                                   "min_p"]
-        assert all(len(s.token_ids) == 5 for s in event.stages)
+        assert all(len(s.token_ids) == 20 for s in event.stages)
         assert event.stages[-1].chosen_prob > 0
-        # top-k leaves exactly k tokens with mass: the 10 kept ones sum to 1
+        # top-k leaves exactly k tokens with mass: the 10 kept ones sum to 1, the rest of the top-20 are 0
         top_k_stage = event.stages[3]
-        assert sum(top_k_stage.probs) <= 1.0 + 1e-6
+        assert all(p > 0 for p in top_k_stage.probs[:10]) and all(p == 0 for p in top_k_stage.probs[10:])
+        assert sum(top_k_stage.probs[:10]) == pytest.approx(1.0, abs=1e-5)
+        # the raw stage still has mass beyond the 10th token: top-k removed it
+        assert event.stages[0].probs[10] > 0
 
 
 def test_greedy_stages_only_raw_and_penalty(tiny_lm):

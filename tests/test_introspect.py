@@ -230,7 +230,7 @@ def test_model_card(tiny_lm):
     assert card == {
         "model": "tiny-qwen2", "family": "qwen2", "architecture": "Qwen2ForCausalLM", "layers": 2,
         "hidden_size": 64, "intermediate_size": 128, "attention_heads": 4, "kv_heads": 2, "gqa_ratio": 2,
-        "head_dim": 16, "vocab_size": v, "max_position_embeddings": 1024, "position_encoding": "rope",
+        "head_dim": 16, "vocab_size": v, "max_position_embeddings": 16384, "position_encoding": "rope",
         "rope_theta": 10000.0, "tie_word_embeddings": False, "parameters": expected_params, "dtype": "float32", "device": "cpu",
         "weight_bytes": expected_params * 4, "context": 256,
     }

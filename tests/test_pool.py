@@ -69,12 +69,12 @@ def test_least_recently_used_idle_model_is_unloaded_and_released(registry, one_m
 
 def test_a_generating_model_is_never_unloaded(registry, one_model_bytes):
     pool = ModelPool(registry, "cpu", budget_bytes=int(1.5 * one_model_bytes))
-    with pool.lease("tiny-qwen2") as lm:
+    with pool.backend("tiny-qwen2") as backend:
         with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* every loaded model is generating: "
                                                     r"tiny-qwen2"):
             pool.get("tiny-b")
         assert not pool.unload("tiny-qwen2")
-        out = collect(generate(lm, input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3), ignore_eos=True))
+        out = collect(backend.generate(input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3)))
         assert len(out["tokens"]) == 3  # still working
     pool.get("tiny-b")  # idle now, so it makes room
     assert pool.loaded() == ["tiny-b"]
@@ -97,7 +97,9 @@ def test_out_of_memory_while_loading_keeps_the_others(registry, one_model_bytes)
     with pytest.raises(MemoryBudgetError, match="tiny-b: out of memory while loading.*keep working"):
         pool.get("tiny-b")
     assert pool.loaded() == ["tiny-qwen2"]
-    assert collect(generate(lm, input_ids=[5, 6], params=SamplingParams(max_new_tokens=2)))["done"].error is None
+    with pool.backend("tiny-qwen2") as backend:
+        assert backend.name == lm.spec.name
+        assert collect(backend.generate(input_ids=[5, 6], params=SamplingParams(max_new_tokens=2)))["done"].error is None
 
 
 def test_unknown_names_fail_with_the_registry_message(registry):
@@ -174,3 +176,27 @@ def test_gated_generations_interleave_and_match_their_solo_runs(tiny_lm):
     assert results[0] == solo[0] and results[1] == solo[1]
     switches = sum(1 for a, b in zip(steps, steps[1:]) if a != b)
     assert switches >= 4  # neither waited for the other to finish
+
+
+def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
+    """The pool's promise, checked instead of trusted: a forward outside the step gate is refused, and every
+    forward the backend runs (generation steps, next-token logits, attention) holds the gate."""
+    from qdemo.introspect import next_token_logits
+    from qdemo.pool import UngatedForwardError
+
+    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
+    lm = pool.get("tiny-qwen2")
+    with pytest.raises(UngatedForwardError, match="tiny-qwen2: a model forward ran outside its step gate"):
+        next_token_logits(lm, [5, 6])
+    gate = pool.gate("tiny-qwen2")
+    held = []
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda *a: held.append(gate.held_here()))
+    try:
+        with pool.backend("tiny-qwen2") as backend:
+            collect(backend.generate(input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=4)))
+            backend.next_token_logits([5, 6, 7])
+            backend.attention([5, 6, 7])
+            collect(backend.generate(input_ids=[5, 6], params=SamplingParams(num_beams=2, max_new_tokens=3)))
+    finally:
+        handle.remove()
+    assert len(held) >= 4 and all(held)

@@ -1,0 +1,161 @@
+"""The one path from the services to a model.
+
+A `LocalBackend` is a pooled model leased for one request. Every forward it runs — a generation step, the
+next-token logits of the lab and of Compare, attention maps — goes through that model's step gate, so concurrent
+users take turns step by step and one model never runs two steps at once (the pool's guard refuses any forward
+that does not hold the gate). Services and the UI reach models only through a backend: they never touch
+`lm.model` or `lm.tokenizer`. Capabilities say which panels a backend can feed, so the UI asks them instead of
+checking model families or types.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from qdemo import introspect
+from qdemo.engine import generate
+from qdemo.events import Event
+from qdemo.loader import LoadedModel
+from qdemo.pool import StepGate
+from qdemo.prompting import (Message, Prompt, build_prompt, control_token_ids, conversation_prompt_ids,
+                             raw_text_ids)
+from qdemo.registry import ModelSpec
+from qdemo.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can show."""
+
+    stage_chain: bool = True  # full logits at every step: per-stage distributions, the sampling lab
+    attention: bool = True  # attention weights (needs the weights and activations)
+    positions: bool = True  # RoPE / ALiBi figures read from the model's own modules
+    model_card: bool = True
+
+
+class LocalBackend:
+    """A leased model of this process's pool and its step gate."""
+
+    capabilities = Capabilities()
+
+    def __init__(self, lm: LoadedModel, gate: StepGate) -> None:
+        self._lm, self._gate = lm, gate
+
+    # --- facts (no forward) -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._lm.spec.name
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._lm.spec
+
+    @property
+    def max_context(self) -> int:
+        return self._lm.max_context
+
+    @property
+    def context_note(self) -> str:
+        return self._lm.context_note
+
+    @property
+    def position_encoding(self) -> str:
+        return self._lm.family.position_encoding
+
+    @property
+    def position_note(self) -> str:
+        return self._lm.family.position_note
+
+    def shape(self) -> tuple[int, int]:
+        """(decoder layers, attention heads)."""
+        config = self._lm.model.config
+        return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+    def same_tokenizer(self, other: "LocalBackend") -> bool:
+        a, b = self._lm, other._lm
+        return a is b or (a.path is not None and a.path == b.path) or (
+            len(a.tokenizer) == len(b.tokenizer) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab())
+
+    # --- text and tokens (no forward) ---------------------------------------------------------------------------
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._lm.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Each id decoded on its own."""
+        return {int(i): self._lm.tokenizer.decode([int(i)]) for i in set(ids)}
+
+    def text_decoder(self) -> Callable[[Sequence[int]], dict[int, str]]:
+        """`token_texts` that outlives the lease: it holds the tokenizer only, never the weights, so a view can
+        label tokens later without keeping an unloaded model alive."""
+        tokenizer = self._lm.tokenizer
+
+        def texts(ids: Sequence[int]) -> dict[int, str]:
+            return {int(i): tokenizer.decode([int(i)]) for i in set(ids)}
+
+        return texts
+
+    def special_ids(self) -> set[int]:
+        """Special and other control tokens (`<tool_call>` too): what user text can never produce."""
+        tokenizer = self._lm.tokenizer
+        return set(getattr(tokenizer, "all_special_ids", []) or []) | control_token_ids(tokenizer)
+
+    def prompt_pieces(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
+        """(id, text, special) per prompt token, for the prompt inspector."""
+        special = self.special_ids()
+        texts = self.token_texts(ids)
+        return [(int(i), texts[int(i)], int(i) in special) for i in ids]
+
+    def chat_prompt(self, messages: Sequence[Message], max_new_tokens: int, system: str | None = None) -> Prompt:
+        """The prompt ids of a chat in this model's format, fitted into its context."""
+        return build_prompt(self._lm.tokenizer, messages, self.max_context, max_new_tokens,
+                            self.spec.system_prompt if system is None else system, self.name,
+                            self._lm.family.build_prompt)
+
+    def raw_text_ids(self, text: str) -> list[int]:
+        """Text as typed, tokenized as plain text: it never becomes a special or added token."""
+        return raw_text_ids(self._lm.tokenizer, text)
+
+    def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
+        """A whole conversation, its last answer included, as the model saw it."""
+        return conversation_prompt_ids(self._lm.tokenizer, messages, self._lm.family.build_prompt)
+
+    # --- forwards (each through the step gate) ------------------------------------------------------------------
+    def generate(self, *, messages: Sequence[Message] | None = None, input_ids: Sequence[int] | None = None,
+                 params: SamplingParams | None = None, stop_event: threading.Event | None = None,
+                 top_n: int = 20) -> Iterator[Event]:
+        """The engine's event stream; it takes the gate around every forward, so other users' steps interleave."""
+        return generate(self._lm, messages=messages, input_ids=input_ids, params=params, stop_event=stop_event,
+                        top_n=top_n, step_lock=self._gate.step)
+
+    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        with self._gate.step():
+            return introspect.next_token_logits(self._lm, ids)
+
+    def attention(self, ids: Sequence[int]) -> np.ndarray:
+        """float16 [layers, heads, q, k] for `ids`, one forward."""
+        with self._gate.step():
+            return introspect.attention_maps(self._lm, ids)
+
+    # --- read from the model's modules (no forward) -------------------------------------------------------------
+    def rope_info(self) -> introspect.RopeInfo:
+        return introspect.rope_info(self._lm)
+
+    def rope_angles(self, positions: int) -> np.ndarray:
+        return introspect.rope_angles(self._lm, positions)
+
+    def rope_decay(self, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+        return introspect.rope_decay(self._lm, max_distance)
+
+    def alibi_info(self, positions: int) -> introspect.AlibiInfo:
+        return introspect.alibi_info(self._lm, positions)
+
+    def model_card(self) -> dict[str, Any]:
+        card = introspect.model_card(self._lm)
+        if self.context_note:
+            card["context"] = f"{self.max_context} (capped: see the note)"
+        return card

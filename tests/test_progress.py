@@ -1,0 +1,48 @@
+"""Loading progress moves per tensor (transformers' own bar, reported to the caller), and two loads on two
+threads never report into each other's bar."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+
+from qdemo.loader import load_model
+from qdemo.registry import load_registry
+
+
+def _tensor_count(model_dir) -> int:
+    with open(model_dir / "model.safetensors", "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return len([k for k in json.loads(f.read(size)) if k != "__metadata__"])
+
+
+def test_load_progress_moves_per_tensor(tiny_registry_path, tiny_dir):
+    spec = load_registry(tiny_registry_path).get("tiny-qwen2")
+    seen = []
+    load_model(spec, device="cpu", progress=lambda phase, done, total: seen.append((phase, done, total)))
+    steps = [(done, total) for phase, done, total in seen if phase == "loading weights"]
+    tensors = _tensor_count(tiny_dir)
+    assert [d for d, _ in steps] == list(range(1, tensors + 1)) and {t for _, t in steps} == {tensors}
+    assert [p for p, _, _ in seen][:2] == ["load tokenizer", "load weights"] and seen[-1] == ("load weights", 1, 1)
+
+
+def test_concurrent_loads_report_to_their_own_bars(tiny_registry_path, tiny_dir):
+    spec = load_registry(tiny_registry_path).get("tiny-qwen2")
+    bars: dict[int, list] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def load(i):
+        start.wait()
+        load_model(spec, device="cpu", progress=lambda phase, done, total: bars[i].append(phase))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tensors = _tensor_count(tiny_dir)
+    assert [bar.count("loading weights") for bar in bars.values()] == [tensors, tensors]
+    # and a load without a bar reports nothing anywhere
+    load_model(spec, device="cpu")
+    assert [bar.count("loading weights") for bar in bars.values()] == [tensors, tensors]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-
 import pytest
+import torch
 from gradio_client import Client
 
+from qdemo.backend import LocalBackend
 from qdemo.engine import collect, generate
 from qdemo.introspect import next_token_logits
 from qdemo.lab import stage_distributions
+from qdemo.pool import StepGate
 from qdemo.registry import load_registry
+from qdemo.sampling import SamplingParams
+from qdemo.services.lab import context_ids
 from qdemo.ui.app import build_app
-from qdemo.ui.labflow import context_ids
+from tests.conftest import write_registry
+
+pytestmark = pytest.mark.slow  # launches the app on loopback
 
 
 @pytest.fixture(scope="module")
-def served(tiny_registry_path):
-    registry = load_registry(tiny_registry_path)
+def served(tiny_dir, cycle_dir, tmp_path_factory):
+    registry = load_registry(write_registry(tmp_path_factory.mktemp("api") / "models.yaml", tiny_dir,
+                                            cycle_dir=cycle_dir))
     demo = build_app(registry)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     try:
@@ -61,26 +68,35 @@ def test_bad_chat_requests_are_explained(served, args, match):
     assert client.predict("still serving?", [], "", {"max_new_tokens": 2}, None, api_name="/chat") is not None
 
 
-def test_compare_reports_divergence(served, tiny_lm):
-    _, client = served
-    result = client.predict("Write a haiku.", "", "", {"do_sample": False, "max_new_tokens": 10},
-                            {"do_sample": True, "max_new_tokens": 10}, 5, api_name="/compare")
+def test_compare_reports_divergence_and_each_sides_probability_of_the_other(served, tiny_lm, cycle_dir):
+    """A: the scripted cycle model (it writes "The quick brown fox"); B: the tiny random model. Same tokenizer,
+    different answers from the first token, so the cross-probabilities are always there to check."""
+    from qdemo.loader import load_model
+
+    registry, client = served
+    result = client.predict("Write a haiku.", "cycle", "tiny-qwen2", {"max_new_tokens": 6},
+                            {"do_sample": False, "max_new_tokens": 6}, 5, api_name="/compare")
     a, b, d = result["a"], result["b"], result["divergence"]
-    assert a["reason"] in ("eos", "max_tokens", "stop_token") and a["error"] is None
-    assert d["level"] == "token"
-    if d["step"] is not None:
-        step = d["step"]
-        assert a["tokens"][:step] == b["tokens"][:step] and a["tokens"][step] != b["tokens"][step]
-        assert d["a_prob_of_b"] is not None and 0 <= d["a_prob_of_b"] <= 1
-    else:
-        assert a["tokens"] == b["tokens"]
+    assert a["reason"] == "max_tokens" and a["error"] is None and b["error"] is None
+    assert d["level"] == "token" and d["step"] == 0
+    assert (d["a_token"], d["b_token"]) == (a["tokens"][0], b["tokens"][0]) and d["a_token"] != d["b_token"]
+    cycle_lm = load_model(registry.get("cycle"), device="cpu")
+    prompt = collect(generate(cycle_lm, messages=[{"role": "user", "content": "Write a haiku."}],
+                              params=SamplingParams(max_new_tokens=1)))["prefill"].prompt_ids
+    assert prompt == collect(generate(tiny_lm, messages=[{"role": "user", "content": "Write a haiku."}],
+                                      params=SamplingParams(max_new_tokens=1)))["prefill"].prompt_ids
+    a_probs = torch.softmax(next_token_logits(cycle_lm, list(prompt)), -1)
+    b_probs = torch.softmax(next_token_logits(tiny_lm, list(prompt)), -1)
+    assert d["a_prob_of_b"] == pytest.approx(float(a_probs[d["b_token"]]), abs=1e-6)
+    assert d["b_prob_of_a"] == pytest.approx(float(b_probs[d["a_token"]]), rel=1e-5)
+    assert d["b_prob_of_a"] > 0
 
 
 def test_next_token_endpoint_equals_the_lab(served, tiny_lm):
     registry, client = served
     settings = {"do_sample": True, "temperature": 0.5, "top_k": 5, "top_p": 0.9}
     result = client.predict("数一数: one two", "", settings, "raw text", 5, api_name="/next_token")
-    ids = context_ids(tiny_lm, "数一数: one two", "raw text")
+    ids = context_ids(LocalBackend(tiny_lm, StepGate()), "数一数: one two", "raw text")
     params = registry.get(registry.default).sampling.replace(**settings)
     stages = stage_distributions(next_token_logits(tiny_lm, ids), ids, params, top_n=5)
     assert [s["stage"] for s in result["stages"]] == [s.name for s in stages]

@@ -1,32 +1,60 @@
-"""The app in a real browser: Playwright driving Debian's Chromium against the app on loopback (tiny model).
+"""The app in a real browser: Playwright driving Debian's Chromium against the app on loopback.
 
-Screenshots go to a temp dir (path printed); assertions are on page content, not pixels. Skipped when
-Chromium or Playwright is missing unless QDEMO_REQUIRE_BROWSER=1 (set by .ci/run), which makes that a failure.
+Models: the tiny random Qwen2 (sampled answers), the scripted "cycle" model (greedy, writes "The quick brown
+fox" and a newline forever, so answers have known line breaks and only Stop or the limit ends them), the same
+model behind a slow loader (Stop during a load), and a hub model that is not cached (errors where the user looks).
+Assertions are on page content, not pixels; screenshots go to a temp dir (path printed). Skipped when Chromium or
+Playwright is missing unless QDEMO_REQUIRE_BROWSER=1 (set by .ci/run), which makes that a failure.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("QDEMO_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000
+SLOW_LOAD_S = 4.0
 BROWSER_REGISTRY = """\
 default: tiny-qwen2
 models:
   - name: tiny-qwen2
+    display_name: Tiny random Qwen2
     family: qwen2
-    source: {{local: {{path: {path}}}}}
+    source: {{local: {{path: {tiny}}}}}
     dtype: float32
     max_context: 8192
     system_prompt: You are a tiny test model.
+    sampling: {{do_sample: true, temperature: 1.0, max_new_tokens: 24}}
+  - name: cycle
+    display_name: Scripted cycle model
+    family: qwen2
+    source: {{local: {{path: {cycle}}}}}
+    dtype: float32
+    max_context: 8192
     sampling: {{do_sample: false, max_new_tokens: 2000}}
+  - name: slow-cycle
+    display_name: Scripted cycle model (slow to load)
+    family: qwen2
+    source: {{local: {{path: {cycle}}}}}
+    dtype: float32
+    max_context: 8192
+    sampling: {{do_sample: false, max_new_tokens: 2000}}
+  - name: hub-model
+    display_name: A hub model
+    family: qwen2
+    source: {{hub: {{repo_id: qdemo-test/not-cached}}}}
+    max_context: 4096
 """
 
 
@@ -41,39 +69,69 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def page(tiny_dir, tmp_path_factory):
+def app(tiny_dir, cycle_dir, tmp_path_factory):
     reason = _missing()
     if reason:
         if os.environ.get("QDEMO_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
+    from qdemo.loader import load_model
+    from qdemo.pool import ModelPool
     from qdemo.registry import load_registry
     from qdemo.ui.app import build_app
 
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_CACHE"] = str(tmp_path_factory.mktemp("empty-hub"))
+
+    def loader(spec, **kw):
+        if spec.name == "slow-cycle":
+            time.sleep(SLOW_LOAD_S)
+        return load_model(spec, **kw)
+
+    path = tmp_path_factory.mktemp("registry") / "models.yaml"
+    path.write_text(BROWSER_REGISTRY.format(tiny=tiny_dir, cycle=cycle_dir), encoding="utf-8")
+    registry = load_registry(path)
+    demo = build_app(registry, pool=ModelPool(registry, "cpu", loader=loader))
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     shots = tmp_path_factory.mktemp("screenshots")
     print(f"\nscreenshots: {shots}")
-    # Greedy and long by default, so Stop always has something to stop: from a clear chat the tiny model writes
-    # 3000+ tokens without eos (≈ 400 tok/s), and no test depends on typing into sliders.
-    registry = tmp_path_factory.mktemp("registry") / "models.yaml"
-    registry.write_text(BROWSER_REGISTRY.format(path=tiny_dir), encoding="utf-8")
-    demo = build_app(load_registry(registry))
-    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, shots
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser(app):
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(demo.local_url)
-        page.get_by_role("tab", name="Chat").wait_for()
-        page.shots = shots
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            yield page
+            yield chromium
         finally:
-            context.close()
-            browser.close()
-            demo.close()
+            chromium.close()
+
+
+def _open(app, browser, width: int = 1400, height: int = 1000):
+    demo, shots = app
+    context = browser.new_context(accept_downloads=True, viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(demo.local_url)
+    page.get_by_role("tab", name="Chat").wait_for()
+    page.wait_for_timeout(300)  # the page's load event restores the saved conversation
+    page.shots = shots
+    return page
+
+
+@pytest.fixture
+def page(app, browser):
+    page = _open(app, browser)
+    try:
+        yield page
+    finally:
+        page.context.close()
 
 
 def _tab(page, name: str) -> None:
@@ -84,88 +142,245 @@ def _plot_rendered(page, elem_id: str) -> None:
     page.locator(f"#{elem_id} .js-plotly-plot, #{elem_id} .plotly").first.wait_for(state="visible")
 
 
+def _pick(page, elem_id: str, name: str) -> None:
+    """Choose a model in a dropdown by typing its name."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(name)
+    page.get_by_role("option", name=re.compile(re.escape(name))).first.click()
+
+
 def _send(page, text: str) -> None:
     box = page.locator("#chat-input textarea")
     box.fill(text)
     box.press("Enter")
 
 
-def test_chat_streams_and_token_view(page):
-    _tab(page, "Chat")
+def _done(page) -> str:
+    page.locator("#metrics").get_by_text(re.compile(r"finished|length limit|stopped|error")).wait_for()
+    return page.locator("#metrics").inner_text()
+
+
+def _stopped_cycle_answer(page, text: str) -> None:
+    """Ask the scripted cycle model (it never ends by itself) and stop it once it streams."""
+    _pick(page, "chat-model", "Scripted cycle model")
+    page.locator("#chat-model-info").get_by_text("runs as").wait_for()
+    _send(page, text)
+    page.locator("#metrics").get_by_text("generating").wait_for()
+    page.locator("#stop").click()
+    _done(page)
+
+
+def _reload(page) -> None:
+    page.reload()
+    page.get_by_role("tab", name="Chat").wait_for()
+    page.wait_for_timeout(1000)  # the load event restores the saved conversation
+
+
+def _wait_for_text(page, selector: str, text: str) -> None:
+    page.wait_for_function("([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)", arg=[selector, text])
+
+
+def _chat_text(page) -> str:
+    return page.locator("#chatbot").inner_text()
+
+
+def test_chat_streams_and_the_token_view_shows_numbers_on_hover(page):
     _send(page, "hello 你好")
     page.locator("#chatbot").get_by_text("hello 你好").wait_for()
-    page.locator("#metrics").get_by_text(re.compile(r"eos|max_tokens|stop_token")).wait_for()
-    answer = page.locator("#chatbot .message").last.inner_text()
-    assert answer.strip()
-    tokens = page.locator("#token-view .token")
+    metrics = _done(page)
+    assert re.search(r"seed \d+", metrics)
+    tokens = page.locator("#token-view .tok")
     assert tokens.count() > 0
-    tokens.first.click()
+    tokens.first.hover()
+    tip = page.locator("#token-view .tok").first.locator(".tip")
+    tip.wait_for(state="visible")  # no server round trip: the numbers are in the page
+    assert re.search(r"raw.*\d+(\.\d+)?%", tip.inner_text(), re.S)
+    tokens.nth(1).click()
     _plot_rendered(page, "stage-plot")
+    page.get_by_text("Prompt inspector").click()
+    page.locator("#prompt-view .chip.special").first.wait_for()
+    assert page.locator("#prompt-view .chip.special").count() >= 2  # <|im_start|> … chips with their ids
     page.screenshot(path=str(page.shots / "chat.png"), full_page=True)
 
 
-def test_stop_halts_generation(page):
-    _tab(page, "Chat")
-    page.locator("#clear").click()
-    page.locator("#chatbot").get_by_text("hello 你好").wait_for(state="detached")  # the send must see an empty chat
-    _send(page, "a very long story please")
+def test_empty_message_and_unready_model_are_explained_where_the_user_looks(page):
+    _send(page, "   ")
+    notice = page.locator("#chat-notice")
+    notice.get_by_text("Empty message ignored").wait_for()
+    assert notice.is_visible()
+    page.locator("#chat-model input").click()
+    options = page.get_by_role("option")
+    labels = [options.nth(i).inner_text() for i in range(options.count())]
+    assert any("needs the hub" in label for label in labels) and any("✓" in label for label in labels)
+    page.get_by_role("option", name=re.compile("A hub model")).click()
+    page.locator("#chat-model-info").get_by_text("not ready here").wait_for()
+    _send(page, "hello")
+    notice.get_by_text(re.compile("Could not load hub-model")).wait_for()
+    assert notice.is_visible() and "/tmp" not in notice.inner_text()
+    page.screenshot(path=str(page.shots / "chat-errors.png"), full_page=True)
+
+
+def test_clear_while_an_answer_streams_keeps_the_chat_empty(page):
+    """Bug 1: Clear during an answer brought the whole conversation back when the answer ended."""
+    _stopped_cycle_answer(page, "first turn")
+    _send(page, "second turn")
     page.locator("#metrics").get_by_text("generating").wait_for()
+    page.locator("#clear").click()
+    page.wait_for_timeout(2500)  # longer than the stream would need to deliver its last update
+    assert "first turn" not in _chat_text(page) and "quick brown" not in _chat_text(page)
+    _reload(page)
+    assert "first turn" not in _chat_text(page)
+
+
+def test_the_chatbots_trash_icon_also_forgets_the_saved_conversation(page):
+    """Bug 2: the chatbot's own trash icon emptied the view, but the conversation came back on reload."""
+    _stopped_cycle_answer(page, "remember me?")
+    page.locator("#chatbot").get_by_role("button", name=re.compile("clear", re.I)).click()
+    page.wait_for_timeout(800)
+    _reload(page)
+    assert "remember me?" not in _chat_text(page)
+
+
+def test_stop_while_the_model_loads_is_honoured(page):
+    """Bug 3: Stop pressed during the first load was ignored and the answer ran to max new tokens."""
+    _pick(page, "chat-model", "slow to load")
+    _send(page, "a story")
+    page.locator("#chatbot").get_by_text("a story").wait_for()  # the message shows while the model loads
     page.locator("#stop").click()
-    page.locator("#metrics").get_by_text("stopped").wait_for()
-    page.screenshot(path=str(page.shots / "chat-stopped.png"), full_page=True)
+    page.locator("#chatbot").get_by_text("stopped before the answer started").wait_for(
+        timeout=int(SLOW_LOAD_S * 1000) + TIMEOUT_MS)
+    assert "quick brown" not in _chat_text(page)
 
 
-def test_export_json(page):
-    _tab(page, "Chat")
-    with page.expect_download() as info:
-        page.get_by_text("Save / load conversation (JSON)").click()
-        page.locator("#export").click()
-    path = info.value.path()
-    text = Path(path).read_text(encoding="utf-8")
-    assert '"qdemo_conversation"' in text and "a very long story please" in text  # the chat after Stop
+def test_regenerate_samples_a_fresh_answer_and_a_seed_can_be_pinned(page):
+    """Bug 4: Regenerate in sample mode repeated the identical answer (the seed box defaulted to 1234)."""
+    _send(page, "hello")
+    first = _done(page)
+    page.locator("#regenerate").click()
+    page.wait_for_timeout(300)
+    second = _done(page)
+    seeds = [re.search(r"seed (\d+)", m).group(1) for m in (first, second)]
+    assert seeds[0] != seeds[1]
+    page.locator("#pin-seed").click()
+    page.get_by_text("Sampling", exact=True).click()
+    assert page.locator("#chat-seed textarea, #chat-seed input").first.input_value() == seeds[1]
 
 
-def test_compare_tab(page):
+def test_compare_keeps_line_breaks_and_shows_each_sides_decoding(page):
+    """Bug 6: Compare panes dropped single line breaks."""
     _tab(page, "Compare")
+    for side in ("a", "b"):
+        _pick(page, f"compare-model-{side}", "Scripted cycle model")
+    assert "greedy" in page.locator("#compare-decoding-a").inner_text()
+    assert "sample" in page.locator("#compare-decoding-b").inner_text()
     page.locator("#compare-prompt textarea").fill("Write a haiku.")
     page.locator("#compare-run").click()
+    page.locator("#compare-metrics-a").get_by_text("generating").wait_for()
+    page.locator("#compare-stop").click()
     page.locator("#compare-verdict").get_by_text(re.compile(r"diverge|identical")).wait_for()
+    lines = page.locator("#compare-out-a").inner_text().splitlines()
+    assert lines.count("The quick brown fox") >= 2
+    assert "TTFT" in page.locator("#compare-table").inner_text()
     _plot_rendered(page, "compare-chart")
-    assert page.locator("#compare-out-a").inner_text().strip()
     page.screenshot(path=str(page.shots / "compare.png"), full_page=True)
 
 
-def test_sampling_lab_tab(page):
+def test_undo_clear_and_import_reset_every_panel(page, tmp_path):
+    """Bugs 9 and 10: stale token view, metrics and prompt inspector after Undo/Clear/Import; Import ignored the
+    sampling settings in the file."""
+    _send(page, "hello")
+    _done(page)
+    assert page.locator("#token-view .tok").count() > 0
+    page.locator("#undo").click()
+    page.locator("#token-view").get_by_text("appear here").wait_for()
+    assert "TTFT –" in page.locator("#metrics").inner_text()
+    assert page.locator("#chat-input textarea").input_value() == "hello"
+    _send(page, "hello again")
+    _done(page)
+    page.locator("#clear").click()
+    page.locator("#token-view").get_by_text("appear here").wait_for()
+    assert page.locator("#prompt-view .chip").count() == 0
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps({"qdemo_conversation": 1, "model": "tiny-qwen2", "system": "imported system",
+                                 "settings": {"do_sample": True, "temperature": 0.35, "top_k": 7},
+                                 "messages": [{"role": "user", "content": "imported question"},
+                                              {"role": "assistant", "content": "imported answer"}]}),
+                     encoding="utf-8")
+    page.get_by_text("Save / load conversation (JSON)").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(saved))
+    page.locator("#chatbot").get_by_text("imported answer").wait_for()
+    page.get_by_text("Sampling", exact=True).click()
+    assert page.locator("#chat-temperature input[type=number]").input_value() == "0.35"
+    assert page.locator("#chat-top-k input[type=number]").input_value() == "7"
+    page.get_by_text("System prompt", exact=True).click()
+    assert page.locator("#chat-system textarea").input_value() == "imported system"
+
+
+def test_sample_n_pressed_while_compute_runs_still_draws(page):
+    """Bug 11: Sample N pressed while Compute was running left the histogram blank."""
     _tab(page, "Sampling lab")
+    _pick(page, "lab-model", "slow to load")
     page.locator("#lab-context textarea").fill("one two three")
     page.locator("#lab-compute").click()
-    _plot_rendered(page, "lab-stages")
-    page.locator("#lab-sample").click()
+    page.locator("#lab-sample").click()  # while the model still loads
     _plot_rendered(page, "lab-histogram")
+    _plot_rendered(page, "lab-stages")
+    assert "⚠️" not in page.locator("#lab-message").inner_text()
     page.screenshot(path=str(page.shots / "sampling-lab.png"), full_page=True)
 
 
-def test_internals_tab(page):
+def test_internals_layer_changes_redraw_without_recomputing(page):
     _tab(page, "Internals")
     page.locator("#internals-refresh").click()
     _plot_rendered(page, "rope-freq")
     page.locator("#attn-run").click()
     _plot_rendered(page, "attn-plot")
     assert "layers" in page.locator("#model-card").inner_text()
+    page.locator("#attn-head input").click()
+    page.get_by_role("option", name="all heads (grid)").click()
+    page.locator("#attn-caption").get_by_text("redraws").wait_for()
     page.screenshot(path=str(page.shots / "internals.png"), full_page=True)
 
 
-def test_performance_tab(page):
+def test_performance_runs_survive_a_reload(page):
+    _send(page, "hello")
+    _done(page)
     _tab(page, "Performance")
-    page.locator("#perf-refresh").click()
+    _wait_for_text(page, "#perf-table", "chat")
+    _reload(page)
+    _tab(page, "Performance")
+    _wait_for_text(page, "#perf-table", "chat")
     _plot_rendered(page, "perf-latency")
-    _plot_rendered(page, "perf-memory")
-    assert "chat" in page.locator("#perf-table").inner_text()
     page.screenshot(path=str(page.shots / "performance.png"), full_page=True)
 
 
-def test_conversation_survives_reload(page):
-    _tab(page, "Chat")
-    page.reload()
-    page.get_by_role("tab", name="Chat").wait_for()
-    page.locator("#chatbot").get_by_text("a very long story please").wait_for()
+def test_phone_width_keeps_the_chat_usable_and_every_tab_reachable(app, browser):
+    page = _open(app, browser, width=390, height=844)
+    try:
+        dropdown = page.locator("#chat-model").bounding_box()
+        assert dropdown["x"] >= 0 and dropdown["x"] + dropdown["width"] <= 390
+        box = page.locator("#chat-input textarea").bounding_box()
+        assert box["y"] + box["height"] <= 844 * 1.6  # reachable with a short scroll at most
+        for name in ("Compare", "Sampling lab", "Internals", "Performance", "Chat"):
+            tab = page.get_by_role("tab", name=name)
+            tab.scroll_into_view_if_needed()
+            tab.click()
+            assert tab.get_attribute("aria-selected") == "true"
+        page.screenshot(path=str(page.shots / "phone-chat.png"), full_page=False)
+    finally:
+        page.context.close()
+
+
+def test_an_empty_seed_box_means_a_fresh_seed_in_compare_too(page):
+    """An empty number box reads as 0; the seed boxes are text, so "empty" really draws a fresh seed."""
+    _tab(page, "Compare")
+    page.locator("#compare-prompt textarea").fill("hello")
+    page.locator("#compare-run").click()
+    page.locator("#compare-verdict").get_by_text(re.compile(r"diverge|identical")).wait_for()
+    first = re.search(r"seed (\d+)", page.locator("#compare-metrics-b").inner_text()).group(1)
+    page.locator("#compare-run").click()
+    page.wait_for_function("(old) => { const m = (document.querySelector('#compare-metrics-b')?.innerText || '')"
+                           ".match(/seed (\\d+)/); return m && m[1] !== old; }", arg=first)

@@ -19,7 +19,9 @@ from qdemo.loader import load_model
 from qdemo.registry import load_registry
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
-from qdemo.ui import compareflow, internals_tab
+from qdemo.backend import LocalBackend
+from qdemo.pool import StepGate
+from qdemo.services import compare, internals
 from tests.family_checkpoints import (LAYOUTS, heads_for, read_state, ref_alibi_slopes, reference_logits,
                                       registry_entry, write_checkpoint)
 
@@ -165,32 +167,45 @@ def test_stop_event_and_sampling_work_for_alibi(family_env):
 @pytest.mark.parametrize("family", ["qwen", "baichuan2-13b"])
 def test_compare_flow_same_model_two_settings(family_env, family):
     lm = family_env["models"][family]
+    backend = LocalBackend(lm, StepGate())
     messages = [{"role": "user", "content": "Write one line."}]
     greedy = SamplingParams(max_new_tokens=6)
-    sampled = SamplingParams(do_sample=True, temperature=1.5, seed=11, max_new_tokens=6)
+    hot = SamplingParams(do_sample=True, temperature=50.0, seed=11, max_new_tokens=6)  # near uniform: it diverges
     run_a = RunRecord(run_id=1, model=lm.spec.name, settings=greedy.to_dict(), label="A")
-    run_b = RunRecord(run_id=2, model=lm.spec.name, settings=sampled.to_dict(), label="B")
-    for _ in compareflow.run_pair(lm, lm, messages, greedy, sampled, run_a, run_b):
+    run_b = RunRecord(run_id=2, model=lm.spec.name, settings=hot.to_dict(), label="B")
+    for _ in compare.run_pair(backend, backend, messages, greedy, hot, run_a, run_b):
         pass
     assert run_a.done is not None and run_b.done is not None
-    report = compareflow.divergence_report(lm, lm, run_a, run_b, greedy, sampled)
-    assert report["level"] == "token"
-    if report["step"] is not None:
-        assert 0.0 <= report["a_prob_of_b"] <= 1.0 and 0.0 <= report["b_prob_of_a"] <= 1.0
+    report = compare.divergence_report(backend, backend, run_a, run_b, greedy, hot)
+    assert report["level"] == "token" and report["step"] is not None
+    step = report["step"]
+    context = list(run_a.prefill.prompt_ids) + list(run_a.done.token_ids[:step])
+    raw = torch.softmax(next_logits(lm, context), -1)
+    assert report["a_raw_prob_of_b"] == pytest.approx(float(raw[report["b_token"]]), rel=1e-5)
+    assert report["a_prob_of_b"] == pytest.approx(report["a_raw_prob_of_b"], rel=1e-5)  # greedy: no other stage
+
+
+def next_logits(lm, ids):
+    from qdemo.introspect import next_token_logits
+
+    return next_token_logits(lm, ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_internals_attention_position_encoding_and_card(family_env, family):
     lm = family_env["models"][family]
+    backend = LocalBackend(lm, StepGate())
     history = [{"role": "user", "content": "你好 hello"}, {"role": "assistant", "content": "hi 你好"}]
-    view = internals_tab.attention_view(lm, history, 1, "mean")
-    weights = attention_map(lm, view.ids, 1)
-    assert weights.shape == (heads_for(LAYOUTS[family]), len(view.ids), len(view.ids))
+    ids, _ = internals.conversation_ids(backend, history)
+    maps = backend.attention(ids)
+    weights = attention_map(lm, ids, 1)
+    assert weights.shape == (heads_for(LAYOUTS[family]), len(ids), len(ids))
+    np.testing.assert_allclose(maps[1].astype(np.float32), weights, atol=1e-3)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
     assert np.triu(weights, 1).max() == 0.0
     card = model_card(lm)
     assert card["layers"] == 2 and card["attention_heads"] == heads_for(LAYOUTS[family])
-    position = internals_tab.rope_view(lm)
+    position = internals.position_view(backend)
     if LAYOUTS[family].alibi:
         assert card["position_encoding"] == "alibi" and card["rope_theta"] is None
         assert "ALiBi" in position.summary
@@ -224,3 +239,19 @@ def test_attention_maps_match_the_reference_probabilities(family_env):
         torch.arange(n)[None, :] - torch.arange(n)[:, None]).float()
     scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
     np.testing.assert_allclose(weights, torch.softmax(scores, -1).numpy(), atol=1e-5)
+
+
+def test_qwen_v1_context_is_capped_at_the_checkpoints_seq_length(tmp_path):
+    """Bug 14: an entry with max_context above the checkpoint's seq_length was accepted; past seq_length the
+    original model switches on dynamic NTK and logn scaling, which qdemo does not compute."""
+    write_checkpoint(tmp_path / "qwen", "qwen", seed=0)
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n" + registry_entry("greedy-qwen", "qwen", tmp_path / "qwen", max_context=8192),
+                    encoding="utf-8")
+    lm = load_model(load_registry(path).get("greedy-qwen"), device="cpu")
+    assert lm.spec.max_context == 8192 and lm.max_context == 256  # seq_length of the tiny checkpoint
+    assert "greedy-qwen" in lm.context_note and "seq_length" in lm.context_note and "8,192" in lm.context_note
+    card = LocalBackend(lm, StepGate()).model_card()
+    assert card["context"].startswith("256")
+    with pytest.raises(ValueError, match="exceed the 246 that fit"):
+        collect(generate(lm, input_ids=list(range(5, 255)), params=SamplingParams(max_new_tokens=10)))

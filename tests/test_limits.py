@@ -6,7 +6,8 @@ import pytest
 
 from qdemo.limits import Limits, RateLimiter, clean_text
 from qdemo.sampling import SamplingParams
-from qdemo.ui import chatflow
+from qdemo.services import chat
+from qdemo.services.admission import Services
 
 
 def test_clean_text_keeps_what_people_type():
@@ -25,36 +26,42 @@ def test_clean_text_drops_controls_and_mends_invalid_utf8():
 
 def test_megabyte_paste_is_cut_with_a_notice():
     text = ("粘贴" * 300_000) + "\x00"
-    turn = chatflow.prepare_turn(text, [], None, max_chars=16_000)
-    assert len(turn.user_text) == 16_000 and "600,000" in turn.notice and "16,000" in turn.notice
+    turn = chat.prepare_turn(text, [], None, Limits(max_input_chars=16_000))
+    assert len(turn.messages[-1]["content"]) == 16_000 and "600,000" in turn.notice and "16,000" in turn.notice
 
 
 def test_whitespace_and_control_only_messages_are_empty():
     for text in ("", "   ", "\n\t\n", "\x00\x01\x02", None, 42, ["list"]):
-        assert chatflow.prepare_turn(text, [], None) is None
+        assert chat.prepare_turn(text, [], None) is None
 
 
 def test_history_beyond_max_turns_is_left_out_with_a_notice():
     history = []
     for i in range(5):
         history += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-    turn = chatflow.prepare_turn("now", history, "sys", max_turns=2)
+    turn = chat.prepare_turn("now", history, "sys", Limits(max_turns=2))
     assert [m["content"] for m in turn.messages] == ["sys", "q3", "a3", "q4", "a4", "now"]
     assert "last 2 turns" in turn.notice and "6 older" in turn.notice
-    assert chatflow.prepare_turn("now", history, None, max_turns=10).notice == ""
+    assert chat.prepare_turn("now", history, None, Limits(max_turns=10)).notice == ""
 
 
-def test_history_from_the_api_is_cleaned_too():
-    history = [{"role": "user", "content": "hi\x00\ud800"}, {"role": "tool", "content": "ignored"}, "junk"]
-    turn = chatflow.prepare_turn("next", history, "sys\x07")
+def test_history_is_cleaned_too():
+    history = [{"role": "user", "content": "hi\x00\ud800"}, {"role": "assistant", "content": "ok\x1b"}]
+    turn = chat.prepare_turn("next", history, "sys\x07")
     assert turn.messages == [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi\ufffd"},
-                             {"role": "user", "content": "next"}]
+                             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "next"}]
 
 
-def test_max_new_tokens_is_capped_with_a_notice():
-    params, note = chatflow.cap_params(SamplingParams(max_new_tokens=5000), 2048)
+def test_max_new_tokens_is_capped_with_a_notice(tiny_registry_path):
+    from qdemo.pool import ModelPool
+    from qdemo.registry import load_registry
+
+    registry = load_registry(tiny_registry_path)
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                        limits=Limits(max_new_tokens=2048))
+    params, note = services.params(registry.default, SamplingParams(max_new_tokens=5000))
     assert params.max_new_tokens == 2048 and "5000" in note and "2048" in note
-    params, note = chatflow.cap_params(SamplingParams(max_new_tokens=100), 2048)
+    params, note = services.params(registry.default, SamplingParams(max_new_tokens=100))
     assert params.max_new_tokens == 100 and note == ""
 
 

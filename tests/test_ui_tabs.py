@@ -1,9 +1,10 @@
-"""Sampling lab, Internals and Performance tabs: the app builds with them, and their handler logic (module-level
-functions the Gradio handlers call) agrees with the core functions it wraps."""
+"""Sampling lab, Internals and Performance: the app builds with their components, and the services their handlers
+call agree with the core functions they wrap (no Gradio in these services)."""
 
 from __future__ import annotations
 
-import contextlib
+import threading
+import time
 
 import gradio as gr
 import numpy as np
@@ -11,126 +12,171 @@ import pandas as pd
 import pytest
 import torch
 
+from qdemo.backend import LocalBackend
 from qdemo.engine import generate
 from qdemo.introspect import attention_map, mean_over_heads, next_token_logits
 from qdemo.lab import stage_distributions
+from qdemo.limits import Limits
+from qdemo.pool import ModelPool, StepGate
 from qdemo.registry import load_registry
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
-from qdemo.ui import internals_tab, lab_tab, perf_tab
+from qdemo.services import internals, lab, perf
+from qdemo.services.admission import Refused, Services
 from qdemo.ui.app import build_app
-from qdemo.views.perf import run_name, runs_table
+from qdemo.views.perf import run_name, runs_table, runs_table_for_people
 
 ELEM_IDS = {
     "lab-model", "lab-context", "lab-mode", "lab-compute", "lab-stages", "lab-table", "lab-sample", "lab-histogram",
     "lab-token", "lab-append", "lab-context-view", "lab-temperature", "lab-top-k", "lab-top-p", "lab-min-p",
-    "lab-repetition-penalty", "lab-decoding", "lab-n",
-    "internals-model", "internals-refresh", "attn-run", "attn-plot", "attn-layer", "attn-head", "rope-freq",
-    "rope-angles", "rope-decay", "rope-info", "model-card",
+    "lab-repetition-penalty", "lab-mode", "lab-n",
+    "internals-model", "internals-refresh", "attn-run", "attn-plot", "attn-layer", "attn-head", "attn-scale",
+    "rope-freq", "rope-angles", "rope-decay", "rope-info", "model-card",
     "perf-refresh", "perf-clear", "perf-latency", "perf-tps", "perf-memory", "perf-table", "perf-csv",
+    "chat-notice", "token-view", "token-measure", "token-legend", "stage-notes", "prompt-view", "pin-seed",
 }
 
 
-@contextlib.contextmanager
-def count_forwards(lm):
-    calls = []
-    handle = lm.model.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
+@pytest.fixture(scope="module")
+def services(tiny_registry_path):
+    registry = load_registry(tiny_registry_path)
+    return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                    limits=Limits(requests_per_minute=10_000))
 
 
 @pytest.fixture(scope="module")
-def demo(tiny_registry_path):
-    return build_app(load_registry(tiny_registry_path))
+def backend(tiny_lm):
+    return LocalBackend(tiny_lm, StepGate())
 
 
-def test_app_builds_with_the_three_tabs(demo):
+def count_forwards(lm):
+    calls = []
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_app_builds_with_every_tab(tiny_registry_path):
+    demo = build_app(load_registry(tiny_registry_path))
     elem_ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert ELEM_IDS <= elem_ids, ELEM_IDS - elem_ids
     tabs = {block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)}
-    assert {"Sampling lab", "Internals", "Performance"} <= tabs
-    internals = next(b for b in demo.blocks.values() if isinstance(b, gr.Tab) and b.label == "Internals")
-    assert any((internals._id, "select") in fn.targets for fn in demo.fns.values())  # loads when opened
-    # Every listener of these tabs stays out of the public API.
-    private = [fn for fn in demo.fns.values() if fn.api_visibility == "private"]
-    assert len(private) >= 15
+    assert {"Chat", "Compare", "Sampling lab", "Internals", "Performance"} <= tabs
+    internals_tab = next(b for b in demo.blocks.values() if isinstance(b, gr.Tab) and b.label == "Internals")
+    assert any((internals_tab._id, "select") in fn.targets for fn in demo.fns.values())  # loads when opened
+    # Only the three named endpoints are public; every page event stays out of the API.
+    public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
+    assert public == ["chat", "compare", "next_token"]
 
 
 # --- sampling lab -------------------------------------------------------------------------------------------
 
-def test_lab_view_stages_equal_stage_distributions(tiny_lm):
-    context = lab_tab.compute_context(tiny_lm, "The quick brown fox", "raw text")
-    params = lab_tab.lab_params("sample", 0.7, 20, 0.9, 0.0, 1.2)
-    view = lab_tab.lab_view(tiny_lm, context, params, top_n=15)
+def test_lab_view_stages_equal_stage_distributions(services, tiny_lm):
+    session = lab.LabSession()
+    context, _ = lab.compute(services, session, "c", services.default_model, "The quick brown fox", "raw text")
+    params = lab.lab_params("sample", 0.7, 20, 0.9, 0.0, 1.2)
+    view = lab.view(context, params, top_n=15)
     ids = tiny_lm.tokenizer.encode("The quick brown fox", add_special_tokens=False)
-    assert list(context.ids) == ids
+    assert list(context.ids) == ids and session.context is context
     assert view.stages == stage_distributions(next_token_logits(tiny_lm, ids), ids, params, top_n=15)
     assert [s.name for s in view.stages] == ["raw", "repetition_penalty", "temperature", "top_k", "top_p"]
     assert list(view.table.columns) == ["token_id", "token", *[s.name for s in view.stages]]
     final = view.stages[-1]
     assert [i for _, i in view.choices] == [i for i, p in zip(final.token_ids, final.probs) if p > 0]
-    assert view.figure.layout.title.text.startswith("tiny-qwen2")
+    assert context.text == tiny_lm.tokenizer.decode(ids)
 
 
-def test_sliders_reuse_the_logits_without_a_forward(tiny_lm):
-    with count_forwards(tiny_lm) as calls:
-        context = lab_tab.compute_context(tiny_lm, "你好，世界！", "chat")
-        assert len(calls) == 1
+def test_sliders_reuse_the_logits_without_a_forward(services):
+    session = lab.LabSession()
+    context, _ = lab.compute(services, session, "c", services.default_model, "你好，世界！", "chat")
+    lm = services.pool.get(services.default_model)
+    calls, handle = count_forwards(lm)
+    try:
         for values in [("sample", 0.5, 0, 1.0, 0.0, 1.0), ("sample", 1.5, 5, 0.5, 0.1, 1.3),
                        ("greedy", 1.0, 40, 0.9, 0.0, 1.1), ("sample", 0.0, 40, 0.9, 0.0, 1.0)]:
-            params = lab_tab.lab_params(*values)
-            lab_tab.lab_view(tiny_lm, context, params, top_n=10)
-            lab_tab.sample_view(tiny_lm, context, params, 50, seed=3)
-        assert len(calls) == 1
+            params = lab.lab_params(*values)
+            lab.view(context, params, top_n=10)
+            lab.sample(session, params, 50, seed=3)
+    finally:
+        handle.remove()
+    assert calls == []
 
 
 def test_lab_params_explain_bad_values():
-    assert lab_tab.lab_params("sample", 0.0, 40, 0.9, 0.0, 1.0).greedy  # T=0 is greedy, not an error
-    assert lab_tab.lab_params("greedy", 0.7, 40, 0.9, 0.0, 1.0).greedy
+    assert lab.lab_params("sample", 0.0, 40, 0.9, 0.0, 1.0).greedy  # T=0 is greedy, not an error
+    assert lab.lab_params("greedy", 0.7, 40, 0.9, 0.0, 1.0).greedy
     with pytest.raises(ValueError, match="decoding"):
-        lab_tab.lab_params("beam search", 0.7, 40, 0.9, 0.0, 1.0)
+        lab.lab_params("beam search", 0.7, 40, 0.9, 0.0, 1.0)
     with pytest.raises(ValueError, match="whole number"):
-        lab_tab.lab_params("sample", 0.7, 2.5, 0.9, 0.0, 1.0)
+        lab.lab_params("sample", 0.7, 2.5, 0.9, 0.0, 1.0)
     with pytest.raises(ValueError, match="top_p"):
-        lab_tab.lab_params("sample", 0.7, 40, 0.0, 0.0, 1.0)
+        lab.lab_params("sample", 0.7, 40, 0.0, 0.0, 1.0)
 
 
-def test_sample_view_counts_and_histogram(tiny_lm):
-    context = lab_tab.compute_context(tiny_lm, "Hello world", "raw text")
-    params = lab_tab.lab_params("sample", 1.0, 10, 1.0, 0.0, 1.0)
-    counts, figure = lab_tab.sample_view(tiny_lm, context, params, 500, seed=1)
+def test_sample_draws_probability_bars_with_the_expected_overlay(services):
+    session = lab.LabSession()
+    context, _ = lab.compute(services, session, "c", services.default_model, "Hello world", "raw text")
+    params = lab.lab_params("sample", 1.0, 10, 1.0, 0.0, 1.0)
+    counts, figure = lab.sample(session, params, 500, seed=1, top_n=10)
     assert sum(counts.values()) == 500 and len(counts) <= 10
-    assert sum(figure.data[0].y) == 500
-    greedy, _ = lab_tab.sample_view(tiny_lm, context, params.replace(do_sample=False), 20)
+    bars = next(t for t in figure.data if t.type == "bar")
+    assert sum(bars.y) == pytest.approx(1.0)  # shares of the draws, not counts
+    expected = next(t for t in figure.data if t.name == "expected p")
+    final = stage_distributions(context.logits, context.ids, params, top_n=10)[-1]
+    assert sorted(expected.y, reverse=True)[0] == pytest.approx(final.probs[0])
+    greedy, _ = lab.sample(session, params.replace(do_sample=False), 20)
     assert greedy == {int(torch.argmax(context.logits)): 20}
     with pytest.raises(ValueError, match="whole number"):
-        lab_tab.sample_view(tiny_lm, context, params, 2.5)
-    with pytest.raises(ValueError, match="10000"):
-        lab_tab.sample_view(tiny_lm, context, params, 20_000)
+        lab.sample(session, params, 2.5)
+    with pytest.raises(ValueError, match="10,000"):
+        lab.sample(session, params, 20_000)
 
 
-def test_append_grows_the_context_by_one_forward(tiny_lm):
-    context = lab_tab.compute_context(tiny_lm, "The quick brown", "raw text")
-    view = lab_tab.lab_view(tiny_lm, context, SamplingParams(do_sample=True, temperature=0.8), top_n=5)
+def test_sample_pressed_while_compute_runs_waits_and_draws_from_the_new_logits(services):
+    """Bug: Sample N pressed while Compute was running left the histogram blank (it raced the Compute)."""
+    session = lab.LabSession()
+    old, _ = lab.compute(services, session, "c", services.default_model, "one two", "raw text")
+    session.expect_change()  # Compute clicked: it waits in the queue…
+    result = {}
+
+    def press_sample():
+        result["counts"], _ = lab.sample(session, lab.lab_params("greedy", 1, 0, 1, 0, 1), 5)
+
+    sampler = threading.Thread(target=press_sample)
+    sampler.start()
+    time.sleep(0.2)
+    assert sampler.is_alive()  # …and Sample N waits for it instead of drawing from the old logits
+    new, _ = lab.compute(services, session, "c", services.default_model, "你好，世界！今天", "raw text")
+    sampler.join(10)
+    assert result["counts"] == {int(torch.argmax(new.logits)): 5}
+    assert int(torch.argmax(new.logits)) != int(torch.argmax(old.logits))
+
+
+def test_append_grows_the_context_by_one_forward(services, tiny_lm):
+    session = lab.LabSession()
+    context, _ = lab.compute(services, session, "c", services.default_model, "The quick brown", "raw text")
+    view = lab.view(context, SamplingParams(do_sample=True, temperature=0.8), top_n=5)
     token = view.choices[0][1]
-    with count_forwards(tiny_lm) as calls:
-        longer = lab_tab.append_token(tiny_lm, context, token)
+    calls, handle = count_forwards(services.pool.get(services.default_model))
+    try:
+        longer = lab.append(services, session, "c", token)
+    finally:
+        handle.remove()
     assert len(calls) == 1
     assert list(longer.ids) == [*context.ids, token]
     torch.testing.assert_close(longer.logits, next_token_logits(tiny_lm, [*context.ids, token]))
-    assert lab_tab.context_text(tiny_lm, longer) == tiny_lm.tokenizer.decode([*context.ids, token])
-    with pytest.raises(ValueError, match="pick a token"):
-        lab_tab.append_token(tiny_lm, context, None)
-    full = lab_tab.LabContext(context.model, tuple([5] * (tiny_lm.spec.max_context - 1)), context.logits)
-    with pytest.raises(ValueError, match="takes"):
-        lab_tab.append_token(tiny_lm, full, token)
+    with pytest.raises(Refused, match="Pick a token"):
+        lab.append(services, session, "c", None)
+    session.context = lab.LabContext(context.model, tuple([5] * (tiny_lm.max_context - 1)), context.logits, "",
+                                     context.decode)
+    with pytest.raises(Refused, match="takes"):
+        lab.append(services, session, "c", token)
 
 
-def test_lab_context_errors_are_readable(tiny_lm):
-    with pytest.raises(ValueError, match="empty"):
-        lab_tab.compute_context(tiny_lm, "   ", "raw text")
+def test_lab_context_errors_are_readable(services):
+    with pytest.raises(Refused, match="empty"):
+        lab.compute(services, lab.LabSession(), "c", services.default_model, "   ", "raw text")
+    with pytest.raises(Refused, match="Compute the next-token logits first"):
+        lab.sample(lab.LabSession(), SamplingParams(), 5)
 
 
 # --- internals ----------------------------------------------------------------------------------------------
@@ -139,51 +185,56 @@ HISTORY = [{"role": "user", "content": "你好，今天天气怎么样？"},
            {"role": "assistant", "content": [{"type": "text", "text": "Hello! It is sunny."}]}]
 
 
-def test_attention_view_is_one_layers_head_mean(tiny_lm):
-    view = internals_tab.attention_view(tiny_lm, HISTORY, 1, "mean")
+def test_attention_is_one_forward_for_every_layer_then_redraws_from_the_cache(services, tiny_lm):
+    session = internals.InternalsSession()
+    lm = services.pool.get(services.default_model)
+    calls, handle = count_forwards(lm)
+    try:
+        cache = internals.compute_attention(services, session, "c", services.default_model, HISTORY, None)
+        assert len(calls) == 1
+        views = [internals.attention_view(cache, layer, head, scale)
+                 for layer in (0, 1) for head in ("mean", "all", "2") for scale in ("linear", "log")]
+        assert len(calls) == 1  # layer, head and scale changes need no forward
+    finally:
+        handle.remove()
     messages = [{"role": "system", "content": tiny_lm.spec.system_prompt},
                 {"role": "user", "content": HISTORY[0]["content"]},
                 {"role": "assistant", "content": "Hello! It is sunny."}]
     expected_ids = tiny_lm.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False,
                                                          return_dict=False)
-    assert view.ids == list(expected_ids)[-internals_tab.MAX_ATTENTION_TOKENS:]
-    expected = mean_over_heads(attention_map(tiny_lm, view.ids, 1))
-    np.testing.assert_allclose(np.asarray(view.figure.data[0].z, dtype=np.float32), expected)
-    head = internals_tab.attention_view(tiny_lm, HISTORY, 0, "2")
-    np.testing.assert_allclose(head.weights, attention_map(tiny_lm, head.ids, 0)[2])
+    assert cache.ids == list(expected_ids)[-internals.MAX_ATTENTION_TOKENS:]
+    for layer in (0, 1):
+        exact = attention_map(tiny_lm, cache.ids, layer)
+        np.testing.assert_allclose(cache.maps[layer].astype(np.float32), exact, atol=1e-3)
+    mean = internals.attention_view(cache, 1, "mean")
+    np.testing.assert_allclose(mean.weights, mean_over_heads(attention_map(tiny_lm, cache.ids, 1)), atol=1e-3)
+    grid = internals.attention_view(cache, 0, "all")
+    assert grid.weights.shape == (4, len(cache.ids), len(cache.ids)) and len(views) == 12
     with pytest.raises(ValueError, match="layer"):
-        internals_tab.attention_view(tiny_lm, HISTORY, 5, "mean")
+        internals.attention_view(cache, 5, "mean")
     with pytest.raises(ValueError, match="head"):
-        internals_tab.attention_view(tiny_lm, HISTORY, 0, "9")
+        internals.attention_view(cache, 0, "9")
 
 
-def test_attention_view_caps_long_chats_and_handles_an_empty_one(tiny_lm):
+def test_attention_caps_long_chats_and_handles_an_empty_one(services, tiny_lm):
+    session = internals.InternalsSession()
     long = [{"role": "user", "content": "hello world " * 60}, {"role": "assistant", "content": "ok " * 40}]
-    view = internals_tab.attention_view(tiny_lm, long, 0, "mean")
-    assert len(view.ids) == internals_tab.MAX_ATTENTION_TOKENS < view.total_tokens
+    cache = internals.compute_attention(services, session, "c", services.default_model, long, None)
+    view = internals.attention_view(cache, 0, "mean")
+    assert len(cache.ids) == internals.MAX_ATTENTION_TOKENS < cache.total_tokens
     assert "last 128" in view.caption
-    assert np.asarray(view.figure.data[0].z).shape == (128, 128)
-    empty = internals_tab.attention_view(tiny_lm, [], 0, "mean")
-    assert empty.ids == tiny_lm.tokenizer.encode(internals_tab.DEFAULT_TEXT, add_special_tokens=False)[-128:]
-    assert "example text" in empty.caption
+    empty = internals.compute_attention(services, session, "c", services.default_model, [], None)
+    assert empty.ids == tiny_lm.tokenizer.encode(internals.DEFAULT_TEXT, add_special_tokens=False)[-128:]
+    assert "example text" in internals.attention_view(empty, 0).caption
 
 
-def test_rope_and_card_views(tiny_lm, monkeypatch):
-    rope = internals_tab.rope_view(tiny_lm)
-    assert "10000" in rope.summary and "head_dim **16**" in rope.summary
-    assert rope.frequencies is not None and rope.decay is not None
-    assert np.asarray(rope.angles.data[0].z).shape == (internals_tab.ROPE_POSITIONS, 8)
-    assert len(rope.decay.data[0].x) == internals_tab.ROPE_DISTANCE + 1
-    card = internals_tab.card_view(tiny_lm)
-    assert dict(zip(card["property"], card["value"]))["layers"] == "2"
-    assert internals_tab.model_shape(tiny_lm) == (2, 4)
-
-    def no_rope(lm):
-        raise ValueError("model tiny uses no RoPE (no rotary embedding module)")
-
-    monkeypatch.setattr(internals_tab, "rope_info", no_rope)
-    alibi = internals_tab.rope_view(tiny_lm)
-    assert "no RoPE" in alibi.summary and alibi.frequencies is None
+def test_position_view_and_card(services, backend):
+    facts = internals.model_facts(services, "c", services.default_model)
+    assert "10000" in facts.position.summary and "head_dim **16**" in facts.position.summary
+    assert np.asarray(facts.position.angles.data[0].z).shape == (internals.ROPE_POSITIONS, 8)
+    assert len(facts.position.decay.data[0].x) == internals.ROPE_DISTANCE + 1
+    assert dict(zip(facts.card["property"], facts.card["value"]))["layers"] == "2"
+    assert (facts.layers, facts.heads) == (2, 4)
 
 
 # --- performance --------------------------------------------------------------------------------------------
@@ -196,23 +247,37 @@ def _run(lm, run_id: int, label: str, params: SamplingParams) -> RunRecord:
 def test_perf_views_and_csv_from_real_runs(tiny_lm, tmp_path):
     runs = [_run(tiny_lm, 1, "A", SamplingParams(max_new_tokens=6)),
             _run(tiny_lm, 2, "B", SamplingParams(do_sample=True, temperature=0.9, max_new_tokens=6, seed=3))]
-    views = perf_tab.perf_views(runs)
+    views = perf.perf_views(runs)
     names = [run_name(r) for r in runs]
-    assert [t.name for t in views.latency.data] == names
+    assert [t.name for t in views.latency.data if t.type == "scatter"] == names
     assert [t.name for t in views.tps.data] == names
     assert {t.legendgroup for t in views.memory.data} == set(names)
     assert list(views.table["run"]) == [1, 2]
-    path = perf_tab.write_csv(runs, tmp_path)
+    path = perf.write_csv(runs, tmp_path)
     loaded = pd.read_csv(path, keep_default_na=False)
-    expected = runs_table(runs)
-    assert list(loaded.columns) == list(expected.columns)
+    expected = runs_table_for_people(runs)
+    assert list(loaded.columns) == list(expected.columns) and "decode tok/s" in loaded.columns
     assert loaded["run"].tolist() == [1, 2] and loaded["label"].tolist() == ["A", "B"]
-    assert loaded["new_tokens"].tolist() == expected["new_tokens"].tolist()
+    assert loaded["new tokens"].tolist() == runs_table(runs)["new_tokens"].tolist()
     assert loaded["settings"].tolist() == expected["settings"].tolist()
-    assert "2** run(s)" in perf_tab.summary_line(runs)
+    assert "2** run(s)" in perf.summary_line(runs)
+
+
+def test_runs_survive_a_reload_in_their_compact_form(tiny_lm):
+    """The browser keeps the runs without their stage distributions; the Performance tab draws the same."""
+    import json
+
+    runs = [_run(tiny_lm, i, "chat", SamplingParams(max_new_tokens=5)) for i in (1, 2)]
+    saved = json.loads(json.dumps(perf.saved(runs)))  # through the browser's JSON storage
+    back = perf.restored(saved)
+    assert [r.run_id for r in back] == [1, 2] and all(not t.stages for r in back for t in r.tokens)
+    pd.testing.assert_frame_equal(runs_table(back), runs_table(runs))
+    assert perf.restored([{"bogus": 1}, "junk", saved[0]])[0].run_id == 1
+    many = [_run(tiny_lm, i, "chat", SamplingParams(max_new_tokens=2)) for i in range(perf.KEPT_RUNS + 5)]
+    assert len(perf.saved(many)) == perf.KEPT_RUNS
 
 
 def test_perf_views_without_runs(tmp_path):
-    views = perf_tab.perf_views([])
+    views = perf.perf_views([])
     assert views.table.empty and views.latency.layout.annotations
-    assert perf_tab.write_csv(None, tmp_path).read_text(encoding="utf-8").startswith("run,label,model")
+    assert perf.write_csv(None, tmp_path).read_text(encoding="utf-8").startswith("run,label,model")

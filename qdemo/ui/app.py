@@ -1,4 +1,4 @@
-"""The web app: one builder per tab, sharing the session's runs and conversation."""
+"""The web app: one builder per tab, sharing the session's runs and conversation. Wiring only."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import gradio as gr
 from qdemo.limits import Limits
 from qdemo.pool import ModelPool
 from qdemo.registry import Registry
+from qdemo.services import perf, settings
+from qdemo.services.admission import Services
 from qdemo.ui import api, chat_tab
-from qdemo.ui.context import AppContext, SessionComponents
+from qdemo.ui.context import SessionComponents, UIContext
 
+# Phone widths: the chat first, shorter; tabs scroll sideways instead of hiding behind a menu.
 CSS = """
 #metrics {font-variant-numeric: tabular-nums}
+#chat-notice:empty {display: none}
+@media (max-width: 640px) {
+  .gradio-container .app.main {padding-left: 6px !important; padding-right: 6px !important}
+  #qdemo-intro p {display: none}
+  #qdemo-intro h1 {margin: 0 !important; font-size: 1.3em !important}
+  #chatbot {height: 42vh !important; min-height: 240px}
+  .tab-container button {padding: 4px 6px !important; font-size: 13px !important}
+}
 """
-
 
 def build_app(registry: Registry, device: str | None = None, default: str | None = None,
               limits: Limits | None = None, pool: ModelPool | None = None) -> gr.Blocks:
@@ -21,39 +31,62 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
     limits = limits or Limits()
-    ctx = AppContext(registry=registry, models=pool or ModelPool(registry, device), default_model=name,
-                     limits=limits)
+    services = Services(registry=registry, pool=pool or ModelPool(registry, device), default_model=name,
+                        limits=limits)
+    ui = UIContext(services)
     tabs = _optional_tabs()
     with gr.Blocks(title="qdemo") as demo:
-        gr.Markdown("# qdemo\nSee how Qwen and Baichuan models think: every token with its probabilities after each sampling "
-                    "stage, side-by-side comparisons, attention, RoPE and performance.")
+        gr.HTML("", head=f"<style>{CSS}</style>", elem_id="qdemo-css")
+        gr.Markdown("# qdemo\nSee how Qwen and Baichuan models think: every token with its probabilities after each "
+                    "sampling stage, side-by-side comparisons, attention, RoPE and performance.",
+                    elem_id="qdemo-intro")
         session = SessionComponents(
             runs=gr.State([]),
-            conversation=gr.BrowserState({"model": name, "system": None, "messages": []},
+            saved_runs=gr.BrowserState([], storage_key="qdemo-runs"),
+            conversation=gr.BrowserState({"model": name, "system": None, "messages": [], "settings": {}},
                                          storage_key="qdemo-conversation"),
         )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat_tab.build(ctx, session)
+                chat_tab.build(ui, session)
             for title, module in tabs:
                 with gr.Tab(title, id=title.lower().replace(" ", "-")) as tab:
-                    module.build(ctx, session, tab)
-        api.register(ctx)
-
-        def restore(saved):
-            if not saved or not saved.get("messages") and saved.get("system") is None:
-                return gr.skip(), gr.skip(), gr.skip()
-            chosen = saved.get("model") if saved.get("model") in registry.models else name
-            system_text = saved.get("system")
-            return chosen, (system_text if system_text is not None else gr.skip()), saved.get("messages") or []
-
-        demo.load(restore, session.conversation, [session.chat_model, session.chat_system, session.chatbot],
-                  api_visibility="private")
+                    module.build(ui, session, tab)
+        api.register(ui)
+        _restore(demo, services, session)
     return demo
 
 
+def _restore(demo: gr.Blocks, services: Services, session: SessionComponents) -> None:
+    """On page load: the saved conversation and runs come back, and the model lists say what is ready now."""
+    controls = session.chat_controls
+
+    def restore(data):
+        choices = services.choices()
+        out = {d: gr.Dropdown(choices=choices) for d in session.model_dropdowns}
+        out[session.runs] = perf.restored(data[session.saved_runs])
+        saved = data[session.conversation] if isinstance(data[session.conversation], dict) else {}
+        messages = saved.get("messages") or []
+        if messages or saved.get("system") is not None:
+            model = saved.get("model") if saved.get("model") in services.registry.models else services.default_model
+            out[session.chat_model] = gr.Dropdown(choices=choices, value=model)
+            if isinstance(saved.get("system"), str):
+                out[session.chat_system] = saved["system"]
+            out[session.chatbot] = messages
+            try:
+                out.update(controls.update(settings.values_of(settings.to_params(saved.get("settings") or {}))))
+            except ValueError:
+                pass  # settings from an older page: the model's defaults stay
+        return out
+
+    outputs = [*session.model_dropdowns, session.runs, session.chat_model, session.chat_system, session.chatbot,
+               *controls.components()]
+    demo.load(restore, {session.saved_runs, session.conversation}, list(dict.fromkeys(outputs)),
+              api_visibility="private")
+
+
 def _optional_tabs():
-    """Tabs other than Chat, in order; each module has build(ctx, session, tab)."""
+    """Tabs other than Chat, in order; each module has build(ui, session, tab)."""
     from qdemo.ui import compare_tab, internals_tab, lab_tab, perf_tab
 
     return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),

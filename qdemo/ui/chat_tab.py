@@ -1,259 +1,274 @@
-"""Chat tab: streaming chatbot, Stop/Regenerate/Undo/Clear, sampling accordion, metrics strip, token view,
-prompt inspector, export/import. Handlers fold engine events (via chatflow) into component updates."""
+"""Chat tab: wiring only. The turn logic lives in qdemo.services.chat; views are pure functions.
+
+Handlers take set inputs (`data[component]`) and return dicts naming the components they change.
+"""
 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 
-from qdemo.errors import QdemoError
-from qdemo.runs import RunRecord
-from qdemo.ui import chatflow
-from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
-from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.services import chat, perf, settings
+from qdemo.ui.context import SessionComponents, UIContext, progress_callback
+from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
-from qdemo.views.stages import stage_figure
-from qdemo.views.tokens import probability_legend, token_highlights
+from qdemo.views.prompt import prompt_chips_html
+from qdemo.views.stages import stage_figure, stage_notes
+from qdemo.views.tokens import TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
 
-UI_INTERVAL_S = 0.05
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
             "Explain what a KV cache is in two sentences."]
+MEASURE_CHOICES = [("raw probability", "raw"), ("after the sampling stages", "final"),
+                   ("margin over the runner-up", "margin")]  # the legend says what each means
+TOKENS_HINT = "<p class='tok-empty'>The tokens of the last answer appear here: hover one for its numbers, click " \
+              "it for the stage-by-stage view.</p>"
+# The token view's own click: which token, read from its data-i attribute.
+TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-i]'); "
+                  "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
 
 
-def progress_callback(progress: gr.Progress | None):
-    if progress is None:
-        return None
-    return lambda phase, done, total: progress(done / total if total else 0, desc=phase)
-
-
-def load_or_message(ctx: AppContext, name: str, progress: gr.Progress | None):
-    """(LoadedModel, "") or (None, readable error): a failed load never takes the app down."""
-    try:
-        return ctx.models.get(name, progress_callback(progress)), ""
-    except (QdemoError, ValueError, OSError, RuntimeError) as exc:
-        return None, f"⚠️ Could not load **{name}**: {exc}"
-
-
-def build(ctx: AppContext, session: SessionComponents) -> None:
-    spec = ctx.registry.get(ctx.default_model)
-    stop = gr.State(StopFlag())
-    last_run = gr.State(None)
-    with gr.Row():
-        model = gr.Dropdown(ctx.choices(), value=ctx.default_model, label="model", elem_id="chat-model", scale=2)
-        system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=1, scale=3,
-                            elem_id="chat-system")
-    with gr.Row():
-        with gr.Column(scale=3):
+def build(ui: UIContext, session: SessionComponents) -> None:
+    services = ui.services
+    spec = services.registry.get(services.default_model)
+    chat_state = gr.State(chat.ChatSession())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=280):
+            model = gr.Dropdown(services.choices(), value=services.default_model, label="model",
+                                elem_id="chat-model")
+            model_info = gr.Markdown(services.model_info(services.default_model), elem_id="chat-model-info")
+        with gr.Column(scale=3, min_width=280):
+            with gr.Accordion("System prompt", open=False, elem_id="chat-system-box"):
+                system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=2,
+                                    show_label=False, elem_id="chat-system")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=320):
             chatbot = gr.Chatbot(label="chat", height=460, elem_id="chatbot", buttons=["copy"])
             with gr.Row():
                 box = gr.Textbox(placeholder="Message (Enter to send) · 输入消息", show_label=False, scale=5,
-                                 elem_id="chat-input", max_lines=8)
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                                 min_width=160, elem_id="chat-input", max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
             with gr.Row():
-                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop")
-                regen = gr.Button("Regenerate", elem_id="regenerate")
-                undo = gr.Button("Undo last turn", elem_id="undo")
-                clear = gr.Button("Clear", elem_id="clear")
-            metrics = gr.Markdown(chatflow.metrics_line(None), elem_id="metrics")
-            with gr.Accordion("Sampling", open=False):
+                stop_btn = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", min_width=60)
+                regen = gr.Button("Regenerate", elem_id="regenerate", size="sm", min_width=60)
+                undo = gr.Button("Undo", elem_id="undo", size="sm", min_width=60)
+                clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
+            notice = gr.Markdown("", elem_id="chat-notice")
+            with gr.Row():
+                metrics = gr.Markdown(chat.metrics_line(None), elem_id="metrics")
+                pin = gr.Button("Pin this seed", size="sm", scale=0, min_width=120, elem_id="pin-seed")
+            decoding_line = gr.Markdown(_decoding(spec.sampling), elem_id="chat-decoding")
+            with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 controls = build_controls(spec, prefix="chat-")
-                settings_note = gr.Markdown("")
             with gr.Accordion("Save / load conversation (JSON)", open=False):
                 with gr.Row():
                     export_btn = gr.DownloadButton("Export JSON", elem_id="export")
                     import_btn = gr.UploadButton("Import JSON", file_types=[".json"], elem_id="import")
-            gr.Examples(EXAMPLES, inputs=box, label="examples")
-        with gr.Column(scale=2):
+            gr.Examples(EXAMPLES, inputs=box, label="examples", api_visibility="private")
+        with gr.Column(scale=2, min_width=320):
             gr.Markdown("### Token view of the last answer")
-            tokens_view = gr.HighlightedText(label="tokens (click one)", elem_id="token-view",
-                                             show_legend=False, combine_adjacent=False, interactive=False)
-            gr.Markdown(probability_legend())
-            stage_plot = gr.Plot(label="stage by stage", elem_id="stage-plot")
-            with gr.Accordion("Prompt inspector", open=False):
-                prompt_view = gr.HighlightedText(label="prompt tokens", color_map={"special": "#f59e0b"},
-                                                 elem_id="prompt-view", interactive=False)
-                prompt_ids = gr.Code(label="prompt ids", language=None, elem_id="prompt-ids")
-                dropped_md = gr.Markdown("")
+            measure = gr.Radio(MEASURE_CHOICES, value="raw", label="colour by",
+                               elem_id="token-measure")
+            legend = gr.HTML(token_legend_html("raw"), elem_id="token-legend")
+            tokens_view = gr.HTML(TOKENS_HINT, elem_id="token-view", js_on_load=TOKEN_CLICK_JS,
+                                  head=f"<style>{TOKEN_VIEW_CSS}</style>")
+            stage_plot = gr.Plot(label="stage by stage (click a token)", show_label=False, elem_id="stage-plot")
+            notes = gr.Markdown("", elem_id="stage-notes")
+            with gr.Accordion("Prompt inspector", open=False, elem_id="prompt-inspector"):
+                prompt_view = gr.HTML("", elem_id="prompt-view")
 
     session.chat_model, session.chat_system, session.chatbot = model, system, chatbot
-    control_values = controls.components()
+    session.chat_controls = controls
+    session.model_dropdowns.append(model)
+    control_inputs = controls.components()
+    views_reset = {tokens_view: TOKENS_HINT, stage_plot: None, notes: "", prompt_view: "",
+                   metrics: chat.metrics_line(None)}
 
-    def respond(message, history, model_name, system_prompt, *rest, request: gr.Request = None,
-                progress=gr.Progress()):
-        *values, flag, runs = rest
-        history = list(history or [])
-        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
+    def conversation(model_name: str, system_text: str, history: list[Any], values: dict[str, Any]) -> dict:
+        messages, _ = chat.history_messages(history)
+        return {"model": model_name, "system": system_text, "messages": messages, "settings": values}
 
-    respond = on_gpu(respond)
-    outputs = [chatbot, box, metrics, tokens_view, stage_plot, prompt_view, prompt_ids, dropped_md, session.runs,
-               last_run, session.conversation, settings_note]  # in the order of OUTPUTS
-    inputs = [box, chatbot, model, system, *control_values, stop, session.runs]
-    submit_events = [
-        box.submit(respond, inputs, outputs, api_visibility="private", **ctx.queue_kwargs()),
-        send.click(respond, inputs, outputs, api_visibility="private", **ctx.queue_kwargs()),
-    ]
+    # --- Send / Regenerate: step 1 (instant) then step 2 (queued, runs the model) ---------------------------
+    def begin(data):
+        begun = chat.begin_turn(data[chat_state], data[box], data[chatbot], services.limits)
+        return {chatbot: begun.chat, box: "" if begun.started else gr.skip(), notice: begun.notice,
+                metrics: chat.WAITING if begun.started else gr.skip()}
 
-    def regenerate(history, model_name, system_prompt, *rest, request: gr.Request = None, progress=gr.Progress()):
-        *values, flag, runs = rest
-        history, message = _pop_last_turn(history)
-        if message is None:
-            yield _updates(note="Nothing to regenerate yet.")
+    def begin_regenerate(data):
+        begun = chat.begin_regenerate(data[chat_state], data[chatbot])
+        return {chatbot: begun.chat, notice: begun.notice, metrics: chat.WAITING if begun.started else gr.skip()}
+
+    answer_inputs = {chatbot, model, system, chat_state, session.runs, measure, *control_inputs}
+    answer_outputs = [chatbot, notice, metrics, tokens_view, legend, stage_plot, notes, prompt_view, session.runs,
+                      session.saved_runs, session.conversation]
+
+    def answer(data, request: gr.Request, progress=gr.Progress(track_tqdm=False)):
+        state: chat.ChatSession = data[chat_state]
+        if not state.pending:
+            yield {notice: gr.skip()}
             return
-        yield from _respond(ctx, message, history, model_name, system_prompt, values, flag, runs, progress, request)
-
-    regenerate = on_gpu(regenerate)
-    submit_events.append(regen.click(regenerate, [chatbot, model, system, *control_values, stop, session.runs],
-                                     outputs, api_visibility="private", **ctx.queue_kwargs()))
-    stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")
-
-    def undo_turn(history, model_name, system_prompt):
-        history, text = _pop_last_turn(history)
-        return history, text or "", _conversation(model_name, system_prompt, history)
-
-    edits = [undo.click(undo_turn, [chatbot, model, system], [chatbot, box, session.conversation],
-                        api_visibility="private")]
-    edits.append(clear.click(lambda m, s: ([], "", _conversation(m, s, []), chatflow.metrics_line(None), [], None, None),
-                [model, system], [chatbot, box, session.conversation, metrics, tokens_view, stage_plot, last_run],
-                api_visibility="private"))
-
-    def on_model_change(name, history, system_prompt):
-        new_spec = ctx.registry.get(name)
-        return [*defaults_for(new_spec), new_spec.system_prompt or "", _conversation(name, new_spec.system_prompt
-                                                                                     or "", history or [])]
-
-    model.input(on_model_change, [model, chatbot, system], [*control_values, system, session.conversation],
-                 api_visibility="private")
-
-    def show_stages(run: RunRecord | None, evt: gr.SelectData):
-        if run is None or not run.tokens:
-            return None
-        index = evt.index if isinstance(evt.index, int) else evt.index[0]
-        if not 0 <= index < len(run.tokens):
-            return None
-        event = run.tokens[index]
-        tokenizer = ctx.models.get(run.model).tokenizer
-        ids = {i for s in event.stages for i in s.token_ids} | {event.token_id}
-        labels = {i: token_label(tokenizer.decode([i])) for i in ids}
-        return stage_figure(event.stages, labels, chosen=event.token_id,
-                            title=f"token {index}: {labels[event.token_id]} — each stage's top-N")
-
-    tokens_view.select(show_stages, [last_run], stage_plot, api_visibility="private")
-
-    def export(history, model_name, system_prompt, *values):
+        values = controls.values(data)
         try:
-            settings = to_params(*values).to_dict()
-        except ValueError:
-            settings = {}
-        folder = Path(tempfile.mkdtemp(prefix="qdemo-export-"))
-        path = folder / "qdemo-conversation.json"
-        path.write_text(chatflow.export_conversation(model_name, system_prompt, history or [], settings),
-                        encoding="utf-8")
-        return str(path)
+            params = settings.to_params(values)
+        except ValueError as exc:
+            state.pending = False
+            yield {notice: f"⚠️ Sampling settings: {exc}"}
+            return
+        runs = list(data[session.runs] or [])
+        for update in chat.answer(services, state, ui.client(request), data[chatbot], data[model], data[system],
+                                  params, perf.next_run_id(runs), progress_callback(progress)):
+            out = {chatbot: update.chat, metrics: update.metrics, notice: update.notice}
+            if update.view is not None:
+                view = update.view
+                runs = runs + [view.run]
+                out.update({tokens_view: token_view_html(view.run.tokens, view.texts, view.labels, data[measure]),
+                            legend: token_legend_html(data[measure]), stage_plot: None, notes: "",
+                            prompt_view: prompt_chips_html(view.prompt, view.dropped), session.runs: runs,
+                            session.saved_runs: perf.saved(runs),
+                            session.conversation: conversation(data[model], data[system], update.chat, values)})
+            elif update.done:
+                out[session.conversation] = conversation(data[model], data[system], update.chat, values)
+            yield out
 
-    # The file is written whenever the conversation settles, so the button downloads it straight away.
-    export_inputs = [chatbot, model, system, *control_values]
+    answer = on_gpu(answer)
+    answers = []
+    for trigger in (box.submit, send.click):
+        step = trigger(begin, {box, chatbot, chat_state}, [chatbot, box, notice, metrics], queue=False,
+                       api_visibility="private")
+        answers.append(step.then(answer, answer_inputs, answer_outputs, api_visibility="private",
+                                 show_progress_on=chatbot, **ui.queue_kwargs()))
+    step = regen.click(begin_regenerate, {chatbot, chat_state}, [chatbot, notice, metrics], queue=False,
+                       api_visibility="private")
+    answers.append(step.then(answer, answer_inputs, answer_outputs, api_visibility="private",
+                             show_progress_on=chatbot, **ui.queue_kwargs()))
+    stop_btn.click(lambda data: data[chat_state].stop.set(), {chat_state}, None, queue=False,
+                   api_visibility="private")
 
-    def do_import(file, model_name, system_prompt, history):
+    # --- Clear / trash icon / Undo / Import: stop what runs, and reset every panel ----------------------------
+    def clear_chat(data):
+        data[chat_state].interrupt()
+        return {chatbot: [], box: "", notice: "", **views_reset,
+                session.conversation: conversation(data[model], data[system], [], controls.values(data))}
+
+    clear_inputs = {chat_state, model, system, *control_inputs}
+    clear_outputs = [chatbot, box, notice, *views_reset, session.conversation]
+    edits = [clear.click(clear_chat, clear_inputs, clear_outputs, queue=False, cancels=answers,
+                         api_visibility="private"),
+             chatbot.clear(clear_chat, clear_inputs, clear_outputs, queue=False, cancels=answers,
+                           api_visibility="private")]
+
+    def undo_turn(data):
+        data[chat_state].interrupt()
+        history, text = chat.pop_last_turn(data[chatbot])
+        return {chatbot: history, box: text or "", notice: "" if text is not None else "Nothing to undo.",
+                **views_reset,
+                session.conversation: conversation(data[model], data[system], history, controls.values(data))}
+
+    edits.append(undo.click(undo_turn, {chat_state, chatbot, model, system, *control_inputs}, clear_outputs,
+                            queue=False, cancels=answers, api_visibility="private"))
+
+    def do_import(data):
+        file = data[import_btn]
         try:
             text = Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8")
-            data = chatflow.import_conversation(text)
+            imported = chat.import_conversation(text)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
-            gr.Warning(f"Could not import that file: {exc}")
-            return history, model_name, system_prompt, gr.skip()
-        name = data["model"] if data["model"] in ctx.registry.models else model_name
-        return (data["messages"], name, data["system"],
-                _conversation(name, data["system"], data["messages"]))
+            return {notice: f"⚠️ Could not import that file: {exc}"}
+        data[chat_state].interrupt()
+        name = imported.model if imported.model in services.registry.models else data[model]
+        notes_ = [] if imported.model in (None, name) else [f"The file's model {imported.model!r} is not served "
+                                                            f"here; kept {name}."]
+        values = settings.defaults(services.registry.get(name))
+        try:
+            params = services.registry.get(name).sampling.replace(**imported.settings)
+            values = settings.values_of(params)
+        except (TypeError, ValueError) as exc:
+            notes_.append(f"The file's sampling settings were not applied ({exc}).")
+        return {chatbot: imported.messages, model: name, system: imported.system, box: "", **views_reset,
+                **controls.update(values), model_info: services.model_info(name),
+                notice: " ".join(notes_) or f"Imported {len(imported.messages)} message(s).",
+                session.conversation: conversation(name, imported.system, imported.messages, values)}
 
-    edits.append(import_btn.upload(do_import, [import_btn, model, system, chatbot],
-                                   [chatbot, model, system, session.conversation], api_visibility="private"))
-    for event in submit_events + edits:
-        event.then(export, export_inputs, export_btn, api_visibility="private")
+    edits.append(import_btn.upload(
+        do_import, {import_btn, chat_state, model}, [chatbot, model, system, box, *views_reset, *control_inputs,
+                                                     model_info, notice, session.conversation],
+        api_visibility="private"))
+
+    # --- model, seed, token view -------------------------------------------------------------------------------
+    def on_model_change(data):
+        name = data[model]
+        new_spec = services.registry.get(name)
+        values = settings.defaults(new_spec)
+        return {**controls.update(values), system: new_spec.system_prompt or "", model_info: services.model_info(name),
+                decoding_line: _decoding(new_spec.sampling),
+                session.conversation: conversation(name, new_spec.system_prompt or "", data[chatbot], values)}
+
+    model.input(on_model_change, {model, chatbot}, [*control_inputs, system, model_info, decoding_line,
+                                                    session.conversation], api_visibility="private")
+
+    def describe_settings(data):
+        try:
+            return {decoding_line: _decoding(settings.to_params(controls.values(data)))}
+        except ValueError as exc:
+            return {decoding_line: f"⚠️ {exc}"}
+
+    for component in control_inputs:
+        component.change(describe_settings, control_inputs, decoding_line, queue=False, show_progress="hidden",
+                         api_visibility="private")
+
+    def pin_seed(data):
+        view = data[chat_state].view
+        seed = view.run.prefill.seed if view is not None and view.run.prefill is not None else None
+        if seed is None:
+            return {notice: "No seed to pin: the last answer was not sampled."}
+        return {controls.by_field["seed"]: str(seed), notice: f"Seed {seed} pinned: the next answers repeat that draw."}
+
+    pin.click(pin_seed, {chat_state}, [controls.by_field["seed"], notice], queue=False, api_visibility="private")
+
+    def show_stages(data, evt: gr.EventData):
+        view = data[chat_state].view
+        index = (evt._data or {}).get("index") if isinstance(evt._data, dict) else None
+        event = chat.token_at(view, index)
+        if event is None:
+            return {notes: gr.skip()}
+        label = token_label(view.labels.get(event.token_id, ""))
+        value = token_value(event, data[measure])
+        title = f"token {int(index)}: {label}" + (f" · {data[measure]} {value:.3f}" if value is not None else "")
+        return {stage_plot: stage_figure(event.stages, view.labels, chosen=event.token_id, title=title,
+                                         settings=view.run.settings),
+                notes: "\n".join(f"- {n}" for n in stage_notes(event.stages, view.run.settings))}
+
+    tokens_view.select(show_stages, {chat_state, measure}, [stage_plot, notes], queue=False,
+                       api_visibility="private")
+
+    def recolour(data):
+        view = data[chat_state].view
+        out = {legend: token_legend_html(data[measure])}
+        if view is not None:
+            out[tokens_view] = token_view_html(view.run.tokens, view.texts, view.labels, data[measure])
+        return out
+
+    measure.change(recolour, {chat_state, measure}, [legend, tokens_view], queue=False, api_visibility="private")
+
+    # --- export: the file is rewritten whenever the conversation settles, so the button downloads at once ------
+    def export(data):
+        try:
+            values = settings.to_params(controls.values(data)).to_dict()
+        except ValueError:
+            values = {}
+        folder = Path(tempfile.mkdtemp(prefix="qdemo-export-"))
+        path = folder / "qdemo-conversation.json"
+        path.write_text(chat.export_conversation(data[model], data[system], data[chatbot] or [], values),
+                        encoding="utf-8")
+        return {export_btn: str(path)}
+
+    for event in answers + edits:
+        event.then(export, {chatbot, model, system, *control_inputs}, export_btn, queue=False,
+                   api_visibility="private")
 
 
-OUTPUTS = ("chat", "box", "metrics", "tokens", "stages", "prompt", "prompt_ids", "dropped", "runs", "last_run",
-           "conversation", "note")
-
-
-def _updates(**values: Any) -> list[Any]:
-    """The handler's outputs in OUTPUTS order; anything not named stays as it is."""
-    unknown = set(values) - set(OUTPUTS)
-    if unknown:
-        raise TypeError(f"not a chat output: {', '.join(sorted(unknown))}")
-    return [values.get(name, gr.skip()) for name in OUTPUTS]
-
-
-def _pop_last_turn(history: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], str | None]:
-    """The history without its last user message (and the answers after it), and that message's text."""
-    history = list(history or [])
-    while history and history[-1].get("role") == "assistant":
-        history.pop()
-    if not history:
-        return history, None
-    return history, chatflow.content_text(history.pop().get("content"))
-
-
-def _conversation(model: str, system: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"model": model, "system": system, "messages": chatflow.history_messages(messages)}
-
-
-def _respond(ctx: AppContext, message, history, model_name, system_prompt, values, flag: StopFlag,
-             runs: list[RunRecord], progress, request: gr.Request | None = None) -> Iterator[list[Any]]:
-    """One chat turn: validate, load, stream, then fill the token view and prompt inspector."""
-    turn = chatflow.prepare_turn(message, history, system_prompt, ctx.limits.max_input_chars, ctx.limits.max_turns)
-    if turn is None:
-        yield _updates(note="Empty message ignored.")
-        return
-    refusal = ctx.admit(request)
-    if refusal:
-        yield _updates(note=f"⚠️ {refusal}")
-        return
-    try:
-        params, capped = chatflow.cap_params(to_params(*values), ctx.limits.max_new_tokens)
-    except ValueError as exc:
-        yield _updates(note=f"⚠️ Sampling settings: {exc}")
-        return
-    lm, error = load_or_message(ctx, model_name, progress)
-    if lm is None:
-        yield _updates(note=error)
-        return
-    with ctx.generation(model_name) as (lm, step_lock):
-        yield from _stream_turn(lm, step_lock, turn, history, model_name, system_prompt, params,
-                                " ".join(n for n in (turn.notice, capped) if n), flag, runs)
-
-
-def _stream_turn(lm, step_lock, turn: chatflow.Turn, history, model_name, system_prompt, params, note: str,
-                 flag: StopFlag, runs: list[RunRecord]) -> Iterator[list[Any]]:
-    shown = history + [{"role": "user", "content": turn.user_text}, {"role": "assistant", "content": ""}]
-    run = RunRecord(run_id=next_run_id(runs), model=model_name, settings=params.to_dict(), label="chat")
-    event = flag.arm()
-    shown_at = 0.0
-    try:
-        for run in chatflow.stream_run(lm, turn.messages, params, run, event, step_lock=step_lock):
-            # Each update re-sends the chat; more than ~20 a second would slow a fast model down to the UI's pace.
-            if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
-                shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
-                yield _updates(chat=shown, box="", metrics=chatflow.metrics_line(run), note=note)
-                shown_at = time.perf_counter()
-    except (QdemoError, ValueError) as exc:  # prompt too long and friends: the user can act on these
-        yield _updates(chat=history, box=turn.user_text, metrics=chatflow.metrics_line(None), note=f"⚠️ {exc}")
-        return
-    shown[-1] = {"role": "assistant", "content": chatflow.answer_text(run)}
-    runs = runs + [run]
-    texts = [lm.tokenizer.decode([t.token_id]) for t in run.tokens]
-    prompt = list(run.prefill.prompt_ids)
-    dropped = ""
-    if run.prefill.dropped_turns:
-        offset = 1 if turn.messages[0]["role"] == "system" else 0  # indices count the system message
-        dropped = "**Dropped to fit the context:** " + ", ".join(
-            f"{turn.messages[i]['role']} message {i + 1 - offset}" for i in run.prefill.dropped_turns)
-    if params.beam_search:
-        note = (note + " " if note else "") + "Beam search shows the answer when the search ends."
-    yield _updates(chat=shown, box="", metrics=chatflow.metrics_line(run), tokens=token_highlights(run.tokens, texts),
-                   stages=None, prompt=chatflow.prompt_tokens(lm.tokenizer, prompt), prompt_ids=str(prompt),
-                   dropped=dropped, runs=runs, last_run=run, conversation=_conversation(model_name, system_prompt, shown),
-                   note=note)
+def _decoding(params) -> str:
+    return f"decoding: **{settings.summary(params)}**"

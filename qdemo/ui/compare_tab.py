@@ -1,111 +1,113 @@
-"""Compare tab: panes A | B with their own model and settings, one prompt and seed, streaming together."""
+"""Compare tab: wiring only (logic in qdemo.services.compare). Panes A | B with their own model and decoding,
+one prompt and one seed for both, streaming together."""
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import gradio as gr
 
-from qdemo.errors import QdemoError
-from qdemo.runs import RunRecord
-from qdemo.ui import chatflow, compareflow
-from qdemo.ui.chat_tab import UI_INTERVAL_S, load_or_message
-from qdemo.ui.context import AppContext, SessionComponents, StopFlag, next_run_id
-from qdemo.ui.controls import build_controls, defaults_for, to_params
+from qdemo.services import chat, compare, perf, settings
+from qdemo.services.admission import Refused
+from qdemo.ui.context import SessionComponents, UIContext, progress_callback
+from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
-from qdemo.views.compare import side_by_side_frame, tps_overlay_figure
+from qdemo.views.compare import empty_side_by_side, side_by_side_frame, tps_overlay_figure
 
-EXAMPLES = ["Write a limerick about a GPU.", "用三句话解释什么是注意力机制。"]
+EXAMPLES = ["Write a haiku about the sea.", "用三句话解释什么是注意力机制。"]
+PANE_FIELDS = ("mode", "num_beams", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
 
 
-def build(ctx: AppContext, session: SessionComponents, tab: gr.Tab) -> None:
-    spec = ctx.registry.get(ctx.default_model)
-    stop = gr.State(StopFlag())
+def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
+    services = ui.services
+    spec = services.registry.get(services.default_model)
+    state = gr.State(compare.CompareSession())
     with gr.Row():
-        prompt = gr.Textbox(label="prompt (both sides)", lines=2, scale=4, elem_id="compare-prompt")
-        seed = gr.Number(value=1234, precision=0, label="seed (both sides)", scale=1, elem_id="compare-seed")
+        prompt = gr.Textbox(label="prompt (both sides)", lines=2, scale=4, min_width=240, elem_id="compare-prompt")
+        seed = gr.Textbox(label="seed, both sides", placeholder="empty: a fresh seed each run", max_lines=1,
+                          scale=1, min_width=140, elem_id="compare-seed")
     with gr.Row():
         run_btn = gr.Button("Run both", variant="primary", elem_id="compare-run")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
-    gr.Examples(EXAMPLES, inputs=prompt, label="examples")
+    gr.Examples(EXAMPLES, inputs=prompt, label="examples", api_visibility="private")
     panes = []
-    with gr.Row():
+    with gr.Row(equal_height=False):
         for side, mode in (("A", "greedy"), ("B", "sample")):
-            with gr.Column():
+            with gr.Column(min_width=300):
                 gr.Markdown(f"### {side}")
-                model = gr.Dropdown(ctx.choices(), value=ctx.default_model, label=f"model {side}",
+                model = gr.Dropdown(services.choices(), value=services.default_model, label=f"model {side}",
                                     elem_id=f"compare-model-{side.lower()}")
+                info = gr.Markdown(services.model_info(services.default_model))
+                summary = gr.Markdown("", elem_id=f"compare-decoding-{side.lower()}")
                 with gr.Accordion(f"sampling {side}", open=False):
-                    controls = build_controls(spec, prefix=f"compare-{side.lower()}-", decoding=mode)
-                output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320)
-                metrics = gr.Markdown(chatflow.metrics_line(None))
-                panes.append((model, controls, output, metrics))
+                    controls = build_controls(spec, prefix=f"compare-{side.lower()}-", decoding=mode,
+                                              fields=PANE_FIELDS)
+                output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320, line_breaks=True)
+                metrics = gr.Markdown(chat.metrics_line(None), elem_id=f"compare-metrics-{side.lower()}")
+                panes.append((model, info, summary, controls, output, metrics))
+                session.model_dropdowns.append(model)
     verdict = gr.Markdown("", elem_id="compare-verdict")
-    with gr.Row():
-        table = gr.Dataframe(label="side by side", interactive=False, elem_id="compare-table")
-        chart = gr.Plot(label="tokens per second", elem_id="compare-chart")
+    with gr.Row(equal_height=False):
+        table = gr.Dataframe(empty_side_by_side(), label="side by side", interactive=False, elem_id="compare-table")
+        chart = gr.Plot(label="decode speed", show_label=False, elem_id="compare-chart")
 
-    for model, controls, _, _ in panes:
-        model.input(lambda name: defaults_for(ctx.registry.get(name)), model, controls.components(),
-                    api_visibility="private")
+    (model_a, info_a, summary_a, controls_a, out_a, metrics_a), \
+        (model_b, info_b, summary_b, controls_b, out_b, metrics_b) = panes
 
-    (model_a, controls_a, out_a, metrics_a), (model_b, controls_b, out_b, metrics_b) = panes
-    n_a = len(controls_a.components())
-    outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs]
+    for model, info, summary, controls, _, _ in panes:
+        def describe(data, controls=controls, summary=summary):
+            try:
+                return {summary: f"decoding: **{settings.summary(settings.to_params(controls.values(data)))}**"}
+            except ValueError as exc:
+                return {summary: f"⚠️ {exc}"}
 
-    def run_both(text, seed_value, name_a, name_b, *rest, request: gr.Request = None, progress=gr.Progress()):
-        values_a, values_b, (flag, runs) = rest[:n_a], rest[n_a:2 * n_a], rest[2 * n_a:]
-        def verdict_only(text: str) -> list[Any]:
-            return [gr.skip()] * 4 + [text] + [gr.skip()] * (len(outputs) - 5)
+        def on_model(data, model=model, info=info, controls=controls):
+            values = settings.defaults(services.registry.get(data[model]))
+            values.pop("mode")  # each pane keeps its decoding mode: the comparison is the point
+            return {**controls.update(values), info: services.model_info(data[model])}
 
-        turn = chatflow.prepare_turn(text, [], None, ctx.limits.max_input_chars)
-        if turn is None:
-            yield verdict_only("Type a prompt first.")
-            return
-        refusal = ctx.admit(request)
-        if refusal:
-            yield verdict_only(f"⚠️ {refusal}")
-            return
+        for component in controls.components():
+            component.change(describe, controls.components(), summary, queue=False, show_progress="hidden",
+                             api_visibility="private")
+        model.input(on_model, {model}, [*controls.components(), info], api_visibility="private")
+        tab.select(describe, controls.components(), summary, queue=False, show_progress="hidden",
+                   api_visibility="private")
+
+    inputs = {prompt, seed, model_a, model_b, state, session.runs, *controls_a.components(), *controls_b.components()}
+    outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs, session.saved_runs]
+
+    def run_both(data, request: gr.Request, progress=gr.Progress()):
         try:
-            params_a = to_params(*values_a).replace(seed=int(seed_value) if seed_value is not None else None)
-            params_b = to_params(*values_b).replace(seed=int(seed_value) if seed_value is not None else None)
-        except (ValueError, OverflowError) as exc:
-            yield verdict_only(f"⚠️ Sampling settings: {exc}")
+            params_a = settings.to_params(controls_a.values(data))
+            params_b = settings.to_params(controls_b.values(data))
+            seed_value = None if not str(data[seed] or "").strip() else settings.whole_number(data[seed], "seed")
+        except ValueError as exc:
+            yield {verdict: f"⚠️ Sampling settings: {exc}"}
             return
-        params_a, capped_a = chatflow.cap_params(params_a, ctx.limits.max_new_tokens)
-        params_b, capped_b = chatflow.cap_params(params_b, ctx.limits.max_new_tokens)
-        notice = " ".join(dict.fromkeys(n for n in (turn.notice, capped_a, capped_b) if n))
-        lm_a, error_a = load_or_message(ctx, name_a, progress)
-        lm_b, error_b = load_or_message(ctx, name_b, progress) if lm_a is not None else (None, "")
-        if lm_a is None or lm_b is None:
-            yield verdict_only(error_a or error_b)
-            return
-        first = next_run_id(runs)
-        run_a = RunRecord(run_id=first, model=name_a, settings=params_a.to_dict(), label="A")
-        run_b = RunRecord(run_id=first + 1, model=name_b, settings=params_b.to_dict(), label="B")
-        event = flag.arm()
-        shown_at = 0.0
+        runs = list(data[session.runs] or [])
+        yield {verdict: "Loading and queueing…", table: empty_side_by_side(), chart: None}
         try:
-            with ctx.generation(name_a) as (lm_a, lock_a), ctx.generation(name_b) as (lm_b, lock_b):
-                for run_a, run_b in compareflow.run_pair(lm_a, lm_b, turn.messages, params_a, params_b, run_a,
-                                                         run_b, event, step_locks=(lock_a, lock_b)):
-                    if time.perf_counter() - shown_at < UI_INTERVAL_S:
-                        continue
-                    shown_at = time.perf_counter()
-                    yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
-                           chatflow.metrics_line(run_b), notice or "streaming…", *[gr.skip()] * 3]
-        except (QdemoError, ValueError) as exc:
-            yield verdict_only(f"⚠️ {exc}")
-            return
-        report = compareflow.divergence_report(lm_a, lm_b, run_a, run_b, params_a, params_b)
-        yield [chatflow.answer_text(run_a), chatflow.answer_text(run_b), chatflow.metrics_line(run_a),
-               chatflow.metrics_line(run_b), compareflow.describe(report), side_by_side_frame(run_a, run_b),
-               tps_overlay_figure([run_a, run_b]), runs + [run_a, run_b]]
+            for update in compare.compare(services, data[state], ui.client(request), data[prompt], data[model_a],
+                                          data[model_b], params_a, params_b, seed_value, perf.next_run_id(runs),
+                                          progress_callback(progress)):
+                out = {out_a: _pane_text(update.a), out_b: _pane_text(update.b),
+                       metrics_a: chat.metrics_line(update.a), metrics_b: chat.metrics_line(update.b),
+                       verdict: update.status}
+                if update.done:
+                    runs = runs + [update.a, update.b]
+                    out.update({table: side_by_side_frame(update.a, update.b),
+                                chart: tps_overlay_figure([update.a, update.b]), session.runs: runs,
+                                session.saved_runs: perf.saved(runs)})
+                yield out
+        except Refused as exc:
+            yield {verdict: f"⚠️ {exc}"}
 
     run_both = on_gpu(run_both)
-    inputs: list[Any] = [prompt, seed, model_a, model_b, *controls_a.components(), *controls_b.components(), stop,
-                         session.runs]
-    run_btn.click(run_both, inputs, outputs, api_visibility="private", **ctx.queue_kwargs())
-    prompt.submit(run_both, inputs, outputs, api_visibility="private", **ctx.queue_kwargs())
-    stop_btn.click(lambda flag: flag.set(), stop, None, queue=False, api_visibility="private")
+    run_btn.click(run_both, inputs, outputs, api_visibility="private", **ui.queue_kwargs())
+    prompt.submit(run_both, inputs, outputs, api_visibility="private", **ui.queue_kwargs())
+    stop_btn.click(lambda data: data[state].stop.set(), {state}, None, queue=False, api_visibility="private")
+
+
+def _pane_text(run) -> str:
+    text = chat.answer_text(run) + chat.end_note(run)
+    if run.prefill is None and run.progress is not None:
+        return f"*{chat.metrics_line(run)}*"
+    return text

@@ -1,89 +1,52 @@
-"""What every tab builder receives: the app-wide (read-only) pieces and the session-scoped components."""
+"""What every tab builder receives: the app-wide services and the session-scoped components shared by tabs."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable
 
 import gradio as gr
 
-from qdemo.engine import StepLock
-from qdemo.limits import Limits, RateLimiter
-from qdemo.loader import LoadedModel
-from qdemo.pool import ModelPool
-from qdemo.registry import Registry
-from qdemo.sources import ProgressFn
-
+from qdemo.services.admission import Services
 
 GENERATION = "generation"  # the concurrency id shared by every event that runs a model
 
 
-class StopFlag:
-    """A per-session stop signal kept in gr.State. Gradio deep-copies a State's initial value for each
-    session, so each copy gets its own Event (an Event itself cannot be deep-copied)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __deepcopy__(self, memo: dict) -> "StopFlag":
-        return StopFlag()
-
-    def arm(self) -> threading.Event:
-        """A fresh event for a new generation, so a late Stop never leaks into the next one."""
-        self.event = threading.Event()
-        return self.event
-
-    def set(self) -> None:
-        self.event.set()
-
-
 @dataclass
-class AppContext:
-    """App-wide pieces. Nothing here belongs to one user: the pool holds shared read-only models, and the rate
-    limiter only timestamps keyed by Gradio's session id."""
-
-    registry: Registry
-    models: ModelPool
-    default_model: str
-    limits: Limits = field(default_factory=Limits)
-    rates: RateLimiter | None = None
-
-    def __post_init__(self) -> None:
-        if self.rates is None:
-            self.rates = RateLimiter(self.limits.requests_per_minute)
-
-    def choices(self) -> list[tuple[str, str]]:
-        return [(spec.display_name, name) for name, spec in self.registry.models.items()]
+class UIContext:
+    services: Services
 
     def queue_kwargs(self) -> dict:
-        """For events that run the model: they share one concurrency group of `limits.concurrency` slots, so the
+        """For events that run a model: they share one concurrency group of `limits.concurrency` slots, so the
         rest wait in Gradio's queue, which shows each waiting user their position."""
-        return {"concurrency_limit": self.limits.concurrency, "concurrency_id": GENERATION}
+        return {"concurrency_limit": self.services.limits.concurrency, "concurrency_id": GENERATION}
 
-    def admit(self, request: gr.Request | None) -> str | None:
-        """None when this session may start another request, else the refusal to show."""
-        return self.rates.check(getattr(request, "session_hash", None))
+    def client(self, request: gr.Request | None) -> str | None:
+        """The key the rate limiter counts this request under."""
+        return getattr(request, "session_hash", None)
 
-    @contextlib.contextmanager
-    def generation(self, name: str, progress: ProgressFn | None = None) -> Iterator[tuple[LoadedModel, StepLock]]:
-        """The model pinned for one generation, and its step gate (concurrent users take turns per token)."""
-        with self.models.lease(name, progress) as lm:
-            yield lm, self.models.gate(name).step
+
+def progress_callback(progress: gr.Progress | None) -> Callable[[str, float, float], None] | None:
+    """A ProgressFn that moves Gradio's progress bar."""
+    if progress is None:
+        return None
+
+    def report(phase: str, done: float, total: float) -> None:
+        progress(done / total if total else 0, desc=phase)
+
+    return report
 
 
 @dataclass
 class SessionComponents:
-    """Components other tabs read (created in the app builder; the chat_* ones are set by the Chat tab,
-    which is built first)."""
+    """Components more than one tab reads (created in the app builder; the chat_* ones by the Chat tab, which is
+    built first)."""
 
     runs: gr.State  # list[RunRecord] of this session, newest last
-    conversation: gr.BrowserState  # {"model", "system", "messages"}: survives a page reload
-    chat_model: gr.Dropdown | None = None  # Internals follows it
-    chat_system: gr.Textbox | None = None
-    chatbot: gr.Chatbot | None = None
-
-
-def next_run_id(runs: list) -> int:
-    return max((r.run_id for r in runs), default=0) + 1
+    saved_runs: gr.BrowserState  # their compact copy: the Performance tab survives a reload
+    conversation: gr.BrowserState  # {"model", "system", "messages", "settings"}: survives a reload
+    chat_model: Any = None  # gr.Dropdown; Internals follows it
+    chat_system: Any = None  # gr.Textbox
+    chatbot: Any = None  # gr.Chatbot
+    chat_controls: Any = None  # SamplingControls of the Chat tab (restored with the conversation)
+    model_dropdowns: list = field(default_factory=list)  # every model picker: their labels refresh on load

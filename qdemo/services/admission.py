@@ -1,0 +1,161 @@
+"""One admission for every request that runs a model: the Chat, Compare, Lab and Internals events and the named
+API endpoints all pass the same checks in the same order, and refusals come back in one shape.
+
+rate limit → model name → sampling settings (validated, capped) → load (with progress) → lease, and the leased
+backends for the request's duration. Anything the user can act on is a `Refused` with a message that names the
+model, field or value; nothing here knows about Gradio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from qdemo.backend import LocalBackend
+from qdemo.errors import QdemoError
+from qdemo.limits import Limits, RateLimiter
+from qdemo.loader import describe_run
+from qdemo.pool import ModelPool
+from qdemo.registry import Registry
+from qdemo.sampling import SamplingParams
+from qdemo.sources import ProgressFn, readiness
+
+MAX_ECHO = 60  # characters of a bad value quoted back in a message
+# An absolute path (two or more segments) not glued to a word: "Qwen/Qwen2.5-7B" stays, "/home/x/.cache" goes.
+_SERVER_PATH = re.compile(r"(?<![\w.@-])(?:/[\w.@+-]+){2,}/?")
+
+
+class Refused(QdemoError):
+    """A request turned away; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One model a request needs, and the sampling settings it runs with (None: it samples nothing)."""
+
+    model: str | None
+    settings: SamplingParams | Mapping[str, Any] | None = None
+    sampling: bool = True
+
+
+@dataclass
+class Admitted:
+    backends: list[LocalBackend]
+    params: list[SamplingParams | None]
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def backend(self) -> LocalBackend:
+        return self.backends[0]
+
+    @property
+    def notice(self) -> str:
+        return " ".join(dict.fromkeys(n for n in self.notices if n))
+
+
+def without_paths(text: str) -> str:
+    """A message for the page: the server's file system stays private (the operator's log has the details)."""
+    return _SERVER_PATH.sub("<server path>", text)
+
+
+def echo(value: Any) -> str:
+    """A value quoted back to the user, never longer than MAX_ECHO characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 1] + "…"
+
+
+@dataclass
+class Services:
+    """App-wide pieces shared by every session. Nothing here belongs to one user: the pool holds shared models,
+    and the rate limiter only timestamps keyed by client."""
+
+    registry: Registry
+    pool: ModelPool
+    default_model: str
+    limits: Limits = field(default_factory=Limits)
+    rates: RateLimiter | None = None
+
+    def __post_init__(self) -> None:
+        if self.rates is None:
+            self.rates = RateLimiter(self.limits.requests_per_minute)
+
+    # --- models offered -----------------------------------------------------------------------------------------
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, name) for the model dropdowns: each label says whether the model is ready here."""
+        out = []
+        for name, spec in self.registry.models.items():
+            ready = readiness(spec)
+            mark = "✓" if ready.ready else "✗"
+            out.append((f"{mark} {spec.display_name} · {ready.state}", name))  # the mark first: labels get cut
+        return out
+
+    def model_info(self, name: str) -> str:
+        """One line under a model dropdown: how it runs here, or what it needs."""
+        try:
+            spec = self.registry.get(name)
+        except QdemoError as exc:
+            return f"⚠️ {exc}"
+        ready = readiness(spec)
+        if not ready.ready:
+            return f"✗ **not ready here**: {ready.hint}"
+        return f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
+
+    def model_name(self, model: Any) -> str:
+        """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists."""
+        if model is not None and not isinstance(model, str):
+            raise Refused(f"model must be a model name (text), got {type(model).__name__}")
+        name = model or self.default_model
+        if name not in self.registry.models:
+            raise Refused(f"unknown model {echo(name)}; this server has: {', '.join(self.registry.names())}")
+        return name
+
+    def params(self, name: str, settings: SamplingParams | Mapping[str, Any] | None) -> tuple[SamplingParams, str]:
+        """Settings over the model's defaults, validated, with max_new_tokens capped at the server's limit."""
+        if isinstance(settings, SamplingParams):
+            params = settings
+        else:
+            if settings is not None and not isinstance(settings, Mapping):
+                raise Refused(f"settings must be a JSON object of sampling fields, got {type(settings).__name__}")
+            try:
+                params = self.registry.get(name).sampling.replace(**dict(settings or {}))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise Refused(f"sampling settings: {exc}") from None
+        limit = self.limits.max_new_tokens
+        if params.max_new_tokens <= limit:
+            return params, ""
+        return (params.replace(max_new_tokens=limit),
+                f"max new tokens lowered from {params.max_new_tokens} to this server's limit of {limit}.")
+
+    # --- admission ----------------------------------------------------------------------------------------------
+    def check_rate(self, client: str | None) -> None:
+        refusal = self.rates.check(client)
+        if refusal:
+            raise Refused(refusal)
+
+    @contextlib.contextmanager
+    def admit(self, client: str | None, *requests: ModelRequest, progress: ProgressFn | None = None
+              ) -> Iterator[Admitted]:
+        """The request's models, loaded and leased behind their gated backends, for the block's duration."""
+        self.check_rate(client)
+        names = [self.model_name(r.model) for r in requests]
+        params: list[SamplingParams | None] = []
+        notices: list[str] = []
+        for name, request in zip(names, requests):
+            if not request.sampling:
+                params.append(None)
+                continue
+            p, notice = self.params(name, request.settings)
+            params.append(p)
+            notices.append(notice)
+        with contextlib.ExitStack() as stack:
+            backends = []
+            for name in names:
+                try:
+                    backends.append(stack.enter_context(self.pool.backend(name, progress)))
+                except Refused:
+                    raise
+                except (QdemoError, ValueError, OSError, RuntimeError) as exc:
+                    raise Refused(f"Could not load {name}: {without_paths(str(exc))}") from None
+            yield Admitted(backends=backends, params=params, notices=notices)

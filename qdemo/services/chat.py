@@ -1,0 +1,414 @@
+"""Chat: a session's turns, their streams and everything the Chat tab shows about the last answer.
+
+No Gradio here. A turn is two steps, so the user sees their message at once and Stop is honoured from the
+moment they press Send: `begin_turn` (instant: checks the text, puts it in the chat, arms the session's stop
+event) and `answer` (queued: admission, load, stream). `ChatSession.interrupt` (Clear, Undo, Import) stops the
+answer and makes sure nothing it still yields lands in the cleared chat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+from qdemo.backend import LocalBackend
+from qdemo.events import TokenEvent
+from qdemo.limits import Limits, clean_text, cut_text
+from qdemo.prompting import keep_last_turns, validate_messages
+from qdemo.runs import RunRecord
+from qdemo.sampling import SamplingParams
+from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.sources import ProgressFn
+from qdemo.views.card import human_bytes
+from qdemo.views.perf import reason_words
+
+EXPORT_VERSION = 1
+ROLES = ("user", "assistant")
+# An answer that did not end by itself gets a note in its bubble after this invisible separator; the note is
+# never sent back to the model (`message_text` strips it).
+END_MARK = "\u2063"
+_END_NOTE = re.compile(f"(?:\n\n)?{END_MARK}.*\\Z", re.S)
+
+
+@dataclass(frozen=True)
+class Turn:
+    messages: list[dict[str, str]]  # what goes to the model (system first when given)
+    notice: str  # "" or a sentence for the user (cut message, turns left out)
+
+
+@dataclass
+class AnswerView:
+    """What the side panels show about the last answer, computed once when it ends (no model needed later)."""
+
+    run: RunRecord
+    texts: list[str]  # each generated token decoded on its own
+    labels: dict[int, str]  # every token id that appears in any stage's top-N, decoded
+    prompt: list[tuple[int, str, bool]]  # (id, text, special) of every prompt token
+    dropped: list[tuple[str, str]]  # (role, text) of history messages left out to fit the context
+
+
+class ChatSession:
+    """One browser session's chat state that outlives a request: the stop signal of the running answer, an epoch
+    that Clear/Undo/Import bump so a stale stream stops writing, and the last answer's view. Gradio deep-copies a
+    State's initial value for every session: each copy starts fresh (an Event cannot be deep-copied)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.epoch = 0
+        self.pending = False  # begin_turn left a user message for answer() to reply to
+        self.view: AnswerView | None = None
+
+    def __deepcopy__(self, memo: dict) -> "ChatSession":
+        return type(self)()
+
+    def arm(self) -> int:
+        """A new answer: a fresh stop event (a late Stop never leaks into it); returns the epoch it belongs to."""
+        self.stop = threading.Event()
+        self.pending = True
+        return self.epoch
+
+    def interrupt(self) -> None:
+        """Stop whatever runs and make its remaining output stale."""
+        self.stop.set()
+        self.pending = False
+        self.epoch += 1
+        self.view = None
+
+    def current(self, epoch: int) -> bool:
+        return epoch == self.epoch
+
+
+# --- messages ----------------------------------------------------------------------------------------------
+
+def content_text(content: Any, where: str = "content") -> str:
+    """A chat message's text. Gradio 6 may hand content back as a list of typed parts; anything that is not text
+    is an error naming the field."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list):
+        pieces = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text", ""), str):
+                pieces.append(part.get("text", ""))
+            else:
+                text = part.get("text") if isinstance(part, dict) else part
+                raise ValueError(f"{where} part {i} must be text, got {type(text).__name__}")
+        return "".join(pieces)
+    raise ValueError(f"{where} must be text, got {type(content).__name__}")
+
+
+def message_text(message: Mapping[str, Any], where: str = "message") -> str:
+    """The text the model should see: cleaned, and without the end note a stopped or cut answer shows."""
+    text = clean_text(content_text(message.get("content"), f"{where} content"))
+    return _END_NOTE.sub("", text) if message.get("role") == "assistant" else text
+
+
+def history_messages(history: Sequence[Any] | None, system: str | None = None,
+                     strict: bool = False) -> tuple[list[dict[str, str]], list[str]]:
+    """The chatbot's messages as plain {role, content}, the system prompt first when given, and notices for what
+    was left out. Gradio's own extras (thinking/metadata bubbles) are skipped quietly; with `strict` (API input),
+    a message that is not {role, content} or has another role is an error naming its index."""
+    system = clean_text(system) if isinstance(system, str) else None
+    messages = [{"role": "system", "content": system}] if system and system.strip() else []
+    skipped = 0
+    for i, m in enumerate(history or []):
+        if not isinstance(m, Mapping):
+            if strict:
+                raise ValueError(f"history message {i} must be a {{role, content}} object, got {type(m).__name__}")
+            skipped += 1
+            continue
+        if m.get("role") not in ROLES or (m.get("metadata") or {}).get("title"):
+            if strict:
+                raise ValueError(f"history message {i} has role {echo_role(m.get('role'))}; expected user or "
+                                 "assistant (put the system prompt in `system`)")
+            skipped += 1
+            continue
+        messages.append({"role": m["role"], "content": message_text(m, f"history message {i}")})
+    notices = [f"{skipped} message(s) that are neither the user's nor the assistant's were left out."] if skipped else []
+    return messages, notices
+
+
+def echo_role(role: Any) -> str:
+    text = repr(role)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def prepare_turn(message: Any, history: Sequence[Any] | None, system: str | None, limits: Limits = Limits(),
+                 strict: bool = False) -> Turn | None:
+    """The messages for the model, or None for an empty message. The text is cleaned (control characters,
+    invalid UTF-8); over-long input is cut to `limits.max_input_chars` and history beyond `limits.max_turns`
+    turns loses its oldest ones, each with a notice."""
+    text = clean_text(message) if isinstance(message, str) else ""
+    if not text.strip():
+        return None
+    text, cut = cut_text(text, limits.max_input_chars)
+    past, notices = history_messages(history, system, strict=strict)
+    if cut:
+        notices.insert(0, cut)
+    return _fit(past + [{"role": "user", "content": text}], notices, limits)
+
+
+def _fit(messages: list[dict[str, str]], notices: list[str], limits: Limits) -> Turn:
+    """Messages ending with the user's new one: the history before it keeps at most `limits.max_turns` turns."""
+    history, last = messages[:-1], messages[-1:]
+    kept, trimmed = keep_last_turns(history, limits.max_turns)
+    if trimmed:
+        notices.append(f"Only the last {limits.max_turns} turns of the conversation were sent ({trimmed} older "
+                       "message(s) left out).")
+    validate_messages(kept + last)
+    return Turn(messages=kept + last, notice=" ".join(notices))
+
+
+def pop_last_turn(history: Sequence[Any] | None) -> tuple[list[Any], str | None]:
+    """The history without its last user message (and the answers after it), and that message's text."""
+    history = list(history or [])
+    while history and (not isinstance(history[-1], Mapping) or history[-1].get("role") != "user"):
+        history.pop()
+    if not history:
+        return history, None
+    return history, message_text(history.pop())
+
+
+def without_answer(history: Sequence[Any] | None) -> list[Any]:
+    """The history up to and including its last user message (what Regenerate answers again)."""
+    history = list(history or [])
+    while history and (not isinstance(history[-1], Mapping) or history[-1].get("role") != "user"):
+        history.pop()
+    return history
+
+
+# --- the two steps of a turn ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Begun:
+    chat: list[Any]  # the chat as it should show now (the user's message last)
+    notice: str
+    started: bool  # False: nothing to answer (the notice says why)
+
+
+def begin_turn(session: ChatSession, message: Any, history: Sequence[Any] | None, limits: Limits) -> Begun:
+    """Step 1 of Send: the cleaned (and maybe cut) message goes into the chat at once; the answer is armed."""
+    text = clean_text(message) if isinstance(message, str) else ""
+    if not text.strip():
+        session.pending = False
+        return Begun(list(history or []), "Empty message ignored: type something first.", False)
+    text, cut = cut_text(text, limits.max_input_chars)
+    session.arm()
+    return Begun(list(history or []) + [{"role": "user", "content": text}], cut, True)
+
+
+def begin_regenerate(session: ChatSession, history: Sequence[Any] | None) -> Begun:
+    """Step 1 of Regenerate: the last answer goes; its question stays, waiting for a new answer."""
+    kept = without_answer(history)
+    if not kept:
+        session.pending = False
+        return Begun(list(history or []), "Nothing to regenerate yet: send a message first.", False)
+    session.arm()
+    return Begun(kept, "", True)
+
+
+@dataclass
+class ChatUpdate:
+    """One step of an answer for the UI: the chat, the metrics line, a notice, and at the end the view."""
+
+    chat: list[Any]
+    metrics: str
+    notice: str = ""
+    view: AnswerView | None = None  # set on the last update of a finished answer
+    run: RunRecord | None = None
+    done: bool = False
+
+
+WAITING = "**waiting** for the model (queued or loading)…"
+UI_INTERVAL_S = 0.05  # at most ~20 updates a second: each re-sends the chat, and a fast model must not wait on it
+
+
+def answer(services: Services, session: ChatSession, client: str | None, history: Sequence[Any] | None,
+           model: str, system: str | None, params: SamplingParams | None, run_id: int,
+           progress: ProgressFn | None = None) -> Iterator[ChatUpdate]:
+    """Step 2: admission, then the answer streamed into the chat. Yields nothing when step 1 armed nothing or
+    the chat was cleared meanwhile; ends at once (reason "stopped") when Stop came during the queue or the load."""
+    if not session.pending:
+        return
+    session.pending = False
+    epoch, stop = session.epoch, session.stop
+    chat = list(history or [])
+    try:
+        turn = _fit(*history_messages(chat, system), services.limits)
+    except ValueError as exc:
+        yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+        return
+    try:
+        with services.admit(client, ModelRequest(model, params), progress=progress) as admitted:
+            if not session.current(epoch):
+                return
+            if stop.is_set():  # Stop came while the request queued or the model loaded
+                yield ChatUpdate(chat=stopped_before_start(chat), metrics="**stopped** before the answer started",
+                                 done=True)
+                return
+            backend, params = admitted.backend, admitted.params[0]
+            notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
+            yield from _stream(backend, session, epoch, stop, chat, turn, params, run_id, notice)
+    except Refused as exc:
+        if session.current(epoch):
+            yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+
+
+def _stream(backend: LocalBackend, session: ChatSession, epoch: int, stop: threading.Event, chat: list[Any],
+            turn: Turn, params: SamplingParams, run_id: int, notice: str) -> Iterator[ChatUpdate]:
+    run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat")
+    shown = chat + [{"role": "assistant", "content": ""}]
+    if params.beam_search:
+        notice = (notice + " " if notice else "") + "Beam search shows the answer when the search ends."
+    events = iter(())
+    shown_at = 0.0
+    try:
+        events = backend.generate(messages=turn.messages, params=params, stop_event=stop, top_n=20)
+        for event in events:
+            run.add(event)
+            if not session.current(epoch):
+                return  # cleared: the engine stops with this generator; nothing more is shown
+            if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
+                shown[-1] = {"role": "assistant", "content": answer_text(run)}
+                yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, run=run)
+                shown_at = time.perf_counter()
+    except (Refused, ValueError) as exc:  # prompt too long and friends: the user can act on these
+        yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+        return
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    if not session.current(epoch):
+        return
+    shown[-1] = {"role": "assistant", "content": answer_text(run) + end_note(run)}
+    view = answer_view(backend, run, turn.messages)
+    session.view = view
+    yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, view=view, run=run, done=True)
+
+
+def stopped_before_start(chat: list[Any]) -> list[Any]:
+    return chat + [{"role": "assistant", "content": f"{END_MARK}*⏹ stopped before the answer started*"}]
+
+
+# --- what the panels show ----------------------------------------------------------------------------------
+
+def answer_text(run: RunRecord) -> str:
+    return run.done.text if run.done else "".join(t.text for t in run.tokens)
+
+
+def end_note(run: RunRecord) -> str:
+    """The note a stopped, cut or failed answer carries in its bubble ("" when it ended by itself)."""
+    if run.done is None or run.done.reason in ("eos", "stop_token"):
+        return ""
+    reason = run.done.reason
+    count = len(run.tokens)
+    note = {"stopped": f"⏹ stopped by you after {count} tokens",
+            "max_tokens": f"✂ cut at the length limit ({count} tokens; raise max new tokens for more)",
+            "error": "⚠️ the answer broke off: see the message below the chat"}.get(reason, reason_words(reason))
+    return f"\n\n{END_MARK}*{note}*"
+
+
+def answer_view(backend: LocalBackend, run: RunRecord, messages: list[dict[str, str]]) -> AnswerView:
+    ids = [t.token_id for t in run.tokens]
+    stage_ids = {i for t in run.tokens for s in t.stages for i in s.token_ids}
+    labels = backend.token_texts(list(stage_ids | set(ids)))
+    prompt = list(run.prefill.prompt_ids) if run.prefill else []
+    dropped_indices = run.prefill.dropped_turns if run.prefill else ()
+    dropped = [(messages[i]["role"], messages[i]["content"]) for i in dropped_indices if 0 <= i < len(messages)]
+    return AnswerView(run=run, texts=[labels[i] for i in ids], labels=labels,
+                      prompt=backend.prompt_pieces(prompt), dropped=dropped)
+
+
+def metrics_line(run: RunRecord | None) -> str:
+    """The live metrics strip: what is happening, TTFT, tok/s, tokens, KV cache, memory, seed."""
+    if run is None:
+        return "TTFT – · tok/s – · tokens 0 · KV – · peak –"
+    if run.prefill is None:
+        p = run.progress
+        if p is not None:
+            return f"**{p.phase}** · step {p.step} of ≤ {p.total} · {p.seconds:.1f} s · the answer shows when it ends"
+        return "prefill…"
+    last = run.tokens[-1] if run.tokens else None
+    kv = last.kv_cache_bytes if last else run.prefill.kv_cache_bytes
+    if run.done:
+        s = run.done.stats
+        head = f"**{reason_words(run.done.reason)}** · TTFT {s.ttft_seconds:.2f} s · {s.decode_tokens_per_s:.1f} tok/s"
+        peak = s.peak_memory_bytes
+    else:
+        steps = [t.step_seconds for t in run.tokens[1:]][-8:]
+        rate = len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0
+        ttft = run.tokens[0].step_seconds if run.tokens else None
+        head = f"generating · TTFT {ttft:.2f} s" if ttft is not None else "prefill done"
+        head += f" · {rate:.1f} tok/s" if rate else ""
+        peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
+    line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
+    if run.prefill.seed is not None:
+        line += f" · seed {run.prefill.seed}"
+    if run.prefill.dropped_turns:
+        line += f" · dropped {len(run.prefill.dropped_turns)} old message(s) to fit the context"
+    if run.done and run.done.error:
+        line += f"\n\n⚠️ {run.done.error}"
+    return line
+
+
+def token_at(view: AnswerView | None, index: Any) -> TokenEvent | None:
+    if view is None:
+        return None
+    try:
+        i = int(index)
+    except (TypeError, ValueError):
+        return None
+    return view.run.tokens[i] if 0 <= i < len(view.run.tokens) else None
+
+
+# --- export / import ---------------------------------------------------------------------------------------
+
+def export_conversation(model: str, system: str, messages: Sequence[Any], settings: Mapping[str, Any]) -> str:
+    plain, _ = history_messages(messages)
+    return json.dumps({"qdemo_conversation": EXPORT_VERSION, "model": model, "system": system,
+                       "settings": dict(settings), "messages": plain}, ensure_ascii=False, indent=2)
+
+
+@dataclass(frozen=True)
+class Imported:
+    model: str | None
+    system: str
+    messages: list[dict[str, str]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def import_conversation(text: str) -> Imported:
+    """Parse an exported conversation; ValueError says what is wrong with the file."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON file: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError("not a qdemo conversation: expected an object with a 'messages' list")
+    messages = data["messages"]
+    if any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        raise ValueError("put the system prompt in the 'system' field, not in 'messages'")
+    if messages:
+        # A saved chat may end with the assistant's answer; check it as if a user turn followed.
+        validate_messages(list(messages) + ([{"role": "user", "content": ""}]
+                                            if messages[-1].get("role") == "assistant" else []))
+    settings = data.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ValueError("'settings' must be an object of sampling fields")
+    system = data.get("system") or ""
+    if not isinstance(system, str):
+        raise ValueError("'system' must be text")
+    model = data.get("model")
+    return Imported(model=model if isinstance(model, str) else None, system=system,
+                    messages=[{"role": m["role"], "content": m["content"]} for m in messages], settings=settings)

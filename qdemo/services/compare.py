@@ -1,0 +1,167 @@
+"""Compare: two generations from one prompt and seed, stepped in turn so both stream at once, and what tells
+them apart: the first diverging token and each side's probability of the other's token there. No Gradio here.
+
+The cross-probabilities are computed while both models are still leased, through their gated backends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from qdemo.backend import LocalBackend
+from qdemo.lab import stage_distributions
+from qdemo.runs import RunRecord
+from qdemo.sampling import SamplingParams
+from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.chat import UI_INTERVAL_S, answer_text, prepare_turn
+from qdemo.sources import ProgressFn
+from qdemo.views.compare import Divergence, first_divergence
+
+
+class CompareSession:
+    """The Compare tab's stop signal for one browser session (fresh per session, like ChatSession)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def __deepcopy__(self, memo: dict) -> "CompareSession":
+        return type(self)()
+
+    def arm(self) -> threading.Event:
+        self.stop = threading.Event()
+        return self.stop
+
+
+@dataclass(frozen=True)
+class CrossProbability:
+    """At the divergence step: the probability this side gave the OTHER side's token (raw and after its own
+    sampling stages), or None when that cannot be said (different tokenizers, a side had ended)."""
+
+    raw: float | None
+    final: float | None
+
+
+@dataclass
+class CompareUpdate:
+    a: RunRecord
+    b: RunRecord
+    status: str  # what is happening, or the verdict at the end
+    report: dict | None = None
+    done: bool = False
+
+
+def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[dict[str, str]],
+             params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
+             stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[tuple[RunRecord, RunRecord]]:
+    """Alternate one event from each side until both are done; yields both records after every step."""
+    streams = [backend_a.generate(messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
+               backend_b.generate(messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
+    records = [run_a, run_b]
+    live = [0, 1]
+    try:
+        while live:
+            for side in list(live):
+                event = next(streams[side], None)
+                if event is None:
+                    live.remove(side)
+                    continue
+                records[side].add(event)
+            yield run_a, run_b
+    finally:  # a client that went away: both engines drop their KV caches now
+        for stream in streams:
+            stream.close()
+
+
+def divergence(run_a: RunRecord, run_b: RunRecord) -> Divergence:
+    return first_divergence([t.token_id for t in run_a.tokens], [t.token_id for t in run_b.tokens])
+
+
+def cross_probability(backend: LocalBackend, run: RunRecord, params: SamplingParams, step: int,
+                      other_token: int | None) -> CrossProbability:
+    """This side's probability of `other_token` at `step`, recomputed with one gated forward over its own prompt
+    and the tokens both sides share up to `step`."""
+    if other_token is None or run.prefill is None:
+        return CrossProbability(None, None)
+    context = list(run.prefill.prompt_ids) + [t.token_id for t in run.tokens[:step]]
+    logits = backend.next_token_logits(context)
+    if not 0 <= other_token < logits.shape[-1]:
+        return CrossProbability(None, None)
+    stages = stage_distributions(logits, context, params.replace(num_beams=1), top_n=1, chosen=other_token)
+    return CrossProbability(raw=stages[0].chosen_prob, final=stages[-1].chosen_prob)
+
+
+def divergence_report(backend_a: LocalBackend, backend_b: LocalBackend, run_a: RunRecord, run_b: RunRecord,
+                      params_a: SamplingParams, params_b: SamplingParams) -> dict:
+    """Everything the Compare tab says under the panes, as plain data (also the API's answer)."""
+    if not backend_a.same_tokenizer(backend_b):
+        text_a, text_b = answer_text(run_a), answer_text(run_b)
+        index = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), None)
+        if index is None and len(text_a) != len(text_b):
+            index = min(len(text_a), len(text_b))
+        return {"level": "text", "step": index, "a_token": None, "b_token": None,
+                "a_prob_of_b": None, "b_prob_of_a": None}
+    d = divergence(run_a, run_b)
+    texts = backend_a.token_texts([t for t in (d.a_token, d.b_token) if t is not None])
+    report = {"level": "token", "step": d.step, "a_token": d.a_token, "b_token": d.b_token,
+              "a_token_text": texts.get(d.a_token), "b_token_text": texts.get(d.b_token),
+              "a_prob_of_b": None, "b_prob_of_a": None}
+    if d.step is not None and run_a.prefill and run_b.prefill and \
+            list(run_a.prefill.prompt_ids) == list(run_b.prefill.prompt_ids):
+        a = cross_probability(backend_a, run_a, params_a, d.step, d.b_token)
+        b = cross_probability(backend_b, run_b, params_b, d.step, d.a_token)
+        report.update(a_prob_of_b=a.final, a_raw_prob_of_b=a.raw, b_prob_of_a=b.final, b_raw_prob_of_a=b.raw)
+    return report
+
+
+def describe(report: dict) -> str:
+    """One paragraph for people, from divergence_report's data."""
+    if report["step"] is None:
+        return "Both answers are identical token for token."
+    if report["level"] == "text":
+        return f"The models use different tokenizers; their texts first differ at character {report['step']}."
+
+    def pct(p):
+        return "–" if p is None else f"{p:.1%}"
+
+    a, b = report.get("a_token_text"), report.get("b_token_text")
+    a_shown = "(ended)" if a is None else repr(a)
+    b_shown = "(ended)" if b is None else repr(b)
+    return (f"The answers first diverge at token {report['step']}: A chose {a_shown}, B chose {b_shown}. "
+            f"A gave B's token {pct(report['a_prob_of_b'])} (raw {pct(report.get('a_raw_prob_of_b'))}); "
+            f"B gave A's token {pct(report['b_prob_of_a'])} (raw {pct(report.get('b_raw_prob_of_a'))}).")
+
+
+def compare(services: Services, session: CompareSession | None, client: str | None, prompt: Any,
+            model_a: str, model_b: str, settings_a: SamplingParams | Mapping | None,
+            settings_b: SamplingParams | Mapping | None, seed: int | None, first_run_id: int,
+            progress: ProgressFn | None = None, top_n: int = 20) -> Iterator[CompareUpdate]:
+    """Both answers, streaming together, then the divergence report ("comparing…" while it is computed).
+    One seed for both sides (None: a fresh one, the same for both)."""
+    turn = prepare_turn(prompt, [], None, services.limits)
+    if turn is None:
+        raise Refused("Type a prompt first.")
+    stop = session.arm() if session is not None else None
+    requests = [ModelRequest(model_a, settings_a), ModelRequest(model_b, settings_b)]
+    with services.admit(client, *requests, progress=progress) as admitted:
+        (backend_a, backend_b), (params_a, params_b) = admitted.backends, admitted.params
+        if seed is None:
+            import secrets
+
+            seed = secrets.randbits(31)
+        params_a, params_b = params_a.replace(seed=seed), params_b.replace(seed=seed)
+        notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
+        run_a = RunRecord(run_id=first_run_id, model=backend_a.name, settings=params_a.to_dict(), label="A")
+        run_b = RunRecord(run_id=first_run_id + 1, model=backend_b.name, settings=params_b.to_dict(), label="B")
+        shown_at = 0.0
+        for run_a, run_b in run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop,
+                                     top_n):
+            if time.perf_counter() - shown_at >= UI_INTERVAL_S:
+                shown_at = time.perf_counter()
+                yield CompareUpdate(a=run_a, b=run_b, status=notice or "streaming…")
+        yield CompareUpdate(a=run_a, b=run_b, status="Comparing the two answers…")
+        report = divergence_report(backend_a, backend_b, run_a, run_b, params_a, params_b)
+        verdict = describe(report) + (f"\n\n{notice}" if notice else "")
+        yield CompareUpdate(a=run_a, b=run_b, status=verdict, report=report, done=True)

@@ -1,0 +1,191 @@
+"""Internals: attention maps over the current conversation, the model's position encoding (RoPE or ALiBi) and
+its model card. No Gradio here.
+
+Attention is computed once per conversation for every layer (one gated forward over at most the last 128
+tokens) and kept in the session, so changing the layer, the head, the grid or the colour scale redraws from that
+cache without touching the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from qdemo.backend import LocalBackend
+from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.chat import history_messages
+from qdemo.sources import ProgressFn
+from qdemo.views.attention import attention_grid, attention_heatmap
+from qdemo.views.card import card_frame
+from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
+
+MAX_ATTENTION_TOKENS = 128
+ROPE_POSITIONS = 128
+ROPE_DISTANCE = 512
+ALIBI_POSITIONS = 32
+MEAN = "mean"
+ALL = "all"
+SCALES = ("linear", "log")
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog; the dog does not mind. "
+                "敏捷的棕色狐狸跳过了懒狗，懒狗并不在意。")
+
+
+@dataclass(frozen=True)
+class AttentionCache:
+    """Every layer's attention over one token sequence: what layer/head/scale changes redraw from."""
+
+    model: str
+    ids: list[int]  # the tokens the maps were computed over (at most the last 128)
+    labels: list[str]  # each decoded
+    maps: np.ndarray  # float16 [layers, heads, q, k]
+    total_tokens: int  # before the cap
+    source: str  # "the current conversation" or "an example text (the chat is empty)"
+
+
+class InternalsSession:
+    """A browser session's attention cache (fresh per session)."""
+
+    def __init__(self) -> None:
+        self.attention: AttentionCache | None = None
+
+    def __deepcopy__(self, memo: dict) -> "InternalsSession":
+        return type(self)()
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    figure: go.Figure
+    caption: str
+    weights: np.ndarray  # as drawn: [q, k] for one head or the mean, [heads, q, k] for the grid
+
+
+@dataclass(frozen=True)
+class PositionView:
+    summary: str
+    frequencies: go.Figure | None
+    angles: go.Figure | None
+    decay: go.Figure | None
+
+
+def head_choices(num_heads: int) -> list[tuple[str, str]]:
+    return [("mean of all heads", MEAN), ("all heads (grid)", ALL)] + [(f"head {h}", str(h)) for h in range(num_heads)]
+
+
+def conversation_ids(backend: LocalBackend, history: Sequence[Any] | None, system: str | None = None
+                     ) -> tuple[list[int], str]:
+    """The whole conversation (its last answer included) as the model saw it, without a generation prompt; with
+    no conversation yet, a short bilingual example text."""
+    messages, _ = history_messages(history, system)
+    if not any(m["role"] in ("user", "assistant") for m in messages):
+        return backend.raw_text_ids(DEFAULT_TEXT), "an example text (the chat is empty)"
+    if messages[0]["role"] != "system" and backend.spec.system_prompt:
+        messages = [{"role": "system", "content": backend.spec.system_prompt}] + messages  # as the engine does
+    return backend.conversation_ids(messages), "the current conversation"
+
+
+def compute_attention(services: Services, session: InternalsSession, client: str | None, model: str,
+                      history: Sequence[Any] | None, system: str | None,
+                      progress: ProgressFn | None = None) -> AttentionCache:
+    """One gated forward for every layer's attention over the conversation's last 128 tokens, kept in the
+    session."""
+    with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+        backend = admitted.backend
+        all_ids, source = conversation_ids(backend, history, system)
+        ids = all_ids[-MAX_ATTENTION_TOKENS:]
+        try:
+            maps = backend.attention(ids)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        texts = backend.token_texts(ids)
+    cache = AttentionCache(model=backend.name, ids=ids, labels=[texts[i] for i in ids], maps=maps,
+                           total_tokens=len(all_ids), source=source)
+    session.attention = cache
+    return cache
+
+
+def attention_view(cache: AttentionCache, layer: Any, head: Any = MEAN, scale: str = "linear") -> AttentionView:
+    """Redraw from the cache: one head, the head mean, or every head of the layer as a grid (no forward)."""
+    num_layers, num_heads = cache.maps.shape[:2]
+    layer_index = _index(cache, "layer", layer, num_layers)
+    if scale not in SCALES:
+        raise ValueError(f"colour scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    weights = cache.maps[layer_index].astype(np.float32)
+    title = f"{cache.model} · layer {layer_index} of {num_layers}"
+    if head in (None, "", MEAN):
+        shown = weights.mean(axis=0, dtype=np.float64).astype(np.float32)
+        figure = attention_heatmap(shown, cache.labels, f"{title} · mean of heads", scale=scale)
+    elif head == ALL:
+        shown = weights
+        figure = attention_grid(weights, cache.labels, f"{title} · all {num_heads} heads", scale=scale)
+    else:
+        h = _index(cache, "head", head, num_heads, f"a head number, '{MEAN}' or '{ALL}'")
+        shown = weights[h]
+        figure = attention_heatmap(shown, cache.labels, f"{title} · head {h}", scale=scale)
+    caption = f"Attention over {cache.source}: {cache.total_tokens} tokens"
+    if cache.total_tokens > len(cache.ids):
+        caption += (f"; only the **last {MAX_ATTENTION_TOKENS}** are shown, and the map is computed over those "
+                    f"{MAX_ATTENTION_TOKENS} alone (earlier tokens are left out)")
+    caption += (f". Rows: the attending token; columns: the token attended to ({num_heads} heads in this layer). "
+                "Changing the layer, head or scale redraws from this computation.")
+    return AttentionView(figure=figure, caption=caption, weights=shown)
+
+
+def _index(cache: AttentionCache, what: str, value: Any, count: int, expected: str = "a whole number") -> int:
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be {expected}, got {value!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"model {cache.model}: {what} {index} is out of range (0..{count - 1})")
+    return index
+
+
+def position_view(backend: LocalBackend) -> PositionView:
+    """RoPE facts and figures, ALiBi's for ALiBi models, or only a sentence when the model uses neither."""
+    if backend.position_encoding == "alibi":
+        info = backend.alibi_info(ALIBI_POSITIONS)
+        summary = (f"**ALiBi** (no RoPE) · {info.slopes.size} heads · slopes {info.slopes.min():.3g} – "
+                   f"{info.slopes.max():.3g} · each head adds slope × (key − query) to its scores, so attention "
+                   "fades linearly with distance, steeply for the first heads and slowly for the last.")
+        return PositionView(summary=summary, frequencies=alibi_figure(info.slopes, info.bias[0]), angles=None,
+                            decay=None)
+    try:
+        info = backend.rope_info()
+    except ValueError as exc:
+        return PositionView(summary=f"ℹ️ {exc}", frequencies=None, angles=None, decay=None)
+    scaling = ", ".join(f"{k}={v}" for k, v in info.scaling.items()) if info.scaling else "none"
+    theta = f"{info.theta:g}" if info.theta is not None else "—"
+    summary = (f"**RoPE** · theta (base) **{theta}** · head_dim **{info.head_dim}** · "
+               f"{info.inv_freq.size} frequency pairs · rope_type **{info.rope_type}** · scaling: {scaling}"
+               + (f" · attention scaling {info.attention_scaling:g}" if info.attention_scaling != 1.0 else "")
+               + f" · wavelengths {info.wavelengths.min():.1f} – {info.wavelengths.max():,.0f} positions")
+    if backend.position_note:
+        summary += f"\n\nℹ️ {backend.position_note}"
+    if backend.context_note:
+        summary += f"\n\nℹ️ {backend.context_note}"
+    distances, scores = backend.rope_decay(ROPE_DISTANCE)
+    return PositionView(summary=summary, frequencies=frequency_figure(info.inv_freq),
+                        angles=angle_heatmap(backend.rope_angles(ROPE_POSITIONS)),
+                        decay=decay_figure(distances, scores))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    position: PositionView
+    card: pd.DataFrame
+    layers: int
+    heads: int
+
+
+def model_facts(services: Services, client: str | None, model: str, progress: ProgressFn | None = None
+                ) -> ModelFacts:
+    """Load the model (through admission: a load is work) and read its position encoding and model card."""
+    with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+        backend = admitted.backend
+        layers, heads = backend.shape()
+        return ModelFacts(position=position_view(backend), card=card_frame(backend.model_card()), layers=layers,
+                          heads=heads)

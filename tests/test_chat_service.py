@@ -1,0 +1,207 @@
+"""The chat service behind the Chat tab: input handling, the two steps of a turn, Stop and Clear at any moment,
+fresh seeds, end notes, export/import. No Gradio: these are the functions the tab wires."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from qdemo.engine import collect, generate
+from qdemo.limits import Limits
+from qdemo.pool import ModelPool
+from qdemo.registry import load_registry
+from qdemo.sampling import SamplingParams
+from qdemo.services import chat
+from qdemo.services.admission import Services
+from tests.conftest import write_registry
+
+
+@pytest.fixture(scope="module")
+def services(tiny_dir, cycle_dir, tmp_path_factory):
+    registry = load_registry(write_registry(tmp_path_factory.mktemp("chat") / "models.yaml", tiny_dir,
+                                            max_context=8192, cycle_dir=cycle_dir))
+    return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                    limits=Limits(requests_per_minute=10_000))
+
+
+def test_empty_and_long_input():
+    assert chat.prepare_turn("  \n ", [], None) is None
+    assert chat.prepare_turn(None, [], None) is None
+    turn = chat.prepare_turn("字" * 50, [], "sys", Limits(max_input_chars=10))
+    assert turn.messages[-1]["content"] == "字" * 10 and "50" in turn.notice and "10" in turn.notice
+    assert turn.messages[0] == {"role": "system", "content": "sys"}
+
+
+def test_history_parts_are_flattened_and_bad_parts_named():
+    history = [{"role": "user", "content": [{"type": "text", "text": "你好"}]},
+               {"role": "assistant", "content": "hi"}]
+    turn = chat.prepare_turn("next", history, "")
+    assert turn.messages == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"},
+                             {"role": "user", "content": "next"}]
+    with pytest.raises(ValueError, match="history message 0 content part 0 must be text, got int"):
+        chat.prepare_turn("next", [{"role": "user", "content": [{"type": "text", "text": 5}]}], None)
+
+
+def test_other_roles_are_left_out_with_a_notice_or_refused_from_the_api():
+    history = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "ran"}, "junk"]
+    turn = chat.prepare_turn("next", history, None)
+    assert [m["content"] for m in turn.messages] == ["hi", "next"] and "2 message(s)" in turn.notice
+    with pytest.raises(ValueError, match="history message 1 has role 'tool'"):
+        chat.prepare_turn("next", history, None, strict=True)
+
+
+def test_end_notes_never_reach_the_model():
+    history = [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": "half an answer\n\n" + chat.END_MARK + "*⏹ stopped by you after 3*"}]
+    turn = chat.prepare_turn("go on", history, None)
+    assert turn.messages[1] == {"role": "assistant", "content": "half an answer"}
+
+
+def test_export_import_round_trip_keeps_settings():
+    messages = [{"role": "user", "content": "写一首诗 🌸"}, {"role": "assistant", "content": "春眠不觉晓"}]
+    text = chat.export_conversation("tiny-qwen2", "be nice", messages, {"seed": 3, "temperature": 0.3})
+    assert "写一首诗 🌸" in text  # readable UTF-8, not \u escapes
+    data = chat.import_conversation(text)
+    assert data.messages == messages and data.system == "be nice" and data.model == "tiny-qwen2"
+    assert data.settings == {"seed": 3, "temperature": 0.3}
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", "not a JSON file"),
+    ("[1, 2]", "not a qdemo conversation"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), "role"),
+    (json.dumps({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}), "system"),
+    (json.dumps({"messages": [], "settings": [1]}), "settings"),
+])
+def test_bad_imports_are_explained(text, match):
+    with pytest.raises(ValueError, match=match):
+        chat.import_conversation(text)
+
+
+def _answer(services, session, history, params, **kw):
+    return list(chat.answer(services, session, "test-client", history, services.default_model, "", params, 1, **kw))
+
+
+def test_a_turn_is_two_steps_and_records_the_run(services, tiny_lm):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "hello 你好", [], services.limits)
+    assert begun.started and begun.chat == [{"role": "user", "content": "hello 你好"}] and session.pending
+    params = SamplingParams(do_sample=True, temperature=0.9, seed=5, max_new_tokens=6)
+    updates = _answer(services, session, begun.chat, params)
+    final = updates[-1]
+    assert final.done and final.view is not None and not session.pending
+    run = final.view.run
+    expected = collect(generate(tiny_lm, messages=[{"role": "system", "content": "You are a tiny test model."},
+                                                   {"role": "user", "content": "hello 你好"}], params=params))
+    assert [t.token_id for t in run.tokens] == [t.token_id for t in expected["tokens"]]
+    assert final.chat[-1]["content"].startswith(run.done.text)
+    assert final.view.texts == [tiny_lm.tokenizer.decode([t.token_id]) for t in run.tokens]
+    assert [i for i, _, _ in final.view.prompt] == list(run.prefill.prompt_ids)
+    assert any(special for _, _, special in final.view.prompt)
+    # nothing armed: a second answer() does nothing
+    assert _answer(services, session, begun.chat, params) == []
+
+
+def test_empty_message_is_ignored_visibly(services):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "   ", [], services.limits)
+    assert not begun.started and "Empty message ignored" in begun.notice and not session.pending
+    nothing = chat.begin_regenerate(session, [])
+    assert not nothing.started and "Nothing to regenerate" in nothing.notice
+
+
+def test_stop_pressed_before_the_answer_starts_is_honoured(services):
+    """Bug: Stop during the model load was ignored (the flag was reset when generation began)."""
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "tell me a long story", [], services.limits)
+    session.stop.set()  # pressed while the request waits in the queue or the model loads
+    updates = _answer(services, session, begun.chat, SamplingParams(max_new_tokens=200))
+    assert len(updates) == 1 and updates[0].done and updates[0].view is None
+    assert "stopped before the answer started" in updates[0].chat[-1]["content"]
+
+
+def test_clear_while_streaming_leaves_nothing_behind(services):
+    """Bug: pressing Clear mid-answer brought the whole conversation back when the answer ended."""
+    session = chat.ChatSession()
+    history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "turn"}]
+    begun = chat.begin_turn(session, "a long story", history, services.limits)
+    stream = chat.answer(services, session, "c", begun.chat, services.default_model, "",
+                         SamplingParams(max_new_tokens=200), 1)
+    first = next(stream)
+    assert first.chat[0]["content"] == "earlier"
+    session.interrupt()  # Clear
+    rest = list(stream)
+    assert rest == [] and session.stop.is_set() and session.view is None
+
+
+def test_regenerate_draws_a_fresh_seed_unless_pinned(services):
+    """Bug: Regenerate in sample mode repeated the identical answer (the seed box defaulted to 1234)."""
+    session = chat.ChatSession()
+    history = [{"role": "user", "content": "hello"}]
+    params = SamplingParams(do_sample=True, temperature=1.0, max_new_tokens=12)  # no seed: the default now
+    seeds, texts = [], []
+    for _ in range(2):
+        begun = chat.begin_regenerate(session, history + [{"role": "assistant", "content": "x"}])
+        assert begun.chat == history
+        final = _answer(services, session, begun.chat, params)[-1]
+        seeds.append(final.view.run.prefill.seed)
+        texts.append(final.view.run.done.token_ids)
+        assert f"seed {seeds[-1]}" in final.metrics
+    assert seeds[0] != seeds[1]  # (their answers may still agree by chance; the pinned seed below must)
+    chat.begin_regenerate(session, history)
+    pinned = _answer(services, session, history, params.replace(seed=seeds[0]))[-1]
+    assert pinned.view.run.done.token_ids == texts[0]
+
+
+def test_length_limit_and_stop_are_marked_in_the_bubble(services):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "count", [], services.limits)
+    final = list(chat.answer(services, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=7),
+                             1))[-1]
+    assert final.view.run.done.reason == "max_tokens" and final.view.run.done.text == "The quick brown fox\n"
+    assert "length limit" in final.chat[-1]["content"] and "length limit" in final.metrics
+    # the note is for people: the next turn sends the answer as the model wrote it
+    assert chat.prepare_turn("more", final.chat, None).messages[-2]["content"] == "The quick brown fox\n"
+    session.arm()
+    stopper = chat.answer(services, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=2000), 2)
+    next(stopper)
+    session.stop.set()
+    last = list(stopper)[-1]
+    assert last.view.run.done.reason == "stopped" and "stopped by you" in last.chat[-1]["content"]
+    assert len(last.view.run.tokens) < 50
+
+
+def test_a_prompt_too_long_is_a_notice_not_a_crash(services):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "字" * 15_000, [], services.limits)  # ≈ 45,000 byte-level tokens
+    (update,) = _answer(services, session, begun.chat, SamplingParams(max_new_tokens=100))
+    assert update.done and "prompt tokens" in update.notice and update.chat == begun.chat
+
+
+def test_refusals_land_in_the_notice(services):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "hi", [], services.limits)
+    (update,) = list(chat.answer(services, session, "c", begun.chat, "no-such-model", "", SamplingParams(), 1))
+    assert update.done and "unknown model 'no-such-model'" in update.notice
+
+
+def test_sessions_are_independent_copies():
+    import copy
+
+    a = chat.ChatSession()
+    b = copy.deepcopy(a)
+    a.arm(), b.arm()
+    a.stop.set()
+    assert not b.stop.is_set() and isinstance(b.stop, threading.Event)
+
+
+def test_beam_metrics_show_progress_and_the_kv_cache(services):
+    """Bug: beam runs said "KV 0 B" in the metrics strip."""
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "hello", [], services.limits)
+    updates = _answer(services, session, begun.chat, SamplingParams(num_beams=3, max_new_tokens=8))
+    final = updates[-1]
+    assert "KV 0 B" not in final.metrics and final.view.run.tokens[0].kv_cache_bytes > 0
+    assert "Beam search shows the answer when the search ends" in final.notice

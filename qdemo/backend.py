@@ -110,11 +110,13 @@ class LocalBackend:
         texts = self.token_texts(ids)
         return [(int(i), texts[int(i)], int(i) in special) for i in ids]
 
-    def chat_prompt(self, messages: Sequence[Message], max_new_tokens: int, system: str | None = None) -> Prompt:
-        """The prompt ids of a chat in this model's format, fitted into its context."""
+    def chat_prompt(self, messages: Sequence[Message], max_new_tokens: int, system: str | None = None,
+                    max_prompt_tokens: int | None = None) -> Prompt:
+        """The prompt ids of a chat in this model's format, fitted into its context and the server's prompt limit
+        (the oldest turns go first)."""
         return build_prompt(self._lm.tokenizer, messages, self.max_context, max_new_tokens,
                             self.spec.system_prompt if system is None else system, self.name,
-                            self._lm.family.build_prompt)
+                            self._lm.family.build_prompt, max_prompt_tokens)
 
     def raw_text_ids(self, text: str) -> list[int]:
         """Text as typed, tokenized as plain text: it never becomes a special or added token."""
@@ -127,10 +129,13 @@ class LocalBackend:
     # --- forwards (each through the step gate) ------------------------------------------------------------------
     def generate(self, *, messages: Sequence[Message] | None = None, input_ids: Sequence[int] | None = None,
                  params: SamplingParams | None = None, stop_event: threading.Event | None = None,
-                 top_n: int = 20) -> Iterator[Event]:
-        """The engine's event stream; it takes the gate around every forward, so other users' steps interleave."""
+                 top_n: int = 20, dropped_turns: Sequence[int] = (), time_limit_s: float | None = None,
+                 ignore_eos: bool = False) -> Iterator[Event]:
+        """The engine's event stream. It takes the gate around every forward — each prefill chunk and each decode
+        step — so other users' steps interleave."""
         return generate(self._lm, messages=messages, input_ids=input_ids, params=params, stop_event=stop_event,
-                        top_n=top_n, step_lock=self._gate.step)
+                        top_n=top_n, step_lock=self._gate.step, dropped_turns=dropped_turns,
+                        time_limit_s=time_limit_s, ignore_eos=ignore_eos)
 
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
         with self._gate.step():

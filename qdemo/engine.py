@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import queue
 import secrets
 import threading
@@ -32,6 +33,17 @@ from qdemo.textstream import IncrementalDetokenizer
 StepLock = Callable[[], ContextManager[Any]]
 
 
+PREFILL_CHUNK = {"cpu": 64, "cuda": 512}  # tokens per prefill forward: one chunk is what another user may wait
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    """QDEMO_PREFILL_CHUNK, else a chunk sized for the device (a 64-token chunk is ≈ 0.5 s on a 2-core CPU)."""
+    configured = os.environ.get("QDEMO_PREFILL_CHUNK", "").strip()
+    if configured:
+        return int(configured)
+    return PREFILL_CHUNK.get(device.type, PREFILL_CHUNK["cuda"])
+
+
 def generate(
     lm: LoadedModel,
     messages: Sequence[dict[str, str]] | None = None,
@@ -41,6 +53,9 @@ def generate(
     top_n: int = 20,
     ignore_eos: bool = False,
     step_lock: StepLock | None = None,
+    dropped_turns: Sequence[int] = (),
+    prefill_chunk: int | None = None,
+    time_limit_s: float | None = None,
 ) -> Iterator[Event]:
     """Stream a completion of `messages` (via the chat template) or of raw `input_ids`.
 
@@ -48,6 +63,10 @@ def generate(
     ignore_eos: keep going past eos/stop tokens (benchmarks that need a fixed length).
     step_lock: held around every model forward (a serving pool's per-model gate), so concurrent generations on
     one model take turns step by step.
+    dropped_turns: with input_ids built by a caller, the message indices it left out (reported as is).
+    prefill_chunk: prompt tokens per prefill forward (default: by device). Each chunk takes its own turn at the
+    step gate, so a long prompt never holds the model for everyone, and Stop is honoured between chunks.
+    time_limit_s: the run ends (reason "time_limit") once it has taken this long, checked every step and chunk.
     """
     started = time.perf_counter()
     params = params if params is not None else lm.spec.sampling
@@ -57,17 +76,37 @@ def generate(
         raise ValueError(f"top_n must be an integer >= 0, got {top_n!r}")
     if (messages is None) == (input_ids is None):
         raise ValueError("pass exactly one of messages or input_ids")
+    chunk = default_prefill_chunk(lm.device) if prefill_chunk is None else prefill_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"prefill_chunk must be an integer >= 1, got {chunk!r}")
     if messages is not None:
         prompt = build_prompt(lm.tokenizer, messages, lm.max_context, params.max_new_tokens,
                               lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt)
         ids, dropped = prompt.ids, prompt.dropped_turns
     else:
-        ids, dropped = _check_ids(lm, input_ids, params), ()
+        ids, dropped = _check_ids(lm, input_ids, params), tuple(int(i) for i in dropped_turns)
     prep_s = time.perf_counter() - started
     lock = step_lock or contextlib.nullcontext
+    clock = _Deadline(started, time_limit_s, stop_event)
     if params.beam_search:
-        return _run_beams(lm, ids, dropped, params, stop_event, prep_s, lock)
-    return _run(lm, ids, dropped, params, stop_event, top_n, ignore_eos, prep_s, lock)
+        return _run_beams(lm, ids, dropped, params, clock, prep_s, lock)
+    return _run(lm, ids, dropped, params, clock, top_n, ignore_eos, prep_s, lock, chunk)
+
+
+@dataclass
+class _Deadline:
+    """Why a run should end early, if it should: the user's Stop or the server's time limit."""
+
+    started: float
+    limit_s: float | None
+    stop_event: threading.Event | None
+
+    def reason(self) -> str | None:
+        if self.stop_event is not None and self.stop_event.is_set():
+            return "stopped"
+        if self.limit_s is not None and time.perf_counter() - self.started >= self.limit_s:
+            return "time_limit"
+        return None
 
 
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
@@ -86,8 +125,8 @@ def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams
 
 
 def _run(
-    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
-    stop_event: threading.Event | None, top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock,
+    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams, clock: _Deadline,
+    top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock, chunk: int,
 ) -> Iterator[Event]:
     # 1. Set-up: buffers sized once so the decode loop never concatenates.
     device, model = lm.device, lm.model
@@ -117,20 +156,28 @@ def _run(
         return DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(generated), error=error)
 
     try:
-        # 2. Prefill: the whole prompt once; its last logits choose the first token.
+        # 2. Prefill in chunks, each its own turn at the gate; the last chunk's logits choose the first token.
         queued = now(device)
-        with lock():
-            t0 = now(device)
-            logits = _forward(model, seq[:, :prompt_len], mask[:, :prompt_len], cache, cache_kw)
-            prefill_s = now(device) - t0
+        logits = None
+        for start in range(0, prompt_len, chunk):
+            end = min(prompt_len, start + chunk)
+            with lock():
+                t0 = now(device)
+                logits = _forward(model, seq[:, start:end], mask[:, :end], cache, cache_kw)
+                prefill_s += now(device) - t0
+            early = clock.reason() if end < prompt_len else None
+            if early:
+                reason = early
+                break
+        waited = now(device) - queued
         mem = memory_sample(device)
         peak = max(peak, mem.used_bytes, mem.cuda_peak or 0)
         yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=seed,
                            kv_cache_bytes=kv_cache_bytes(cache), memory=mem)
         # Time the consumer spends on the PrefillEvent is not ours; time waiting for the model is (TTFT).
-        step_start = now(device) - prefill_s - (t0 - queued)
-        # 3. Decode: choose, report, stop or feed the token back.
-        for step in range(limit):
+        step_start = now(device) - waited
+        # 3. Decode: choose, report, stop or feed the token back (nothing left to do when the prefill was cut).
+        for step in range(limit if reason == "max_tokens" else 0):
             length = prompt_len + step
             token, snapshots = _choose(logits, seq[:, :length], stages, generator, top_n, params.greedy)
             seq[0, length] = token
@@ -149,8 +196,9 @@ def _run(
                 break
             if step == limit - 1:
                 break
-            if stop_event is not None and stop_event.is_set():
-                reason = "stopped"
+            early = clock.reason()
+            if early:
+                reason = early
                 break
             step_start = now(device)  # waiting for the lock counts: it is the latency this user sees
             with lock():
@@ -190,18 +238,19 @@ def _choose(
 
 
 class _BeamClock(StoppingCriteria):
-    """Times every beam step, reports it, and ends the search when the stop event is set or the consumer went
-    away (within one step)."""
+    """Times every beam step, reports it, and ends the search on Stop, at the time limit, or when the consumer
+    went away (within one step)."""
 
-    def __init__(self, device: torch.device, stop_event: threading.Event | None, report: Callable[[int], None]
-                 ) -> None:
-        self.device, self.stop_event, self.report, self.times = device, stop_event, report, []
+    def __init__(self, device: torch.device, deadline: _Deadline, report: Callable[[int], None]) -> None:
+        self.device, self.deadline, self.report, self.times = device, deadline, report, []
         self.abandoned = threading.Event()
+        self.ended_by: str | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.times.append(now(self.device))
         self.report(len(self.times))
-        stop = self.abandoned.is_set() or (self.stop_event is not None and self.stop_event.is_set())
+        self.ended_by = self.ended_by or self.deadline.reason()
+        stop = self.abandoned.is_set() or self.ended_by is not None
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
@@ -214,15 +263,15 @@ class _BeamResult:
 
 
 def _run_beams(
-    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
-    stop_event: threading.Event | None, prep_s: float, lock: StepLock,
+    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams, deadline: _Deadline,
+    prep_s: float, lock: StepLock,
 ) -> Iterator[Event]:
     """Beam search is transformers' own (the best beam can change until the end, so no token streams): it runs
     in a worker thread while this generator reports its progress each step; the tokens arrive when the search
     ends, each with its beam transition probability as its only stage."""
     device, model = lm.device, lm.model
     steps_done: "queue.Queue[int]" = queue.Queue()
-    clock = _BeamClock(device, stop_event, steps_done.put)
+    clock = _BeamClock(device, deadline, steps_done.put)
     stops = lm.eos_token_ids | lm.stop_token_ids
     pad = _pad_id(lm)
     result = _BeamResult()
@@ -284,9 +333,8 @@ def _run_beams(
         if ends:
             reason = "eos" if token in lm.eos_token_ids else "stop_token"
             break
-    if reason == "max_tokens" and stop_event is not None and stop_event.is_set() and len(
-            new_ids) < params.max_new_tokens:
-        reason = "stopped"
+    if reason == "max_tokens" and clock.ended_by and len(new_ids) < params.max_new_tokens:
+        reason = clock.ended_by
     # Nothing is visible before the search ends, so the first token's time is the whole search.
     stats = _stats(len(ids), len(new_ids), prep_s + sum(steps), prefill_s, prep_s, steps,
                    max(mem.used_bytes, mem.cuda_peak or 0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-DoneReason = Literal["eos", "stop_token", "max_tokens", "stopped", "error"]
+DoneReason = Literal["eos", "stop_token", "max_tokens", "stopped", "time_limit", "error"]
 
 
 @dataclass(frozen=True)

@@ -103,20 +103,34 @@ def keep_last_turns(messages: Sequence[Message], max_turns: int | None) -> tuple
 
 
 def fit_messages(
-    messages: Sequence[Message], encode: Callable[[list[Message]], list[int]], budget: int, model_name: str = "model"
+    messages: Sequence[Message], encode: Callable[[list[Message]], list[int]], budget: int, model_name: str = "model",
+    why: str = "max_context − max_new_tokens; shorten it or lower max_new_tokens",
 ) -> Prompt:
-    """Drop the oldest whole turns until `encode(kept)` fits `budget` tokens."""
+    """Drop the oldest whole turns until `encode(kept)` fits `budget` tokens. Dropping a turn never lengthens the
+    prompt, so the first turn to keep is found by bisection: a few encodes even for a long history."""
     system, turns = split_turns(messages)
-    for first in range(len(turns)):
-        kept = system + [i for turn in turns[first:] for i in turn]
-        ids = encode([messages[i] for i in kept])
-        if len(ids) <= budget:
-            dropped = tuple(i for turn in turns[:first] for i in turn)
-            return Prompt(ids=ids, dropped_turns=dropped, budget=budget)
-    raise PromptTooLongError(
-        f"{model_name}: the newest message alone needs {len(ids)} prompt tokens but only {budget} fit "
-        f"(max_context − max_new_tokens); shorten it or lower max_new_tokens"
-    )
+    encoded: dict[int, list[int]] = {}
+
+    def ids_from(first: int) -> list[int]:
+        if first not in encoded:
+            kept = system + [i for turn in turns[first:] for i in turn]
+            encoded[first] = encode([messages[i] for i in kept])
+        return encoded[first]
+
+    newest = len(turns) - 1
+    if len(ids_from(newest)) > budget:
+        raise PromptTooLongError(
+            f"{model_name}: the newest message alone needs {len(ids_from(newest))} prompt tokens but only {budget} "
+            f"fit ({why})")
+    low, high = 0, newest  # ids_from(high) fits; find the smallest `first` that fits
+    while low < high:
+        middle = (low + high) // 2
+        if len(ids_from(middle)) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    dropped = tuple(i for turn in turns[:low] for i in turn)
+    return Prompt(ids=ids_from(low), dropped_turns=dropped, budget=budget)
 
 
 def chat_template_encoder(tokenizer) -> Callable[[list[Message]], list[int]]:
@@ -283,8 +297,10 @@ def _marked_template_ids(tokenizer, messages: Sequence[Message], add_generation_
 def build_prompt(
     tokenizer, messages: Any, max_context: int, max_new_tokens: int,
     system_prompt: str | None = None, model_name: str = "model", builder: PromptBuilder | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> Prompt:
-    """Validate, add the model's default system prompt when none is given, and fit the context.
+    """Validate, add the model's default system prompt when none is given, and fit the context: at most
+    `max_context − max_new_tokens` prompt tokens, and at most `max_prompt_tokens` (a server's limit) when given.
     `builder` is the family's own prompt format (Qwen v1 make_context, Baichuan build_chat_input); without
     one the tokenizer's chat template is used."""
     clean = validate_messages(messages)
@@ -297,14 +313,17 @@ def build_prompt(
     if budget <= 0:
         raise PromptTooLongError(f"{model_name}: max_new_tokens {max_new_tokens} leaves no room in "
                                  f"max_context {max_context}")
+    why = "max_context − max_new_tokens; shorten it or lower max_new_tokens"
+    if max_prompt_tokens is not None and max_prompt_tokens < budget:
+        budget, why = max_prompt_tokens, "this server's prompt limit; shorten it"
     if builder is None:
-        prompt = fit_messages(clean, chat_template_encoder(tokenizer), budget, model_name)
+        prompt = fit_messages(clean, chat_template_encoder(tokenizer), budget, model_name, why)
     else:
         ids, dropped_turns = builder(tokenizer, clean, budget)
         if len(ids) > budget:
             raise PromptTooLongError(
                 f"{model_name}: the newest message alone needs {len(ids)} prompt tokens but only {budget} fit "
-                f"(max_context − max_new_tokens); shorten it or lower max_new_tokens")
+                f"({why})")
         prompt = Prompt(ids=list(ids), dropped_turns=tuple(dropped_turns), budget=budget)
     # Report indices in the caller's list, not the one with the added system message.
     dropped = tuple(i - offset for i in prompt.dropped_turns if i >= offset)

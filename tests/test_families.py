@@ -255,3 +255,14 @@ def test_qwen_v1_context_is_capped_at_the_checkpoints_seq_length(tmp_path):
     assert card["context"].startswith("256")
     with pytest.raises(ValueError, match="exceed the 246 that fit"):
         collect(generate(lm, input_ids=list(range(5, 255)), params=SamplingParams(max_new_tokens=10)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_equals_one_forward_on_every_family(family_env, family):
+    lm = family_env["models"][family]
+    params = SamplingParams(max_new_tokens=6)
+    whole = collect(generate(lm, input_ids=IDS, params=params, prefill_chunk=1000, ignore_eos=True))
+    chunked = collect(generate(lm, input_ids=IDS, params=params, prefill_chunk=5, ignore_eos=True))
+    assert [t.token_id for t in chunked["tokens"]] == [t.token_id for t in whole["tokens"]]
+    for a, b in zip(chunked["tokens"], whole["tokens"]):
+        assert a.stages[0].probs == pytest.approx(b.stages[0].probs, abs=1e-5)

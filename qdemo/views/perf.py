@@ -192,7 +192,7 @@ def settings_text(settings: Mapping[str, Any]) -> str:
 
 
 REASON_WORDS = {"eos": "finished", "stop_token": "finished (stop token)", "max_tokens": "length limit",
-                "stopped": "stopped", "error": "error"}
+                "stopped": "stopped", "time_limit": "time limit", "error": "error"}
 
 
 def reason_words(reason: str | None) -> str:

@@ -6,6 +6,8 @@ Every flag can also be set by an environment variable (shown in --help); a flag 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
 
@@ -14,10 +16,19 @@ from qdemo.limits import Limits
 _LIMIT_FLAGS = {  # flag → (Limits field, help)
     "--max-input-chars": ("max_input_chars", "longest message accepted; longer ones are cut with a notice"),
     "--max-turns": ("max_turns", "history turns sent to the model; older ones are left out with a notice"),
+    "--max-prompt-tokens": ("max_prompt_tokens", "prompt tokens per request, history included; older turns are "
+                                                 "left out with a notice"),
     "--max-new-tokens": ("max_new_tokens", "cap on max new tokens per answer"),
-    "--requests-per-minute": ("requests_per_minute", "requests per session per minute"),
+    "--max-generation-seconds": ("max_generation_seconds", "wall-clock limit per answer; longer ones are cut with "
+                                                           "a notice"),
+    "--requests-per-minute": ("requests_per_minute", "model requests per session per minute"),
+    "--requests-per-minute-per-address": ("requests_per_minute_per_address",
+                                          "model requests per client address per minute, whatever its sessions"),
+    "--events-per-minute": ("events_per_minute", "page events that run no model (sliders, clicks) per session "
+                                                 "per minute"),
     "--concurrency": ("concurrency", "generations running at once in the whole app; others queue"),
     "--queue-size": ("queue_size", "waiting requests beyond this are refused"),
+    "--max-upload-kib": ("max_upload_kib", "largest upload (a conversation to import), in KiB"),
 }
 
 
@@ -38,11 +49,30 @@ def parser() -> argparse.ArgumentParser:
                         "least recently used idle model is unloaded to make room [QDEMO_MAX_MEMORY]")
     p.add_argument("--share", action="store_true", default=env("QDEMO_SHARE", "") in ("1", "true", "yes"),
                    help="also open a public gradio.live link [QDEMO_SHARE=1]")
+    p.add_argument("--allow-downloads", action="store_true",
+                   default=env("QDEMO_ALLOW_DOWNLOADS", "") in ("1", "true", "yes"),
+                   help="let a request download a registry model from the hub (default: serve only models that are "
+                        "embedded or cached here) [QDEMO_ALLOW_DOWNLOADS=1]")
+    # On a Hugging Face Space every request arrives through the Space's proxy: without trusting it, all users would
+    # share the per-address limit of the proxy's own address.
+    proxies = env("QDEMO_TRUSTED_PROXIES") or ("1" if env("SPACE_ID") else "0")
+    p.add_argument("--trust-proxy", type=int, default=int(proxies), metavar="N",
+                   help="the app runs behind N proxies that each append the client's address to X-Forwarded-For; "
+                        "rate limits then count that address (default 0: the socket peer; 1 on a Hugging Face "
+                        "Space) [QDEMO_TRUSTED_PROXIES]")
     defaults = Limits()
     for flag, (field, text) in _LIMIT_FLAGS.items():
         p.add_argument(flag, type=int, default=None, dest=field,
                        help=f"{text} (default {getattr(defaults, field)}) [{Limits.ENV[field]}]")
     return p
+
+
+def generation_seconds_for(device: str | None) -> int:
+    """The default time limit per answer, sized for the device: a 2-core CPU writes ~5 tokens a second, so a
+    long answer there needs minutes; a GPU needs far less."""
+    from qdemo.loader import pick_device
+
+    return 180 if pick_device(device).type == "cpu" else 90
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,17 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qdemo.pool import ModelPool, parse_bytes
         from qdemo.registry import load_registry
-        from qdemo.ui.app import build_app, queue_settings
+        from qdemo.ui.app import build_app, launch_settings, queue_settings
 
         limits = Limits.from_env(**{field: getattr(args, field) for field, _ in _LIMIT_FLAGS.values()})
+        if args.max_generation_seconds is None and not os.environ.get(Limits.ENV["max_generation_seconds"]):
+            limits = dataclasses.replace(limits, max_generation_seconds=generation_seconds_for(args.device))
         registry = load_registry(args.models)
         budget = parse_bytes(args.max_memory) if args.max_memory else None
         pool = ModelPool(registry, args.device, budget_bytes=budget)
-        demo = build_app(registry, device=args.device, default=args.model, limits=limits, pool=pool)
+        if args.trust_proxy < 0:
+            raise ValueError(f"--trust-proxy (QDEMO_TRUSTED_PROXIES) must be 0 or more, got {args.trust_proxy}")
+        demo = build_app(registry, device=args.device, default=args.model, limits=limits, pool=pool,
+                         allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy)
     except (ValueError, OSError) as exc:
         print(f"qdemo: cannot start: {exc}", file=sys.stderr)
         return 2
-    demo.queue(**queue_settings(limits)).launch(server_name=args.host, server_port=args.port, share=args.share)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    demo.queue(**queue_settings(limits)).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                **launch_settings(limits))
     return 0
 
 

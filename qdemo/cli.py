@@ -1,4 +1,4 @@
-"""`python -m qdemo models | prepare NAME | chat NAME PROMPT | bench NAME | loadtest`."""
+"""`python -m qdemo models | prepare NAME | chat NAME PROMPT | bench NAME | loadtest | faults`."""
 
 from __future__ import annotations
 
@@ -140,6 +140,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_faults(args: argparse.Namespace) -> int:
+    from qdemo.faults import format_result, run_faults, to_json
+
+    log = (lambda *_: None) if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr))
+    result = run_faults(model=args.model, registry_path=args.registry, device=args.device,
+                        long_prompt_chars=args.long_prompt_chars, log=log)
+    print(to_json(result) if args.json else format_result(result), flush=True)
+    return 0 if result.crashed == 0 and result.still_serving else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qdemo", description="qdemo generation core")
     parser.add_argument("--registry", help="models.yaml to use (default: $QDEMO_MODELS or the bundled one)")
@@ -181,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.set_defaults(func=cmd_loadtest)
+    p = sub.add_parser("faults", help="the app on loopback, replayed with bad inputs and abuse; and fairness")
+    p.add_argument("--model", help="registry name (default: the registry's default)")
+    p.add_argument("--long-prompt-chars", type=int, default=4000, help="the long prompt of the fairness figure")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_faults)
     return parser
 
 

@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import threading
@@ -34,7 +35,7 @@ import torch
 from qdemo.errors import QdemoError
 from qdemo.loader import LoadedModel, load_model, pick_device, pick_dtype
 from qdemo.registry import Registry
-from qdemo.sources import ProgressFn, resolve
+from qdemo.sources import ProgressFn, hub_cache_dir, hub_weight_bytes, needs_download, resolve
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
           "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
@@ -209,6 +210,7 @@ class ModelPool:
             with self._guard:
                 if name in self._entries:
                     return self._entries[name].lm
+            self._check_download(name, spec)
             path = resolve(spec, progress)  # prepare / convert first: the estimate reads the files
             need = estimate_weight_bytes(path, pick_dtype(spec.dtype, self._device))
             self._make_room(name, need)
@@ -262,6 +264,25 @@ class ModelPool:
         return True
 
     # --- internals ------------------------------------------------------------------------------------------------
+    def _check_download(self, name: str, spec) -> None:
+        """Before a hub download starts: a model whose weights can never fit the budget (or the cache's disk) is
+        refused from the hub's file list, without fetching a byte."""
+        if not needs_download(spec):
+            return
+        stored = hub_weight_bytes(spec)
+        if not stored:
+            return
+        # Checkpoints are stored in 16 bits; loaded in fp32 they take twice that.
+        item = torch.empty((), dtype=pick_dtype(spec.dtype, self._device)).element_size()
+        need = stored * item // 2
+        if need > self.budget:
+            raise MemoryBudgetError(f"{name} needs about {_gib(need)} for its weights but the memory budget is "
+                                    f"{_gib(self.budget)} (QDEMO_MAX_MEMORY); it was not downloaded")
+        free = shutil.disk_usage(_existing_parent(hub_cache_dir())).free
+        if stored > free:
+            raise MemoryBudgetError(f"{name} would download {_gib(stored)} but the model cache's disk has only "
+                                    f"{_gib(free)} free; it was not downloaded")
+
     def _make_room(self, name: str, need: int) -> None:
         if need > self.budget:
             raise MemoryBudgetError(f"{name} needs about {_gib(need)} for its weights but the memory budget is "
@@ -286,6 +307,13 @@ class ModelPool:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _trim_heap()
+
+
+def _existing_parent(path: str | Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _trim_heap() -> None:

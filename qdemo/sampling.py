@@ -22,6 +22,7 @@ from transformers import (
 
 RAW_STAGE = "raw"
 MAX_BEAMS = 8
+MAX_TOP_K = 1_000_000  # beyond any vocabulary: larger values mean nothing more
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check_bool("do_sample", self.do_sample)
         _check_number("temperature", self.temperature, low=0.0, high=100.0)
-        _check_int("top_k", self.top_k, low=0)
+        _check_int("top_k", self.top_k, low=0, high=MAX_TOP_K)
         _check_number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_number("min_p", self.min_p, low=0.0, high=1.0, high_open=True)
         _check_number("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
@@ -97,6 +98,19 @@ def build_stages(params: SamplingParams) -> list[tuple[str, LogitsProcessor]]:
     return stages
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
+
+
+def _short(value: Any) -> str:
+    """A bad value quoted back, never thousands of digits long."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"sampling field {name} must be true or false, got {value!r}")
@@ -104,19 +118,19 @@ def _check_bool(name: str, value: Any) -> None:
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"sampling field {name} must be an integer, got {value!r}")
+        raise ValueError(f"sampling field {name} must be an integer, got {_short(value)}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"sampling field {name} must be {bound}, got {value}")
+        raise ValueError(f"sampling field {name} must be {bound}, got {_short(value)}")
 
 
 def _check_number(
     name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False
 ) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"sampling field {name} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise ValueError(f"sampling field {name} must be a finite number, got {_short(value)}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"sampling field {name} must be in {interval}, got {value}")
+        raise ValueError(f"sampling field {name} must be in {interval}, got {_short(value)}")

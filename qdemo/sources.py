@@ -200,7 +200,7 @@ def _build_atomically(final: Path, build: Callable[[Path], dict]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- hub
-def _hub_cache_dir() -> str:
+def hub_cache_dir() -> str:
     # Read at call time: huggingface_hub freezes its constants at import.
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -216,17 +216,42 @@ def _hub_snapshot(src: HubSource) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
+        return Path(snapshot_download(src.repo_id, revision=src.revision, cache_dir=hub_cache_dir(),
                                       local_files_only=True))
     except Exception:
         return None
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def needs_download(spec: ModelSpec) -> bool:
+    return isinstance(spec.source, HubSource) and _hub_snapshot(spec.source) is None
+
+
+def hub_weight_bytes(spec: ModelSpec) -> int | None:
+    """Bytes of the weight files a download would fetch, from the hub's file list (no download); None when the
+    hub cannot be asked (offline) or the model is not on the hub."""
+    src = spec.source
+    if not isinstance(src, HubSource) or _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(src.repo_id, revision=src.revision, files_metadata=True)
+    except Exception:
+        return None
+    sizes = [getattr(f, "size", None) or 0 for f in (info.siblings or []) if f.rfilename.endswith(_WEIGHT_SUFFIXES)]
+    if any(f.rfilename.endswith(".safetensors") for f in info.siblings or []):  # .bin copies are not fetched then
+        sizes = [getattr(f, "size", None) or 0 for f in info.siblings if f.rfilename.endswith(".safetensors")]
+    return sum(sizes) or None
 
 
 def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
     cached = _hub_snapshot(src)
     if cached is not None:
         return cached
-    where = f"model {spec.name}: {src.repo_id}@{src.revision} is not in the Hugging Face cache ({_hub_cache_dir()})"
+    where = f"model {spec.name}: {src.repo_id}@{src.revision} is not in the Hugging Face cache ({hub_cache_dir()})"
     if _hub_offline():
         raise SourceError(f"{where} and HF_HUB_OFFLINE is set, so it cannot be downloaded. "
                           "Download it where the hub is reachable, or pick an embedded model.")
@@ -238,7 +263,7 @@ def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
     if spec.trust_remote_code:
         patterns.append("*.py")  # only for an entry pinned to a commit (see registry); otherwise never code
     try:
-        path = snapshot_download(src.repo_id, revision=src.revision, cache_dir=_hub_cache_dir(),
+        path = snapshot_download(src.repo_id, revision=src.revision, cache_dir=hub_cache_dir(),
                                  allow_patterns=patterns)
     except Exception as exc:
         raise SourceError(f"{where} and downloading it failed ({type(exc).__name__}: {exc}). "

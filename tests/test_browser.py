@@ -216,7 +216,7 @@ def test_empty_message_and_unready_model_are_explained_where_the_user_looks(page
     page.get_by_role("option", name=re.compile("A hub model")).click()
     page.locator("#chat-model-info").get_by_text("not ready here").wait_for()
     _send(page, "hello")
-    notice.get_by_text(re.compile("Could not load hub-model")).wait_for()
+    notice.get_by_text(re.compile("hub-model is not available on this server")).wait_for()
     assert notice.is_visible() and "/tmp" not in notice.inner_text()
     page.screenshot(path=str(page.shots / "chat-errors.png"), full_page=True)
 
@@ -384,3 +384,44 @@ def test_an_empty_seed_box_means_a_fresh_seed_in_compare_too(page):
     page.locator("#compare-run").click()
     page.wait_for_function("(old) => { const m = (document.querySelector('#compare-metrics-b')?.innerText || '')"
                            ".match(/seed (\\d+)/); return m && m[1] !== old; }", arg=first)
+
+
+@pytest.fixture(scope="module")
+def limited_app(tiny_dir, cycle_dir, tmp_path_factory):
+    """A second app with a rate limit of 2 model requests a minute per session."""
+    from qdemo.limits import Limits
+    from qdemo.pool import ModelPool
+    from qdemo.registry import load_registry
+    from qdemo.ui.app import build_app
+
+    path = tmp_path_factory.mktemp("limited") / "models.yaml"
+    path.write_text(BROWSER_REGISTRY.format(tiny=tiny_dir, cycle=cycle_dir), encoding="utf-8")
+    registry = load_registry(path)
+    demo = build_app(registry, pool=ModelPool(registry, "cpu"), limits=Limits(requests_per_minute=2))
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, tmp_path_factory.mktemp("limited-shots")
+    finally:
+        demo.close()
+
+
+def test_the_rate_limit_counts_each_page_user_apart_and_covers_internals(limited_app, browser):
+    """Issue 10, bugs 1 and 4: page handlers got no request, so every browser user shared one bucket, and
+    Internals' attention ran outside every limit."""
+    alice = _open(limited_app, browser)
+    bob = _open(limited_app, browser)
+    try:
+        for text in ("one", "two"):
+            _send(alice, text)
+            _done(alice)
+        _send(alice, "three")
+        alice.locator("#chat-notice").get_by_text("Too many requests").wait_for()
+        _tab(alice, "Internals")
+        alice.locator("#attn-run").click()
+        alice.locator("#attn-caption").get_by_text("Too many requests").wait_for()
+        _send(bob, "my first")  # another user still has the whole minute's allowance
+        metrics = _done(bob)
+        assert "finished" in metrics or "length limit" in metrics
+    finally:
+        alice.context.close()
+        bob.context.close()

@@ -205,3 +205,36 @@ def test_beam_metrics_show_progress_and_the_kv_cache(services):
     final = updates[-1]
     assert "KV 0 B" not in final.metrics and final.view.run.tokens[0].kv_cache_bytes > 0
     assert "Beam search shows the answer when the search ends" in final.notice
+
+
+def test_the_whole_prompt_is_capped_history_included(tiny_dir, cycle_dir, tmp_path):
+    """--max-input-chars cuts only the new message; --max-prompt-tokens caps the whole prompt: older turns go
+    first, and a newest message that alone is too long is refused naming the limit."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
+    capped = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                      limits=Limits(max_prompt_tokens=120, requests_per_minute=1000))
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i}"}]
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "and now?", history, capped.limits)
+    final = _answer(capped, session, begun.chat, SamplingParams(max_new_tokens=4))[-1]
+    prefill = final.view.run.prefill
+    assert len(prefill.prompt_ids) <= 120 and prefill.dropped_turns[:2] == (0, 1)
+    assert "dropped" in final.metrics and final.view.dropped[0] == ("user", "question 0 " * 5)
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "word " * 300, [], capped.limits)
+    (refused,) = _answer(capped, session, begun.chat, SamplingParams(max_new_tokens=4))
+    assert "this server's prompt limit" in refused.notice and "120" in refused.notice
+
+
+def test_an_answer_is_cut_at_the_time_limit_with_a_note(tiny_dir, cycle_dir, tmp_path):
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
+    timed = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model="cycle",
+                     limits=Limits(max_generation_seconds=1, requests_per_minute=1000, max_new_tokens=8000))
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "go", [], timed.limits)
+    final = list(chat.answer(timed, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=8000),
+                             1))[-1]
+    assert final.view.run.done.reason == "time_limit" and 0 < len(final.view.run.tokens) < 8000
+    assert "time limit" in final.chat[-1]["content"] and "time limit" in final.metrics

@@ -87,7 +87,7 @@ def test_rate_limiter_is_per_session_and_slides():
     assert limiter.check("alice") is None
     now[0] = 200.0
     limiter.check("carol")
-    assert set(limiter._seen) == {"carol"}  # quiet sessions are forgotten
+    assert set(limiter._seen) == {("session", "carol")}  # quiet sessions are forgotten
 
 
 def test_cut_text_says_what_was_cut():

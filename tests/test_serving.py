@@ -19,7 +19,7 @@ from qdemo.engine import collect, generate
 from qdemo.limits import Limits
 from qdemo.pool import ModelPool
 from qdemo.registry import load_registry
-from qdemo.ui.app import build_app, queue_settings
+from qdemo.ui.app import build_app, launch_settings, queue_settings
 from tests.conftest import write_registry
 
 pytestmark = pytest.mark.slow  # launches the app on loopback
@@ -32,7 +32,7 @@ def launch(registry, limits: Limits):
     pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
     demo = build_app(registry, pool=pool, limits=limits)
     demo.queue(**queue_settings(limits)).launch(server_name="127.0.0.1", server_port=None,
-                                                prevent_thread_lock=True, quiet=True)
+                                                prevent_thread_lock=True, quiet=True, **launch_settings(limits))
     return demo, pool
 
 
@@ -246,7 +246,12 @@ def test_app_help_lists_every_flag_and_variable():
                       ("--concurrency", "QDEMO_CONCURRENCY"), ("--queue-size", "QDEMO_QUEUE_SIZE"),
                       ("--max-input-chars", "QDEMO_MAX_INPUT_CHARS"), ("--max-turns", "QDEMO_MAX_TURNS"),
                       ("--max-new-tokens", "QDEMO_MAX_NEW_TOKENS"),
-                      ("--requests-per-minute", "QDEMO_REQUESTS_PER_MINUTE")]:
+                      ("--requests-per-minute", "QDEMO_REQUESTS_PER_MINUTE"),
+                      ("--max-prompt-tokens", "QDEMO_MAX_PROMPT_TOKENS"),
+                      ("--max-generation-seconds", "QDEMO_MAX_GENERATION_SECONDS"),
+                      ("--requests-per-minute-per-address", "QDEMO_REQUESTS_PER_MINUTE_PER_ADDRESS"),
+                      ("--events-per-minute", "QDEMO_EVENTS_PER_MINUTE"), ("--max-upload-kib", "QDEMO_MAX_UPLOAD_KIB"),
+                      ("--allow-downloads", "QDEMO_ALLOW_DOWNLOADS"), ("--trust-proxy", "QDEMO_TRUSTED_PROXIES")]:
         assert flag in out and var in out, flag
 
 
@@ -256,6 +261,8 @@ def test_app_help_lists_every_flag_and_variable():
     (None, {"QDEMO_MAX_MEMORY": "lots"}, "QDEMO_MAX_MEMORY must be a size"),
     (None, {"QDEMO_CONCURRENCY": "0"}, "concurrency"),
     (None, {"QDEMO_DEFAULT_MODEL": "nope"}, "nope"),
+    (None, {"QDEMO_TRUSTED_PROXIES": "-1"}, "--trust-proxy"),
+    (None, {"QDEMO_MAX_PROMPT_TOKENS": "0"}, "max_prompt_tokens"),
 ])
 def test_bad_configuration_refuses_to_start(tmp_path, yaml_text, env, match):
     args = []
@@ -317,3 +324,81 @@ def test_loadtest_reports_every_session(tiny_dir, tmp_path):
     assert result.rss_start_mib > 0 and "3 of 3" in format_result(result)
     with pytest.raises(ValueError, match="sessions must be from 1 to 64"):
         run_loadtest(65, registry_path=str(path))
+
+
+# --- issue 10: limits that hold per user, readable refusals, quiet logs ------------------------------------------
+
+def test_new_session_ids_do_not_escape_the_limit(registry):
+    """A REST client that sends no session hash, or a new one each call, is still counted by its address."""
+    demo, _ = launch(registry, Limits(requests_per_minute=2, requests_per_minute_per_address=4, max_new_tokens=2))
+    try:
+        settings = {"do_sample": False, "max_new_tokens": 2}
+        for _ in range(4):
+            Client(demo.local_url, verbose=False).predict("hi", [], "", settings, None, api_name="/chat")
+        with pytest.raises(Exception, match="Too many requests: this server allows 4 per minute per address"):
+            Client(demo.local_url, verbose=False).predict("hi", [], "", settings, None, api_name="/chat")
+        posted = httpx.post(demo.local_url + "gradio_api/call/chat",
+                            json={"data": ["hi", [], "", settings, None]}).json()
+        result = httpx.get(demo.local_url + f"gradio_api/call/chat/{posted['event_id']}", timeout=60).text
+        assert "Too many requests" in result  # no session hash at all: the address still counts
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("args,match", [
+    (("hi", [{"role": "user", "content": [{"type": "text", "text": 5}]}], "", None, None),
+     "history message 0 content part 0 must be text, got int"),
+    (("hi", [{"role": "tool", "content": "x"}], "", None, None), "history message 0 has role 'tool'"),
+    (("hi", [], "", {"temperature": 10 ** 400}, None), "temperature must be a finite number, got an integer of 401"),
+    (("hi", [], "m" * 100_000, None, None), "unknown model 'm{58}…; this server has: tiny-qwen2$"),
+])
+def test_malformed_values_are_named_not_blank(served, args, match):
+    _, _, client = served
+    with pytest.raises(Exception, match=match):
+        client.predict(*args, api_name="/chat")
+
+
+def test_refusals_are_one_log_line_and_crashes_keep_their_traceback(served, capfd, caplog, monkeypatch):
+    import logging
+
+    import qdemo.services.chat as chat_service
+
+    _, _, client = served
+    caplog.set_level(logging.INFO, logger="qdemo")
+    capfd.readouterr()
+    for _ in range(3):
+        with pytest.raises(Exception, match="message is empty"):
+            client.predict("  ", [], "", None, None, api_name="/chat")
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err
+    refusals = [r for r in caplog.records if r.name == "qdemo" and "message is empty" in r.getMessage()]
+    assert len(refusals) == 3 and all(r.exc_info is None for r in refusals)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(chat_service, "chat_events", broken)
+    with pytest.raises(Exception, match="Something went wrong on the server"):
+        client.predict("hello", [], "", {"max_new_tokens": 2}, None, api_name="/chat")
+    crashes = [r for r in caplog.records if r.name == "qdemo" and r.exc_info is not None]
+    assert len(crashes) == 1 and "simulated bug" in str(crashes[0].exc_info[1])
+
+
+def test_uploads_are_small_and_limited(served):
+    demo, _, _ = served
+    big = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("big.json", b"x" * (2 << 20))})
+    assert 400 <= big.status_code < 500
+    small = httpx.post(demo.local_url + "gradio_api/upload", files={"files": ("chat.json", b'{"messages": []}')})
+    assert small.status_code == 200
+
+
+def test_fault_replay_finds_no_crash_and_the_app_keeps_serving(tiny_dir, cycle_dir, tmp_path):
+    from qdemo.faults import format_result, run_faults
+
+    path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir)
+    result = run_faults(registry_path=str(path), device="cpu", long_prompt_chars=2000, log=lambda *_: None)
+    outcomes = {c.name: c.outcome for c in result.cases}
+    assert result.crashed == 0 and result.still_serving, format_result(result)
+    assert outcomes["history part that is not text"] == "refused" and outcomes["upload of 2 MiB"] == "refused"
+    assert outcomes["typed <|im_end|> and <tool_call>"] == "answered"
+    assert result.short_alone_s > 0 and result.short_behind_long_s > 0 and result.long_prompt_tokens > 500

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from qdemo.backend import LocalBackend
 from qdemo.errors import QdemoError
-from qdemo.limits import Limits, RateLimiter
+from qdemo.limits import Client, Limits, RateLimiter
 from qdemo.loader import describe_run
 from qdemo.pool import ModelPool
 from qdemo.registry import Registry
@@ -76,10 +76,11 @@ class Services:
     default_model: str
     limits: Limits = field(default_factory=Limits)
     rates: RateLimiter | None = None
+    allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
 
     def __post_init__(self) -> None:
         if self.rates is None:
-            self.rates = RateLimiter(self.limits.requests_per_minute)
+            self.rates = RateLimiter(self.limits.requests_per_minute, self.limits.requests_per_minute_per_address)
 
     # --- models offered -----------------------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
@@ -103,12 +104,18 @@ class Services:
         return f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
 
     def model_name(self, model: Any) -> str:
-        """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists."""
+        """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists, and only
+        a model that is ready here unless the operator allows downloads."""
         if model is not None and not isinstance(model, str):
             raise Refused(f"model must be a model name (text), got {type(model).__name__}")
         name = model or self.default_model
         if name not in self.registry.models:
             raise Refused(f"unknown model {echo(name)}; this server has: {', '.join(self.registry.names())}")
+        if not self.allow_downloads and name not in self.pool.loaded():
+            ready = readiness(self.registry.get(name))
+            if not ready.ready:
+                raise Refused(f"{name} is not available on this server: {ready.hint} This server does not "
+                              "download models on request (its operator can start it with --allow-downloads).")
         return name
 
     def params(self, name: str, settings: SamplingParams | Mapping[str, Any] | None) -> tuple[SamplingParams, str]:
@@ -129,13 +136,13 @@ class Services:
                 f"max new tokens lowered from {params.max_new_tokens} to this server's limit of {limit}.")
 
     # --- admission ----------------------------------------------------------------------------------------------
-    def check_rate(self, client: str | None) -> None:
+    def check_rate(self, client: Client | str | None) -> None:
         refusal = self.rates.check(client)
         if refusal:
             raise Refused(refusal)
 
     @contextlib.contextmanager
-    def admit(self, client: str | None, *requests: ModelRequest, progress: ProgressFn | None = None
+    def admit(self, client: Client | str | None, *requests: ModelRequest, progress: ProgressFn | None = None
               ) -> Iterator[Admitted]:
         """The request's models, loaded and leased behind their gated backends, for the block's duration."""
         self.check_rate(client)

@@ -13,10 +13,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from qdemo.backend import LocalBackend
-from qdemo.events import TokenEvent
+from qdemo.events import Event, TokenEvent
 from qdemo.limits import Limits, clean_text, cut_text
 from qdemo.prompting import keep_last_turns, validate_messages
 from qdemo.runs import RunRecord
@@ -258,14 +258,27 @@ def answer(services: Services, session: ChatSession, client: str | None, history
                 return
             backend, params = admitted.backend, admitted.params[0]
             notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
-            yield from _stream(backend, session, epoch, stop, chat, turn, params, run_id, notice)
+            events = lambda: chat_events(services, backend, turn.messages, params, stop)  # noqa: E731
+            yield from _stream(backend, session, epoch, chat, turn, params, run_id, notice, events)
     except Refused as exc:
         if session.current(epoch):
             yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
 
 
-def _stream(backend: LocalBackend, session: ChatSession, epoch: int, stop: threading.Event, chat: list[Any],
-            turn: Turn, params: SamplingParams, run_id: int, notice: str) -> Iterator[ChatUpdate]:
+def chat_events(services: Services, backend: LocalBackend, messages: list[dict[str, str]], params: SamplingParams,
+                stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[Event]:
+    """The engine's events for a chat on this server: the prompt fitted into the model's context and the server's
+    prompt-token limit (oldest turns first, reported as dropped), and the answer cut at its time limit. Raises
+    PromptTooLongError (a ValueError) when the newest message alone does not fit."""
+    prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
+    return backend.generate(input_ids=prompt.ids, dropped_turns=prompt.dropped_turns, params=params,
+                            stop_event=stop_event, top_n=top_n,
+                            time_limit_s=services.limits.max_generation_seconds)
+
+
+def _stream(backend: LocalBackend, session: ChatSession, epoch: int, chat: list[Any], turn: Turn,
+            params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]]
+            ) -> Iterator[ChatUpdate]:
     run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat")
     shown = chat + [{"role": "assistant", "content": ""}]
     if params.beam_search:
@@ -273,7 +286,7 @@ def _stream(backend: LocalBackend, session: ChatSession, epoch: int, stop: threa
     events = iter(())
     shown_at = 0.0
     try:
-        events = backend.generate(messages=turn.messages, params=params, stop_event=stop, top_n=20)
+        events = start()
         for event in events:
             run.add(event)
             if not session.current(epoch):
@@ -315,6 +328,7 @@ def end_note(run: RunRecord) -> str:
     count = len(run.tokens)
     note = {"stopped": f"⏹ stopped by you after {count} tokens",
             "max_tokens": f"✂ cut at the length limit ({count} tokens; raise max new tokens for more)",
+            "time_limit": f"⏱ cut at this server's time limit per answer, after {count} tokens",
             "error": "⚠️ the answer broke off: see the message below the chat"}.get(reason, reason_words(reason))
     return f"\n\n{END_MARK}*{note}*"
 

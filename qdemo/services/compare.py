@@ -6,6 +6,7 @@ The cross-probabilities are computed while both models are still leased, through
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from qdemo.lab import stage_distributions
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.services.chat import UI_INTERVAL_S, answer_text, prepare_turn
+from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn
 from qdemo.sources import ProgressFn
 from qdemo.views.compare import Divergence, first_divergence
 
@@ -55,11 +56,21 @@ class CompareUpdate:
 
 def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[dict[str, str]],
              params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
-             stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[tuple[RunRecord, RunRecord]]:
-    """Alternate one event from each side until both are done; yields both records after every step."""
-    streams = [backend_a.generate(messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
-               backend_b.generate(messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
-    records = [run_a, run_b]
+             stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None
+             ) -> Iterator[tuple[RunRecord, RunRecord]]:
+    """Alternate one event from each side until both are done; yields both records after every step. With
+    `services`, each side runs under the server's prompt and time limits. A prompt that does not fit raises here,
+    before anything streams."""
+    if services is not None:
+        streams = [chat_events(services, backend_a, messages, params_a, stop_event, top_n),
+                   chat_events(services, backend_b, messages, params_b, stop_event, top_n)]
+    else:
+        streams = [backend_a.generate(messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
+                   backend_b.generate(messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
+    return _alternate(streams, [run_a, run_b])
+
+
+def _alternate(streams: list[Iterator], records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:
     live = [0, 1]
     try:
         while live:
@@ -69,7 +80,7 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
                     live.remove(side)
                     continue
                 records[side].add(event)
-            yield run_a, run_b
+            yield records[0], records[1]
     finally:  # a client that went away: both engines drop their KV caches now
         for stream in streams:
             stream.close()
@@ -148,16 +159,18 @@ def compare(services: Services, session: CompareSession | None, client: str | No
     with services.admit(client, *requests, progress=progress) as admitted:
         (backend_a, backend_b), (params_a, params_b) = admitted.backends, admitted.params
         if seed is None:
-            import secrets
-
             seed = secrets.randbits(31)
         params_a, params_b = params_a.replace(seed=seed), params_b.replace(seed=seed)
         notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
         run_a = RunRecord(run_id=first_run_id, model=backend_a.name, settings=params_a.to_dict(), label="A")
         run_b = RunRecord(run_id=first_run_id + 1, model=backend_b.name, settings=params_b.to_dict(), label="B")
         shown_at = 0.0
-        for run_a, run_b in run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop,
-                                     top_n):
+        try:
+            pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,
+                             services)
+        except ValueError as exc:  # the prompt does not fit
+            raise Refused(str(exc)) from None
+        for run_a, run_b in pairs:
             if time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown_at = time.perf_counter()
                 yield CompareUpdate(a=run_a, b=run_b, status=notice or "streaming…")

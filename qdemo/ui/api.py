@@ -4,6 +4,8 @@ field, never a crashed worker."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Iterator
 
 import gradio as gr
@@ -11,7 +13,7 @@ import gradio as gr
 from qdemo.runs import RunRecord
 from qdemo.services import chat, compare as compare_service, lab
 from qdemo.services.admission import ModelRequest, Refused
-from qdemo.ui.context import UIContext
+from qdemo.ui.context import UIContext, log, refuse_api
 from qdemo.ui.zerogpu import on_gpu
 
 
@@ -22,20 +24,20 @@ def register(ui: UIContext) -> None:
                       system: str | None = None, request: gr.Request = None) -> Iterator[str]:
         """Stream the answer to `message` after `history` ([{role, content}]). Yields the text so far."""
         if history is not None and not isinstance(history, list):
-            raise gr.Error(f"history must be a list of {{role, content}} messages, got {type(history).__name__}")
+            raise refuse_api(f"history must be a list of {{role, content}} messages, got {type(history).__name__}")
         if system is not None and not isinstance(system, str):
-            raise gr.Error(f"system must be text, got {type(system).__name__}")
+            raise refuse_api(f"system must be text, got {type(system).__name__}")
         try:
             turn = chat.prepare_turn(message, history or [], system, services.limits, strict=True)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise refuse_api(str(exc)) from None
         if turn is None:
-            raise gr.Error("message is empty")
+            raise refuse_api("message is empty")
         try:
             with services.admit(ui.client(request), ModelRequest(model, settings)) as admitted:
                 backend, params = admitted.backend, admitted.params[0]
                 run = RunRecord(run_id=0, model=backend.name, settings=params.to_dict(), label="api")
-                events = backend.generate(messages=turn.messages, params=params, top_n=0)
+                events = chat.chat_events(services, backend, turn.messages, params, top_n=0)
                 try:
                     for event in events:
                         run.add(event)
@@ -44,9 +46,9 @@ def register(ui: UIContext) -> None:
                 finally:
                     events.close()
         except (Refused, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise refuse_api(str(exc)) from None
         if run.done and run.done.error:
-            raise gr.Error(run.done.error)
+            raise refuse_api(run.done.error)
         yield chat.answer_text(run)
 
     def compare_endpoint(prompt: str, model_a: str = "", model_b: str = "", settings_a: dict | None = None,
@@ -54,16 +56,16 @@ def register(ui: UIContext) -> None:
                          ) -> dict[str, Any]:
         """Both answers to one prompt with one seed, and where they diverge."""
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-            raise gr.Error(f"seed must be a whole number from 0 to 2**63 - 1, got {str(seed)[:40]}")
+            raise refuse_api(f"seed must be a whole number from 0 to 2**63 - 1, got {str(seed)[:40]}")
         if not all(s is None or isinstance(s, dict) for s in (settings_a, settings_b)):
-            raise gr.Error("settings_a and settings_b must be JSON objects of sampling fields")
+            raise refuse_api("settings_a and settings_b must be JSON objects of sampling fields")
         try:
             final = None
             for update in compare_service.compare(services, None, ui.client(request), prompt, model_a, model_b,
                                                   settings_a, settings_b, seed, 1, top_n=0):
                 final = update
         except (Refused, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise refuse_api(str(exc)) from None
         return {"a": _summary(final.a), "b": _summary(final.b), "divergence": final.report}
 
     def next_token_endpoint(context: str, model: str = "", settings: dict | None = None, mode: str = "chat",
@@ -72,12 +74,41 @@ def register(ui: UIContext) -> None:
         try:
             return lab.next_token_report(services, ui.client(request), context, model, settings, mode, top_n)
         except (Refused, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            raise refuse_api(str(exc)) from None
 
     queue = ui.queue_kwargs()
-    gr.api(on_gpu(chat_endpoint), api_name="chat", **queue)
-    gr.api(on_gpu(compare_endpoint), api_name="compare", **queue)
-    gr.api(on_gpu(next_token_endpoint), api_name="next_token", **queue)
+    gr.api(on_gpu(guarded(chat_endpoint)), api_name="chat", **queue)
+    gr.api(on_gpu(guarded(compare_endpoint)), api_name="compare", **queue)
+    gr.api(on_gpu(guarded(next_token_endpoint)), api_name="next_token", **queue)
+
+
+def guarded(fn):
+    """A crash in an endpoint is logged with its traceback and answered with a message, never a blank error."""
+    def crashed():
+        log.exception("api %s failed", fn.__name__)
+        return gr.Error("Something went wrong on the server (it is logged); please try again.",
+                        print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception:  # noqa: BLE001
+                raise crashed() from None
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001
+            raise crashed() from None
+    return call
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:

@@ -26,16 +26,18 @@ CSS = """
 """
 
 def build_app(registry: Registry, device: str | None = None, default: str | None = None,
-              limits: Limits | None = None, pool: ModelPool | None = None) -> gr.Blocks:
-    """The app; call `.queue(**queue_settings(limits))` (or `launch_app`) before launching it."""
+              limits: Limits | None = None, pool: ModelPool | None = None, allow_downloads: bool = False,
+              trusted_proxies: int = 0) -> gr.Blocks:
+    """The app; serve it with `.queue(**queue_settings(limits)).launch(**launch_settings(limits), ...)`."""
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
     limits = limits or Limits()
     services = Services(registry=registry, pool=pool or ModelPool(registry, device), default_model=name,
-                        limits=limits)
-    ui = UIContext(services)
+                        limits=limits, allow_downloads=allow_downloads)
+    ui = UIContext(services, trusted_proxies=trusted_proxies)
     tabs = _optional_tabs()
-    with gr.Blocks(title="qdemo") as demo:
+    # Gradio's own upload/output cache: files older than an hour go, checked every hour.
+    with gr.Blocks(title="qdemo", delete_cache=(3600, 3600)) as demo:
         gr.HTML("", head=f"<style>{CSS}</style>", elem_id="qdemo-css")
         gr.Markdown("# qdemo\nSee how Qwen and Baichuan models think: every token with its probabilities after each "
                     "sampling stage, side-by-side comparisons, attention, RoPE and performance.",
@@ -53,12 +55,13 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
                 with gr.Tab(title, id=title.lower().replace(" ", "-")) as tab:
                     module.build(ui, session, tab)
         api.register(ui)
-        _restore(demo, services, session)
+        _restore(demo, ui, session)
     return demo
 
 
-def _restore(demo: gr.Blocks, services: Services, session: SessionComponents) -> None:
+def _restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None:
     """On page load: the saved conversation and runs come back, and the model lists say what is ready now."""
+    services = ui.services
     controls = session.chat_controls
 
     def restore(data):
@@ -81,8 +84,8 @@ def _restore(demo: gr.Blocks, services: Services, session: SessionComponents) ->
 
     outputs = [*session.model_dropdowns, session.runs, session.chat_model, session.chat_system, session.chatbot,
                *controls.components()]
-    demo.load(restore, {session.saved_runs, session.conversation}, list(dict.fromkeys(outputs)),
-              api_visibility="private")
+    ui.on(demo.load, restore, {session.saved_runs, session.conversation}, list(dict.fromkeys(outputs)),
+          notice=session.chat_notice)
 
 
 def _optional_tabs():
@@ -96,3 +99,8 @@ def _optional_tabs():
 def queue_settings(limits: Limits) -> dict:
     """Gradio queue settings; events that run a model share one group of `limits.concurrency` slots."""
     return {"max_size": limits.queue_size, "default_concurrency_limit": limits.concurrency}
+
+
+def launch_settings(limits: Limits) -> dict:
+    """Gradio launch settings the app's limits decide: uploads larger than a conversation are refused."""
+    return {"max_file_size": limits.max_upload_kib * 1024}

@@ -5,13 +5,13 @@ Handlers take set inputs (`data[component]`) and return dicts naming the compone
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from qdemo.services import chat, perf, settings
+from qdemo.services.files import scratch_file
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
@@ -82,6 +82,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
 
     session.chat_model, session.chat_system, session.chatbot = model, system, chatbot
     session.chat_controls = controls
+    session.chat_notice = notice
+    controls.wire_visibility(ui, notice)
     session.model_dropdowns.append(model)
     control_inputs = controls.components()
     views_reset = {tokens_view: TOKENS_HINT, stage_plot: None, notes: "", prompt_view: "",
@@ -136,16 +138,18 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     answer = on_gpu(answer)
     answers = []
     for trigger in (box.submit, send.click):
-        step = trigger(begin, {box, chatbot, chat_state}, [chatbot, box, notice, metrics], queue=False,
-                       api_visibility="private")
-        answers.append(step.then(answer, answer_inputs, answer_outputs, api_visibility="private",
-                                 show_progress_on=chatbot, **ui.queue_kwargs()))
-    step = regen.click(begin_regenerate, {chatbot, chat_state}, [chatbot, notice, metrics], queue=False,
-                       api_visibility="private")
-    answers.append(step.then(answer, answer_inputs, answer_outputs, api_visibility="private",
-                             show_progress_on=chatbot, **ui.queue_kwargs()))
-    stop_btn.click(lambda data: data[chat_state].stop.set(), {chat_state}, None, queue=False,
-                   api_visibility="private")
+        step = ui.on(trigger, begin, {box, chatbot, chat_state}, [chatbot, box, metrics], notice=notice, queue=False)
+        answers.append(ui.on(step.then, answer, answer_inputs, answer_outputs, notice=notice, runs_model=True,
+                             show_progress_on=chatbot))
+    step = ui.on(regen.click, begin_regenerate, {chatbot, chat_state}, [chatbot, metrics], notice=notice,
+                 queue=False)
+    answers.append(ui.on(step.then, answer, answer_inputs, answer_outputs, notice=notice, runs_model=True,
+                         show_progress_on=chatbot))
+
+    def stop(data):
+        data[chat_state].stop.set()
+
+    ui.on(stop_btn.click, stop, {chat_state}, None, notice=notice, queue=False)
 
     # --- Clear / trash icon / Undo / Import: stop what runs, and reset every panel ----------------------------
     def clear_chat(data):
@@ -155,10 +159,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
 
     clear_inputs = {chat_state, model, system, *control_inputs}
     clear_outputs = [chatbot, box, notice, *views_reset, session.conversation]
-    edits = [clear.click(clear_chat, clear_inputs, clear_outputs, queue=False, cancels=answers,
-                         api_visibility="private"),
-             chatbot.clear(clear_chat, clear_inputs, clear_outputs, queue=False, cancels=answers,
-                           api_visibility="private")]
+    edits = [ui.on(trigger, clear_chat, clear_inputs, clear_outputs, notice=notice, queue=False, cancels=answers)
+             for trigger in (clear.click, chatbot.clear)]
 
     def undo_turn(data):
         data[chat_state].interrupt()
@@ -167,16 +169,18 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                 **views_reset,
                 session.conversation: conversation(data[model], data[system], history, controls.values(data))}
 
-    edits.append(undo.click(undo_turn, {chat_state, chatbot, model, system, *control_inputs}, clear_outputs,
-                            queue=False, cancels=answers, api_visibility="private"))
+    edits.append(ui.on(undo.click, undo_turn, {chat_state, chatbot, model, system, *control_inputs}, clear_outputs,
+                       notice=notice, queue=False, cancels=answers))
 
     def do_import(data):
         file = data[import_btn]
+        upload = Path(file if isinstance(file, str) else file.name)
         try:
-            text = Path(file if isinstance(file, str) else file.name).read_text(encoding="utf-8")
-            imported = chat.import_conversation(text)
+            imported = chat.import_conversation(upload.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             return {notice: f"⚠️ Could not import that file: {exc}"}
+        finally:
+            upload.unlink(missing_ok=True)  # an upload is read once and not kept
         data[chat_state].interrupt()
         name = imported.model if imported.model in services.registry.models else data[model]
         notes_ = [] if imported.model in (None, name) else [f"The file's model {imported.model!r} is not served "
@@ -192,10 +196,9 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                 notice: " ".join(notes_) or f"Imported {len(imported.messages)} message(s).",
                 session.conversation: conversation(name, imported.system, imported.messages, values)}
 
-    edits.append(import_btn.upload(
-        do_import, {import_btn, chat_state, model}, [chatbot, model, system, box, *views_reset, *control_inputs,
-                                                     model_info, notice, session.conversation],
-        api_visibility="private"))
+    edits.append(ui.on(import_btn.upload, do_import, {import_btn, chat_state, model},
+                       [chatbot, model, system, box, *views_reset, *control_inputs, model_info,
+                        session.conversation], notice=notice))
 
     # --- model, seed, token view -------------------------------------------------------------------------------
     def on_model_change(data):
@@ -206,8 +209,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                 decoding_line: _decoding(new_spec.sampling),
                 session.conversation: conversation(name, new_spec.system_prompt or "", data[chatbot], values)}
 
-    model.input(on_model_change, {model, chatbot}, [*control_inputs, system, model_info, decoding_line,
-                                                    session.conversation], api_visibility="private")
+    ui.on(model.input, on_model_change, {model, chatbot},
+          [*control_inputs, system, model_info, decoding_line, session.conversation], notice=notice)
 
     def describe_settings(data):
         try:
@@ -216,8 +219,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             return {decoding_line: f"⚠️ {exc}"}
 
     for component in control_inputs:
-        component.change(describe_settings, control_inputs, decoding_line, queue=False, show_progress="hidden",
-                         api_visibility="private")
+        ui.on(component.change, describe_settings, control_inputs, decoding_line, notice=notice, queue=False,
+              show_progress="hidden")
 
     def pin_seed(data):
         view = data[chat_state].view
@@ -226,7 +229,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             return {notice: "No seed to pin: the last answer was not sampled."}
         return {controls.by_field["seed"]: str(seed), notice: f"Seed {seed} pinned: the next answers repeat that draw."}
 
-    pin.click(pin_seed, {chat_state}, [controls.by_field["seed"], notice], queue=False, api_visibility="private")
+    ui.on(pin.click, pin_seed, {chat_state}, [controls.by_field["seed"]], notice=notice, queue=False)
 
     def show_stages(data, evt: gr.EventData):
         view = data[chat_state].view
@@ -241,8 +244,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                                          settings=view.run.settings),
                 notes: "\n".join(f"- {n}" for n in stage_notes(event.stages, view.run.settings))}
 
-    tokens_view.select(show_stages, {chat_state, measure}, [stage_plot, notes], queue=False,
-                       api_visibility="private")
+    ui.on(tokens_view.select, show_stages, {chat_state, measure}, [stage_plot, notes], notice=notice, queue=False)
 
     def recolour(data):
         view = data[chat_state].view
@@ -251,7 +253,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             out[tokens_view] = token_view_html(view.run.tokens, view.texts, view.labels, data[measure])
         return out
 
-    measure.change(recolour, {chat_state, measure}, [legend, tokens_view], queue=False, api_visibility="private")
+    ui.on(measure.change, recolour, {chat_state, measure}, [legend, tokens_view], notice=notice, queue=False)
 
     # --- export: the file is rewritten whenever the conversation settles, so the button downloads at once ------
     def export(data):
@@ -259,15 +261,13 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             values = settings.to_params(controls.values(data)).to_dict()
         except ValueError:
             values = {}
-        folder = Path(tempfile.mkdtemp(prefix="qdemo-export-"))
-        path = folder / "qdemo-conversation.json"
+        path = scratch_file("qdemo-conversation.json")
         path.write_text(chat.export_conversation(data[model], data[system], data[chatbot] or [], values),
                         encoding="utf-8")
         return {export_btn: str(path)}
 
     for event in answers + edits:
-        event.then(export, {chatbot, model, system, *control_inputs}, export_btn, queue=False,
-                   api_visibility="private")
+        ui.on(event.then, export, {chatbot, model, system, *control_inputs}, export_btn, notice=notice, queue=False)
 
 
 def _decoding(params) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gradio as gr
 
 from qdemo.services import chat, compare, perf, settings
-from qdemo.services.admission import Refused
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
@@ -64,12 +63,11 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             values.pop("mode")  # each pane keeps its decoding mode: the comparison is the point
             return {**controls.update(values), info: services.model_info(data[model])}
 
-        for component in controls.components():
-            component.change(describe, controls.components(), summary, queue=False, show_progress="hidden",
-                             api_visibility="private")
-        model.input(on_model, {model}, [*controls.components(), info], api_visibility="private")
-        tab.select(describe, controls.components(), summary, queue=False, show_progress="hidden",
-                   api_visibility="private")
+        for trigger in [c.change for c in controls.components()] + [tab.select]:
+            ui.on(trigger, describe, controls.components(), summary, notice=verdict, queue=False,
+                  show_progress="hidden")
+        ui.on(model.input, on_model, {model}, [*controls.components(), info], notice=verdict)
+        controls.wire_visibility(ui, verdict)
 
     inputs = {prompt, seed, model_a, model_b, state, session.runs, *controls_a.components(), *controls_b.components()}
     outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs, session.saved_runs]
@@ -84,26 +82,27 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             return
         runs = list(data[session.runs] or [])
         yield {verdict: "Loading and queueing…", table: empty_side_by_side(), chart: None}
-        try:
-            for update in compare.compare(services, data[state], ui.client(request), data[prompt], data[model_a],
-                                          data[model_b], params_a, params_b, seed_value, perf.next_run_id(runs),
-                                          progress_callback(progress)):
-                out = {out_a: _pane_text(update.a), out_b: _pane_text(update.b),
-                       metrics_a: chat.metrics_line(update.a), metrics_b: chat.metrics_line(update.b),
-                       verdict: update.status}
-                if update.done:
-                    runs = runs + [update.a, update.b]
-                    out.update({table: side_by_side_frame(update.a, update.b),
-                                chart: tps_overlay_figure([update.a, update.b]), session.runs: runs,
-                                session.saved_runs: perf.saved(runs)})
-                yield out
-        except Refused as exc:
-            yield {verdict: f"⚠️ {exc}"}
+        for update in compare.compare(services, data[state], ui.client(request), data[prompt], data[model_a],
+                                      data[model_b], params_a, params_b, seed_value, perf.next_run_id(runs),
+                                      progress_callback(progress)):
+            out = {out_a: _pane_text(update.a), out_b: _pane_text(update.b),
+                   metrics_a: chat.metrics_line(update.a), metrics_b: chat.metrics_line(update.b),
+                   verdict: update.status}
+            if update.done:
+                runs = runs + [update.a, update.b]
+                out.update({table: side_by_side_frame(update.a, update.b),
+                            chart: tps_overlay_figure([update.a, update.b]), session.runs: runs,
+                            session.saved_runs: perf.saved(runs)})
+            yield out
 
     run_both = on_gpu(run_both)
-    run_btn.click(run_both, inputs, outputs, api_visibility="private", **ui.queue_kwargs())
-    prompt.submit(run_both, inputs, outputs, api_visibility="private", **ui.queue_kwargs())
-    stop_btn.click(lambda data: data[state].stop.set(), {state}, None, queue=False, api_visibility="private")
+    for trigger in (run_btn.click, prompt.submit):
+        ui.on(trigger, run_both, inputs, outputs, notice=verdict, runs_model=True)
+
+    def stop(data):
+        data[state].stop.set()
+
+    ui.on(stop_btn.click, stop, {state}, None, notice=verdict, queue=False)
 
 
 def _pane_text(run) -> str:

@@ -54,10 +54,13 @@ class SamplingControls:
         """Show only what the decoding mode uses: greedy and beam search ignore the sampling sliders."""
         return {self.by_field[name]: gr.update(visible=v) for name, v in self._visible(mode).items()}
 
-    def wire_visibility(self) -> None:
-        self.mode.change(lambda mode: list(self.visibility(mode).values()), self.mode,
-                         list(self.visibility("sample").keys()), queue=False, show_progress="hidden",
-                         api_visibility="private")
+    def wire_visibility(self, ui, notice) -> None:
+        """Greedy and beam search hide what they ignore, as the mode changes (refusals show in `notice`)."""
+        def show(data):
+            return self.visibility(data[self.mode])
+
+        ui.on(self.mode.change, show, {self.mode}, list(self.visibility("sample").keys()), notice=notice,
+              queue=False, show_progress="hidden")
 
 
 def _seed_text(seed: Any) -> str:
@@ -67,7 +70,8 @@ def _seed_text(seed: Any) -> str:
 def build_controls(spec: ModelSpec, prefix: str = "", modes: Sequence[str] = MODES, decoding: str | None = None,
                    fields: Sequence[str] = FIELDS, temperature_label: str = "temperature") -> SamplingControls:
     """The sliders, pre-filled from the model's defaults (`decoding` overrides the mode). `fields` picks which
-    controls exist (the lab has no beams, length or seed; Compare's panes share one seed box)."""
+    controls exist (the lab has no beams, length or seed; Compare's panes share one seed box). The tab calls
+    `wire_visibility` once its notice exists."""
     values = defaults(spec)
     mode_value = decoding or (values["mode"] if values["mode"] in modes else modes[0])
     shows = values["mode"] == "sample" if decoding is None else decoding == "sample"
@@ -105,6 +109,4 @@ def build_controls(spec: ModelSpec, prefix: str = "", modes: Sequence[str] = MOD
         if "max_new_tokens" in fields:
             by_field["max_new_tokens"] = gr.Slider(1, 2048, value=values["max_new_tokens"], step=1,
                                                    label="max new tokens", elem_id=f"{prefix}max-new-tokens")
-    controls = SamplingControls(mode=mode, by_field=by_field)
-    controls.wire_visibility()
-    return controls
+    return SamplingControls(mode=mode, by_field=by_field)

@@ -60,9 +60,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
 
     load_outputs = [status, rope_md, freq_plot, angle_plot, decay_plot, card, layer, head]
     load = on_gpu(load)
-    refresh.click(load, {model}, load_outputs, api_visibility="private", **ui.queue_kwargs())
-    model.input(load, {model}, load_outputs, api_visibility="private", **ui.queue_kwargs())
-    tab.select(load, {model}, load_outputs, api_visibility="private", **ui.queue_kwargs())
+    for trigger in (refresh.click, model.input, tab.select):
+        ui.on(trigger, load, {model}, load_outputs, notice=status, runs_model=True)
 
     def draw(cache, data) -> dict:
         try:
@@ -82,8 +81,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {**shape(layers, heads), **draw(cache, data)}
 
     compute_attention = on_gpu(compute_attention)
-    attn_btn.click(compute_attention, {model, session.chatbot, session.chat_system, layer, head, scale, state},
-                   [attn_caption, attn_plot, layer, head], api_visibility="private", **ui.queue_kwargs())
+    ui.on(attn_btn.click, compute_attention, {model, session.chatbot, session.chat_system, layer, head, scale, state},
+          [attn_caption, attn_plot, layer, head], notice=attn_caption, runs_model=True)
 
     def redraw(data):
         cache = data[state].attention
@@ -92,8 +91,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return draw(cache, data)
 
     for control in (layer, head, scale):
-        control.change(redraw, {state, model, layer, head, scale}, [attn_caption, attn_plot], queue=False,
-                       trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+        ui.on(control.change, redraw, {state, model, layer, head, scale}, [attn_plot], notice=attn_caption,
+              queue=False, trigger_mode="always_last", show_progress="hidden")
 
     def follow(data):
         name = data[session.chat_model]
@@ -103,6 +102,5 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {model: name, status: f"Model is now **{name}** (from the Chat tab). " + NOT_LOADED, rope_md: "",
                 freq_plot: None, angle_plot: None, decay_plot: None, card: None, attn_plot: None}
 
-    session.chat_model.change(follow, {session.chat_model, model, state},
-                              [model, status, rope_md, freq_plot, angle_plot, decay_plot, card, attn_plot],
-                              api_visibility="private")
+    ui.on(session.chat_model.change, follow, {session.chat_model, model, state},
+          [model, rope_md, freq_plot, angle_plot, decay_plot, card, attn_plot], notice=status)

@@ -96,16 +96,16 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     compute_inputs = {model, context_box, mode, *view_inputs}
     compute_outputs = [context_view, *view_outputs]
     for trigger in (compute_btn.click, context_box.submit):
-        trigger(announce, {state}, [histogram, message], queue=False, api_visibility="private").then(
-            compute, compute_inputs, compute_outputs, api_visibility="private", **ui.queue_kwargs())
+        step = ui.on(trigger, announce, {state}, [histogram], notice=message, queue=False)
+        ui.on(step.then, compute, compute_inputs, compute_outputs, notice=message, runs_model=True)
 
     def apply(data):
         context = data[state].context
         return render(context, data) if context is not None else {message: gr.skip()}
 
     for slider in (*chain, top_n):
-        slider.change(apply, view_inputs, view_outputs, trigger_mode="always_last", show_progress="hidden",
-                      api_visibility="private")
+        ui.on(slider.change, apply, view_inputs, view_outputs, notice=message, trigger_mode="always_last",
+              show_progress="hidden")
 
     def sample(data):
         try:
@@ -115,7 +115,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             return {message: f"⚠️ {exc}"}
         return {histogram: figure, message: lab.status_line(data[state].context)}
 
-    sample_btn.click(sample, {state, n, seed, top_n, *chain}, [histogram, message], api_visibility="private")
+    ui.on(sample_btn.click, sample, {state, n, seed, top_n, *chain}, [histogram], notice=message)
 
     def append(data, request: gr.Request, progress=gr.Progress()):
         try:
@@ -127,8 +127,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {context_view: longer.text, **render(longer, data, note)}
 
     append = on_gpu(append)
-    append_btn.click(announce, {state}, [histogram, message], queue=False, api_visibility="private").then(
-        append, {token, *view_inputs}, compute_outputs, api_visibility="private", **ui.queue_kwargs())
+    step = ui.on(append_btn.click, announce, {state}, [histogram], notice=message, queue=False)
+    ui.on(step.then, append, {token, *view_inputs}, compute_outputs, notice=message, runs_model=True)
 
     def change_model(data):
         data[state].context = None
@@ -137,8 +137,9 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                 token: gr.Dropdown(choices=[], value=None),
                 message: f"Model changed to **{data[model]}**: press **Compute next-token logits**."}
 
-    model.input(change_model, {model, state}, [*chain, context_view, histogram, *view_outputs],
-                api_visibility="private")
+    ui.on(model.input, change_model, {model, state}, [*chain, context_view, histogram, *view_outputs],
+          notice=message)
+    controls.wire_visibility(ui, message)
 
 
 def lab_defaults(spec) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from qdemo.services import perf
+from qdemo.services.files import scratch_dir
 from qdemo.ui.context import SessionComponents, UIContext
 
 
@@ -26,10 +27,13 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         runs = data[session.runs]
         views = perf.perf_views(runs)
         return {latency: views.latency, tps: views.tps, memory: views.memory, table: views.table,
-                summary: perf.summary_line(runs), csv: str(perf.write_csv(runs)) if runs else None}
+                summary: perf.summary_line(runs), csv: str(perf.write_csv(runs, scratch_dir())) if runs else None}
 
-    outputs = [latency, tps, memory, table, summary, csv]
-    refresh.click(show, {session.runs}, outputs, api_visibility="private")
-    session.runs.change(show, {session.runs}, outputs, show_progress="hidden", api_visibility="private")
-    clear.click(lambda: {session.runs: [], session.saved_runs: []}, None, [session.runs, session.saved_runs],
-                api_visibility="private")
+    outputs = [latency, tps, memory, table, csv]
+    ui.on(refresh.click, show, {session.runs}, outputs, notice=summary)
+    ui.on(session.runs.change, show, {session.runs}, outputs, notice=summary, show_progress="hidden")
+
+    def clear_runs(data):
+        return {session.runs: [], session.saved_runs: []}
+
+    ui.on(clear.click, clear_runs, {session.runs}, [session.runs, session.saved_runs], notice=summary)

@@ -40,6 +40,8 @@ class PrefillEvent:
     seed: int | None  # the seed actually used (None for greedy runs)
     kv_cache_bytes: int
     memory: MemorySample
+    row: int = 0  # which row of a batched generation (Compare's sides share one prefill)
+    reused_tokens: int = 0  # prompt tokens whose KV cache was kept from an earlier turn (not prefilled again)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class TokenEvent:
     step_seconds: float  # forward that produced this token's logits + processing + sampling
     kv_cache_bytes: int
     memory: MemorySample
+    row: int = 0
+    drafted: bool = False  # speculative decoding: the draft model proposed it and the target accepted it
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class GenerationStats:
     decode_tokens_per_s: float  # tokens after the first, over their step time
     total_seconds: float
     peak_memory_bytes: int
+    draft_proposed: int = 0  # speculative decoding: tokens the draft model proposed …
+    draft_accepted: int = 0  # … and how many the target kept
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class DoneEvent:
     text: str  # the whole visible answer
     token_ids: tuple[int, ...]
     error: str | None = None
+    row: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,7 @@ class ProgressEvent:
     total: int  # most steps it can take
     seconds: float  # since the work started
     kv_cache_bytes: int = 0
+    text: str = ""  # the best hypothesis so far (beam search: the best running beam)
 
 
 Event = Union[PrefillEvent, TokenEvent, DoneEvent, ProgressEvent]

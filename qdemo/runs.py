@@ -59,17 +59,20 @@ def _stages(items: list[dict[str, Any]]) -> tuple[StageTopN, ...]:
 def prefill_from_dict(d: dict[str, Any]) -> PrefillEvent:
     return PrefillEvent(prompt_ids=tuple(d["prompt_ids"]), prefill_seconds=d["prefill_seconds"],
                         dropped_turns=tuple(d["dropped_turns"]), seed=d["seed"],
-                        kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]))
+                        kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]), row=d.get("row", 0),
+                        reused_tokens=d.get("reused_tokens", 0))
 
 
 def token_from_dict(d: dict[str, Any]) -> TokenEvent:
     return TokenEvent(step=d["step"], token_id=d["token_id"], text=d["text"], stages=_stages(d["stages"]),
-                      step_seconds=d["step_seconds"], kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]))
+                      step_seconds=d["step_seconds"], kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]),
+                      row=d.get("row", 0), drafted=d.get("drafted", False))
 
 
 def done_from_dict(d: dict[str, Any]) -> DoneEvent:
-    return DoneEvent(reason=d["reason"], stats=GenerationStats(**d["stats"]), text=d["text"],
-                     token_ids=tuple(d["token_ids"]), error=d.get("error"))
+    stats = {k: v for k, v in d["stats"].items() if k in GenerationStats.__dataclass_fields__}
+    return DoneEvent(reason=d["reason"], stats=GenerationStats(**stats), text=d["text"],
+                     token_ids=tuple(d["token_ids"]), error=d.get("error"), row=d.get("row", 0))
 
 
 def run_from_dict(d: dict[str, Any]) -> RunRecord:

@@ -6,6 +6,8 @@ state dict with the ORIGINAL bias form slope·(key − last_pos) over the full s
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 
@@ -14,7 +16,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import qdemo.families.alibi_model as am
-from qdemo import engine
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS = 97, 48, 80, 3, 6  # 6 heads: not a power of two
 EOS = 2
@@ -173,21 +174,29 @@ def test_shifted_bias_form_is_what_softmax_sees():
 # --- 2. KV-cache decoding -----------------------------------------------------------------------------------
 
 def test_cached_decoding_as_the_engine_calls_it(model, state):
-    """Prefill once, then 5 single tokens through qdemo.engine's own forward call (cache kwarg by signature)."""
-    prefill = 7
-    total = prefill + 5
-    ids = torch.tensor([PROMPT[:total]])
-    mask = torch.ones((1, total), dtype=torch.long)
-    cache = DynamicCache(config=model.config)
-    kwarg = engine._cache_kwarg(model)
-    assert kwarg == "cache"
-    got = [engine._forward(model, ids[:, :prefill], mask[:, :prefill], cache, kwarg)[0]]
-    for length in range(prefill, total - 1):
-        got.append(engine._forward(model, ids[:, length:length + 1], mask[:, :length + 1], cache, kwarg)[0])
-    assert cache.get_seq_length() == total - 1
+    """Prefill in chunks, then 5 single tokens through the engine's own primitives (qdemo.decode), left-padded
+    batches included: the ALiBi class takes the engine's mask, positions and cache."""
+    from types import SimpleNamespace
+
+    from qdemo.decode import decode_step, new_state, prefill
+
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"))
+    start = 7
+    total = start + 5
+    decode = new_state(lm)
+    logits, _ = prefill(lm, decode, [PROMPT[:start]], contextlib.nullcontext, chunk=3)
+    got = [logits[0]]
+    for length in range(start, total - 1):
+        got.append(decode_step(lm, decode, [PROMPT[length]], contextlib.nullcontext)[0])
+    assert decode.cache.get_seq_length() == total - 1
     want, _ = reference(state, PROMPT[:total])
     for step, logits in enumerate(got):
-        assert (logits.double() - want[prefill - 1 + step]).abs().max().item() <= 1e-4, step
+        assert (logits.double() - want[start - 1 + step]).abs().max().item() <= 1e-4, step
+    padded = new_state(lm, rows=2)
+    batch, _ = prefill(lm, padded, [PROMPT[:start], PROMPT[2:start]], contextlib.nullcontext, chunk=4)
+    assert (batch[0].double() - want[start - 1]).abs().max().item() <= 1e-4
+    short, _ = reference(state, PROMPT[2:start])
+    assert (batch[1].double() - short[-1]).abs().max().item() <= 1e-4  # the left-padded row sees only its own
 
 
 def test_cached_decoding_equals_full_forward(model):

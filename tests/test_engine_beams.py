@@ -49,23 +49,27 @@ def test_sampling_with_beams_is_refused():
         SamplingParams(num_beams=0)
 
 
-def test_beam_search_reports_progress_and_its_kv_cache(tiny_lm):
-    """A search that shows nothing until it ends still says it is working, step by step, and its metrics
-    report the beams' KV cache instead of 0 B."""
+def test_beam_search_streams_its_best_beam_and_reports_its_kv_cache(tiny_lm):
+    """Beam search runs on the decode state a step at a time: after the prefill, a ProgressEvent per step carries
+    the best running beam's text and the beams' KV cache (not "0 B"); the answer's tokens come at the end."""
     params = SamplingParams(num_beams=3, max_new_tokens=10)
     events = list(generate(tiny_lm, messages=MESSAGES, params=params))
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "PrefillEvent" and kinds[-1] == "DoneEvent"
+    first_token = kinds.index("TokenEvent")
     progress = [e for e in events if isinstance(e, ProgressEvent)]
-    first_token = next(i for i, e in enumerate(events) if isinstance(e, TokenEvent))
     assert progress and all(events.index(p) < first_token for p in progress)
     assert [p.step for p in progress] == list(range(1, len(progress) + 1))
     assert all(p.phase == "beam search" and p.total == 10 for p in progress)
-    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert any(p.text for p in progress)
     cfg = tiny_lm.model.config
     per_token_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    prefill = next(e for e in events if isinstance(e, PrefillEvent))
-    # three beams' rows, each holding the prompt and the generated tokens but the last
-    assert prefill.kv_cache_bytes >= 3 * per_token_row * len(prefill.prompt_ids)
-    assert all(t.kv_cache_bytes == prefill.kv_cache_bytes for t in tokens)
+    prompt = len(events[0].prompt_ids)
+    assert events[0].kv_cache_bytes == per_token_row * prompt  # the prompt, prefilled once
+    # three beams' rows, each holding the prompt and the tokens fed so far
+    assert progress[1].kv_cache_bytes == 3 * per_token_row * (prompt + 1)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert all(t.kv_cache_bytes == progress[-1].kv_cache_bytes for t in tokens)
 
 
 def test_closing_a_beam_search_early_ends_the_search(tiny_lm):
@@ -73,14 +77,30 @@ def test_closing_a_beam_search_early_ends_the_search(tiny_lm):
     forwards = []
     handle = tiny_lm.model.register_forward_hook(lambda *args: forwards.append(1))
     try:
-        stream = generate(tiny_lm, messages=MESSAGES, params=params, ignore_eos=True)
+        stream = generate(tiny_lm, messages=MESSAGES, params=params, ignore_eos=True, prefill_chunk=1000)
         seen = 0
         for event in stream:
             seen += isinstance(event, ProgressEvent)
             if seen == 3:
                 break
-        stream.close()  # joins the search thread, which must stop within a step instead of running 150
+        stream.close()  # the search runs in this generator: closing it stops it at once
     finally:
         handle.remove()
-    assert not any(t.name.startswith("beam-search") for t in threading.enumerate())
-    assert len(forwards) < 50  # far from the 150 steps it would have run
+    assert len(forwards) == 1 + 2  # the prefill and two decode steps: the next step's forward never ran
+
+
+def test_beam_search_takes_a_gate_turn_per_forward(tiny_lm):
+    """The search no longer holds the model for its whole length: every forward is its own turn at the gate, so
+    other users' steps go in between."""
+    from qdemo.pool import StepGate
+
+    gate = StepGate()
+    forwards = []
+    handle = tiny_lm.model.register_forward_hook(lambda *args: forwards.append(gate.held_here()))
+    try:
+        events = list(generate(tiny_lm, messages=MESSAGES, params=SamplingParams(num_beams=2, max_new_tokens=6),
+                               step_lock=gate.step, prefill_chunk=1000))
+    finally:
+        handle.remove()
+    steps = sum(isinstance(e, ProgressEvent) for e in events)
+    assert all(forwards) and gate.steps == len(forwards) == 1 + (steps - 1)

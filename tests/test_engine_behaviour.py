@@ -30,12 +30,13 @@ class Scripted(torch.nn.Module):
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
 
-    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=True, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True,
+                logits_to_keep=0):
         step, self.calls = self.calls, self.calls + 1
         if step == self.fail_at:
             raise self.failure
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
-                         logits_to_keep=logits_to_keep)
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep)
         if step < len(self.script):
             out.logits[..., -1, self.script[step]] += 1e4
         return out
@@ -171,7 +172,8 @@ def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
 
     from transformers import DynamicCache
 
-    import qdemo.engine as engine
+    import qdemo.decode as decode
+    from qdemo.metrics import kv_cache_bytes
 
     caches = []
 
@@ -180,10 +182,10 @@ def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
             super().__init__(*args, **kwargs)
             caches.append(weakref.ref(self))
 
-    monkeypatch.setattr(engine, "DynamicCache", Tracked)
+    monkeypatch.setattr(decode, "DynamicCache", Tracked)
     stream = generate(tiny_lm, messages=HELLO, params=GREEDY, ignore_eos=True)
     next(stream), next(stream), next(stream)
-    assert len(caches) == 1 and caches[0]() is not None and engine.kv_cache_bytes(caches[0]()) > 0
+    assert len(caches) == 1 and caches[0]() is not None and kv_cache_bytes(caches[0]()) > 0
     stream.close()  # no DoneEvent needed, no exception
     gc.collect()
     assert caches[0]() is None  # while `stream` itself is still referenced here

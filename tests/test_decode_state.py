@@ -1,0 +1,152 @@
+"""The decode state that outlives a call: crop + resume equals a fresh prefill, forked rows equal their solo runs,
+a left-padded batch equals each prompt alone, and every forward goes through the step gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qdemo.decode import common_prefix, decode_step, new_state, prefill
+from qdemo.engine import collect, generate, generate_batch, generate_rows
+from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
+from qdemo.pool import StepGate
+from qdemo.prompting import build_prompt
+from qdemo.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=10)
+SAMPLED = SamplingParams(do_sample=True, temperature=1.0, top_k=50, seed=3, max_new_tokens=10)
+
+
+def prompt(lm, messages):
+    return build_prompt(lm.tokenizer, messages, lm.max_context, 10, lm.spec.system_prompt).ids
+
+
+def by_row(events):
+    rows: dict[int, dict] = {}
+    for event in events:
+        row = rows.setdefault(event.row, {"prefill": None, "tokens": [], "done": None})
+        if isinstance(event, PrefillEvent):
+            row["prefill"] = event
+        elif isinstance(event, TokenEvent):
+            row["tokens"].append(event)
+        elif isinstance(event, DoneEvent):
+            row["done"] = event
+    return rows
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2 and common_prefix([5], [6]) == 0
+
+
+def test_state_primitives_keep_the_cache_matching_the_tokens(tiny_lm):
+    state = new_state(tiny_lm)
+    lock = StepGate().step
+    logits, _ = prefill(tiny_lm, state, [[5, 6, 7, 8]], lock, chunk=3)
+    assert state.width == 4 and state.row_ids() == [5, 6, 7, 8] and state.cache.get_seq_length() == 4
+    decode_step(tiny_lm, state, [9], lock)
+    assert state.row_ids() == [5, 6, 7, 8, 9] and state.cache.get_seq_length() == 5
+    state.crop(2)
+    assert state.row_ids() == [5, 6] and state.cache.get_seq_length() == 2
+    resumed, _ = prefill(tiny_lm, state, [[7, 8]], lock, chunk=8)
+    torch.testing.assert_close(resumed, logits, atol=1e-4, rtol=1e-4)  # the same four tokens, the same logits
+    state.fork(3)
+    assert state.rows == 3 and state.cache.layers[0].keys.shape[0] == 3
+    state.select([2, 0])
+    assert state.rows == 2
+    with pytest.raises(ValueError, match="one unpadded row"):
+        state.crop(1)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_the_next_turn_reuses_the_cache_and_equals_a_full_prefill(tiny_lm, params):
+    first = [{"role": "user", "content": "你好, hello there"}]
+    state = new_state(tiny_lm)
+    turn1 = collect(generate(tiny_lm, input_ids=prompt(tiny_lm, first), params=params, state=state))
+    answer = turn1["done"].text
+    assert state.row_ids() == list(turn1["prefill"].prompt_ids) + list(turn1["done"].token_ids[:-1])
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and now?"}]
+    ids = prompt(tiny_lm, second)
+    reused = collect(generate(tiny_lm, input_ids=ids, params=params, state=state))
+    fresh = collect(generate(tiny_lm, input_ids=ids, params=params))
+    assert reused["done"].token_ids == fresh["done"].token_ids
+    assert reused["prefill"].reused_tokens >= len(turn1["prefill"].prompt_ids)
+    assert fresh["prefill"].reused_tokens == 0
+    for a, b in zip(reused["tokens"], fresh["tokens"]):
+        assert a.stages[0].probs == pytest.approx(b.stages[0].probs, abs=1e-5)
+
+
+def test_regenerate_undo_and_edit_crop_the_state(tiny_lm):
+    base = [{"role": "user", "content": "tell me about the quick brown fox"}]
+    state = new_state(tiny_lm)
+    ids = prompt(tiny_lm, base)
+    collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state))
+    again = collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state))  # Regenerate: the same prompt
+    assert again["prefill"].reused_tokens == len(ids) - 1  # one token prefilled, for the first logits
+    assert again["done"].token_ids == collect(generate(tiny_lm, input_ids=ids, params=GREEDY))["done"].token_ids
+    edited = prompt(tiny_lm, [{"role": "user", "content": "tell me about the lazy dog"}])  # Undo + edit
+    out = collect(generate(tiny_lm, input_ids=edited, params=GREEDY, state=state))
+    assert out["prefill"].reused_tokens == common_prefix(ids, edited)
+    assert out["done"].token_ids == collect(generate(tiny_lm, input_ids=edited, params=GREEDY))["done"].token_ids
+
+
+def test_forked_rows_equal_their_solo_runs(tiny_lm):
+    ids = prompt(tiny_lm, [{"role": "user", "content": "Write a haiku."}])
+    sides = [GREEDY.replace(max_new_tokens=8), SAMPLED.replace(max_new_tokens=12),
+             SAMPLED.replace(seed=9, temperature=0.7)]
+    forwards = []
+    handle = tiny_lm.model.get_input_embeddings().register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        rows = by_row(generate_rows(tiny_lm, ids, sides, prefill_chunk=1000))
+    finally:
+        handle.remove()
+    for i, params in enumerate(sides):
+        solo = collect(generate(tiny_lm, input_ids=ids, params=params, prefill_chunk=1000))
+        assert rows[i]["done"].token_ids == solo["done"].token_ids, i
+        assert rows[i]["prefill"].seed == solo["prefill"].seed
+        for a, b in zip(rows[i]["tokens"], solo["tokens"]):
+            assert a.stages[-1].probs == pytest.approx(b.stages[-1].probs, abs=1e-5)
+    # one prefill and one forward per step for all rows, not one per row
+    assert len(forwards) == 1 + max(len(r["tokens"]) for r in rows.values()) - 1
+
+
+def test_a_left_padded_batch_equals_each_prompt_alone(tiny_lm):
+    prompts = [prompt(tiny_lm, [{"role": "user", "content": text}])
+               for text in ("hi", "a much longer question about the quick brown fox and the lazy dog", "你好")]
+    assert len({len(p) for p in prompts}) == 3
+    rows = by_row(generate_batch(tiny_lm, prompts, GREEDY))
+    for i, ids in enumerate(prompts):
+        solo = collect(generate(tiny_lm, input_ids=ids, params=GREEDY))
+        assert rows[i]["done"].token_ids == solo["done"].token_ids, i
+        assert rows[i]["prefill"].prompt_ids == tuple(ids)
+
+
+def test_every_forward_of_the_new_paths_holds_the_gate(tiny_lm):
+    gate = StepGate()
+    held = []
+    handle = tiny_lm.model.get_input_embeddings().register_forward_hook(lambda *a: held.append(gate.held_here()))
+    ids = prompt(tiny_lm, [{"role": "user", "content": "hello"}])
+    try:
+        state = new_state(tiny_lm)
+        collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state, step_lock=gate.step, prefill_chunk=4))
+        collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state, step_lock=gate.step))
+        list(generate_rows(tiny_lm, ids, [GREEDY, SAMPLED], step_lock=gate.step))
+        list(generate_batch(tiny_lm, [ids, ids[:5]], GREEDY, step_lock=gate.step))
+    finally:
+        handle.remove()
+    assert len(held) > 20 and all(held)
+    assert gate.steps == len(held)  # exactly one gate turn per forward
+
+
+def test_token_logprobs_equal_a_plain_forward(tiny_lm):
+    from qdemo.decode import token_logprobs
+
+    rows = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
+    got = token_logprobs(tiny_lm, rows, StepGate().step, chunk=2)
+    for row, scores in zip(rows, got):
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=torch.tensor([row])).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(row) - 1), torch.tensor(row[1:])]
+        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="two tokens"):
+        token_logprobs(tiny_lm, [[5]], StepGate().step)

@@ -10,6 +10,7 @@ checking model families or types.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 
 from qdemo import introspect
-from qdemo.engine import generate
+from qdemo.decode import DecodeState, new_state, token_logprobs
+from qdemo.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.events import Event
-from qdemo.loader import LoadedModel
+from qdemo.loader import LoadedModel, pick_device
 from qdemo.pool import StepGate
 from qdemo.prompting import (Message, Prompt, build_prompt, control_token_ids, conversation_prompt_ids,
                              raw_text_ids)
@@ -36,6 +38,18 @@ class Capabilities:
     attention: bool = True  # attention weights (needs the weights and activations)
     positions: bool = True  # RoPE / ALiBi figures read from the model's own modules
     model_card: bool = True
+
+
+def drafting_pays(device: str | None) -> bool:
+    """Whether speculative decoding is on by default: where a k-token verification costs about one step (a GPU).
+    On a CPU's torch path it costs several (`python -m qdemo bench NAME --scenario assisted` measures it), so it is
+    off there unless QDEMO_SPECULATIVE=on (QDEMO_SPECULATIVE=off turns it off everywhere)."""
+    choice = os.environ.get("QDEMO_SPECULATIVE", "auto").strip().lower()
+    if choice in ("on", "1", "true"):
+        return True
+    if choice in ("off", "0", "false"):
+        return False
+    return pick_device(device).type == "cuda"
 
 
 class LocalBackend:
@@ -127,15 +141,49 @@ class LocalBackend:
         return conversation_prompt_ids(self._lm.tokenizer, messages, self._lm.family.build_prompt)
 
     # --- forwards (each through the step gate) ------------------------------------------------------------------
+    def new_state(self) -> DecodeState:
+        """An empty one-row decode state for this model (a chat keeps it between turns)."""
+        return new_state(self._lm)
+
     def generate(self, *, messages: Sequence[Message] | None = None, input_ids: Sequence[int] | None = None,
                  params: SamplingParams | None = None, stop_event: threading.Event | None = None,
                  top_n: int = 20, dropped_turns: Sequence[int] = (), time_limit_s: float | None = None,
-                 ignore_eos: bool = False) -> Iterator[Event]:
+                 ignore_eos: bool = False, state: DecodeState | None = None) -> Iterator[Event]:
         """The engine's event stream. It takes the gate around every forward — each prefill chunk and each decode
-        step — so other users' steps interleave."""
+        step — so other users' steps interleave. With a kept `state`, only what is new is prefilled."""
         return generate(self._lm, messages=messages, input_ids=input_ids, params=params, stop_event=stop_event,
                         top_n=top_n, step_lock=self._gate.step, dropped_turns=dropped_turns,
-                        time_limit_s=time_limit_s, ignore_eos=ignore_eos)
+                        time_limit_s=time_limit_s, ignore_eos=ignore_eos, state=state)
+
+    @property
+    def draft_name(self) -> str | None:
+        return self.spec.draft
+
+    def generate_assisted(self, draft: "LocalBackend", input_ids: Sequence[int], params: SamplingParams,
+                          stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
+                          time_limit_s: float | None = None) -> Iterator[Event]:
+        """Speculative decoding with `draft` proposing: each model's forwards go through its own gate."""
+        return generate_assisted(self._lm, draft._lm, input_ids, params, draft_tokens=self.spec.draft_tokens,
+                                 stop_event=stop_event, top_n=top_n, target_lock=self._gate.step,
+                                 draft_lock=draft._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
+
+    def generate_rows(self, input_ids: Sequence[int], params: Sequence[SamplingParams],
+                      stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
+                      time_limit_s: float | None = None) -> Iterator[Event]:
+        """One prompt prefilled once and continued in one row per settings, decoded as one batch."""
+        return generate_rows(self._lm, input_ids, params, stop_event=stop_event, top_n=top_n,
+                             step_lock=self._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                       stop_event: threading.Event | None = None, top_n: int = 0,
+                       time_limit_s: float | None = None) -> Iterator[Event]:
+        """Different prompts in one left-padded batch."""
+        return generate_batch(self._lm, prompts, params, stop_event=stop_event, top_n=top_n,
+                              step_lock=self._gate.step, time_limit_s=time_limit_s)
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p of every token after the first of each row, given the tokens before it (teacher-forced)."""
+        return token_logprobs(self._lm, rows, self._gate.step)
 
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
         with self._gate.step():

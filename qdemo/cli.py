@@ -120,10 +120,16 @@ def _print_stages(tokenizer, event) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from qdemo.bench import format_table, run_bench
+    from qdemo.bench_scenarios import format_scenario, run_scenario
 
-    result = run_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
-                       device=args.device, dtype=args.dtype, prompt=args.prompt)
-    print(json.dumps(result) if args.json else format_table(result))
+    if args.scenario == "single":
+        result = run_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
+                           device=args.device, dtype=args.dtype, prompt=args.prompt)
+        print(json.dumps(result) if args.json else format_table(result))
+        return 0
+    result = run_scenario(args.scenario, args.name, runs=args.runs, tokens=args.tokens, registry_path=args.registry,
+                          device=args.device, dtype=args.dtype)
+    print(json.dumps(result) if args.json else format_scenario(result))
     return 0
 
 
@@ -174,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="print each token's top-5 after every stage")
     device_args(p)
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("bench", help="engine vs transformers generate, tokens per second")
+    p = sub.add_parser("bench", help="engine vs transformers generate, and each new engine path vs the old way")
     p.add_argument("name")
+    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted"], default="single",
+                   help="single: engine vs HF generate; multiturn: kept decode state vs full re-prefill; ab: one "
+                        "prefill forked into two rows vs two runs; assisted: speculative decoding vs the target alone")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")

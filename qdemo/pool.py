@@ -26,9 +26,10 @@ import struct
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,6 +42,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2,
           "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
 _SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+STATE_IDLE_S = 900.0  # a kept decode state unused this long is dropped
 CPU_BUDGET_FRACTION = 0.6  # of RAM: the OS, Python, activations and KV caches need the rest
 CUDA_BUDGET_FRACTION = 0.85
 
@@ -178,6 +180,9 @@ class ModelPool:
         self._gates: dict[str, StepGate] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.RLock()
+        # Decode states sessions keep between turns (multi-turn KV reuse): key -> (model, state, last used).
+        self._states: "OrderedDict[str, tuple[str, Any, float]]" = OrderedDict()
+        self.state_idle_s = STATE_IDLE_S
 
     # --- what is loaded -------------------------------------------------------------------------------------
     def loaded(self) -> list[str]:
@@ -185,8 +190,58 @@ class ModelPool:
             return list(self._entries)
 
     def used_bytes(self) -> int:
+        """Weights of the loaded models and the KV caches sessions keep."""
         with self._guard:
-            return sum(e.bytes for e in self._entries.values())
+            return sum(e.bytes for e in self._entries.values()) + self.kept_bytes()
+
+    # --- decode states kept between turns ------------------------------------------------------------------------
+    def keep_state(self, key: str, state: Any) -> bool:
+        """Keep a session's decode state for its next turn, counted in the memory budget. Least recently used
+        states go first when the budget is short; False when this one cannot be kept (its model is gone, or it
+        alone does not fit)."""
+        with self._guard:
+            self._expire_states()
+            self._states.pop(key, None)
+            if state is None or getattr(state, "broken", False) or state.model not in self._entries:
+                return False
+            self._states[key] = (state.model, state, time.monotonic())
+            weights = sum(e.bytes for e in self._entries.values())
+            while self._states and weights + self.kept_bytes() > self.budget:
+                dropped, _ = self._states.popitem(last=False)
+                if dropped == key:
+                    return False
+            return True
+
+    def take_state(self, key: str, model: str) -> Any | None:
+        """The session's kept state for `model`, handed over (no longer counted or evictable) until kept again;
+        None when there is none (a state of another model is dropped)."""
+        with self._guard:
+            self._expire_states()
+            item = self._states.pop(key, None)
+            return item[1] if item is not None and item[0] == model else None
+
+    def drop_states(self, key: str | None = None, model: str | None = None) -> int:
+        """Forget kept states (a session's, a model's, or all); returns how many went."""
+        with self._guard:
+            gone = [k for k, (m, _, _) in self._states.items()
+                    if (key is None or k == key) and (model is None or m == model)]
+            for k in gone:
+                del self._states[k]
+            return len(gone)
+
+    def kept_bytes(self) -> int:
+        with self._guard:
+            return sum(state.kv_bytes() for _, state, _ in self._states.values())
+
+    def kept_states(self) -> dict[str, str]:
+        """key -> model of every kept state."""
+        with self._guard:
+            return {k: m for k, (m, _, _) in self._states.items()}
+
+    def _expire_states(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, (_, _, used) in self._states.items() if now - used > self.state_idle_s]:
+            del self._states[k]
 
     def active(self) -> dict[str, int]:
         """Running generations per loaded model."""
@@ -259,6 +314,7 @@ class ModelPool:
             if entry is None or entry.leases:
                 return False
             del self._entries[name]
+            self.drop_states(model=name)
         del entry
         self._release()
         return True
@@ -289,6 +345,8 @@ class ModelPool:
                                     f"{_gib(self.budget)} (QDEMO_MAX_MEMORY)")
         while True:
             with self._guard:
+                while self._states and self.used_bytes() + need > self.budget:
+                    self._states.popitem(last=False)  # kept caches go before any model does
                 used = sum(e.bytes for e in self._entries.values())
                 if used + need <= self.budget:
                     return

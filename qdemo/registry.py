@@ -70,6 +70,8 @@ class ModelSpec:
     # Run the checkpoint's own Python code. Only for a hub source pinned to a commit sha, so the code that runs
     # is the code someone reviewed; no bundled entry needs it (qdemo loads every family natively).
     trust_remote_code: bool = False
+    draft: str | None = None  # a smaller registry model with the same tokenizer, for speculative decoding
+    draft_tokens: int = 4  # tokens the draft proposes per verification
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
 
 _TOP_KEYS = {"default", "models"}
 _ENTRY_KEYS = {"name", "display_name", "family", "source", "sampling", "max_context", "dtype", "system_prompt", "notes",
-               "trust_remote_code"}
+               "trust_remote_code", "draft", "draft_tokens"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _REQUIRED = ("name", "family", "source", "max_context")
 
@@ -126,6 +128,10 @@ def parse_registry(data: Any, base_dir: Path, path: Path | None = None) -> Regis
         if spec.name in models:
             raise RegistryError(f"{where}: duplicate model name {spec.name!r} (entry {index})")
         models[spec.name] = spec
+    for spec in models.values():
+        if spec.draft is not None and (spec.draft not in models or spec.draft == spec.name):
+            raise RegistryError(f"{where}: entry {spec.name!r}: field 'draft' must name another model of this "
+                                f"registry, got {spec.draft!r}")
     default = data.get("default", next(iter(models)))
     if default not in models:
         raise RegistryError(f"{where}: default {default!r} is not a model name; names: {', '.join(models)}")
@@ -179,7 +185,15 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
     if trust and not (isinstance(source, HubSource) and _COMMIT_SHA.fullmatch(source.revision)):
         raise fail("trust_remote_code", "is refused unless the source is a hub repository pinned to a 40-character "
                                         f"commit sha (source.hub.revision), got {source.describe()}")
+    draft = entry.get("draft")
+    if draft is not None and not isinstance(draft, str):
+        raise fail("draft", f"must be a model name, got {draft!r}")
+    draft_tokens = entry.get("draft_tokens", 4)
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 16:
+        raise fail("draft_tokens", f"must be a whole number from 1 to 16, got {draft_tokens!r}")
     return ModelSpec(
+        draft=draft,
+        draft_tokens=draft_tokens,
         name=name,
         display_name=entry.get("display_name") or name,
         family=family,

@@ -106,3 +106,26 @@ def test_next_token_endpoint_equals_the_lab(served, tiny_lm):
     assert result["context_tokens"] == len(ids)
     with pytest.raises(Exception, match="context is empty"):
         client.predict("   ", "", None, "chat", 5, api_name="/next_token")
+
+
+def test_batch_generates_each_prompt_as_alone_and_scores_teacher_forced(served, tiny_lm):
+    registry, client = served
+    prompts = ["hi", "写一首关于大海的诗", "the quick brown fox jumps over the lazy dog"]
+    settings = {"do_sample": False, "max_new_tokens": 6}
+    results = client.predict(prompts, "", settings, "chat", "generate", api_name="/batch")
+    params = registry.get(registry.default).sampling.replace(**settings)
+    for text, result in zip(prompts, results):
+        solo = collect(generate(tiny_lm, messages=[{"role": "user", "content": text}], params=params, top_n=0))
+        assert result["tokens"] == list(solo["done"].token_ids) and result["text"] == solo["done"].text
+    scored = client.predict(["one two three", "你好世界"], "", None, "raw text", "score", api_name="/batch")
+    for text, result in zip(["one two three", "你好世界"], scored):
+        ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert [t["logprob"] for t in result["tokens"]] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert result["perplexity"] == pytest.approx(float(torch.exp(-expected.mean())), rel=1e-4)
+    with pytest.raises(Exception, match="at most 8 prompts"):
+        client.predict(["x"] * 9, "", None, "chat", "generate", api_name="/batch")
+    with pytest.raises(Exception, match="task must be one of generate, score"):
+        client.predict(["x"], "", None, "chat", "summarise", api_name="/batch")

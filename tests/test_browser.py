@@ -157,7 +157,10 @@ def _send(page, text: str) -> None:
 
 
 def _done(page) -> str:
-    page.locator("#metrics").get_by_text(re.compile(r"finished|length limit|stopped|error")).wait_for()
+    """Wait for the page's next run to end (each run's metrics line names its run number)."""
+    page.runs_done = getattr(page, "runs_done", 0) + 1
+    page.locator("#metrics").get_by_text(re.compile(
+        rf"(finished|length limit|stopped|error).*run #{page.runs_done}\b")).wait_for()
     return page.locator("#metrics").inner_text()
 
 

@@ -87,11 +87,12 @@ def _answer(services, session, history, params, **kw):
 def test_a_turn_is_two_steps_and_records_the_run(services, tiny_lm):
     session = chat.ChatSession()
     begun = chat.begin_turn(session, "hello 你好", [], services.limits)
-    assert begun.started and begun.chat == [{"role": "user", "content": "hello 你好"}] and session.pending
+    assert begun.started and begun.chat == [{"role": "user", "content": "hello 你好"}]
+    assert session.pending == begun.ticket
     params = SamplingParams(do_sample=True, temperature=0.9, seed=5, max_new_tokens=6)
     updates = _answer(services, session, begun.chat, params)
     final = updates[-1]
-    assert final.done and final.view is not None and not session.pending
+    assert final.done and final.view is not None and session.pending is None and session.running is None
     run = final.view.run
     expected = collect(generate(tiny_lm, messages=[{"role": "system", "content": "You are a tiny test model."},
                                                    {"role": "user", "content": "hello 你好"}], params=params))
@@ -110,6 +111,25 @@ def test_empty_message_is_ignored_visibly(services):
     assert not begun.started and "Empty message ignored" in begun.notice and not session.pending
     nothing = chat.begin_regenerate(session, [])
     assert not nothing.started and "Nothing to regenerate" in nothing.notice
+
+
+def test_a_new_message_waits_for_the_running_answer_unless_stopped(services):
+    """A second Send while an answer is written would lose a message (both answers snapshot the chat): it is
+    refused with a notice, and taken once Stop was pressed; the replaced answer then writes nothing more."""
+    session = chat.ChatSession()
+    first = chat.begin_turn(session, "one", [], services.limits)
+    stream = chat.answer(services, session, "c", first.chat, "cycle", "", SamplingParams(max_new_tokens=500), 1,
+                         ticket=first.ticket)
+    next(stream)
+    second = chat.begin_turn(session, "two", first.chat, services.limits)
+    assert not second.started and "still being written" in second.notice
+    session.stop.set()
+    second = chat.begin_turn(session, "two", first.chat, services.limits)
+    assert second.started and second.ticket == first.ticket + 1
+    assert list(stream) == []  # the first answer was replaced: nothing of it lands on the chat
+    final = list(chat.answer(services, session, "c", second.chat, "cycle", "", SamplingParams(max_new_tokens=4), 2,
+                             ticket=second.ticket))[-1]
+    assert final.chat[-2]["content"] == "two" and final.view.run.done.reason == "max_tokens"
 
 
 def test_stop_pressed_before_the_answer_starts_is_honoured(services):
@@ -197,14 +217,17 @@ def test_sessions_are_independent_copies():
     assert not b.stop.is_set() and isinstance(b.stop, threading.Event)
 
 
-def test_beam_metrics_show_progress_and_the_kv_cache(services):
+def test_beam_metrics_show_progress_and_the_kv_cache(services, monkeypatch):
     """Bug: beam runs said "KV 0 B" in the metrics strip."""
+    monkeypatch.setattr(chat, "UI_INTERVAL_S", 0.0)  # every update, however fast the tiny model is
     session = chat.ChatSession()
     begun = chat.begin_turn(session, "hello", [], services.limits)
     updates = _answer(services, session, begun.chat, SamplingParams(num_beams=3, max_new_tokens=8))
     final = updates[-1]
     assert "KV 0 B" not in final.metrics and final.view.run.tokens[0].kv_cache_bytes > 0
-    assert "Beam search shows the answer when the search ends" in final.notice
+    assert "Beam search shows its best beam so far" in final.notice
+    during = [u for u in updates if not u.done]
+    assert any("beam search" in u.metrics and "step" in u.metrics for u in during)
 
 
 def test_the_whole_prompt_is_capped_history_included(tiny_dir, cycle_dir, tmp_path):
@@ -238,3 +261,20 @@ def test_an_answer_is_cut_at_the_time_limit_with_a_note(tiny_dir, cycle_dir, tmp
                              1))[-1]
     assert final.view.run.done.reason == "time_limit" and 0 < len(final.view.run.tokens) < 8000
     assert "time limit" in final.chat[-1]["content"] and "time limit" in final.metrics
+
+
+def test_the_next_turn_reuses_the_kept_state_and_says_so(services, tiny_lm):
+    session = chat.ChatSession()
+    params = SamplingParams(do_sample=True, temperature=0.9, seed=4, max_new_tokens=8)
+    begun = chat.begin_turn(session, "hello 你好", [], services.limits)
+    first = _answer(services, session, begun.chat, params)[-1]
+    assert services.pool.kept_states().get(session.key) == services.default_model
+    begun = chat.begin_turn(session, "and then?", first.chat, services.limits)
+    second = _answer(services, session, begun.chat, params)[-1]
+    prefill = second.view.run.prefill
+    assert prefill.reused_tokens >= len(first.view.run.prefill.prompt_ids)
+    assert f"reused {prefill.reused_tokens:,} of {len(prefill.prompt_ids):,} prompt tokens" in second.metrics
+    fresh = collect(generate(tiny_lm, input_ids=list(prefill.prompt_ids), params=params))
+    assert second.view.run.done.token_ids == fresh["done"].token_ids  # the oracle: a full re-prefill
+    services.pool.drop_states(key=session.key)
+    assert session.key not in services.pool.kept_states()

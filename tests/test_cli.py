@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from qdemo.cli import main
 
 
@@ -43,3 +45,19 @@ def test_bench_json(tiny_registry_path, capsys):
                 "engine_vs_limit"):
         assert result[key] > 0
     assert result["step_bytes"] < result["weight_bytes"]  # untied embedding: one row read per step
+
+
+@pytest.mark.parametrize("scenario,key", [("multiturn", "ratio"), ("ab", "speedup")])
+def test_bench_scenarios_measure_side_by_side(tiny_dir, tmp_path, scenario, key):
+    from qdemo.bench_scenarios import format_scenario, run_scenario
+    from qdemo.loader import load_model
+    from qdemo.registry import load_registry
+    from tests.conftest import write_registry
+
+    path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192)
+    lm = load_model(load_registry(path).get("tiny-qwen2"), device="cpu")
+    result = run_scenario(scenario, lm.spec.name, runs=1, tokens=8, registry_path=str(path), lm=lm)
+    assert result["scenario"] == scenario and result[key] > 0
+    if scenario == "multiturn":
+        assert result["same_first_token"] and result["history_tokens"] >= 3000 - 200
+    assert scenario in format_scenario(result)

@@ -200,3 +200,56 @@ def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
     finally:
         handle.remove()
     assert len(held) >= 4 and all(held)
+
+
+# --- decode states kept between turns -------------------------------------------------------------------------
+
+def _kept(pool, key: str, tokens: int):
+    with pool.backend("tiny-qwen2") as backend:
+        state = backend.new_state()
+        collect(backend.generate(input_ids=list(range(5, 5 + tokens)), params=SamplingParams(max_new_tokens=2),
+                                 state=state))
+    assert pool.keep_state(key, state)
+    return state
+
+
+def test_kept_states_count_in_the_budget_and_go_least_recently_used_first(registry, one_model_bytes):
+    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
+    a = _kept(pool, "alice", 40)
+    state_bytes = a.kv_bytes()
+    assert state_bytes > 0 and pool.used_bytes() == one_model_bytes + state_bytes
+    _kept(pool, "bob", 40)
+    pool.budget = one_model_bytes + int(2.5 * state_bytes)  # room for two: a third pushes the oldest out
+    alice = pool.take_state("alice", "tiny-qwen2")  # alice's next turn…
+    assert alice is not None and pool.keep_state("alice", alice)  # …makes bob the least recently used
+    _kept(pool, "carol", 40)
+    assert set(pool.kept_states()) == {"alice", "carol"}
+
+
+def test_kept_states_expire_and_go_with_their_model_and_session(registry, one_model_bytes):
+    import gc
+    import weakref
+
+    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
+    state = _kept(pool, "tab", 30)
+    cache = weakref.ref(state.cache)
+    del state
+    assert pool.take_state("tab", "another-model") is None and "tab" not in pool.kept_states()
+    gc.collect()
+    assert cache() is None  # a state of another model is dropped, and its memory with it
+    _kept(pool, "tab", 30)
+    assert pool.drop_states(key="tab") == 1 and pool.kept_bytes() == 0  # the tab closed
+    _kept(pool, "idle", 30)
+    pool.state_idle_s = 0.0
+    assert pool.take_state("idle", "tiny-qwen2") is None  # idle too long
+    pool.state_idle_s = 900.0
+    _kept(pool, "left", 30)
+    assert pool.unload("tiny-qwen2") and pool.kept_states() == {}
+
+
+def test_a_model_load_makes_room_by_dropping_kept_states_first(registry, one_model_bytes):
+    pool = ModelPool(registry, "cpu", budget_bytes=int(2.2 * one_model_bytes))
+    state = _kept(pool, "tab", 60)
+    pool.budget = 2 * one_model_bytes + state.kv_bytes() // 2  # both models fit only without the kept state
+    pool.get("tiny-b")
+    assert pool.loaded() == ["tiny-qwen2", "tiny-b"] and pool.kept_states() == {}

@@ -121,3 +121,29 @@ def test_app_endpoints_on_the_real_default(lm):
         assert len(final) == 5 and abs(sum(t["p"] for t in final) - 1) < 1e-4  # top-k 5 keeps exactly 5
     finally:
         demo.close()
+
+
+def test_engine_v2_paths_on_the_real_default(lm):
+    """Once end to end on the real model: the next turn on a kept decode state equals a full re-prefill, and
+    Compare's two forked rows equal their solo runs."""
+    from qdemo.decode import new_state
+    from qdemo.engine import generate_rows
+
+    def ids(messages):
+        return build_prompt(lm.tokenizer, messages, lm.max_context, 24, lm.spec.system_prompt).ids
+
+    first = [{"role": "user", "content": "用一句话介绍 Python。"}]
+    greedy = lm.spec.sampling.replace(do_sample=False, max_new_tokens=24)
+    sampled = lm.spec.sampling.replace(seed=3, max_new_tokens=24)
+    for params in (greedy, sampled):
+        state = new_state(lm)
+        turn = collect(generate(lm, input_ids=ids(first), params=params, state=state))
+        second = ids(first + [{"role": "assistant", "content": turn["done"].text},
+                              {"role": "user", "content": "再举一个例子。"}])
+        reused = collect(generate(lm, input_ids=second, params=params, state=state))
+        assert reused["prefill"].reused_tokens > len(turn["prefill"].prompt_ids)
+        assert reused["done"].token_ids == collect(generate(lm, input_ids=second, params=params))["done"].token_ids
+    prompt = ids([{"role": "user", "content": "Write a haiku about the sea."}])
+    rows = {e.row: e.token_ids for e in generate_rows(lm, prompt, [greedy, sampled]) if type(e).__name__ == "DoneEvent"}
+    for row, params in enumerate((greedy, sampled)):
+        assert rows[row] == collect(generate(lm, input_ids=prompt, params=params))["done"].token_ids

@@ -65,12 +65,12 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     assert any((internals_tab._id, "select") in fn.targets for fn in demo.fns.values())  # loads when opened
     # Only the three named endpoints are public; every page event stays out of the API.
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
-    assert public == ["chat", "compare", "next_token"]
+    assert public == ["batch", "chat", "compare", "next_token"]
     # Every page event passes admission. The exceptions are Gradio's own: the examples' loaders (they copy an
     # example into a box) and the functions `cancels=` adds; the endpoints call the services' admission.
     unadmitted = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_admitted", False)]
     assert {fn.name for fn in unadmitted} == {"load_example", None, "chat_endpoint", "compare_endpoint",
-                                              "next_token_endpoint"}
+                                              "next_token_endpoint", "batch_endpoint"}
     assert all(fn.fn is None for fn in unadmitted if fn.name is None)
     assert sum(getattr(fn.fn, "qdemo_admitted", False) for fn in demo.fns.values()) >= 80
 

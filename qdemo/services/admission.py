@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from qdemo.backend import LocalBackend
+from qdemo.backend import LocalBackend, drafting_pays
 from qdemo.errors import QdemoError
 from qdemo.limits import Client, Limits, RateLimiter
 from qdemo.loader import describe_run
@@ -134,6 +134,10 @@ class Services:
             return params, ""
         return (params.replace(max_new_tokens=limit),
                 f"max new tokens lowered from {params.max_new_tokens} to this server's limit of {limit}.")
+
+    def drafting_by_default(self) -> bool:
+        """Speculative decoding on unless asked otherwise: where it pays on this server's device."""
+        return drafting_pays(self.pool.device)
 
     # --- admission ----------------------------------------------------------------------------------------------
     def check_rate(self, client: Client | str | None) -> None:

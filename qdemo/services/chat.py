@@ -8,14 +8,16 @@ answer and makes sure nothing it still yields lands in the cleared chat.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from qdemo.backend import LocalBackend
+from qdemo.backend import LocalBackend, drafting_pays
 from qdemo.events import Event, TokenEvent
 from qdemo.limits import Limits, clean_text, cut_text
 from qdemo.prompting import keep_last_turns, validate_messages
@@ -52,34 +54,61 @@ class AnswerView:
 
 
 class ChatSession:
-    """One browser session's chat state that outlives a request: the stop signal of the running answer, an epoch
-    that Clear/Undo/Import bump so a stale stream stops writing, and the last answer's view. Gradio deep-copies a
-    State's initial value for every session: each copy starts fresh (an Event cannot be deep-copied)."""
+    """One browser session's chat state that outlives a request: the running answer's stop signal, the turn
+    tickets that tie each answer to the Send that armed it, an epoch that Clear/Undo/Import bump so a stale stream
+    stops writing, and the last answer's view. Gradio deep-copies a State's initial value for every session: each
+    copy starts fresh (an Event cannot be deep-copied)."""
 
     def __init__(self) -> None:
+        self.key = uuid.uuid4().hex  # names this session's kept decode state in the pool
         self.stop = threading.Event()
         self.epoch = 0
-        self.pending = False  # begin_turn left a user message for answer() to reply to
+        self.latest = 0  # the newest turn ticket
+        self.pending: int | None = None  # armed by begin_turn, not yet taken by answer()
+        self.running: int | None = None  # the answer being written
         self.view: AnswerView | None = None
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":
         return type(self)()
 
+    def busy(self) -> str:
+        """"" when a new turn may start; else why not. A turn whose Stop was pressed no longer blocks."""
+        if self.stop.is_set():
+            return ""
+        if self.running is not None:
+            return "An answer is still being written: wait for it, or press Stop."
+        if self.pending is not None:
+            return "Your last message is still waiting for the model: wait for it, or press Stop."
+        return ""
+
     def arm(self) -> int:
-        """A new answer: a fresh stop event (a late Stop never leaks into it); returns the epoch it belongs to."""
+        """A new answer: a fresh stop event (a late Stop never leaks into it); returns its ticket."""
         self.stop = threading.Event()
-        self.pending = True
-        return self.epoch
+        self.latest += 1
+        self.pending = self.latest
+        return self.latest
+
+    def take(self, ticket: int | None) -> bool:
+        """answer() starts the turn `ticket` armed (False: not armed, or a newer turn replaced it)."""
+        if ticket is None or self.pending != ticket:
+            return False
+        self.pending, self.running = None, ticket
+        return True
+
+    def finish(self, ticket: int) -> None:
+        if self.running == ticket:
+            self.running = None
 
     def interrupt(self) -> None:
-        """Stop whatever runs and make its remaining output stale."""
+        """Stop whatever runs and make its remaining output stale (its decode state is not kept either)."""
         self.stop.set()
-        self.pending = False
+        self.pending = self.running = None
         self.epoch += 1
         self.view = None
 
-    def current(self, epoch: int) -> bool:
-        return epoch == self.epoch
+    def current(self, epoch: int, ticket: int | None = None) -> bool:
+        """The answer started at `epoch` for `ticket` may still write to the chat."""
+        return epoch == self.epoch and (ticket is None or ticket == self.latest)
 
 
 # --- messages ----------------------------------------------------------------------------------------------
@@ -194,27 +223,32 @@ class Begun:
     chat: list[Any]  # the chat as it should show now (the user's message last)
     notice: str
     started: bool  # False: nothing to answer (the notice says why)
+    ticket: int | None = None  # ties the answer to this turn (answer() takes it)
 
 
 def begin_turn(session: ChatSession, message: Any, history: Sequence[Any] | None, limits: Limits) -> Begun:
     """Step 1 of Send: the cleaned (and maybe cut) message goes into the chat at once; the answer is armed."""
     text = clean_text(message) if isinstance(message, str) else ""
     if not text.strip():
-        session.pending = False
         return Begun(list(history or []), "Empty message ignored: type something first.", False)
+    busy = session.busy()
+    if busy:
+        return Begun(list(history or []), busy, False)
     text, cut = cut_text(text, limits.max_input_chars)
-    session.arm()
-    return Begun(list(history or []) + [{"role": "user", "content": text}], cut, True)
+    ticket = session.arm()
+    return Begun(list(history or []) + [{"role": "user", "content": text}], cut, True, ticket)
 
 
 def begin_regenerate(session: ChatSession, history: Sequence[Any] | None) -> Begun:
     """Step 1 of Regenerate: the last answer goes; its question stays, waiting for a new answer."""
     kept = without_answer(history)
     if not kept:
-        session.pending = False
         return Begun(list(history or []), "Nothing to regenerate yet: send a message first.", False)
-    session.arm()
-    return Begun(kept, "", True)
+    busy = session.busy()
+    if busy:
+        return Begun(list(history or []), busy, False)
+    ticket = session.arm()
+    return Begun(kept, "", True, ticket)
 
 
 @dataclass
@@ -235,12 +269,25 @@ UI_INTERVAL_S = 0.05  # at most ~20 updates a second: each re-sends the chat, an
 
 def answer(services: Services, session: ChatSession, client: str | None, history: Sequence[Any] | None,
            model: str, system: str | None, params: SamplingParams | None, run_id: int,
-           progress: ProgressFn | None = None) -> Iterator[ChatUpdate]:
+           progress: ProgressFn | None = None, assisted: bool | None = None, ticket: int | None = None
+           ) -> Iterator[ChatUpdate]:
     """Step 2: admission, then the answer streamed into the chat. Yields nothing when step 1 armed nothing or
-    the chat was cleared meanwhile; ends at once (reason "stopped") when Stop came during the queue or the load."""
-    if not session.pending:
+    the chat was cleared meanwhile; ends at once (reason "stopped") when Stop came during the queue or the load.
+    `assisted`: speculative decoding with the model's registry draft (None: where it pays, see
+    LocalBackend.drafting_pays). `ticket`: the turn begin_turn armed (None: the latest)."""
+    ticket = session.latest if ticket is None else ticket
+    if not session.take(ticket):
         return
-    session.pending = False
+    try:
+        yield from _answer(services, session, ticket, client, history, model, system, params, run_id, progress,
+                           assisted)
+    finally:
+        session.finish(ticket)
+
+
+def _answer(services: Services, session: ChatSession, ticket: int, client: str | None,
+            history: Sequence[Any] | None, model: str, system: str | None, params: SamplingParams | None,
+            run_id: int, progress: ProgressFn | None, assisted: bool | None) -> Iterator[ChatUpdate]:
     epoch, stop = session.epoch, session.stop
     chat = list(history or [])
     try:
@@ -248,9 +295,11 @@ def answer(services: Services, session: ChatSession, client: str | None, history
     except ValueError as exc:
         yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
         return
+    draft = _draft_for(services, model, params, assisted)
+    requests = [ModelRequest(model, params)] + ([ModelRequest(draft, sampling=False)] if draft else [])
     try:
-        with services.admit(client, ModelRequest(model, params), progress=progress) as admitted:
-            if not session.current(epoch):
+        with services.admit(client, *requests, progress=progress) as admitted:
+            if not session.current(epoch, ticket):
                 return
             if stop.is_set():  # Stop came while the request queued or the model loaded
                 yield ChatUpdate(chat=stopped_before_start(chat), metrics="**stopped** before the answer started",
@@ -258,39 +307,78 @@ def answer(services: Services, session: ChatSession, client: str | None, history
                 return
             backend, params = admitted.backend, admitted.params[0]
             notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
-            events = lambda: chat_events(services, backend, turn.messages, params, stop)  # noqa: E731
-            yield from _stream(backend, session, epoch, chat, turn, params, run_id, notice, events)
+            drafter = admitted.backends[1] if draft else None
+            # The session's decode state from its last turn: only what is new gets prefilled. Beam search and
+            # speculative decoding keep none.
+            state = None if drafter or params.beam_search else (
+                services.pool.take_state(session.key, backend.name) or backend.new_state())
+            if drafter:
+                events = functools.partial(assisted_events, services, backend, drafter, turn.messages, params, stop)
+            else:
+                events = functools.partial(chat_events, services, backend, turn.messages, params, stop, state=state)
+            try:
+                yield from _stream(backend, session, (epoch, ticket), chat, turn, params, run_id, notice, events)
+            finally:
+                if state is not None and session.current(epoch):
+                    services.pool.keep_state(session.key, state)
     except Refused as exc:
-        if session.current(epoch):
+        if session.current(epoch, ticket):
             yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
 
 
 def chat_events(services: Services, backend: LocalBackend, messages: list[dict[str, str]], params: SamplingParams,
-                stop_event: threading.Event | None = None, top_n: int = 20) -> Iterator[Event]:
+                stop_event: threading.Event | None = None, top_n: int = 20, state=None) -> Iterator[Event]:
     """The engine's events for a chat on this server: the prompt fitted into the model's context and the server's
-    prompt-token limit (oldest turns first, reported as dropped), and the answer cut at its time limit. Raises
-    PromptTooLongError (a ValueError) when the newest message alone does not fit."""
+    prompt-token limit (oldest turns first, reported as dropped), and the answer cut at its time limit. With a kept
+    decode `state`, only the prompt tokens after what it already holds are prefilled. Raises PromptTooLongError (a
+    ValueError) when the newest message alone does not fit."""
     prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
     return backend.generate(input_ids=prompt.ids, dropped_turns=prompt.dropped_turns, params=params,
-                            stop_event=stop_event, top_n=top_n,
+                            stop_event=stop_event, top_n=top_n, state=state,
                             time_limit_s=services.limits.max_generation_seconds)
 
 
-def _stream(backend: LocalBackend, session: ChatSession, epoch: int, chat: list[Any], turn: Turn,
+def assisted_events(services: Services, backend: LocalBackend, draft: LocalBackend, messages: list[dict[str, str]],
+                    params: SamplingParams, stop_event: threading.Event | None = None, top_n: int = 20
+                    ) -> Iterator[Event]:
+    """`chat_events` with speculative decoding: `draft` proposes, `backend` verifies."""
+    if not backend.same_tokenizer(draft):
+        raise Refused(f"{draft.name} cannot draft for {backend.name}: their tokenizers differ")
+    prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
+    return backend.generate_assisted(draft, prompt.ids, params, stop_event=stop_event, top_n=top_n,
+                                     dropped_turns=prompt.dropped_turns,
+                                     time_limit_s=services.limits.max_generation_seconds)
+
+
+def _draft_for(services: Services, model: str, params: SamplingParams | None, assisted: bool | None) -> str | None:
+    """The draft model to lease with `model` for this answer, or None (none named, switched off, beam search, or
+    the draft cannot load here)."""
+    if assisted is False or params is None or params.beam_search or model not in services.registry.models:
+        return None
+    draft = services.registry.get(model).draft
+    if draft is None or (assisted is None and not drafting_pays(services.pool.device)):
+        return None
+    from qdemo.sources import readiness
+
+    return draft if readiness(services.registry.get(draft)).ready else None
+
+
+def _stream(backend: LocalBackend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
             params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]]
             ) -> Iterator[ChatUpdate]:
     run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat")
     shown = chat + [{"role": "assistant", "content": ""}]
     if params.beam_search:
-        notice = (notice + " " if notice else "") + "Beam search shows the answer when the search ends."
+        notice = (notice + " " if notice else "") + ("Beam search shows its best beam so far; it can change until "
+                                                     "the search ends.")
     events = iter(())
     shown_at = 0.0
     try:
         events = start()
         for event in events:
             run.add(event)
-            if not session.current(epoch):
-                return  # cleared: the engine stops with this generator; nothing more is shown
+            if not session.current(*turn_id):
+                return  # cleared or replaced: the engine stops with this generator; nothing more is shown
             if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown[-1] = {"role": "assistant", "content": answer_text(run)}
                 yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, run=run)
@@ -302,7 +390,7 @@ def _stream(backend: LocalBackend, session: ChatSession, epoch: int, chat: list[
         close = getattr(events, "close", None)
         if close is not None:
             close()
-    if not session.current(epoch):
+    if not session.current(*turn_id):
         return
     shown[-1] = {"role": "assistant", "content": answer_text(run) + end_note(run)}
     view = answer_view(backend, run, turn.messages)
@@ -317,7 +405,12 @@ def stopped_before_start(chat: list[Any]) -> list[Any]:
 # --- what the panels show ----------------------------------------------------------------------------------
 
 def answer_text(run: RunRecord) -> str:
-    return run.done.text if run.done else "".join(t.text for t in run.tokens)
+    """The answer so far; during a beam search, the best running beam."""
+    if run.done:
+        return run.done.text
+    if not run.tokens and run.progress is not None:
+        return run.progress.text
+    return "".join(t.text for t in run.tokens)
 
 
 def end_note(run: RunRecord) -> str:
@@ -348,10 +441,11 @@ def metrics_line(run: RunRecord | None) -> str:
     """The live metrics strip: what is happening, TTFT, tok/s, tokens, KV cache, memory, seed."""
     if run is None:
         return "TTFT – · tok/s – · tokens 0 · KV – · peak –"
+    p = run.progress
+    if p is not None and run.done is None and not run.tokens:
+        return (f"**{p.phase}** · step {p.step} of ≤ {p.total} · {p.seconds:.1f} s · KV {human_bytes(p.kv_cache_bytes)}"
+                " · showing the best beam so far")
     if run.prefill is None:
-        p = run.progress
-        if p is not None:
-            return f"**{p.phase}** · step {p.step} of ≤ {p.total} · {p.seconds:.1f} s · the answer shows when it ends"
         return "prefill…"
     last = run.tokens[-1] if run.tokens else None
     kv = last.kv_cache_bytes if last else run.prefill.kv_cache_bytes
@@ -367,10 +461,19 @@ def metrics_line(run: RunRecord | None) -> str:
         head += f" · {rate:.1f} tok/s" if rate else ""
         peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
     line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
+    drafted = sum(t.drafted for t in run.tokens)
+    if run.done and run.done.stats.draft_proposed:
+        s = run.done.stats
+        line += f" · draft accepted {s.draft_accepted} of {s.draft_proposed} ({s.draft_accepted / s.draft_proposed:.0%})"
+    elif drafted:
+        line += f" · {drafted} drafted tokens accepted"
+    if run.prefill.reused_tokens:
+        line += f" · reused {run.prefill.reused_tokens:,} of {len(run.prefill.prompt_ids):,} prompt tokens"
     if run.prefill.seed is not None:
         line += f" · seed {run.prefill.seed}"
     if run.prefill.dropped_turns:
         line += f" · dropped {len(run.prefill.dropped_turns)} old message(s) to fit the context"
+    line += f" · run #{run.run_id}"
     if run.done and run.done.error:
         line += f"\n\n⚠️ {run.done.error}"
     return line

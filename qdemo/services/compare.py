@@ -58,9 +58,18 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
              params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
              stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None
              ) -> Iterator[tuple[RunRecord, RunRecord]]:
-    """Alternate one event from each side until both are done; yields both records after every step. With
-    `services`, each side runs under the server's prompt and time limits. A prompt that does not fit raises here,
-    before anything streams."""
+    """Both sides, yielding both records after every step. On one model the prompt is prefilled once and forked
+    into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
+    turns. With `services`, each side runs under the server's prompt and time limits. A prompt that does not fit
+    raises here, before anything streams."""
+    if backend_a.name == backend_b.name and not (params_a.beam_search or params_b.beam_search):
+        limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
+        cap = services.limits.max_prompt_tokens if services is not None else None
+        prompt = backend_a.chat_prompt(messages, limit, max_prompt_tokens=cap)
+        stream = backend_a.generate_rows(prompt.ids, [params_a, params_b], stop_event=stop_event, top_n=top_n,
+                                         dropped_turns=prompt.dropped_turns,
+                                         time_limit_s=services.limits.max_generation_seconds if services else None)
+        return _route(stream, [run_a, run_b])
     if services is not None:
         streams = [chat_events(services, backend_a, messages, params_a, stop_event, top_n),
                    chat_events(services, backend_b, messages, params_b, stop_event, top_n)]
@@ -68,6 +77,16 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
         streams = [backend_a.generate(messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
                    backend_b.generate(messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
     return _alternate(streams, [run_a, run_b])
+
+
+def _route(stream: Iterator, records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:
+    """One batched stream, its events sent to their row's record."""
+    try:
+        for event in stream:
+            records[event.row].add(event)
+            yield records[0], records[1]
+    finally:
+        stream.close()
 
 
 def _alternate(streams: list[Iterator], records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:

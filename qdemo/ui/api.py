@@ -1,4 +1,4 @@
-"""Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token. Wiring only: each
+"""Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token, /batch. Wiring only: each
 passes the same admission as the page's events (qdemo.services) and turns a refusal into a gr.Error naming the
 field, never a crashed worker."""
 
@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from qdemo.runs import RunRecord
-from qdemo.services import chat, compare as compare_service, lab
+from qdemo.services import batch as batch_service, chat, compare as compare_service, lab
 from qdemo.services.admission import ModelRequest, Refused
 from qdemo.ui.context import UIContext, log, refuse_api
 from qdemo.ui.zerogpu import on_gpu
@@ -76,10 +76,20 @@ def register(ui: UIContext) -> None:
         except (Refused, ValueError) as exc:
             raise refuse_api(str(exc)) from None
 
+    def batch_endpoint(prompts: list[str], model: str = "", settings: dict | None = None, mode: str = "chat",
+                       task: str = "generate", request: gr.Request = None) -> list[dict[str, Any]]:
+        """Up to 8 prompts in one left-padded batch: "generate" answers each, "score" gives each text's tokens
+        with their log-probability and its perplexity."""
+        try:
+            return batch_service.batch(services, ui.client(request), prompts, model, settings, mode, task)
+        except (Refused, ValueError) as exc:
+            raise refuse_api(str(exc)) from None
+
     queue = ui.queue_kwargs()
     gr.api(on_gpu(guarded(chat_endpoint)), api_name="chat", **queue)
     gr.api(on_gpu(guarded(compare_endpoint)), api_name="compare", **queue)
     gr.api(on_gpu(guarded(next_token_endpoint)), api_name="next_token", **queue)
+    gr.api(on_gpu(guarded(batch_endpoint)), api_name="batch", **queue)
 
 
 def guarded(fn):

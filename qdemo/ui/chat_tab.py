@@ -34,7 +34,9 @@ TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target
 def build(ui: UIContext, session: SessionComponents) -> None:
     services = ui.services
     spec = services.registry.get(services.default_model)
-    chat_state = gr.State(chat.ChatSession())
+    # A closed tab's kept decode state is released at once (the pool also drops idle ones).
+    chat_state = gr.State(chat.ChatSession(), delete_callback=lambda s: services.pool.drop_states(key=s.key))
+    ticket = gr.State(None)  # the turn a Send armed, handed from step 1 to step 2
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=280):
             model = gr.Dropdown(services.choices(), value=services.default_model, label="model",
@@ -63,6 +65,10 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             decoding_line = gr.Markdown(_decoding(spec.sampling), elem_id="chat-decoding")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
                 controls = build_controls(spec, prefix="chat-")
+                assisted = gr.Checkbox(services.drafting_by_default(), visible=spec.draft is not None,
+                                       label=_assisted_label(spec), elem_id="chat-assisted",
+                                       info="the draft proposes a few tokens, the model checks them in one forward; "
+                                            "the answer is the model's own (greedy: token for token)")
             with gr.Accordion("Save / load conversation (JSON)", open=False):
                 with gr.Row():
                     export_btn = gr.DownloadButton("Export JSON", elem_id="export")
@@ -94,39 +100,44 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         return {"model": model_name, "system": system_text, "messages": messages, "settings": values}
 
     # --- Send / Regenerate: step 1 (instant) then step 2 (queued, runs the model) ---------------------------
-    def begin(data):
-        begun = chat.begin_turn(data[chat_state], data[box], data[chatbot], services.limits)
-        return {chatbot: begun.chat, box: "" if begun.started else gr.skip(), notice: begun.notice,
+    def begun_updates(begun: chat.Begun) -> dict:
+        return {chatbot: begun.chat, notice: begun.notice, ticket: begun.ticket,
                 metrics: chat.WAITING if begun.started else gr.skip()}
 
-    def begin_regenerate(data):
-        begun = chat.begin_regenerate(data[chat_state], data[chatbot])
-        return {chatbot: begun.chat, notice: begun.notice, metrics: chat.WAITING if begun.started else gr.skip()}
+    def begin(data):
+        begun = chat.begin_turn(data[chat_state], data[box], data[chatbot], services.limits)
+        return {**begun_updates(begun), box: "" if begun.started else gr.skip()}
 
-    answer_inputs = {chatbot, model, system, chat_state, session.runs, measure, *control_inputs}
+    def begin_regenerate(data):
+        return begun_updates(chat.begin_regenerate(data[chat_state], data[chatbot]))
+
+    answer_inputs = {chatbot, model, system, chat_state, ticket, session.runs, measure, assisted, *control_inputs}
     answer_outputs = [chatbot, notice, metrics, tokens_view, legend, stage_plot, notes, prompt_view, session.runs,
                       session.saved_runs, session.conversation]
 
     def answer(data, request: gr.Request, progress=gr.Progress(track_tqdm=False)):
         state: chat.ChatSession = data[chat_state]
-        if not state.pending:
-            yield {notice: gr.skip()}
+        if data[ticket] is None or state.pending != data[ticket]:
+            yield {notice: gr.skip()}  # this Send armed nothing (empty, refused, or replaced)
             return
         values = controls.values(data)
         try:
             params = settings.to_params(values)
         except ValueError as exc:
-            state.pending = False
+            state.take(data[ticket])
+            state.finish(data[ticket])
             yield {notice: f"⚠️ Sampling settings: {exc}"}
             return
         runs = list(data[session.runs] or [])
         for update in chat.answer(services, state, ui.client(request), data[chatbot], data[model], data[system],
-                                  params, perf.next_run_id(runs), progress_callback(progress)):
+                                  params, perf.next_run_id(runs), progress_callback(progress),
+                                  assisted=bool(data[assisted]), ticket=data[ticket]):
             out = {chatbot: update.chat, metrics: update.metrics, notice: update.notice}
             if update.view is not None:
                 view = update.view
                 runs = runs + [view.run]
-                out.update({tokens_view: token_view_html(view.run.tokens, view.texts, view.labels, data[measure]),
+                out.update({tokens_view: token_view_html(view.run.tokens, view.texts, view.labels, data[measure],
+                                                         marks=_marks(view)),
                             legend: token_legend_html(data[measure]), stage_plot: None, notes: "",
                             prompt_view: prompt_chips_html(view.prompt, view.dropped), session.runs: runs,
                             session.saved_runs: perf.saved(runs),
@@ -138,10 +149,11 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     answer = on_gpu(answer)
     answers = []
     for trigger in (box.submit, send.click):
-        step = ui.on(trigger, begin, {box, chatbot, chat_state}, [chatbot, box, metrics], notice=notice, queue=False)
+        step = ui.on(trigger, begin, {box, chatbot, chat_state}, [chatbot, box, metrics, ticket], notice=notice,
+                     queue=False)
         answers.append(ui.on(step.then, answer, answer_inputs, answer_outputs, notice=notice, runs_model=True,
                              show_progress_on=chatbot))
-    step = ui.on(regen.click, begin_regenerate, {chatbot, chat_state}, [chatbot, metrics], notice=notice,
+    step = ui.on(regen.click, begin_regenerate, {chatbot, chat_state}, [chatbot, metrics, ticket], notice=notice,
                  queue=False)
     answers.append(ui.on(step.then, answer, answer_inputs, answer_outputs, notice=notice, runs_model=True,
                          show_progress_on=chatbot))
@@ -154,6 +166,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     # --- Clear / trash icon / Undo / Import: stop what runs, and reset every panel ----------------------------
     def clear_chat(data):
         data[chat_state].interrupt()
+        services.pool.drop_states(key=data[chat_state].key)
         return {chatbot: [], box: "", notice: "", **views_reset,
                 session.conversation: conversation(data[model], data[system], [], controls.values(data))}
 
@@ -182,6 +195,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         finally:
             upload.unlink(missing_ok=True)  # an upload is read once and not kept
         data[chat_state].interrupt()
+        services.pool.drop_states(key=data[chat_state].key)
         name = imported.model if imported.model in services.registry.models else data[model]
         notes_ = [] if imported.model in (None, name) else [f"The file's model {imported.model!r} is not served "
                                                             f"here; kept {name}."]
@@ -207,10 +221,11 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         values = settings.defaults(new_spec)
         return {**controls.update(values), system: new_spec.system_prompt or "", model_info: services.model_info(name),
                 decoding_line: _decoding(new_spec.sampling),
+                assisted: gr.Checkbox(visible=new_spec.draft is not None, label=_assisted_label(new_spec)),
                 session.conversation: conversation(name, new_spec.system_prompt or "", data[chatbot], values)}
 
     ui.on(model.input, on_model_change, {model, chatbot},
-          [*control_inputs, system, model_info, decoding_line, session.conversation], notice=notice)
+          [*control_inputs, system, model_info, decoding_line, assisted, session.conversation], notice=notice)
 
     def describe_settings(data):
         try:
@@ -250,7 +265,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         view = data[chat_state].view
         out = {legend: token_legend_html(data[measure])}
         if view is not None:
-            out[tokens_view] = token_view_html(view.run.tokens, view.texts, view.labels, data[measure])
+            out[tokens_view] = token_view_html(view.run.tokens, view.texts, view.labels, data[measure],
+                                               marks=_marks(view))
         return out
 
     ui.on(measure.change, recolour, {chat_state, measure}, [legend, tokens_view], notice=notice, queue=False)
@@ -268,6 +284,15 @@ def build(ui: UIContext, session: SessionComponents) -> None:
 
     for event in answers + edits:
         ui.on(event.then, export, {chatbot, model, system, *control_inputs}, export_btn, notice=notice, queue=False)
+
+
+def _assisted_label(spec) -> str:
+    return f"speculative decoding, {spec.draft} drafting" if spec.draft else "speculative decoding"
+
+
+def _marks(view) -> dict[int, str]:
+    """Tokens the draft model proposed and the model accepted."""
+    return {i: "drafted, accepted" for i, t in enumerate(view.run.tokens) if t.drafted}
 
 
 def _decoding(params) -> str:

@@ -1,0 +1,75 @@
+"""Batch generation and scoring: several prompts through one left-padded batch (one prefill, one forward per step
+for all of them), or several texts scored teacher-forced (each token's log-probability given the ones before).
+No Gradio here; the named endpoint /batch wires it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+from qdemo.limits import Client, clean_text, cut_text
+from qdemo.sampling import SamplingParams
+from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.lab import CONTEXT_MODES, context_ids
+
+MAX_PROMPTS = 8
+TASKS = ("generate", "score")
+
+
+def batch(services: Services, client: Client | str | None, prompts: Any, model: Any = None,
+          settings: SamplingParams | Mapping | None = None, mode: str = "chat", task: str = "generate"
+          ) -> list[dict[str, Any]]:
+    """One result per prompt. "generate": the answer of each (chat mode: each prompt is a user message), decoded
+    together. "score": each text's tokens with their log-probability, the mean and the perplexity."""
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise Refused("prompts must be a non-empty list of texts")
+    if len(prompts) > MAX_PROMPTS:
+        raise Refused(f"a batch takes at most {MAX_PROMPTS} prompts, got {len(prompts)}")
+    if task not in TASKS:
+        raise Refused(f"task must be one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
+    if mode not in CONTEXT_MODES:
+        raise Refused(f"mode must be one of {', '.join(CONTEXT_MODES)}, got {str(mode)[:40]!r}")
+    texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
+    with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
+        backend, params = admitted.backend, admitted.params[0]
+        try:
+            rows = [context_ids(backend, text, mode) for text in texts]
+        except ValueError as exc:
+            raise Refused(f"prompt {_which(exc, texts)}: {exc}") from None
+        too_long = [i for i, r in enumerate(rows) if len(r) > services.limits.max_prompt_tokens]
+        if too_long:
+            raise Refused(f"prompt {too_long[0]} has {len(rows[too_long[0]])} tokens; this server's prompt limit is "
+                          f"{services.limits.max_prompt_tokens}")
+        if task == "score":
+            return _score(backend, rows)
+        return _generate(backend, rows, params, services.limits.max_generation_seconds)
+
+
+def _which(exc: Exception, texts: Sequence[str]) -> int:
+    return next((i for i, t in enumerate(texts) if not t.strip()), 0)
+
+
+def _generate(backend, rows: list[list[int]], params: SamplingParams, time_limit_s: float) -> list[dict[str, Any]]:
+    if params.beam_search:
+        raise Refused("beam search runs alone, not in a batch: set num_beams to 1")
+    results: list[dict[str, Any]] = [{} for _ in rows]
+    for event in backend.generate_batch(rows, params, time_limit_s=time_limit_s):
+        if type(event).__name__ == "DoneEvent":
+            results[event.row] = {"text": event.text, "tokens": list(event.token_ids), "reason": event.reason,
+                                  "error": event.error, "prompt_tokens": len(rows[event.row])}
+    return results
+
+
+def _score(backend, rows: list[list[int]]) -> list[dict[str, Any]]:
+    short = [i for i, r in enumerate(rows) if len(r) < 2]
+    if short:
+        raise Refused(f"prompt {short[0]} is one token long; scoring needs at least two")
+    scores = backend.token_logprobs(rows)
+    results = []
+    for ids, logprobs in zip(rows, scores):
+        texts = backend.token_texts(ids)
+        mean = sum(logprobs) / len(logprobs)
+        results.append({"tokens": [{"id": t, "text": texts[t], "logprob": lp} for t, lp in zip(ids[1:], logprobs)],
+                        "first_token": {"id": ids[0], "text": texts[ids[0]]},
+                        "mean_logprob": mean, "perplexity": math.exp(-mean)})
+    return results

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from qdemo import introspect
-from qdemo.decode import DecodeState, new_state, token_logprobs
+from qdemo.decode import DecodeState, last_logits, new_state, token_logprobs
 from qdemo.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.events import Event
 from qdemo.loader import LoadedModel, pick_device
@@ -52,18 +52,38 @@ def drafting_pays(device: str | None) -> bool:
     return pick_device(device).type == "cuda"
 
 
+_WEIGHTLESS = Capabilities(attention=False, positions=False, model_card=False)
+
+
 class LocalBackend:
     """A leased model of this process's pool and its step gate."""
 
-    capabilities = Capabilities()
-
     def __init__(self, lm: LoadedModel, gate: StepGate) -> None:
         self._lm, self._gate = lm, gate
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # The llama.cpp forward hands over full logits but no torch modules: weight panels use the torch copy.
+        return Capabilities() if self._lm.model is not None else _WEIGHTLESS
 
     # --- facts (no forward) -------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
         return self._lm.spec.name
+
+    @property
+    def key(self) -> str:
+        """The pool's name of this copy ("name" on torch, "name [llama.cpp]" on llama.cpp)."""
+        return self._lm.key
+
+    @property
+    def forward(self) -> str:
+        return self._lm.forward
+
+    @property
+    def forward_label(self) -> str:
+        """"llama.cpp Q4_K_M", "torch fp32"."""
+        return self._lm.forward_label
 
     @property
     def spec(self) -> ModelSpec:
@@ -87,7 +107,7 @@ class LocalBackend:
 
     def shape(self) -> tuple[int, int]:
         """(decoder layers, attention heads)."""
-        config = self._lm.model.config
+        config = self._lm.config
         return int(config.num_hidden_layers), int(config.num_attention_heads)
 
     def same_tokenizer(self, other: "LocalBackend") -> bool:
@@ -186,6 +206,8 @@ class LocalBackend:
         return token_logprobs(self._lm, rows, self._gate.step)
 
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        if self._lm.model is None:  # the llama.cpp forward: a throwaway decode state, prefilled in gated chunks
+            return last_logits(self._lm, ids, self._gate.step)
         with self._gate.step():
             return introspect.next_token_logits(self._lm, ids)
 

@@ -39,11 +39,12 @@ class DecodeState:
     """B rows of token ids and the KV cache of exactly those tokens (rows left-padded to one width)."""
 
     model: str  # the model whose cache this is: a state never crosses models
-    cache: Any
+    cache: Any  # the runner's cache: a transformers DynamicCache, or a llama.cpp context's sequences
     tokens: torch.Tensor  # [B, capacity] long; row i's tokens are tokens[i, pads[i]:width]
     pads: list[int]  # left padding per row
     width: int = 0  # columns in use (the cache's sequence length)
     broken: bool = False  # a forward failed half way: the cache no longer matches the tokens
+    runner: Any = None  # how this model runs a forward and keeps its cache (TorchRunner, LlamaCppRunner)
 
     @property
     def rows(self) -> int:
@@ -56,7 +57,13 @@ class DecodeState:
         return self.width - self.pads[row]
 
     def kv_bytes(self) -> int:
-        return kv_cache_bytes(self.cache)
+        return self.runner.kv_bytes(self) if self.cache is not None else 0
+
+    def release(self) -> None:
+        """Free the cache now (the state is done with)."""
+        if self.cache is not None:
+            self.runner.release(self)
+            self.cache = None
 
     def mask(self, extra: int = 0) -> torch.Tensor:
         """[B, width + extra] attention mask: 0 on left padding, 1 elsewhere."""
@@ -72,7 +79,7 @@ class DecodeState:
         if not 0 <= length <= self.width:
             raise ValueError(f"crop to {length} tokens, but the state holds {self.width}")
         if length < self.width:
-            self.cache.crop(length - self.width)
+            self.runner.crop(self, length)
             self.width = length
 
     def fork(self, rows: int) -> None:
@@ -80,7 +87,7 @@ class DecodeState:
         if self.rows != 1:
             raise ValueError(f"fork needs one row, the state has {self.rows}")
         if rows > 1:
-            self.cache.batch_repeat_interleave(rows)
+            self.runner.fork(self, rows)
             self.tokens = self.tokens.repeat(rows, 1)
             self.pads = self.pads * rows
 
@@ -88,7 +95,7 @@ class DecodeState:
         """Keep these rows, in this order (finished rows dropped; beams reordered)."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.tokens.device)
         if self.width:
-            self.cache.batch_select_indices(index)
+            self.runner.select(self, list(rows))
         self.tokens = self.tokens.index_select(0, index)
         self.pads = [self.pads[i] for i in rows]
 
@@ -100,9 +107,55 @@ class DecodeState:
             self.tokens = grown
 
 
+class TorchRunner:
+    """A transformers model's forwards with a DynamicCache (the torch path)."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+
+    def new_cache(self, rows: int, capacity: int) -> Any:
+        return DynamicCache(config=self.lm.model.config)
+
+    @torch.inference_mode()
+    def forward(self, state: DecodeState, columns: torch.Tensor, keep: int) -> torch.Tensor:
+        n = columns.shape[1]
+        kwargs = {_cache_kwarg(self.lm.model): state.cache}
+        if any(state.pads):
+            mask = state.mask(n)
+            # Positions count real tokens only, so a left-padded row starts at 0 (padding gets 1, as generate does).
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, state.width:]
+        else:  # unpadded rows: an all-ones mask, and the model counts positions from its cache as generate does
+            mask = _ones(state.rows, state.width + n, columns.device)
+        out = self.lm.model(input_ids=columns, attention_mask=mask, use_cache=True, logits_to_keep=keep, **kwargs)
+        # fp32 copy as generate() makes, so processors see the same numbers.
+        return out.logits[:, -keep:, :].to(copy=True, dtype=torch.float32)
+
+    def crop(self, state: DecodeState, length: int) -> None:
+        state.cache.crop(length - state.width)
+
+    def fork(self, state: DecodeState, rows: int) -> None:
+        state.cache.batch_repeat_interleave(rows)
+
+    def select(self, state: DecodeState, rows: list[int]) -> None:
+        state.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=state.tokens.device))
+
+    def kv_bytes(self, state: DecodeState) -> int:
+        return kv_cache_bytes(state.cache)
+
+    def release(self, state: DecodeState) -> None:
+        pass  # the tensors go with the last reference
+
+
+def runner_for(lm: LoadedModel) -> Any:
+    """The model's own runner (a llama.cpp model brings one), else the torch path."""
+    return getattr(lm, "runner", None) or TorchRunner(lm)
+
+
 def new_state(lm: LoadedModel, rows: int = 1, capacity: int = _GROW) -> DecodeState:
-    return DecodeState(model=lm.spec.name, cache=DynamicCache(config=lm.model.config),
-                       tokens=torch.zeros((rows, capacity), dtype=torch.long, device=lm.device), pads=[0] * rows)
+    runner = runner_for(lm)
+    return DecodeState(model=lm.key, cache=runner.new_cache(rows, capacity),
+                       tokens=torch.zeros((rows, capacity), dtype=torch.long, device=lm.device), pads=[0] * rows,
+                       runner=runner)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -122,28 +175,19 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-@torch.inference_mode()
 def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: int = 1) -> torch.Tensor:
-    """Run `columns` [B, n] after the state's width; returns fp32 logits of the last `keep` positions [B, keep, V]
-    and advances the state."""
+    """Run `columns` [B, n] after the state's width through its runner; returns fp32 logits of the last `keep`
+    positions [B, keep, V] and advances the state."""
     n = columns.shape[1]
-    kwargs = {_cache_kwarg(lm.model): state.cache}
-    if any(state.pads):
-        mask = state.mask(n)
-        # Positions count real tokens only, so a left-padded row starts at 0 (padding gets 1, as generate does).
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, state.width:]
-    else:  # unpadded rows: an all-ones mask, and the model counts positions from its cache as generate does
-        mask = _ones(state.rows, state.width + n, columns.device)
     try:
-        out = lm.model(input_ids=columns, attention_mask=mask, use_cache=True, logits_to_keep=keep, **kwargs)
+        logits = state.runner.forward(state, columns, keep)
     except BaseException:
         state.broken = True
         raise
     state._reserve(n)
     state.tokens[:, state.width:state.width + n] = columns
     state.width += n
-    # fp32 copy as generate() makes, so processors see the same numbers.
-    return out.logits[:, -keep:, :].to(copy=True, dtype=torch.float32)
+    return logits
 
 
 _ONES: dict[tuple[int, str], torch.Tensor] = {}
@@ -266,5 +310,16 @@ def token_logprobs(lm: LoadedModel, rows: Sequence[Sequence[int]], lock: StepLoc
         logprobs = torch.log_softmax(logits, dim=-1)
         targets = block[:, start + 1:end + 1]
         scores[:, start + 1:end + 1] = logprobs.gather(-1, targets[..., None])[..., 0].double().cpu()
-    state.cache = None
+    state.release()
     return [scores[i, state.pads[i] + 1:].tolist() for i in range(len(rows))]
+
+
+def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 512) -> torch.Tensor:
+    """fp32 [V] logits for the token after `ids` from a throwaway state, prefilled a chunk per turn at the gate
+    (the path for a runner without torch modules)."""
+    state = new_state(lm)
+    try:
+        logits, _ = prefill(lm, state, [list(ids)], lock, chunk)
+    finally:
+        state.release()
+    return logits[0].clone()

@@ -82,7 +82,7 @@ def generate(
         ids, dropped = prompt.ids, prompt.dropped_turns
     else:
         ids, dropped = _check_ids(lm, input_ids, params), tuple(int(i) for i in dropped_turns)
-    if state is not None and (state.rows != 1 or state.model != lm.spec.name):
+    if state is not None and (state.rows != 1 or state.model != lm.key):
         raise ValueError(f"a kept decode state must be one row of {lm.spec.name}")
     prep_s = time.perf_counter() - started
     lock = step_lock or contextlib.nullcontext
@@ -219,7 +219,8 @@ def _run_assisted(
     except Exception as exc:
         row.reason, row.error = "error", _describe_error(target, exc)
     finally:
-        decoder.target_state.cache = decoder.draft_state.cache = None
+        decoder.target_state.release()
+        decoder.draft_state.release()
     done = _done(row, prep_s, prefill_s)
     yield dataclasses.replace(done, stats=dataclasses.replace(done.stats, draft_proposed=proposed,
                                                               draft_accepted=accepted))
@@ -256,7 +257,7 @@ class _Deadline:
 
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
     ids = [int(t) for t in input_ids]
-    vocab = lm.model.get_input_embeddings().num_embeddings
+    vocab = lm.vocab_size
     if not ids:
         raise ValueError("input_ids is empty")
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -397,7 +398,7 @@ def _run(
         logits = None
         if kept is None or state is not kept:
             # Drop the KV cache now rather than when the consumer lets go of this generator.
-            state.cache = None
+            state.release()
     for row in rows:
         if row.index not in ended:  # stopped during the prefill, or an error
             yield _done(row, prep_s, prefill_s)
@@ -450,7 +451,7 @@ def _run_beams(
     except Exception as exc:
         reason, error = "error", _describe_error(lm, exc)
     kv = state.kv_bytes()
-    state.cache = None
+    state.release()
     new_ids = list(best.tokens) if best is not None else []
     probs = transition_probs(best) if best is not None else []
     mem = memory_sample(device)

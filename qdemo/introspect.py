@@ -26,7 +26,7 @@ class _Captured(Exception):
 
 def _vocab_rows(lm: LoadedModel) -> int:
     # The embedding table, not the tokenizer or config, bounds what the forward accepts (they can differ).
-    return int(lm.model.get_input_embeddings().num_embeddings)
+    return lm.vocab_size
 
 
 def _check_ids(lm: LoadedModel, ids: Sequence[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""The one place that calls `from_pretrained`: picks device and dtype, returns a ready LoadedModel."""
+"""The one place that loads a model: picks device and dtype (or the llama.cpp forward), returns a LoadedModel."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import platform
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,14 +15,14 @@ from qdemo.errors import SourceError
 from qdemo.families import Family, get_family
 from qdemo.progress import reporting
 from qdemo.registry import ModelSpec
-from qdemo.sources import ProgressFn, resolve
+from qdemo.sources import ProgressFn, gguf_file, resolve
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None on the llama.cpp forward: it runs on the GGUF, not torch modules
     tokenizer: object
     spec: ModelSpec
     device: torch.device
@@ -33,10 +34,48 @@ class LoadedModel:
     weight_bytes: int = field(default=0)
     max_context: int = 0  # tokens the model may see: models.yaml's max_context, capped by the checkpoint's config
     context_note: str = ""  # why max_context is below what models.yaml asks, when it is
+    forward: str = "torch"  # "torch" or "llama.cpp"
+    runner: Any = None  # the llama.cpp forward's decode-state runner (None: the torch path)
+    config: Any = None  # the checkpoint's transformers config
+    vocab_size: int = 0  # rows of the logits
 
     def __post_init__(self) -> None:
         if not self.max_context:
             self.max_context = self.spec.max_context
+        if self.config is None and self.model is not None:
+            self.config = self.model.config
+        if not self.vocab_size and self.model is not None:
+            self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def key(self) -> str:
+        """The pool's name for this copy: the registry name, with the forward when it is not torch."""
+        return entry_key(self.spec.name, self.forward)
+
+    @property
+    def forward_label(self) -> str:
+        """How it runs, in a few words: "llama.cpp Q4_K_M", "torch fp32"."""
+        if self.forward == "llama.cpp":
+            return f"llama.cpp {gguf_quant(self.spec) or 'GGUF'}"
+        return "torch " + dtype_name(self.dtype)
+
+
+def entry_key(name: str, forward: str) -> str:
+    return name if forward == "torch" else f"{name} [{forward}]"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def gguf_quant(spec: ModelSpec) -> str | None:
+    """The quantization a GGUF entry's file name states ("Q4_K_M"), or None."""
+    from qdemo.registry import GgufPartsSource
+
+    if not isinstance(spec.source, GgufPartsSource):
+        return None
+    found = re.search(r"(?i)(i?q\d_[a-z0-9_]+|f16|bf16|f32)(?=\.gguf$)", spec.source.file_name)
+    return found.group(1).upper() if found else None
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -79,13 +118,13 @@ def describe_run(spec: ModelSpec, device: str | torch.device | None = None) -> s
     from qdemo.registry import GgufPartsSource
 
     dev = pick_device(device)
-    dtype = str(pick_dtype(spec.dtype, dev)).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    dtype = dtype_name(pick_dtype(spec.dtype, dev))
     where = "this CPU" if dev.type == "cpu" else f"this GPU ({dev})"
     if isinstance(spec.source, GgufPartsSource):
-        quant = re.search(r"(?i)(i?q\d_[a-z0-9_]+|f16|bf16|f32)(?=\.gguf$)", spec.source.file_name)
-        kind = f"{quant.group(1).upper()} GGUF" if quant else "GGUF"
-        return f"{kind}, dequantized, {dtype} on {where}"
-    return f"{dtype} on {where}"
+        quant = gguf_quant(spec)
+        kind = f"{quant} GGUF" if quant else "GGUF"
+        return f"{kind}, dequantized, torch {dtype} on {where}"
+    return f"torch {dtype} on {where}"
 
 
 def load_model(
@@ -122,13 +161,54 @@ def load_model(
         column_major_tall_linears(model)
     if progress:
         progress("load weights", 1, 1)
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(getattr(model, "generation_config", None), tokenizer)
     stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     max_context, note = context_limit(spec, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
                        eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
                        weight_bytes=weight_bytes, max_context=max_context, context_note=note)
+
+
+def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
+                     progress: ProgressFn | None = None, threads: int | None = None) -> LoadedModel:
+    """The GGUF entry on llama.cpp's forward (in process): the prepared checkpoint directory gives the tokenizer
+    and config, the kept GGUF the weights (memory-mapped, never dequantized)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from qdemo import llama_forward
+
+    missing = llama_forward.available()
+    if missing:
+        raise SourceError(f"model {spec.name}: {missing}")
+    family = get_family(spec.family)
+    path = resolve(spec, progress)
+    gguf = gguf_file(spec, progress)
+    if progress:
+        progress("load tokenizer", 0, 1)
+    try:
+        tokenizer = _load_tokenizer(path, converted=family.convert is not None)
+        config = AutoConfig.from_pretrained(path)
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation = None
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"model {spec.name}: cannot read the tokenizer ({type(exc).__name__}: "
+                          f"{_without_paths(str(exc), path)})") from None
+    if progress:
+        progress("load weights (llama.cpp, memory-mapped)", 0, 1)
+    weights = llama_forward.LlamaWeights(gguf, threads or llama_forward.default_threads()).load()
+    if progress:
+        progress("load weights (llama.cpp, memory-mapped)", 1, 1)
+    eos = _eos_ids(generation, tokenizer)
+    stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
+    max_context, note = context_limit(spec, config)
+    return LoadedModel(model=None, tokenizer=tokenizer, spec=spec, device=torch.device("cpu"), dtype=torch.float32,
+                       family=family, eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
+                       weight_bytes=gguf.stat().st_size, max_context=max_context, context_note=note,
+                       forward="llama.cpp", runner=llama_forward.LlamaCppRunner(weights), config=config,
+                       vocab_size=weights.n_vocab)
 
 
 def context_limit(spec: ModelSpec, config) -> tuple[int, str]:
@@ -179,9 +259,9 @@ def _check_quantized(spec: ModelSpec, path: Path, device: torch.device) -> None:
                           f"{' and '.join(missing)}: pip install -r requirements-gptq.txt.{where}")
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def _eos_ids(generation_config, tokenizer) -> set[int]:
     ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     for value in (tokenizer.eos_token_id, gen_eos):
         if isinstance(value, int):
             ids.add(value)

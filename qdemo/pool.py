@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from qdemo.errors import QdemoError
-from qdemo.loader import LoadedModel, load_model, pick_device, pick_dtype
+from qdemo.loader import LoadedModel, entry_key, load_llama_model, load_model, pick_device, pick_dtype
 from qdemo.registry import Registry
 from qdemo.sources import ProgressFn, hub_cache_dir, hub_weight_bytes, needs_download, resolve
 
@@ -171,11 +171,11 @@ class ModelPool:
     generation runs; `gate(name)` is that model's StepGate."""
 
     def __init__(self, registry: Registry, device: str | None = None, budget_bytes: int | None = None,
-                 loader: Loader = load_model) -> None:
+                 loader: Loader = load_model, llama_loader: Loader = load_llama_model) -> None:
         self.registry, self.device = registry, device
         self._device = pick_device(device)
         self.budget = budget_bytes if budget_bytes is not None else default_budget(self._device)
-        self._loader = loader
+        self._loaders = {"torch": loader, "llama.cpp": llama_loader}
         self._entries: dict[str, _Entry] = {}
         self._gates: dict[str, StepGate] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -253,42 +253,53 @@ class ModelPool:
             return self._gates.setdefault(name, StepGate())
 
     # --- getting models ---------------------------------------------------------------------------------------
-    def get(self, name: str, progress: ProgressFn | None = None) -> LoadedModel:
+    def get(self, name: str, progress: ProgressFn | None = None, forward: str = "torch") -> LoadedModel:
+        """The model on `forward` ("torch", or "llama.cpp" for a GGUF entry): each forward is its own copy, with its
+        own gate and its own share of the budget."""
         spec = self.registry.get(name)  # unknown names fail here with the registry's message
+        if forward not in self._loaders:
+            raise ValueError(f"forward must be one of {', '.join(self._loaders)}, got {forward!r}")
+        key = entry_key(name, forward)
         with self._guard:
-            if name in self._entries:
-                entry = self._entries[name]
+            if key in self._entries:
+                entry = self._entries[key]
                 entry.last_used = time.monotonic()
                 return entry.lm
-            lock = self._loading.setdefault(name, threading.Lock())
+            lock = self._loading.setdefault(key, threading.Lock())
         with lock:
             with self._guard:
-                if name in self._entries:
-                    return self._entries[name].lm
+                if key in self._entries:
+                    return self._entries[key].lm
             self._check_download(name, spec)
             path = resolve(spec, progress)  # prepare / convert first: the estimate reads the files
-            need = estimate_weight_bytes(path, pick_dtype(spec.dtype, self._device))
-            self._make_room(name, need)
+            if forward == "llama.cpp":
+                need = spec.source.size  # the GGUF's own blocks, memory-mapped
+            else:
+                need = estimate_weight_bytes(path, pick_dtype(spec.dtype, self._device))
+            self._make_room(key, need)
             try:
-                lm = self._loader(spec, device=self.device, progress=progress)
+                lm = self._loaders[forward](spec, device=self.device, progress=progress)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 self._release()
                 raise MemoryBudgetError(
                     f"{name}: out of memory while loading (about {_gib(need)} of weights on {self._device}); "
                     f"the models already loaded keep working. Free memory or lower QDEMO_MAX_MEMORY. ({exc})"
                 ) from None
-            guard_forwards(lm.model, self.gate(name), name)
+            if lm.runner is not None:
+                lm.runner.gate = self.gate(key)  # the llama.cpp runner checks it on every forward
+            else:
+                guard_forwards(lm.model, self.gate(key), key)
             with self._guard:
-                self._entries[name] = _Entry(lm=lm, bytes=lm.weight_bytes or need, last_used=time.monotonic())
+                self._entries[key] = _Entry(lm=lm, bytes=lm.weight_bytes or need, last_used=time.monotonic())
             return lm
 
     @contextlib.contextmanager
-    def lease(self, name: str, progress: ProgressFn | None = None) -> Iterator[LoadedModel]:
+    def lease(self, name: str, progress: ProgressFn | None = None, forward: str = "torch") -> Iterator[LoadedModel]:
         """The model, pinned (never unloaded) until the block ends."""
         while True:
-            lm = self.get(name, progress)
+            lm = self.get(name, progress, forward)
             with self._guard:
-                entry = self._entries.get(name)
+                entry = self._entries.get(lm.key)
                 if entry is not None and entry.lm is lm:
                     entry.leases += 1
                     break
@@ -300,15 +311,17 @@ class ModelPool:
                 entry.last_used = time.monotonic()
 
     @contextlib.contextmanager
-    def backend(self, name: str, progress: ProgressFn | None = None) -> Iterator["LocalBackend"]:
+    def backend(self, name: str, progress: ProgressFn | None = None, forward: str = "torch"
+                ) -> Iterator["LocalBackend"]:
         """The model leased for one request, behind its gated path."""
         from qdemo.backend import LocalBackend
 
-        with self.lease(name, progress) as lm:
-            yield LocalBackend(lm, self.gate(name))
+        with self.lease(name, progress, forward) as lm:
+            yield LocalBackend(lm, self.gate(lm.key))
 
     def unload(self, name: str) -> bool:
-        """Unload an idle model; False when it is not loaded or a generation is using it."""
+        """Unload an idle model (`name` as `loaded()` lists it); False when it is not loaded or a generation is using
+        it."""
         with self._guard:
             entry = self._entries.get(name)
             if entry is None or entry.leases:

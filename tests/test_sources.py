@@ -156,3 +156,27 @@ def test_cache_root_follows_env(monkeypatch, tmp_path):
     monkeypatch.delenv("QDEMO_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert sources.cache_root() == tmp_path / "xdg" / "qdemo"
+
+
+def test_the_verified_gguf_is_kept_for_the_llama_cpp_forward(fake_site, monkeypatch):
+    """Prepared once, the GGUF stays (the llama.cpp forward maps it) and is trusted while unchanged; a changed file
+    is assembled and checked again."""
+    chunks = [b"GGUF" + b"\2" * 40, b"tail"]
+    payload = b"".join(chunks)
+    spec = gguf_spec(make_packages(fake_site, "qdfake_g", chunks), payload)
+    monkeypatch.setattr(sources, "_dequantize", lambda gguf_path, out, progress: out.mkdir())
+    sources.resolve(spec)
+    kept = sources.gguf_path(spec)
+    assert kept.read_bytes() == payload
+    phases = []
+    assert sources.gguf_file(spec, lambda *a: phases.append(a)) == kept and phases == []
+    kept.write_bytes(b"GGUF" + b"\0" * (len(payload) - 4))  # same size, other bytes (and a new mtime)
+    assert sources.gguf_file(spec, lambda *a: phases.append(a)) == kept
+    assert kept.read_bytes() == payload and phases[-1][0] == "assemble + sha256"
+
+
+def test_gguf_file_of_a_checkpoint_entry_names_it(tmp_path):
+    spec = ModelSpec(name="plain", display_name="plain", family="qwen2", max_context=64,
+                     sampling=SamplingParams(max_new_tokens=8), source=LocalSource(path=tmp_path))
+    with pytest.raises(SourceError, match="model plain is not a GGUF entry"):
+        sources.gguf_file(spec)

@@ -1,8 +1,8 @@
 """One admission for every request that runs a model: the Chat, Compare, Lab and Internals events and the named
 API endpoints all pass the same checks in the same order, and refusals come back in one shape.
 
-rate limit → model name → sampling settings (validated, capped) → load (with progress) → lease, and the leased
-backends for the request's duration. Anything the user can act on is a `Refused` with a message that names the
+rate limit → model name and forward → sampling settings (validated, capped) → load (with progress) → lease, and the
+leased backends for the request's duration. Anything the user can act on is a `Refused` with a message that names the
 model, field or value; nothing here knows about Gradio.
 """
 
@@ -15,8 +15,9 @@ from typing import Any, Iterator, Mapping
 
 from qdemo.backend import LocalBackend, drafting_pays
 from qdemo.errors import QdemoError
+from qdemo.forwards import pick_forward, split_ref
 from qdemo.limits import Client, Limits, RateLimiter
-from qdemo.loader import describe_run
+from qdemo.loader import describe_run, entry_key, gguf_quant
 from qdemo.pool import ModelPool
 from qdemo.registry import Registry
 from qdemo.sampling import SamplingParams
@@ -35,9 +36,10 @@ class Refused(QdemoError):
 class ModelRequest:
     """One model a request needs, and the sampling settings it runs with (None: it samples nothing)."""
 
-    model: str | None
+    model: str | None  # a registry name, optionally with its forward: "name [torch]", "name [llama.cpp]"
     settings: SamplingParams | Mapping[str, Any] | None = None
     sampling: bool = True
+    weights: bool = False  # the panel reads weights and activations: the torch copy, whatever the forward
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Services:
     limits: Limits = field(default_factory=Limits)
     rates: RateLimiter | None = None
     allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
+    preload: Any = None  # the default model's background load at start (qdemo.services.preload.Preload)
 
     def __post_init__(self) -> None:
         if self.rates is None:
@@ -92,16 +95,52 @@ class Services:
             out.append((f"{mark} {spec.display_name} · {ready.state}", name))  # the mark first: labels get cut
         return out
 
-    def model_info(self, name: str) -> str:
-        """One line under a model dropdown: how it runs here, or what it needs."""
+    def model_info(self, name: str, choice: str | None = None) -> str:
+        """One line under a model dropdown: which forward runs it here, or what it needs."""
         try:
             spec = self.registry.get(name)
-        except QdemoError as exc:
+            picked = pick_forward(spec, self.pool_device_type(), choice)
+        except (QdemoError, ValueError) as exc:
             return f"⚠️ {exc}"
         ready = readiness(spec)
         if not ready.ready:
             return f"✗ **not ready here**: {ready.hint}"
-        return f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
+        if picked.forward == "llama.cpp":
+            from qdemo.llama_forward import default_threads
+
+            return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU ({default_threads()} threads) · "
+                    f"{ready.state} · attention and RoPE panels load the torch copy")
+        line = f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
+        return f"{line} · {picked.note}" if picked.note else line
+
+    def forward_choices(self, name: str) -> list[str]:
+        """The forwards the user may pick for `name` here ([] when only one can run: torch)."""
+        from qdemo.llama_forward import available
+        from qdemo.registry import GgufPartsSource
+
+        spec = self.registry.models.get(name)
+        if spec is None or not isinstance(spec.source, GgufPartsSource) or available() is not None:
+            return []
+        return ["auto", "llama.cpp", "torch"]
+
+    def pool_device_type(self) -> str:
+        from qdemo.loader import pick_device
+
+        return pick_device(self.pool.device).type
+
+    def model_ref(self, model: Any, weights: bool = False) -> tuple[str, str]:
+        """(registry name, forward) of a request's model: its forward as asked ("name [torch]"), the server's
+        choice for a bare name, torch for a panel that reads weights."""
+        if model is not None and not isinstance(model, str):
+            raise Refused(f"model must be a model name (text), got {type(model).__name__}")
+        name, asked = split_ref(model) if model else (model, None)
+        name = self.model_name(name)
+        if weights:
+            return name, "torch"
+        try:
+            return name, pick_forward(self.registry.get(name), self.pool_device_type(), asked).forward
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
 
     def model_name(self, model: Any) -> str:
         """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists, and only
@@ -111,7 +150,7 @@ class Services:
         name = model or self.default_model
         if name not in self.registry.models:
             raise Refused(f"unknown model {echo(name)}; this server has: {', '.join(self.registry.names())}")
-        if not self.allow_downloads and name not in self.pool.loaded():
+        if not self.allow_downloads and not any(split_ref(k)[0] == name for k in self.pool.loaded()):
             ready = readiness(self.registry.get(name))
             if not ready.ready:
                 raise Refused(f"{name} is not available on this server: {ready.hint} This server does not "
@@ -150,7 +189,8 @@ class Services:
               ) -> Iterator[Admitted]:
         """The request's models, loaded and leased behind their gated backends, for the block's duration."""
         self.check_rate(client)
-        names = [self.model_name(r.model) for r in requests]
+        refs = [self.model_ref(r.model, r.weights) for r in requests]
+        names = [name for name, _ in refs]
         params: list[SamplingParams | None] = []
         notices: list[str] = []
         for name, request in zip(names, requests):
@@ -162,9 +202,12 @@ class Services:
             notices.append(notice)
         with contextlib.ExitStack() as stack:
             backends = []
-            for name in names:
+            for (name, forward), request in zip(refs, requests):
+                if request.weights and progress and entry_key(name, forward) not in self.pool.loaded() and \
+                        self.model_ref(name)[1] != forward:
+                    progress(f"loading the torch copy of {name} for this panel (chat keeps its own forward)", 0, 1)
                 try:
-                    backends.append(stack.enter_context(self.pool.backend(name, progress)))
+                    backends.append(stack.enter_context(self.pool.backend(name, progress, forward)))
                 except Refused:
                     raise
                 except (QdemoError, ValueError, OSError, RuntimeError) as exc:

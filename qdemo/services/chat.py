@@ -311,7 +311,7 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             # The session's decode state from its last turn: only what is new gets prefilled. Beam search and
             # speculative decoding keep none.
             state = None if drafter or params.beam_search else (
-                services.pool.take_state(session.key, backend.name) or backend.new_state())
+                services.pool.take_state(session.key, backend.key) or backend.new_state())
             if drafter:
                 events = functools.partial(assisted_events, services, backend, drafter, turn.messages, params, stop)
             else:
@@ -366,7 +366,8 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
 def _stream(backend: LocalBackend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
             params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]]
             ) -> Iterator[ChatUpdate]:
-    run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat")
+    run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat",
+                    forward=backend.forward_label)
     shown = chat + [{"role": "assistant", "content": ""}]
     if params.beam_search:
         notice = (notice + " " if notice else "") + ("Beam search shows its best beam so far; it can change until "
@@ -452,6 +453,7 @@ def metrics_line(run: RunRecord | None) -> str:
     if run.done:
         s = run.done.stats
         head = f"**{reason_words(run.done.reason)}** · TTFT {s.ttft_seconds:.2f} s · {s.decode_tokens_per_s:.1f} tok/s"
+        head += f" on {run.forward}" if run.forward else ""
         peak = s.peak_memory_bytes
     else:
         steps = [t.step_seconds for t in run.tokens[1:]][-8:]

@@ -62,7 +62,7 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
     into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
     turns. With `services`, each side runs under the server's prompt and time limits. A prompt that does not fit
     raises here, before anything streams."""
-    if backend_a.name == backend_b.name and not (params_a.beam_search or params_b.beam_search):
+    if backend_a.key == backend_b.key and not (params_a.beam_search or params_b.beam_search):
         limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
         cap = services.limits.max_prompt_tokens if services is not None else None
         prompt = backend_a.chat_prompt(messages, limit, max_prompt_tokens=cap)
@@ -181,8 +181,10 @@ def compare(services: Services, session: CompareSession | None, client: str | No
             seed = secrets.randbits(31)
         params_a, params_b = params_a.replace(seed=seed), params_b.replace(seed=seed)
         notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
-        run_a = RunRecord(run_id=first_run_id, model=backend_a.name, settings=params_a.to_dict(), label="A")
-        run_b = RunRecord(run_id=first_run_id + 1, model=backend_b.name, settings=params_b.to_dict(), label="B")
+        run_a = RunRecord(run_id=first_run_id, model=backend_a.name, settings=params_a.to_dict(), label="A",
+                          forward=backend_a.forward_label)
+        run_b = RunRecord(run_id=first_run_id + 1, model=backend_b.name, settings=params_b.to_dict(), label="B",
+                          forward=backend_b.forward_label)
         shown_at = 0.0
         try:
             pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,

@@ -92,7 +92,7 @@ def compute_attention(services: Services, session: InternalsSession, client: str
                       progress: ProgressFn | None = None) -> AttentionCache:
     """One gated forward for every layer's attention over the conversation's last 128 tokens, kept in the
     session."""
-    with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+    with services.admit(client, ModelRequest(model, sampling=False, weights=True), progress=progress) as admitted:
         backend = admitted.backend
         all_ids, source = conversation_ids(backend, history, system)
         ids = all_ids[-MAX_ATTENTION_TOKENS:]
@@ -179,13 +179,14 @@ class ModelFacts:
     card: pd.DataFrame
     layers: int
     heads: int
+    forward: str = ""  # the copy these panels read: "torch fp32", "torch bf16"
 
 
 def model_facts(services: Services, client: str | None, model: str, progress: ProgressFn | None = None
                 ) -> ModelFacts:
     """Load the model (through admission: a load is work) and read its position encoding and model card."""
-    with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+    with services.admit(client, ModelRequest(model, sampling=False, weights=True), progress=progress) as admitted:
         backend = admitted.backend
         layers, heads = backend.shape()
         return ModelFacts(position=position_view(backend), card=card_frame(backend.model_card()), layers=layers,
-                          heads=heads)
+                          heads=heads, forward=backend.forward_label)

@@ -19,6 +19,7 @@ import torch
 
 from qdemo.backend import LocalBackend
 from qdemo.events import StageTopN
+from qdemo.forwards import ref
 from qdemo.lab import MAX_SAMPLES, sample_counts, stage_distributions
 from qdemo.limits import clean_text, cut_text
 from qdemo.sampling import SamplingParams
@@ -109,7 +110,7 @@ def context_ids(backend: LocalBackend, text: str, mode: str, system: str | None 
 
 def _context(backend: LocalBackend, ids: list[int]) -> LabContext:
     logits = backend.next_token_logits(ids)
-    return LabContext(model=backend.name, ids=tuple(ids), logits=logits, text=backend.decode(ids),
+    return LabContext(model=ref(backend.name, backend.forward), ids=tuple(ids), logits=logits, text=backend.decode(ids),
                       decode=backend.text_decoder())
 
 

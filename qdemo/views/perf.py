@@ -204,7 +204,7 @@ def reason_words(reason: str | None) -> str:
 
 def run_row(run: RunRecord) -> dict[str, Any]:
     """One table row. A running run has no stats yet: its counts come from the events seen so far."""
-    row: dict[str, Any] = {"run": run.run_id, "label": run.label, "model": run.model,
+    row: dict[str, Any] = {"run": run.run_id, "label": run.label, "model": run.model, "forward": run.forward,
                            "settings": settings_text(run.settings)}
     if run.done is None:
         return {**row, "reason": "running",

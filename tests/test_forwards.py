@@ -1,0 +1,95 @@
+"""Which forward runs a model: the fast path where it can run, torch otherwise, the user's and operator's choice,
+and the weight panels on the torch copy. No llama.cpp needed: availability is patched."""
+
+from __future__ import annotations
+
+import pytest
+
+from qdemo import llama_forward
+from qdemo.forwards import pick_forward, ref, split_ref
+from qdemo.registry import GgufPartsSource, LocalSource, ModelSpec
+from qdemo.sampling import SamplingParams
+
+
+def spec(gguf: bool) -> ModelSpec:
+    source = (GgufPartsSource(packages=("p",), file_name="m-q4_k_m.gguf", size=1, sha256="0" * 64) if gguf
+              else LocalSource(path="/nowhere"))
+    return ModelSpec(name="m", display_name="m", family="qwen2", max_context=64,
+                     sampling=SamplingParams(max_new_tokens=8), source=source)
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    monkeypatch.setattr(llama_forward, "available", lambda: None)
+    monkeypatch.delenv("QDEMO_FORWARD", raising=False)
+
+
+@pytest.fixture
+def missing(monkeypatch):
+    monkeypatch.setattr(llama_forward, "available", lambda: "not installed (pip install -r requirements-llama.txt)")
+    monkeypatch.delenv("QDEMO_FORWARD", raising=False)
+
+
+def test_gguf_on_a_cpu_takes_llama_cpp_when_installed(installed):
+    assert pick_forward(spec(True), "cpu").forward == "llama.cpp"
+    assert pick_forward(spec(True), "cuda").forward == "torch"  # on a GPU torch stays the path
+    assert pick_forward(spec(False), "cpu").forward == "torch"
+    assert pick_forward(spec(True), "cpu", "torch").forward == "torch"
+
+
+def test_without_the_package_torch_runs_with_a_hint(missing):
+    choice = pick_forward(spec(True), "cpu")
+    assert choice.forward == "torch" and "requirements-llama.txt" in choice.note
+    with pytest.raises(ValueError, match="requirements-llama.txt"):
+        pick_forward(spec(True), "cpu", "llama.cpp")
+
+
+def test_llama_cpp_asked_for_a_checkpoint_without_gguf_names_it(installed):
+    with pytest.raises(ValueError, match="m is not a GGUF entry"):
+        pick_forward(spec(False), "cpu", "llama.cpp")
+
+
+def test_operator_default_and_bad_values(installed, monkeypatch):
+    monkeypatch.setenv("QDEMO_FORWARD", "torch")
+    assert pick_forward(spec(True), "cpu").forward == "torch"
+    monkeypatch.setenv("QDEMO_FORWARD", "fast please")
+    with pytest.raises(ValueError, match="QDEMO_FORWARD must be one of auto, llama.cpp, torch"):
+        pick_forward(spec(True), "cpu")
+
+
+def test_model_refs_round_trip():
+    assert split_ref("qwen [torch]") == ("qwen", "torch")
+    assert split_ref("qwen [llama.cpp]") == ("qwen", "llama.cpp")
+    assert split_ref("qwen") == ("qwen", None)
+    assert split_ref("qwen [gpu]") == ("qwen [gpu]", None)  # not a forward: the name stays whole (and is unknown)
+    assert ref("qwen", "auto") == "qwen" and ref("qwen", "torch") == "qwen [torch]"
+
+
+def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, installed, monkeypatch):
+    from qdemo.pool import ModelPool
+    from qdemo.registry import parse_registry
+    from qdemo.services.admission import Refused, Services
+
+    data = {"default": "g", "models": [
+        {"name": "g", "family": "qwen2", "max_context": 64, "sampling": {"max_new_tokens": 8},
+         "source": {"gguf": {"packages": ["p"], "file_name": "g-q4_k_m.gguf", "size": 1, "sha256": "0" * 64}}},
+        {"name": "l", "family": "qwen2", "max_context": 64, "sampling": {"max_new_tokens": 8},
+         "source": {"local": {"path": str(tmp_path)}}}]}
+    registry = parse_registry(data, tmp_path)
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu", budget_bytes=1 << 30), default_model="g",
+                        allow_downloads=True)
+    assert services.model_ref("g") == ("g", "llama.cpp")
+    assert services.model_ref("g [torch]") == ("g", "torch")
+    assert services.model_ref("g", weights=True) == ("g", "torch")
+    assert services.model_ref("l") == ("l", "torch")
+    with pytest.raises(Refused, match="l is not a GGUF entry"):
+        services.model_ref("l [llama.cpp]")
+    with pytest.raises(Refused, match="unknown model"):
+        services.model_ref("g [gpu]")
+    assert services.forward_choices("g") == ["auto", "llama.cpp", "torch"] and services.forward_choices("l") == []
+    # the line under the dropdown says which forward runs (the fake entry's packages count as installed)
+    from qdemo.services import admission
+    from qdemo.sources import Readiness
+
+    monkeypatch.setattr(admission, "readiness", lambda spec: Readiness(True, "embedded"))
+    assert "llama.cpp Q4_K_M" in services.model_info("g") and "torch" in services.model_info("g", "torch")

@@ -1,0 +1,194 @@
+"""The llama.cpp forward on the real embedded default (its own GGUF), against the torch fp32 path as the oracle:
+full raw logits, the engine's chain on them, kept states across turns, forked and selected rows, left-padded
+batches, a context that outgrows itself, scoring at every position, and the step gate.
+
+Needs requirements-llama.txt (it builds llama.cpp). Without it these tests skip, unless QDEMO_REQUIRE_LLAMA=1 (set
+by .ci/run) makes that a failure."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from qdemo import llama_forward
+from qdemo.decode import decode_step, last_logits, new_state, prefill, token_logprobs
+from qdemo.engine import collect, generate, generate_batch, generate_rows
+from qdemo.loader import load_llama_model, load_model
+from qdemo.prompting import build_prompt
+from qdemo.registry import load_registry
+from qdemo.sampling import SamplingParams
+
+if importlib.util.find_spec("llama_cpp") is None:
+    if os.environ.get("QDEMO_REQUIRE_LLAMA") == "1":
+        raise RuntimeError("QDEMO_REQUIRE_LLAMA=1 but llama-cpp-python is not installed "
+                           "(pip install -r requirements-llama.txt)")
+    pytest.skip("the llama.cpp forward is not installed (pip install -r requirements-llama.txt)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.real_model
+NAME = "qwen2.5-coder-0.5b-instruct"
+NOLOCK = contextlib.nullcontext
+EN = "Write a Python function that checks whether a number is prime."
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_registry().get(NAME)
+
+
+@pytest.fixture(scope="module")
+def fast(spec):
+    return load_llama_model(spec)
+
+
+@pytest.fixture(scope="module")
+def exact(spec):
+    return load_model(spec, dtype="float32")
+
+
+def chat_ids(lm, text: str, tokens: int = 32) -> list[int]:
+    return build_prompt(lm.tokenizer, [{"role": "user", "content": text}], lm.max_context, tokens,
+                        lm.spec.system_prompt, lm.spec.name, lm.family.build_prompt).ids
+
+
+def greedy(lm, ids, tokens=24, **kwargs):
+    return collect(generate(lm, input_ids=ids, params=SamplingParams(max_new_tokens=tokens), **kwargs))["done"]
+
+
+def test_loads_the_gguf_itself(fast, spec):
+    assert fast.forward == "llama.cpp" and fast.model is None and fast.forward_label == "llama.cpp Q4_K_M"
+    assert fast.key == f"{NAME} [llama.cpp]"
+    assert fast.vocab_size == 151936 and fast.weight_bytes == spec.source.size
+    assert 151645 in fast.eos_token_ids
+
+
+def test_full_raw_logits_match_the_torch_fp32_path(fast, exact):
+    """Every vocabulary entry comes back; the distribution is the fp32 model's up to Q4/Q5 arithmetic."""
+    for text in (EN, "你好，请介绍一下你自己。", "def fib(n):"):
+        ids = chat_ids(fast, text)
+        a, b = last_logits(fast, ids, NOLOCK), last_logits(exact, ids, NOLOCK)
+        assert a.shape == b.shape == (151936,) and a.dtype == torch.float32
+        assert int(a.argmax()) == int(b.argmax()), text
+        assert total_variation(a, b) < 0.1, text
+
+
+def test_greedy_tokens_equal_the_torch_fp32_path(fast, exact):
+    ids = chat_ids(fast, EN)
+    a, b = greedy(fast, ids, 24), greedy(exact, ids, 24)
+    assert a.token_ids == b.token_ids and a.reason == b.reason == "max_tokens"
+
+
+def test_stage_capture_runs_on_its_logits(fast):
+    """The chain, stage capture and seeded sampler run unchanged: stages present, reproducible by seed."""
+    ids = chat_ids(fast, EN)
+    params = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05,
+                            seed=7, max_new_tokens=12)
+    runs = [collect(generate(fast, input_ids=ids, params=params, top_n=20)) for _ in range(2)]
+    assert runs[0]["done"].token_ids == runs[1]["done"].token_ids
+    names = [s.name for s in runs[0]["tokens"][0].stages]
+    assert names == ["raw", "repetition_penalty", "temperature", "top_k", "top_p"]
+    assert all(len(s.token_ids) == 20 for s in runs[0]["tokens"][0].stages[:3])
+
+
+def test_kept_state_reuses_the_prefix_across_turns(fast):
+    first = chat_ids(fast, EN, 8)
+    state = new_state(fast)
+    done = greedy(fast, first, 8, state=state)
+    follow = first + list(done.token_ids) + fast.tokenizer("\nAnd in Rust?", add_special_tokens=False)["input_ids"]
+    run = collect(generate(fast, input_ids=follow, params=SamplingParams(max_new_tokens=8), state=state))
+    assert run["prefill"].reused_tokens >= len(first)
+    assert run["done"].token_ids == greedy(fast, follow, 8).token_ids
+    state.release()
+
+
+def test_forked_rows_equal_their_solo_runs(fast):
+    ids = chat_ids(fast, EN)
+    sides = [SamplingParams(max_new_tokens=12),
+             SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=3, max_new_tokens=12)]
+    dones = {e.row: e for e in generate_rows(fast, ids, sides) if type(e).__name__ == "DoneEvent"}
+    for row, params in enumerate(sides):
+        solo = collect(generate(fast, input_ids=ids, params=params))["done"]
+        assert dones[row].token_ids == solo.token_ids, row
+
+
+def test_left_padded_batch_equals_solo_runs(fast):
+    prompts = [chat_ids(fast, EN), chat_ids(fast, "你好"), chat_ids(fast, "Sort a list in Python, briefly.")]
+    assert len({len(p) for p in prompts}) == 3
+    dones = {e.row: e for e in generate_batch(fast, prompts, SamplingParams(max_new_tokens=10))
+             if type(e).__name__ == "DoneEvent"}
+    for row, ids in enumerate(prompts):
+        assert dones[row].token_ids == greedy(fast, ids, 10).token_ids, row
+
+
+def test_select_duplicates_and_crop_keep_each_row_its_own_history(fast):
+    """Beam-style reshuffles: rows chosen twice get their own copy; a crop forgets exactly the cut columns."""
+    ids = chat_ids(fast, EN)
+    state = new_state(fast)
+    logits, _ = prefill(fast, state, [ids], NOLOCK, 64)
+    state.fork(3)
+    decode_step(fast, state, [11, 22, 33], NOLOCK)
+    state.select([2, 2, 0])
+    after = decode_step(fast, state, [44, 55, 66], NOLOCK)
+    histories = [[33, 44], [33, 55], [11, 66]]
+    references = [last_logits(fast, ids + h, NOLOCK) for h in histories]
+    for row in range(3):
+        # Its own history within batch-size noise (TV ≈ 0.01–0.05); any other history is far off (TV > 0.4).
+        distances = [total_variation(after[row], ref) for ref in references]
+        assert distances[row] < 0.1 and min(d for k, d in enumerate(distances) if k != row) > 0.3, (row, distances)
+    state.select([1])
+    state.crop(len(ids))
+    again = decode_step(fast, state, [77], NOLOCK)
+    assert total_variation(again[0], last_logits(fast, ids + [77], NOLOCK)) < 0.1
+    assert total_variation(again[0], last_logits(fast, ids + [33, 55, 77], NOLOCK)) > 0.3
+    state.release()
+
+
+def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 0.5 * (torch.softmax(a, -1) - torch.softmax(b, -1)).abs().sum().item()
+
+
+def test_a_state_that_outgrows_its_context_moves_without_recomputing(fast, monkeypatch):
+    monkeypatch.setattr(llama_forward, "FIRST_CONTEXT", 48)
+    ids = chat_ids(fast, EN)
+    state = new_state(fast, capacity=16)
+    assert state.cache.n_ctx == 48 < len(ids) + 24
+    calls = []
+    original = llama_forward.LlamaCppRunner._grow
+    monkeypatch.setattr(llama_forward.LlamaCppRunner, "_grow",
+                        lambda self, st, n: (calls.append(n), original(self, st, n))[1])
+    done = greedy(fast, ids, 24, state=state)
+    assert calls and state.cache.n_ctx >= len(ids) + 23
+    monkeypatch.setattr(llama_forward, "FIRST_CONTEXT", 2048)
+    assert done.token_ids == greedy(fast, ids, 24).token_ids
+    state.release()
+
+
+def test_scoring_reads_logits_at_every_position(fast, exact):
+    ids = chat_ids(fast, EN)
+    scored = token_logprobs(fast, [ids], NOLOCK)[0]
+    assert len(scored) == len(ids) - 1
+    for i in (3, len(ids) // 2, len(ids) - 2):  # teacher forcing equals the next-token logits of each prefix
+        expected = torch.log_softmax(last_logits(fast, ids[:i + 1], NOLOCK), -1)[ids[i + 1]].item()
+        assert scored[i] == pytest.approx(expected, abs=0.05)  # batch-size noise only
+    torch_scored = token_logprobs(exact, [ids], NOLOCK)[0]
+    mean_gap = sum(abs(a - b) for a, b in zip(scored, torch_scored)) / len(scored)
+    assert mean_gap < 0.25  # nats per token: quantization, not a different model
+
+
+def test_forwards_outside_the_gate_are_refused(spec, tmp_path):
+    from qdemo.pool import ModelPool, UngatedForwardError
+
+    pool = ModelPool(load_registry(), budget_bytes=4 << 30)
+    with pool.backend(NAME, forward="llama.cpp") as backend:
+        assert backend.key == f"{NAME} [llama.cpp]" and not backend.capabilities.attention
+        lm = pool.get(NAME, forward="llama.cpp")
+        with pytest.raises(UngatedForwardError):
+            last_logits(lm, [1, 2, 3], NOLOCK)
+        steps = pool.gate(backend.key).steps
+        backend.next_token_logits([1, 2, 3])
+        assert pool.gate(backend.key).steps > steps
+    assert f"{NAME} [llama.cpp]" in pool.loaded() and pool.unload(f"{NAME} [llama.cpp]")

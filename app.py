@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the app runs behind N proxies that each append the client's address to X-Forwarded-For; "
                         "rate limits then count that address (default 0: the socket peer; 1 on a Hugging Face "
                         "Space) [QDEMO_TRUSTED_PROXIES]")
+    p.add_argument("--no-preload", action="store_true", default=env("QDEMO_PRELOAD", "1") in ("0", "false", "no"),
+                   help="do not load the default model at start (it then loads with the first request) "
+                        "[QDEMO_PRELOAD=0]")
     defaults = Limits()
     for flag, (field, text) in _LIMIT_FLAGS.items():
         p.add_argument(flag, type=int, default=None, dest=field,
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qdemo.pool import ModelPool, parse_bytes
         from qdemo.registry import load_registry
-        from qdemo.ui.app import build_app, launch_settings, queue_settings
+        from qdemo.services.preload import Preload
 
         limits = Limits.from_env(**{field: getattr(args, field) for field, _ in _LIMIT_FLAGS.values()})
         if args.max_generation_seconds is None and not os.environ.get(Limits.ENV["max_generation_seconds"]):
@@ -91,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         pool = ModelPool(registry, args.device, budget_bytes=budget)
         if args.trust_proxy < 0:
             raise ValueError(f"--trust-proxy (QDEMO_TRUSTED_PROXIES) must be 0 or more, got {args.trust_proxy}")
+        registry.get(args.model or registry.default)  # an unknown --model fails before anything loads
+        preload = None
+        if not args.no_preload:  # the default loads while the page is built and served
+            preload = Preload(args.model or registry.default)
+            preload.start(pool)
+        from qdemo.ui.app import build_app, launch_settings, queue_settings
+
         demo = build_app(registry, device=args.device, default=args.model, limits=limits, pool=pool,
-                         allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy)
+                         allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy, preload=preload)
     except (ValueError, OSError) as exc:
         print(f"qdemo: cannot start: {exc}", file=sys.stderr)
         return 2

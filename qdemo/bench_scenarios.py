@@ -19,7 +19,7 @@ import torch
 
 from qdemo.decode import new_state
 from qdemo.engine import collect, generate, generate_assisted, generate_rows
-from qdemo.loader import LoadedModel, load_model
+from qdemo.loader import LoadedModel, load_llama_model, load_model
 from qdemo.prompting import build_prompt
 from qdemo.registry import load_registry
 from qdemo.sampling import SamplingParams
@@ -136,12 +136,18 @@ def assisted(target: LoadedModel, draft: LoadedModel, runs: int = 3, tokens: int
 
 
 def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, registry_path: str | None = None,
-                 device=None, dtype=None, lm: LoadedModel | None = None) -> dict[str, Any]:
+                 device=None, dtype=None, lm: LoadedModel | None = None, forward: str = "torch") -> dict[str, Any]:
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
     registry = load_registry(registry_path)
+
+    def load(spec) -> LoadedModel:
+        if forward == "llama.cpp":
+            return load_llama_model(spec)
+        return load_model(spec, device=device, dtype=dtype)
+
     if lm is None:
-        lm = load_model(registry.get(name), device=device, dtype=dtype)
+        lm = load(registry.get(name))
     result: dict[str, Any]
     if scenario == "multiturn":
         result = multiturn(lm, runs)
@@ -150,9 +156,9 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
     else:
         if lm.spec.draft is None:
             raise ValueError(f"{name} names no draft model in models.yaml (field 'draft')")
-        draft = load_model(registry.get(lm.spec.draft), device=device, dtype=dtype)
+        draft = load(registry.get(lm.spec.draft))
         result = assisted(lm, draft, runs, tokens, lm.spec.draft_tokens)
-    result.update(device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."), threads=torch.get_num_threads())
+    result.update(device=str(lm.device), dtype=lm.forward_label, threads=torch.get_num_threads())
     return result
 
 

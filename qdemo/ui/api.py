@@ -36,7 +36,8 @@ def register(ui: UIContext) -> None:
         try:
             with services.admit(ui.client(request), ModelRequest(model, settings)) as admitted:
                 backend, params = admitted.backend, admitted.params[0]
-                run = RunRecord(run_id=0, model=backend.name, settings=params.to_dict(), label="api")
+                run = RunRecord(run_id=0, model=backend.name, settings=params.to_dict(), label="api",
+                                forward=backend.forward_label)
                 events = chat.chat_events(services, backend, turn.messages, params, top_n=0)
                 try:
                     for event in events:

@@ -27,13 +27,13 @@ CSS = """
 
 def build_app(registry: Registry, device: str | None = None, default: str | None = None,
               limits: Limits | None = None, pool: ModelPool | None = None, allow_downloads: bool = False,
-              trusted_proxies: int = 0) -> gr.Blocks:
+              trusted_proxies: int = 0, preload=None) -> gr.Blocks:
     """The app; serve it with `.queue(**queue_settings(limits)).launch(**launch_settings(limits), ...)`."""
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
     limits = limits or Limits()
     services = Services(registry=registry, pool=pool or ModelPool(registry, device), default_model=name,
-                        limits=limits, allow_downloads=allow_downloads)
+                        limits=limits, allow_downloads=allow_downloads, preload=preload)
     ui = UIContext(services, trusted_proxies=trusted_proxies)
     tabs = _optional_tabs()
     # Gradio's own upload/output cache: files older than an hour go, checked every hour.

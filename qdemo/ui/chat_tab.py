@@ -13,6 +13,7 @@ import gradio as gr
 from qdemo.services import chat, perf, settings
 from qdemo.services.files import scratch_file
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
+from qdemo.ui import forward_picker
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
@@ -41,7 +42,11 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         with gr.Column(scale=2, min_width=280):
             model = gr.Dropdown(services.choices(), value=services.default_model, label="model",
                                 elem_id="chat-model")
+            forward = forward_picker.build(services, services.default_model, "chat-forward")
             model_info = gr.Markdown(services.model_info(services.default_model), elem_id="chat-model-info")
+            preload = services.preload
+            preload_line = gr.Markdown(preload.line() if preload else "", elem_id="chat-preload",
+                                       visible=preload is not None)
         with gr.Column(scale=3, min_width=280):
             with gr.Accordion("System prompt", open=False, elem_id="chat-system-box"):
                 system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=2,
@@ -111,7 +116,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     def begin_regenerate(data):
         return begun_updates(chat.begin_regenerate(data[chat_state], data[chatbot]))
 
-    answer_inputs = {chatbot, model, system, chat_state, ticket, session.runs, measure, assisted, *control_inputs}
+    answer_inputs = {chatbot, model, forward, system, chat_state, ticket, session.runs, measure, assisted,
+                     *control_inputs}
     answer_outputs = [chatbot, notice, metrics, tokens_view, legend, stage_plot, notes, prompt_view, session.runs,
                       session.saved_runs, session.conversation]
 
@@ -129,7 +135,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             yield {notice: f"⚠️ Sampling settings: {exc}"}
             return
         runs = list(data[session.runs] or [])
-        for update in chat.answer(services, state, ui.client(request), data[chatbot], data[model], data[system],
+        for update in chat.answer(services, state, ui.client(request), data[chatbot],
+                                  forward_picker.model_ref(data[model], data[forward]), data[system],
                                   params, perf.next_run_id(runs), progress_callback(progress),
                                   assisted=bool(data[assisted]), ticket=data[ticket]):
             out = {chatbot: update.chat, metrics: update.metrics, notice: update.notice}
@@ -207,11 +214,12 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             notes_.append(f"The file's sampling settings were not applied ({exc}).")
         return {chatbot: imported.messages, model: name, system: imported.system, box: "", **views_reset,
                 **controls.update(values), model_info: services.model_info(name),
+                forward: forward_picker.reset(services, name),
                 notice: " ".join(notes_) or f"Imported {len(imported.messages)} message(s).",
                 session.conversation: conversation(name, imported.system, imported.messages, values)}
 
     edits.append(ui.on(import_btn.upload, do_import, {import_btn, chat_state, model},
-                       [chatbot, model, system, box, *views_reset, *control_inputs, model_info,
+                       [chatbot, model, system, box, *views_reset, *control_inputs, model_info, forward,
                         session.conversation], notice=notice))
 
     # --- model, seed, token view -------------------------------------------------------------------------------
@@ -220,12 +228,27 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         new_spec = services.registry.get(name)
         values = settings.defaults(new_spec)
         return {**controls.update(values), system: new_spec.system_prompt or "", model_info: services.model_info(name),
+                forward: forward_picker.reset(services, name),
                 decoding_line: _decoding(new_spec.sampling),
                 assisted: gr.Checkbox(visible=new_spec.draft is not None, label=_assisted_label(new_spec)),
                 session.conversation: conversation(name, new_spec.system_prompt or "", data[chatbot], values)}
 
     ui.on(model.input, on_model_change, {model, chatbot},
-          [*control_inputs, system, model_info, decoding_line, assisted, session.conversation], notice=notice)
+          [*control_inputs, system, model_info, forward, decoding_line, assisted, session.conversation], notice=notice)
+
+    if preload is not None:
+        # The default's background load: its progress on the page until it is ready, then the timer stops.
+        timer = gr.Timer(0.5, active=not preload.finished)
+
+        def follow(data):
+            return {preload_line: preload.line(), timer: gr.Timer(active=not preload.finished)}
+
+        ui.on(timer.tick, follow, {preload_line}, [preload_line, timer], notice=notice, queue=False, show_progress="hidden")
+
+    def on_forward_change(data):
+        return {model_info: services.model_info(data[model], data[forward])}
+
+    ui.on(forward.input, on_forward_change, {model, forward}, [model_info], notice=notice, queue=False)
 
     def describe_settings(data):
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from qdemo.services import chat, compare, perf, settings
+from qdemo.ui import forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
@@ -28,12 +29,14 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         stop_btn = gr.Button("Stop", variant="stop", elem_id="compare-stop")
     gr.Examples(EXAMPLES, inputs=prompt, label="examples", api_visibility="private")
     panes = []
+    forwards = []
     with gr.Row(equal_height=False):
         for side, mode in (("A", "greedy"), ("B", "sample")):
             with gr.Column(min_width=300):
                 gr.Markdown(f"### {side}")
                 model = gr.Dropdown(services.choices(), value=services.default_model, label=f"model {side}",
                                     elem_id=f"compare-model-{side.lower()}")
+                forward = forward_picker.build(services, services.default_model, f"compare-forward-{side.lower()}")
                 info = gr.Markdown(services.model_info(services.default_model))
                 summary = gr.Markdown("", elem_id=f"compare-decoding-{side.lower()}")
                 with gr.Accordion(f"sampling {side}", open=False):
@@ -42,6 +45,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                 output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320, line_breaks=True)
                 metrics = gr.Markdown(chat.metrics_line(None), elem_id=f"compare-metrics-{side.lower()}")
                 panes.append((model, info, summary, controls, output, metrics))
+                forwards.append(forward)
                 session.model_dropdowns.append(model)
     verdict = gr.Markdown("", elem_id="compare-verdict")
     with gr.Row(equal_height=False):
@@ -51,25 +55,31 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     (model_a, info_a, summary_a, controls_a, out_a, metrics_a), \
         (model_b, info_b, summary_b, controls_b, out_b, metrics_b) = panes
 
-    for model, info, summary, controls, _, _ in panes:
+    for (model, info, summary, controls, _, _), forward in zip(panes, forwards):
         def describe(data, controls=controls, summary=summary):
             try:
                 return {summary: f"decoding: **{settings.summary(settings.to_params(controls.values(data)))}**"}
             except ValueError as exc:
                 return {summary: f"⚠️ {exc}"}
 
-        def on_model(data, model=model, info=info, controls=controls):
+        def on_model(data, model=model, info=info, controls=controls, forward=forward):
             values = settings.defaults(services.registry.get(data[model]))
             values.pop("mode")  # each pane keeps its decoding mode: the comparison is the point
-            return {**controls.update(values), info: services.model_info(data[model])}
+            return {**controls.update(values), info: services.model_info(data[model]),
+                    forward: forward_picker.reset(services, data[model])}
+
+        def on_forward(data, model=model, info=info, forward=forward):
+            return {info: services.model_info(data[model], data[forward])}
 
         for trigger in [c.change for c in controls.components()] + [tab.select]:
             ui.on(trigger, describe, controls.components(), summary, notice=verdict, queue=False,
                   show_progress="hidden")
-        ui.on(model.input, on_model, {model}, [*controls.components(), info], notice=verdict)
+        ui.on(model.input, on_model, {model}, [*controls.components(), info, forward], notice=verdict)
+        ui.on(forward.input, on_forward, {model, forward}, [info], notice=verdict, queue=False)
         controls.wire_visibility(ui, verdict)
 
-    inputs = {prompt, seed, model_a, model_b, state, session.runs, *controls_a.components(), *controls_b.components()}
+    forward_a, forward_b = forwards
+    inputs = {prompt, seed, model_a, model_b, forward_a, forward_b, state, session.runs, *controls_a.components(), *controls_b.components()}
     outputs = [out_a, out_b, metrics_a, metrics_b, verdict, table, chart, session.runs, session.saved_runs]
 
     def run_both(data, request: gr.Request, progress=gr.Progress()):
@@ -82,8 +92,9 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             return
         runs = list(data[session.runs] or [])
         yield {verdict: "Loading and queueing…", table: empty_side_by_side(), chart: None}
-        for update in compare.compare(services, data[state], ui.client(request), data[prompt], data[model_a],
-                                      data[model_b], params_a, params_b, seed_value, perf.next_run_id(runs),
+        for update in compare.compare(services, data[state], ui.client(request), data[prompt],
+                                      forward_picker.model_ref(data[model_a], data[forward_a]),
+                                      forward_picker.model_ref(data[model_b], data[forward_b]), params_a, params_b, seed_value, perf.next_run_id(runs),
                                       progress_callback(progress)):
             out = {out_a: _pane_text(update.a), out_b: _pane_text(update.b),
                    metrics_a: chat.metrics_line(update.a), metrics_b: chat.metrics_line(update.b),

@@ -54,7 +54,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             facts = internals.model_facts(services, ui.client(request), data[model], progress_callback(progress))
         except Refused as exc:
             return {status: f"⚠️ {exc}"}
-        return {status: f"**{data[model]}** loaded.", rope_md: facts.position.summary,
+        apart = " (chats on llama.cpp keep their own copy)" if services.forward_choices(data[model]) else ""
+        return {status: f"**{data[model]}** loaded: these panels read its **{facts.forward}** modules{apart}.", rope_md: facts.position.summary,
                 freq_plot: facts.position.frequencies, angle_plot: facts.position.angles,
                 decay_plot: facts.position.decay, card: facts.card, **shape(facts.layers, facts.heads)}
 

@@ -9,6 +9,7 @@ from qdemo.lab import MAX_SAMPLES
 from qdemo.services import lab
 from qdemo.services.admission import Refused
 from qdemo.services.settings import whole_number
+from qdemo.ui import forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
@@ -34,6 +35,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                         "instantly. **Append** a token to step through a generation by hand.")
             model = gr.Dropdown(services.choices(), value=services.default_model, label="model",
                                 elem_id="lab-model")
+            forward = forward_picker.build(services, services.default_model, "lab-forward")
             session.model_dropdowns.append(model)
             context_box = gr.Textbox(label="context · 上下文", lines=2, elem_id="lab-context",
                                      placeholder="e.g. The capital of France is · 床前明月光，")
@@ -80,7 +82,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
 
     def compute(data, request: gr.Request, progress=gr.Progress()):
         try:
-            context, note = lab.compute(services, data[state], ui.client(request), data[model], data[context_box],
+            context, note = lab.compute(services, data[state], ui.client(request),
+                                        forward_picker.model_ref(data[model], data[forward]), data[context_box],
                                         data[mode], progress_callback(progress))
         except Refused as exc:
             return {message: f"⚠️ {exc}"}
@@ -93,7 +96,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {histogram: None, message: "Computing…"}
 
     compute = on_gpu(compute)
-    compute_inputs = {model, context_box, mode, *view_inputs}
+    compute_inputs = {model, forward, context_box, mode, *view_inputs}
     compute_outputs = [context_view, *view_outputs]
     for trigger in (compute_btn.click, context_box.submit):
         step = ui.on(trigger, announce, {state}, [histogram], notice=message, queue=False)
@@ -133,12 +136,21 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     def change_model(data):
         data[state].context = None
         values = lab_defaults(services.registry.get(data[model]))
-        return {**controls.update(values), context_view: "", histogram: None, stages_plot: None, table: None,
-                token: gr.Dropdown(choices=[], value=None),
+        return {**controls.update(values), forward: forward_picker.reset(services, data[model]), context_view: "",
+                histogram: None, stages_plot: None, table: None, token: gr.Dropdown(choices=[], value=None),
                 message: f"Model changed to **{data[model]}**: press **Compute next-token logits**."}
 
-    ui.on(model.input, change_model, {model, state}, [*chain, context_view, histogram, *view_outputs],
+    ui.on(model.input, change_model, {model, state}, [*chain, forward, context_view, histogram, *view_outputs],
           notice=message)
+
+    def change_forward(data):
+        data[state].context = None
+        return {context_view: "", histogram: None, stages_plot: None, table: None,
+                token: gr.Dropdown(choices=[], value=None),
+                message: f"{services.model_info(data[model], data[forward])} — press **Compute next-token logits**."}
+
+    ui.on(forward.input, change_forward, {model, forward, state}, [context_view, histogram, *view_outputs],
+          notice=message, queue=False)
     controls.wire_visibility(ui, message)
 
 

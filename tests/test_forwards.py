@@ -93,3 +93,22 @@ def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, i
 
     monkeypatch.setattr(admission, "readiness", lambda spec: Readiness(True, "embedded"))
     assert "llama.cpp Q4_K_M" in services.model_info("g") and "torch" in services.model_info("g", "torch")
+
+
+def test_the_pickers_show_where_a_model_has_a_choice(tiny_registry_path, installed):
+    """On the real registry (its default is a GGUF entry) every tab that runs a model offers the forward; on a
+    registry of checkpoints the pickers stay hidden. Building the app loads no model."""
+    from qdemo.registry import load_registry
+    from qdemo.ui.app import build_app
+
+    def pickers(registry_path):
+        demo = build_app(load_registry(registry_path))
+        return {b.elem_id: b for b in demo.blocks.values()
+                if getattr(b, "elem_id", None) in {"chat-forward", "compare-forward-a", "compare-forward-b",
+                                                   "lab-forward"}}
+
+    real = pickers(None)
+    assert len(real) == 4 and all(p.visible and p.value == "auto" for p in real.values())
+    assert [c[1] for c in real["chat-forward"].choices] == ["auto", "llama.cpp", "torch"]
+    tiny = pickers(tiny_registry_path)
+    assert len(tiny) == 4 and not any(p.visible for p in tiny.values())

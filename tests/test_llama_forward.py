@@ -192,3 +192,12 @@ def test_forwards_outside_the_gate_are_refused(spec, tmp_path):
         backend.next_token_logits([1, 2, 3])
         assert pool.gate(backend.key).steps > steps
     assert f"{NAME} [llama.cpp]" in pool.loaded() and pool.unload(f"{NAME} [llama.cpp]")
+
+
+def test_beam_search_equals_the_torch_fp32_path(fast, exact):
+    """Beams reorder and duplicate rows (select): the llama.cpp rows must follow, as the torch cache does."""
+    params = SamplingParams(num_beams=3, max_new_tokens=16)
+    ids = chat_ids(fast, EN)
+    a = collect(generate(fast, input_ids=ids, params=params))["done"]
+    b = collect(generate(exact, input_ids=ids, params=params))["done"]
+    assert a.token_ids == b.token_ids and a.reason == b.reason

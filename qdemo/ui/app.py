@@ -20,7 +20,10 @@ CSS = """
   .gradio-container .app.main {padding-left: 6px !important; padding-right: 6px !important}
   #qdemo-intro p {display: none}
   #qdemo-intro h1 {margin: 0 !important; font-size: 1.3em !important}
-  #chatbot {height: 42vh !important; min-height: 240px}
+  #chatbot {height: 36vh !important; min-height: 220px}
+  #chat-forward .info-text, #compare-forward-a .info-text, #compare-forward-b .info-text,
+  #lab-forward .info-text {display: none}
+  #chat-model-info p {font-size: 12px; margin: 0}
   .tab-container button {padding: 4px 6px !important; font-size: 13px !important}
 }
 """

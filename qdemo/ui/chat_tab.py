@@ -46,7 +46,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             model_info = gr.Markdown(services.model_info(services.default_model), elem_id="chat-model-info")
             preload = services.preload
             preload_line = gr.Markdown(preload.line() if preload else "", elem_id="chat-preload",
-                                       visible=preload is not None)
+                                       visible=preload is not None and not preload.ready)
         with gr.Column(scale=3, min_width=280):
             with gr.Accordion("System prompt", open=False, elem_id="chat-system-box"):
                 system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=2,
@@ -241,7 +241,9 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         timer = gr.Timer(0.5, active=not preload.finished)
 
         def follow(data):
-            return {preload_line: preload.line(), timer: gr.Timer(active=not preload.finished)}
+            # Once ready the line goes (the model line says how it runs); a failure stays in view.
+            return {preload_line: gr.Markdown(preload.line(), visible=not preload.ready),
+                    timer: gr.Timer(active=not preload.finished)}
 
         ui.on(timer.tick, follow, {preload_line}, [preload_line, timer], notice=notice, queue=False, show_progress="hidden")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -312,6 +312,40 @@ def token_logprobs(lm: LoadedModel, rows: Sequence[Sequence[int]], lock: StepLoc
         scores[:, start + 1:end + 1] = logprobs.gather(-1, targets[..., None])[..., 0].double().cpu()
     state.release()
     return [scores[i, state.pads[i] + 1:].tolist() for i in range(len(rows))]
+
+
+def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Teacher-forced fp32 logits at every position of one sequence, a chunk at a time: yields (s, logits [n, V])
+    where row j is the distribution over the token after ids[s + j] (the last row: after the whole sequence).
+    One forward of at most `chunk` tokens per turn at the gate; positions before `start` are fed as context only
+    (their logits are not kept). Never holds [len(ids), V] at once; the state is released at the end, also when
+    the consumer stops early."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("position_logits needs at least one token")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start must be in [0, {len(ids) - 1}], got {start}")
+    return _position_chunks(lm, ids, lock, chunk, start)  # checked now; the state is made on the first chunk
+
+
+def _position_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, chunk: int, start: int
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+    state = new_state(lm, 1, max(len(ids), _GROW))
+    try:
+        block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
+        for begin in range(0, len(ids), chunk):
+            end = min(len(ids), begin + chunk)
+            first = max(begin, start)
+            keep = end - first if end > start else 1  # context-only chunks keep one row (0 would mean all)
+            with lock():
+                logits = _forward(lm, state, block[:, begin:end], keep=keep)
+            if end > start:
+                yield first, logits[0]
+    finally:
+        state.release()
 
 
 def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 512) -> torch.Tensor:

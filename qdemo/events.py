@@ -10,12 +10,19 @@ DoneReason = Literal["eos", "stop_token", "max_tokens", "stopped", "time_limit",
 
 @dataclass(frozen=True)
 class StageTopN:
-    """The distribution after one stage of the processor chain ("raw" is the model's own softmax)."""
+    """The distribution after one stage of the processor chain ("raw" is the model's own softmax).
+
+    `removed` and `argmax_prob` come from the full vocabulary, not the top-N: they answer "what did this stage
+    cut" and "did it cut the model's own favourite" even when those tokens are not listed. Whether the stage
+    changed the top token is `token_ids[0]` against the previous stage's (see qdemo.decided)."""
 
     name: str
     token_ids: tuple[int, ...]
     probs: tuple[float, ...]
     chosen_prob: float  # probability of the token finally chosen, at this stage
+    # Defaults keep records written before these fields readable (and stages built by hand, e.g. beam search's).
+    removed: float = 0.0  # probability, under the previous stage's distribution, of the tokens this stage set to 0
+    argmax_prob: float | None = None  # probability this stage leaves on the raw stage's top token (None: not recorded)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ runs can be exported and a browser can keep them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -53,8 +54,11 @@ def _memory(d: dict[str, Any]) -> MemorySample:
 
 
 def _stages(items: list[dict[str, Any]]) -> tuple[StageTopN, ...]:
+    # `removed` and `argmax_prob` arrived later: files written before them read as "nothing removed" and
+    # "raw argmax not recorded" (None), which qdemo.decided reports as unknown rather than as zero.
     return tuple(StageTopN(name=s["name"], token_ids=tuple(s["token_ids"]), probs=tuple(s["probs"]),
-                           chosen_prob=s["chosen_prob"]) for s in items)
+                           chosen_prob=s["chosen_prob"], removed=s.get("removed", 0.0),
+                           argmax_prob=s.get("argmax_prob")) for s in items)
 
 
 def prefill_from_dict(d: dict[str, Any]) -> PrefillEvent:
@@ -82,3 +86,33 @@ def run_from_dict(d: dict[str, Any]) -> RunRecord:
                      prefill=prefill_from_dict(d["prefill"]) if d.get("prefill") else None,
                      tokens=[token_from_dict(t) for t in d.get("tokens", [])],
                      done=done_from_dict(d["done"]) if d.get("done") else None)
+
+
+def run_to_json(run: RunRecord) -> str:
+    """The run as JSON text (UTF-8 as is: Chinese stays readable). NaN probabilities (beam stages of an
+    unfinished search) are written as NaN, which Python's json reads back."""
+    return json.dumps(run.to_dict(), ensure_ascii=False)
+
+
+def _cut_short(text: str, error_at: int) -> bool:
+    # An unterminated string reports where the string began, so the end of the text is checked too.
+    body = text.rstrip()
+    return error_at >= len(body) or not body.endswith(("}", "]"))
+
+
+def run_from_json(text: str) -> RunRecord:
+    """A run from `run_to_json` text (or any JSON object of `RunRecord.to_dict`'s shape). A ValueError names
+    what is wrong: not JSON (and where), not an object, or the field that is missing or malformed."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the run is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+                         f"{' (the file looks cut short)' if _cut_short(text, exc.pos) else ''}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a run must be a JSON object, got a JSON {type(data).__name__}")
+    try:
+        return run_from_dict(data)
+    except KeyError as exc:
+        raise ValueError(f"the run has no field {exc.args[0]!r}") from None
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"the run's fields are malformed: {exc}") from None

@@ -172,3 +172,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_model" in item.keywords and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+
+
+def tiny_services(tiny_dir: Path, root: Path, max_context: int = 2048):
+    """Services over the tiny model with a generous rate limit (service tests make many requests)."""
+    from qdemo.limits import Limits
+    from qdemo.pool import ModelPool
+    from qdemo.registry import load_registry
+    from qdemo.services.admission import Services
+
+    registry = load_registry(write_registry(root / "models.yaml", tiny_dir, max_context=max_context))
+    return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                    limits=Limits(requests_per_minute=10_000))

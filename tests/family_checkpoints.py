@@ -247,3 +247,27 @@ def registry_entry(name: str, family: str, path: Path, max_context: int = 256) -
     return (f"  - name: {name}\n    family: {family}\n    source: {{local: {{path: {path}}}}}\n"
             f"    dtype: float32\n    max_context: {max_context}\n"
             f"    sampling: {{do_sample: false, max_new_tokens: 12}}\n")
+
+
+def load_family_models(root: Path) -> dict:
+    """Every seed family plus native Qwen2, written in their original layouts under `root`, converted through
+    qdemo's loader (a private cache) and loaded on the CPU: {family: LoadedModel}."""
+    import pytest
+
+    from qdemo.loader import load_model
+    from qdemo.registry import load_registry
+    from tests.conftest import write_registry, write_tiny_qwen2
+
+    entries = []
+    for i, family in enumerate(LAYOUTS):
+        write_checkpoint(root / family, family, seed=i, bin_weights=family == "baichuan")
+        entries.append(registry_entry(f"tiny-{family}", family, root / family))
+    registry_path = root / "models.yaml"
+    registry_path.write_text("models:\n" + "".join(entries), encoding="utf-8")
+    qwen2_registry = write_registry(root / "qwen2.yaml", write_tiny_qwen2(root / "qwen2"), name="tiny-qwen2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QDEMO_CACHE", str(root / "cache"))
+        registry = load_registry(registry_path)
+        models = {f: load_model(registry.get(f"tiny-{f}"), device="cpu") for f in LAYOUTS}
+        models["qwen2"] = load_model(load_registry(qwen2_registry).get("tiny-qwen2"), device="cpu")
+    return models

@@ -8,6 +8,7 @@ answer and makes sure nothing it still yields lands in the cleared chat.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -51,6 +52,8 @@ class AnswerView:
     labels: dict[int, str]  # every token id that appears in any stage's top-N, decoded
     prompt: list[tuple[int, str, bool]]  # (id, text, special) of every prompt token
     dropped: list[tuple[str, str]]  # (role, text) of history messages left out to fit the context
+    messages: list[dict[str, str]] = field(default_factory=list)  # the turn as sent (system first when given)
+    model: str = ""  # the model reference it ran on ("name" or "name [forward]")
 
 
 class ChatSession:
@@ -67,6 +70,7 @@ class ChatSession:
         self.pending: int | None = None  # armed by begin_turn, not yet taken by answer()
         self.running: int | None = None  # the answer being written
         self.view: AnswerView | None = None
+        self.branches: Any = None  # qdemo.services.branches.BranchTree of the last answer, once branched
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":
         return type(self)()
@@ -105,6 +109,7 @@ class ChatSession:
         self.pending = self.running = None
         self.epoch += 1
         self.view = None
+        self.branches = None
 
     def current(self, epoch: int, ticket: int | None = None) -> bool:
         """The answer started at `epoch` for `ticket` may still write to the chat."""
@@ -317,7 +322,8 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             else:
                 events = functools.partial(chat_events, services, backend, turn.messages, params, stop, state=state)
             try:
-                yield from _stream(backend, session, (epoch, ticket), chat, turn, params, run_id, notice, events)
+                yield from _stream(backend, session, (epoch, ticket), chat, turn, params, run_id, notice, events,
+                                   model or services.default_model)
             finally:
                 if state is not None and session.current(epoch):
                     services.pool.keep_state(session.key, state)
@@ -364,8 +370,8 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
 
 
 def _stream(backend: LocalBackend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
-            params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]]
-            ) -> Iterator[ChatUpdate]:
+            params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]],
+            model_ref: str = "") -> Iterator[ChatUpdate]:
     run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat",
                     forward=backend.forward_label)
     shown = chat + [{"role": "assistant", "content": ""}]
@@ -394,8 +400,8 @@ def _stream(backend: LocalBackend, session: ChatSession, turn_id: tuple[int, int
     if not session.current(*turn_id):
         return
     shown[-1] = {"role": "assistant", "content": answer_text(run) + end_note(run)}
-    view = answer_view(backend, run, turn.messages)
-    session.view = view
+    view = dataclasses.replace(answer_view(backend, run, turn.messages), model=model_ref)
+    session.view, session.branches = view, None
     yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, view=view, run=run, done=True)
 
 
@@ -435,7 +441,7 @@ def answer_view(backend: LocalBackend, run: RunRecord, messages: list[dict[str, 
     dropped_indices = run.prefill.dropped_turns if run.prefill else ()
     dropped = [(messages[i]["role"], messages[i]["content"]) for i in dropped_indices if 0 <= i < len(messages)]
     return AnswerView(run=run, texts=[labels[i] for i in ids], labels=labels,
-                      prompt=backend.prompt_pieces(prompt), dropped=dropped)
+                      prompt=backend.prompt_pieces(prompt), dropped=dropped, messages=list(messages))
 
 
 def metrics_line(run: RunRecord | None) -> str:

@@ -19,7 +19,7 @@ from qdemo.backend import LocalBackend
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import history_messages
 from qdemo.sources import ProgressFn
-from qdemo.views.attention import attention_grid, attention_heatmap
+from qdemo.views.attention import attention_grid, attention_heatmap, sink_figure
 from qdemo.views.card import card_frame
 from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
 
@@ -44,6 +44,7 @@ class AttentionCache:
     maps: np.ndarray  # float16 [layers, heads, q, k]
     total_tokens: int  # before the cap
     source: str  # "the current conversation" or "an example text (the chat is empty)"
+    special: tuple[bool, ...] = ()  # per token: a template/control token (<|im_start|>, <|im_end|>, …)
 
 
 class InternalsSession:
@@ -101,20 +102,35 @@ def compute_attention(services: Services, session: InternalsSession, client: str
         except ValueError as exc:
             raise Refused(str(exc)) from None
         texts = backend.token_texts(ids)
+        special_ids = backend.special_ids()
     cache = AttentionCache(model=backend.name, ids=ids, labels=[texts[i] for i in ids], maps=maps,
-                           total_tokens=len(all_ids), source=source)
+                           total_tokens=len(all_ids), source=source, special=tuple(i in special_ids for i in ids))
     session.attention = cache
     return cache
 
 
-def attention_view(cache: AttentionCache, layer: Any, head: Any = MEAN, scale: str = "linear") -> AttentionView:
-    """Redraw from the cache: one head, the head mean, or every head of the layer as a grid (no forward)."""
+def without_special(weights: np.ndarray, special: Sequence[bool]) -> np.ndarray:
+    """[..., q, k] attention with the special tokens' columns removed and each row renormalised over what is
+    left (a row that attended only to special tokens stays zero): where the rest of the attention goes."""
+    keep = ~np.asarray(special, dtype=bool)
+    shown = weights * keep
+    total = shown.sum(axis=-1, keepdims=True)
+    return np.divide(shown, total, out=np.zeros_like(shown), where=total > 0)
+
+
+def attention_view(cache: AttentionCache, layer: Any, head: Any = MEAN, scale: str = "linear",
+                   hide_special: bool = False) -> AttentionView:
+    """Redraw from the cache: one head, the head mean, or every head of the layer as a grid (no forward); with
+    `hide_special`, template/control tokens are left out and each row renormalised over the rest."""
     num_layers, num_heads = cache.maps.shape[:2]
     layer_index = _index(cache, "layer", layer, num_layers)
     if scale not in SCALES:
         raise ValueError(f"colour scale must be one of {', '.join(SCALES)}, got {scale!r}")
     weights = cache.maps[layer_index].astype(np.float32)
     title = f"{cache.model} · layer {layer_index} of {num_layers}"
+    if hide_special and any(cache.special):
+        weights = without_special(weights, cache.special)
+        title += " · special tokens hidden, rows renormalised"
     if head in (None, "", MEAN):
         shown = weights.mean(axis=0, dtype=np.float64).astype(np.float32)
         figure = attention_heatmap(shown, cache.labels, f"{title} · mean of heads", scale=scale)
@@ -132,6 +148,35 @@ def attention_view(cache: AttentionCache, layer: Any, head: Any = MEAN, scale: s
     caption += (f". Rows: the attending token; columns: the token attended to ({num_heads} heads in this layer). "
                 "Changing the layer, head or scale redraws from this computation.")
     return AttentionView(figure=figure, caption=caption, weights=shown)
+
+
+@dataclass(frozen=True)
+class SinkView:
+    table: pd.DataFrame  # layer, head, first_token, special_tokens
+    figure: go.Figure
+    summary: str
+
+
+def attention_sinks(cache: AttentionCache) -> SinkView:
+    """Per head: the attention mass on the first token and on template/control tokens (other than the first),
+    averaged over the attending positions after the first (the first can only attend to itself)."""
+    maps = cache.maps.astype(np.float32)  # [layers, heads, q, k]
+    layers, heads, q, _ = maps.shape
+    if q < 2:
+        raise ValueError(f"model {cache.model}: attention sinks need at least 2 tokens, got {q}")
+    rows = maps[:, :, 1:, :]
+    first = rows[..., 0].mean(axis=-1)
+    special = np.asarray(cache.special or (False,) * q, dtype=bool).copy()
+    special[0] = False  # counted as the first token
+    on_special = (rows * special).sum(axis=-1).mean(axis=-1)
+    table = pd.DataFrame([{"layer": layer, "head": head, "first_token": float(first[layer, head]),
+                           "special_tokens": float(on_special[layer, head])}
+                          for layer in range(layers) for head in range(heads)])
+    sinks = int((first > 0.5).sum())
+    summary = (f"**{sinks} of {layers * heads} heads** put more than half their attention on the first token "
+               f"(`{cache.labels[0]!s}`); on average {first.mean():.0%} goes to it and {on_special.mean():.0%} to "
+               f"the other {int(special.sum())} template/control tokens, over {q} tokens of {cache.source}.")
+    return SinkView(table=table, figure=sink_figure(first, on_special, cache.model), summary=summary)
 
 
 def _index(cache: AttentionCache, what: str, value: Any, count: int, expected: str = "a whole number") -> int:

@@ -8,6 +8,7 @@ import gradio as gr
 
 from qdemo.services import internals
 from qdemo.services.admission import Refused
+from qdemo.services.files import scratch_file
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
 
@@ -30,11 +31,18 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                                min_width=160)
             scale = gr.Radio(list(internals.SCALES), value="linear", label="colour scale", elem_id="attn-scale",
                              min_width=160)
+            hide = gr.Checkbox(False, label="hide special tokens (renormalise rows)", elem_id="attn-hide-special",
+                               min_width=160)
             attn_btn = gr.Button("Compute attention", variant="primary", elem_id="attn-run", min_width=160)
         attn_caption = gr.Markdown("Computes every layer's attention over the Chat tab's conversation (the last "
                                    f"{internals.MAX_ATTENTION_TOKENS} tokens) in one forward; then the layer, head "
                                    "and scale apply as you choose them.", elem_id="attn-caption")
         attn_plot = gr.Plot(label="attention", show_label=False, elem_id="attn-plot")
+        with gr.Accordion("Attention sinks", open=False, elem_id="sinks"):
+            sink_md = gr.Markdown("Per head: how much attention goes to the first token and to template/control "
+                                  "tokens (computed from the attention above).", elem_id="sink-summary")
+            sink_plot = gr.Plot(label="sinks", show_label=False, elem_id="sink-plot")
+            sink_csv = gr.DownloadButton("Download CSV", elem_id="sink-csv", visible=False)
     with gr.Accordion("Position encoding (RoPE or ALiBi)", open=True):
         rope_md = gr.Markdown("", elem_id="rope-info")
         with gr.Row(equal_height=False):
@@ -66,10 +74,20 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
 
     def draw(cache, data) -> dict:
         try:
-            view = internals.attention_view(cache, data[layer], data[head], data[scale])
+            view = internals.attention_view(cache, data[layer], data[head], data[scale], bool(data[hide]))
         except ValueError as exc:
             return {attn_caption: f"⚠️ {exc}"}
         return {attn_caption: view.caption, attn_plot: view.figure}
+
+    def sinks(cache) -> dict:
+        try:
+            view = internals.attention_sinks(cache)
+        except ValueError as exc:
+            return {sink_md: f"⚠️ {exc}"}
+        path = scratch_file("qdemo-attention-sinks.csv")
+        view.table.to_csv(path, index=False)
+        return {sink_md: view.summary, sink_plot: view.figure, sink_csv: gr.DownloadButton(value=str(path),
+                                                                                          visible=True)}
 
     def compute_attention(data, request: gr.Request, progress=gr.Progress()):
         try:
@@ -79,11 +97,12 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         except Refused as exc:
             return {attn_caption: f"⚠️ {exc}"}
         layers, heads = cache.maps.shape[:2]
-        return {**shape(layers, heads), **draw(cache, data)}
+        return {**shape(layers, heads), **draw(cache, data), **sinks(cache)}
 
     compute_attention = on_gpu(compute_attention)
-    ui.on(attn_btn.click, compute_attention, {model, session.chatbot, session.chat_system, layer, head, scale, state},
-          [attn_caption, attn_plot, layer, head], notice=attn_caption, runs_model=True)
+    ui.on(attn_btn.click, compute_attention,
+          {model, session.chatbot, session.chat_system, layer, head, scale, hide, state},
+          [attn_caption, attn_plot, layer, head, sink_md, sink_plot, sink_csv], notice=attn_caption, runs_model=True)
 
     def redraw(data):
         cache = data[state].attention
@@ -91,8 +110,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
             return {attn_caption: gr.skip()}
         return draw(cache, data)
 
-    for control in (layer, head, scale):
-        ui.on(control.change, redraw, {state, model, layer, head, scale}, [attn_plot], notice=attn_caption,
+    for control in (layer, head, scale, hide):
+        ui.on(control.change, redraw, {state, model, layer, head, scale, hide}, [attn_plot], notice=attn_caption,
               queue=False, trigger_mode="always_last", show_progress="hidden")
 
     def follow(data):

@@ -126,3 +126,19 @@ def attention_grid(weights: np.ndarray, labels: Sequence[str], title: str, *, sc
     fig.update_layout(coloraxis={"colorscale": COLOURSCALE, "cmin": zmin, "cmax": zmax,
                                  "colorbar": {**colorbar, "thickness": 12}})
     return styled(fig, title, height=max(320, 130 * rows + 110))
+
+
+def sink_figure(first: np.ndarray, special: np.ndarray, model: str) -> go.Figure:
+    """Two layers × heads heatmaps: attention mass on the first token, and on the other special tokens."""
+    layers, heads = first.shape
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("on the first token", "on other template/control tokens"),
+                        horizontal_spacing=0.12)
+    for col, values in ((1, first), (2, special)):
+        fig.add_trace(go.Heatmap(z=values, x=list(range(heads)), y=list(range(layers)), zmin=0, zmax=1,
+                                 colorscale="Blues", showscale=col == 2,
+                                 hovertemplate="layer %{y} · head %{x}<br>mass %{z:.1%}<extra></extra>"),
+                      row=1, col=col)
+        fig.update_xaxes(title_text="head", row=1, col=col)
+        fig.update_yaxes(title_text="layer", autorange="reversed", row=1, col=col)
+    return styled(fig, f"{model} · attention sinks per head (mean over attending positions)",
+                  height=max(320, 18 * layers + 140))

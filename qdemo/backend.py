@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from qdemo import introspect
+from qdemo import attribution, introspect, lens, scoring
 from qdemo.decode import DecodeState, last_logits, new_state, token_logprobs
 from qdemo.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.events import Event
@@ -133,6 +133,10 @@ class LocalBackend:
 
         return texts
 
+    def token_pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token's share of the decoded text (a character split across tokens counted once)."""
+        return attribution.token_pieces(self._lm.tokenizer.decode, ids)
+
     def special_ids(self) -> set[int]:
         """Special and other control tokens (`<tool_call>` too): what user text can never produce."""
         tokenizer = self._lm.tokenizer
@@ -210,6 +214,27 @@ class LocalBackend:
             return last_logits(self._lm, ids, self._gate.step)
         with self._gate.step():
             return introspect.next_token_logits(self._lm, ids)
+
+    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10
+                   ) -> lens.LensGrid:
+        """The lens grid over `ids` at `positions`: chunked forwards, each chunk (and its projection) a turn."""
+        return lens.logit_lens(self._lm, ids, positions, self._gate.step, sublayers=sublayers, top=top)
+
+    def gradient_x_input(self, context: Sequence[int], target: int) -> attribution.Attribution:
+        """One forward and backward in one turn at the gate."""
+        return attribution.gradient_x_input(self._lm, context, target, self._gate.step)
+
+    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit]
+                  ) -> attribution.Attribution:
+        return attribution.occlusion(self._lm, context, target, units, self._gate.step)
+
+    def score(self, ids: Sequence[int], first: int = 1) -> scoring.TextScore:
+        """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position)."""
+        return scoring.score_ids(self._lm, ids, self._gate.step, first)
+
+    def divergence(self, other: "LocalBackend", ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+        """Both models on the same ids, chunk by chunk, each at its own gate."""
+        return scoring.divergence(self._lm, other._lm, ids, self._gate.step, other._gate.step, first)
 
     def attention(self, ids: Sequence[int]) -> np.ndarray:
         """float16 [layers, heads, q, k] for `ids`, one forward."""

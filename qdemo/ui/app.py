@@ -16,6 +16,8 @@ from qdemo.ui.context import SessionComponents, UIContext
 CSS = """
 #metrics {font-variant-numeric: tabular-nums}
 #chat-notice:empty {display: none}
+.only-marked .tok:not(.marked) {opacity: .22}
+.decided-count {margin: 0 0 4px; font-size: 13px; color: #555}
 @media (max-width: 640px) {
   .gradio-container .app.main {padding-left: 6px !important; padding-right: 6px !important}
   #qdemo-intro p {display: none}
@@ -93,10 +95,10 @@ def _restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None
 
 def _optional_tabs():
     """Tabs other than Chat, in order; each module has build(ui, session, tab)."""
-    from qdemo.ui import compare_tab, internals_tab, lab_tab, perf_tab
+    from qdemo.ui import compare_tab, inspect_tab, internals_tab, lab_tab, perf_tab
 
     return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),
-            ("Performance", perf_tab)]
+            ("Inspect", inspect_tab), ("Performance", perf_tab)]
 
 
 def queue_settings(limits: Limits) -> dict:

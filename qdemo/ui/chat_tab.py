@@ -13,12 +13,14 @@ import gradio as gr
 from qdemo.services import chat, perf, settings
 from qdemo.services.files import scratch_file
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
-from qdemo.ui import forward_picker
+from qdemo.ui import branch_panel, forward_picker
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
+from qdemo.decided import decided_indices, decision_marks
+from qdemo.services import inspect as inspect_service
 from qdemo.views.tokens import TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
 
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
@@ -28,6 +30,9 @@ MEASURE_CHOICES = [("raw probability", "raw"), ("after the sampling stages", "fi
 TOKENS_HINT = "<p class='tok-empty'>The tokens of the last answer appear here: hover one for its numbers, click " \
               "it for the stage-by-stage view.</p>"
 # The token view's own click: which token, read from its data-i attribute.
+DECIDED_CHOICES = [("all tokens", "all"), ("a stage changed the top token", "changed"),
+                   ("a stage removed the raw argmax", "removed_argmax"), ("not the raw argmax", "not_argmax"),
+                   ("drawn below the final top", "below_final_top")]
 TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-i]'); "
                   "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
 
@@ -84,14 +89,22 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             measure = gr.Radio(MEASURE_CHOICES, value="raw", label="colour by",
                                elem_id="token-measure")
             legend = gr.HTML(token_legend_html("raw"), elem_id="token-legend")
+            with gr.Row():
+                decided = gr.Dropdown(DECIDED_CHOICES, value="all", label="show", elem_id="decided-filter",
+                                      min_width=200, info="which stage decided: dim the other tokens")
+            decided_md = gr.Markdown("", elem_id="decided-summary")
             tokens_view = gr.HTML(TOKENS_HINT, elem_id="token-view", js_on_load=TOKEN_CLICK_JS,
                                   head=f"<style>{TOKEN_VIEW_CSS}</style>")
             stage_plot = gr.Plot(label="stage by stage (click a token)", show_label=False, elem_id="stage-plot")
             notes = gr.Markdown("", elem_id="stage-notes")
+            branch_panel.build(ui, session, branch_panel.ChatParts(
+                state=chat_state, chatbot=chatbot, tokens_view=tokens_view, measure=measure, notice=notice,
+                metrics=metrics, controls=controls, marks=_marks))
             with gr.Accordion("Prompt inspector", open=False, elem_id="prompt-inspector"):
                 prompt_view = gr.HTML("", elem_id="prompt-view")
 
     session.chat_model, session.chat_system, session.chatbot = model, system, chatbot
+    session.chat_state = chat_state
     session.chat_controls = controls
     session.chat_notice = notice
     controls.wire_visibility(ui, notice)
@@ -116,9 +129,10 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     def begin_regenerate(data):
         return begun_updates(chat.begin_regenerate(data[chat_state], data[chatbot]))
 
-    answer_inputs = {chatbot, model, forward, system, chat_state, ticket, session.runs, measure, assisted,
+    answer_inputs = {chatbot, model, forward, system, chat_state, ticket, session.runs, measure, decided, assisted,
                      *control_inputs}
-    answer_outputs = [chatbot, notice, metrics, tokens_view, legend, stage_plot, notes, prompt_view, session.runs,
+    answer_outputs = [chatbot, notice, metrics, tokens_view, legend, decided_md, stage_plot, notes, prompt_view,
+                      session.runs,
                       session.saved_runs, session.conversation]
 
     def answer(data, request: gr.Request, progress=gr.Progress(track_tqdm=False)):
@@ -143,8 +157,8 @@ def build(ui: UIContext, session: SessionComponents) -> None:
             if update.view is not None:
                 view = update.view
                 runs = runs + [view.run]
-                out.update({tokens_view: token_view_html(view.run.tokens, view.texts, view.labels, data[measure],
-                                                         marks=_marks(view)),
+                out.update({tokens_view: _view_html(view, data[measure], data[decided]),
+                            decided_md: _decided_summary(view),
                             legend: token_legend_html(data[measure]), stage_plot: None, notes: "",
                             prompt_view: prompt_chips_html(view.prompt, view.dropped), session.runs: runs,
                             session.saved_runs: perf.saved(runs),
@@ -290,11 +304,13 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         view = data[chat_state].view
         out = {legend: token_legend_html(data[measure])}
         if view is not None:
-            out[tokens_view] = token_view_html(view.run.tokens, view.texts, view.labels, data[measure],
-                                               marks=_marks(view))
+            out[tokens_view] = _view_html(view, data[measure], data[decided])
         return out
 
-    ui.on(measure.change, recolour, {chat_state, measure}, [legend, tokens_view], notice=notice, queue=False)
+    ui.on(measure.change, recolour, {chat_state, measure, decided}, [legend, tokens_view], notice=notice,
+          queue=False)
+    ui.on(decided.change, recolour, {chat_state, measure, decided}, [legend, tokens_view], notice=notice,
+          queue=False)
 
     # --- export: the file is rewritten whenever the conversation settles, so the button downloads at once ------
     def export(data):
@@ -315,9 +331,30 @@ def _assisted_label(spec) -> str:
     return f"speculative decoding, {spec.draft} drafting" if spec.draft else "speculative decoding"
 
 
-def _marks(view) -> dict[int, str]:
-    """Tokens the draft model proposed and the model accepted."""
-    return {i: "drafted, accepted" for i, t in enumerate(view.run.tokens) if t.drafted}
+def _marks(view, kind: str = "all") -> dict[int, str]:
+    """Tokens the draft model proposed and the model accepted, and (with a `kind`) the tokens where a stage
+    decided that."""
+    marks = {i: "drafted, accepted" for i, t in enumerate(view.run.tokens) if t.drafted}
+    if kind != "all":
+        decisions, _ = inspect_service.decisions_of(view)
+        notes = decision_marks(decisions)
+        for i in decided_indices(decisions, kind):
+            marks[i] = "; ".join(m for m in (marks.get(i), notes.get(i)) if m)
+    return marks
+
+
+def _view_html(view, measure: str, kind: str) -> str:
+    html = token_view_html(view.run.tokens, view.texts, view.labels, measure, marks=_marks(view, kind))
+    if kind == "all":
+        return html
+    count = len(decided_indices(inspect_service.decisions_of(view)[0], kind))
+    return (f'<p class="decided-count">{count} of {len(view.run.tokens)} tokens: '
+            f'{dict((v, k) for k, v in DECIDED_CHOICES)[kind]}</p><div class="only-marked">{html}</div>')
+
+
+def _decided_summary(view) -> str:
+    lines = inspect_service.decisions_of(view)[1]
+    return "**Which stage decided:** " + "; ".join(lines) + "." if lines else ""
 
 
 def _decoding(params) -> str:

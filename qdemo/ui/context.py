@@ -169,6 +169,7 @@ class SessionComponents:
     conversation: gr.BrowserState  # {"model", "system", "messages", "settings"}: survives a reload
     chat_model: Any = None  # gr.Dropdown; Internals follows it
     chat_system: Any = None  # gr.Textbox
+    chat_state: Any = None  # gr.State(ChatSession): the last answer the Inspect tab reads
     chatbot: Any = None  # gr.Chatbot
     chat_controls: Any = None  # SamplingControls of the Chat tab (restored with the conversation)
     chat_notice: Any = None  # gr.Markdown under the chat: where page-level refusals show

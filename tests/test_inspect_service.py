@@ -1,0 +1,112 @@
+"""The Inspect services on a real chat answer of the tiny model: each view reads the chat's prompt and answer
+through admission and the pooled model's gate, and agrees with the core it wraps on the same ids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qdemo.sampling import SamplingParams
+from qdemo.services import chat, inspect
+from qdemo.services.admission import Refused
+from qdemo.views.bundle import bundle_html, read_bundle
+from tests.conftest import tiny_services
+
+
+@pytest.fixture(scope="module")
+def services(tiny_dir, tmp_path_factory):
+    return tiny_services(tiny_dir, tmp_path_factory.mktemp("inspect"))
+
+
+@pytest.fixture(scope="module")
+def session(services):
+    s = chat.ChatSession()
+    begun = chat.begin_turn(s, "hello 你好, name a prime", [], services.limits)
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.8, seed=3)
+    final = list(chat.answer(services, s, "c", begun.chat, services.default_model, "", params, 1))[-1]
+    assert final.done and s.view is not None
+    return s
+
+
+def gate_steps(services) -> int:
+    return services.pool.gate(services.default_model).steps
+
+
+def test_lens_reads_the_answer_through_the_gate(services, session):
+    subject = inspect.chat_subject(session.view)
+    before = gate_steps(services)
+    result = inspect.lens_view(services, "c", subject)
+    assert gate_steps(services) > before
+    answer = [t.token_id for t in session.view.run.tokens]
+    assert list(result.grid.targets) == answer  # one column per answer token, predicting it
+    lm = services.pool.get(services.default_model)
+    with torch.inference_mode(), services.pool.gate(services.default_model).step():
+        logits = lm.model(input_ids=torch.tensor([list(subject.ids)])).logits[0]
+    raw = [t.stages[0] for t in session.view.run.tokens]  # the engine's own raw distribution at each token
+    for c, p in enumerate(result.grid.positions):
+        assert int(result.grid.top1[-1, c]) == int(logits[p].argmax()) == raw[c].token_ids[0]
+        assert result.grid.target_probs[-1, c] == pytest.approx(raw[c].chosen_prob, abs=1e-4)
+
+
+def test_attribution_per_turn_and_per_token(services, session):
+    subject = inspect.chat_subject(session.view)
+    grad = inspect.attribution_view(services, "c", subject, 3, "gradient×input")
+    labels = [u.label for u, _ in grad.per_turn]
+    assert "user 1" in labels and "template" in labels and "answer so far" in labels
+    assert sum(s for _, s in grad.per_turn) == pytest.approx(sum(grad.attribution.scores), rel=1e-5)
+    occl = inspect.attribution_view(services, "c", subject, 3, "occlusion")
+    assert [u.label for u, _ in occl.per_turn] == labels
+    assert all(s is None or math.isfinite(s) for _, s in occl.per_turn)
+    per_token = inspect.attribution_view(services, "c", subject, 1, "occlusion", per_token=True)
+    assert len(per_token.attribution.units) == len(per_token.attribution.context)
+    with pytest.raises(Refused, match="answer position in 0..9"):
+        inspect.attribution_view(services, "c", subject, 10, "occlusion")
+    with pytest.raises(Refused, match="method must be one of"):
+        inspect.attribution_view(services, "c", subject, 0, "saliency")
+
+
+def test_scoring_the_answer_in_the_template_equals_the_engine(services, session):
+    view = session.view
+    result = inspect.score_view(services, "c", services.default_model, "", subject=inspect.chat_subject(view))
+    score = result.score
+    # the same tokens the engine chose, with the raw probability the engine recorded for each
+    assert list(score.token_ids) == [t.token_id for t in view.run.tokens]
+    for p, t in zip(score.probs, view.run.tokens):
+        assert p == pytest.approx(t.stages[0].chosen_prob, abs=1e-4)
+    pasted = inspect.score_view(services, "c", services.default_model, "七 is seven", "name a prime", True)
+    with services.admit("c", inspect.ModelRequest(services.default_model, sampling=False)) as admitted:
+        prompt = admitted.backend.chat_prompt([{"role": "user", "content": "name a prime"}], 1).ids
+        tail = admitted.backend.raw_text_ids("七 is seven")
+    assert list(pasted.score.ids) == list(prompt) + tail and pasted.score.first == len(prompt)
+    raw = inspect.score_view(services, "c", services.default_model, "plain text 纯文本")
+    assert raw.score.first == 1 and raw.score.count == len(raw.score.ids) - 1
+    with pytest.raises(Refused, match="empty"):
+        inspect.score_view(services, "c", services.default_model, "   ")
+
+
+def test_divergence_of_a_model_with_itself_is_zero(services):
+    result = inspect.divergence_view(services, "c", services.default_model, services.default_model,
+                                     "the same text twice 同一段")
+    d = result.divergence
+    assert d.mean_kl_ab == pytest.approx(0.0, abs=1e-6) and d.agreement == 1.0
+
+
+def test_long_inputs_are_cut_with_a_notice(services):
+    text = "word " * 1500
+    result = inspect.score_view(services, "c", services.default_model, text)
+    assert len(result.score.ids) == inspect.MAX_TOKENS and "were left out" in result.notice
+
+
+def test_bundle_round_trip_with_a_fingerprint(services, session):
+    fingerprint = inspect.weights_fingerprint(services, services.default_model)
+    assert fingerprint.startswith("local checkpoint ") and "/" not in fingerprint
+    page = bundle_html(session.view.run, fingerprint, session.view.labels)
+    assert read_bundle(page).to_dict() == session.view.run.to_dict()
+    assert "Which stage decided" in inspect.run_summary(session.view.run)
+
+
+def test_no_answer_is_a_clear_refusal():
+    with pytest.raises(Refused, match="send a message in Chat first"):
+        inspect.chat_subject(None)

@@ -24,7 +24,7 @@ from qdemo.prompting import build_prompt
 from qdemo.registry import load_registry
 from qdemo.sampling import SamplingParams
 
-SCENARIOS = ("single", "multiturn", "ab", "assisted")
+SCENARIOS = ("single", "multiturn", "ab", "assisted", "inspect")
 CODE_PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime, with tests."
 HISTORY_TURN = ("Here is a log line: [{i:04d}] worker {w} finished task {t} in {s}.{d} s with status ok. "
                 "What does it say about worker {w}?")
@@ -153,6 +153,10 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
         result = multiturn(lm, runs)
     elif scenario == "ab":
         result = ab(lm, runs, min(tokens, 64))
+    elif scenario == "inspect":
+        from qdemo.bench_inspect import run_inspect_bench
+
+        result = run_inspect_bench(lm, runs)
     else:
         if lm.spec.draft is None:
             raise ValueError(f"{name} names no draft model in models.yaml (field 'draft')")
@@ -163,6 +167,10 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
 
 
 def format_scenario(r: dict[str, Any]) -> str:
+    if r["scenario"] == "inspect":
+        from qdemo.bench_inspect import format_inspect
+
+        return format_inspect(r)
     head = f"{r['scenario']}: {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads), median of {r['runs']}"
     if r["scenario"] == "multiturn":
         rows = [("history / prompt tokens", f"{r['history_tokens']} / {r['prompt_tokens']}"),

@@ -189,9 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("bench", help="engine vs transformers generate, and each new engine path vs the old way")
     p.add_argument("name")
-    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted"], default="single",
+    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect"], default="single",
                    help="single: engine vs HF generate; multiturn: kept decode state vs full re-prefill; ab: one "
-                        "prefill forked into two rows vs two runs; assisted: speculative decoding vs the target alone")
+                        "prefill forked into two rows vs two runs; assisted: speculative decoding vs the target "
+                        "alone; inspect: lens, attribution and scoring of a 512-token chat vs one prefill")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")

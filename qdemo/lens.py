@@ -146,6 +146,29 @@ class _Recorder:
         self._layer_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+PROJECT_BLOCK = 512  # vectors per lm_head GEMM: big enough to read the head's weights once per block, not per row
+
+
+def _project(kept: dict[str, torch.Tensor], names: Sequence[str], head: torch.nn.Module, norm: torch.nn.Module,
+             targets: torch.Tensor, out: tuple[np.ndarray, np.ndarray, np.ndarray], cols: slice, k: int) -> None:
+    """Every row's kept residuals through norm and lm_head, rows stacked into blocks of PROJECT_BLOCK vectors (the
+    head is the size of several layers: one pass per row would read it once per row)."""
+    top_ids, top_probs, target_probs = out
+    per_row = cols.stop - cols.start
+    rows_per_block = max(1, PROJECT_BLOCK // per_row)
+    for first in range(0, len(names), rows_per_block):
+        block = names[first:first + rows_per_block]
+        stacked = torch.cat([kept[name] for name in block]).to(head.weight.dtype)
+        probs = torch.softmax(head(norm(stacked)).float(), dim=-1)
+        values, indices = torch.topk(probs, k, dim=-1)
+        hit = probs.gather(1, targets.to(probs.device).repeat(len(block))[:, None])[:, 0]
+        shape = (len(block), per_row)
+        top_ids[first:first + len(block), cols] = indices.cpu().numpy().reshape(*shape, k)
+        top_probs[first:first + len(block), cols] = values.cpu().numpy().reshape(*shape, k)
+        target_probs[first:first + len(block), cols] = hit.cpu().numpy().reshape(shape)
+        del probs
+
+
 def row_names(layers: int, sublayers: bool) -> tuple[str, ...]:
     names = [EMBED]
     for i in range(layers):
@@ -195,15 +218,8 @@ def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lo
                     for h in handles:
                         h.remove()
                 if here:  # project while holding the turn: it reads the same weights as a step
-                    cols = slice(done, done + len(here))
-                    index = target_index[cols].to(state.tokens.device)
-                    for r, name in enumerate(names):
-                        logits = head(norm(recorder.kept[name].to(head.weight.dtype))).float()
-                        probs = torch.softmax(logits, dim=-1)
-                        values, indices = torch.topk(probs, k, dim=-1)
-                        top_ids[r, cols] = indices.cpu().numpy()
-                        top_probs[r, cols] = values.cpu().numpy()
-                        target_probs[r, cols] = probs.gather(1, index[:, None])[:, 0].cpu().numpy()
+                    _project(recorder.kept, names, head, norm, target_index[done:done + len(here)],
+                             (top_ids, top_probs, target_probs), slice(done, done + len(here)), k)
                     done += len(here)
     finally:
         state.release()

@@ -184,3 +184,17 @@ def tiny_services(tiny_dir: Path, root: Path, max_context: int = 2048):
     registry = load_registry(write_registry(root / "models.yaml", tiny_dir, max_context=max_context))
     return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
                     limits=Limits(requests_per_minute=10_000))
+
+
+def serve(registry):
+    """The app on loopback for gradio_client tests: yields (registry, client), closes the app after."""
+    from gradio_client import Client
+
+    from qdemo.ui.app import build_app
+
+    demo = build_app(registry)
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield registry, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()

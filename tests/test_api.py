@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gradio_client import Client
 
 from qdemo.backend import LocalBackend
 from qdemo.engine import collect, generate
@@ -14,8 +13,7 @@ from qdemo.pool import StepGate
 from qdemo.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services.lab import context_ids
-from qdemo.ui.app import build_app
-from tests.conftest import write_registry
+from tests.conftest import serve, write_registry
 
 pytestmark = pytest.mark.slow  # launches the app on loopback
 
@@ -24,12 +22,7 @@ pytestmark = pytest.mark.slow  # launches the app on loopback
 def served(tiny_dir, cycle_dir, tmp_path_factory):
     registry = load_registry(write_registry(tmp_path_factory.mktemp("api") / "models.yaml", tiny_dir,
                                             cycle_dir=cycle_dir))
-    demo = build_app(registry)
-    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-    try:
-        yield registry, Client(demo.local_url, verbose=False)
-    finally:
-        demo.close()
+    yield from serve(registry)
 
 
 def test_chat_streams_the_engine_answer(served, tiny_lm):

@@ -336,6 +336,8 @@ def test_sample_n_pressed_while_compute_runs_still_draws(page):
 
 
 def test_internals_layer_changes_redraw_without_recomputing(page):
+    _send(page, "hello")  # a conversation: its template tokens are what "hide special tokens" hides
+    _done(page)
     _tab(page, "Internals")
     page.locator("#internals-refresh").click()
     _plot_rendered(page, "rope-freq")
@@ -345,6 +347,12 @@ def test_internals_layer_changes_redraw_without_recomputing(page):
     page.locator("#attn-head input").click()
     page.get_by_role("option", name="all heads (grid)").click()
     page.locator("#attn-caption").get_by_text("redraws").wait_for()
+    page.locator("#sinks").get_by_text("Attention sinks").first.click()
+    _wait_for_text(page, "#sink-summary", "heads")
+    _plot_rendered(page, "sink-plot")
+    page.locator("#attn-hide-special input").check()
+    page.wait_for_function("() => (document.querySelector('#attn-plot')?.textContent || '')"
+                           ".replace(/\\s+/g, ' ').includes('special tokens hidden')")
     page.screenshot(path=str(page.shots / "internals.png"), full_page=True)
 
 
@@ -428,3 +436,112 @@ def test_the_rate_limit_counts_each_page_user_apart_and_covers_internals(limited
     finally:
         alice.context.close()
         bob.context.close()
+
+
+# --- looking inside: which stage decided, branches, the Inspect tab ---------------------------------------------
+
+def _open_accordion(page, elem_id: str, title: str) -> None:
+    page.locator(f"#{elem_id}").get_by_text(title).first.click()
+
+
+def test_which_stage_decided_filters_the_token_view(page):
+    _send(page, "hello 你好")
+    _done(page)
+    summary = page.locator("#decided-summary").inner_text()
+    assert "Which stage decided" in summary
+    page.locator("#decided-filter input").click()
+    page.get_by_role("option", name="not the raw argmax").click()
+    page.locator("#token-view .decided-count").wait_for()
+    shown, total = map(int, re.match(r"(\d+) of (\d+) tokens", page.locator(".decided-count").inner_text()).groups())
+    assert total == page.locator("#token-view .tok").count()
+    assert shown == page.locator("#token-view .only-marked .tok.marked").count()
+    # the answer-level line counts the same tokens
+    said = re.search(r"not the raw argmax at (\d+) of (\d+)", summary)
+    assert (int(said.group(1)), int(said.group(2))) == (shown, total) if said else shown == 0
+    page.screenshot(path=str(page.shots / "decided.png"), full_page=True)
+
+
+def test_branch_from_a_token_reuses_the_start_and_switches_back(page):
+    _send(page, "hello")
+    first = _done(page)
+    page.get_by_text("Branch from a token").click()
+    page.locator("#token-view .tok").first.click()  # sampled answers can be one token long
+    page.locator("#branch-hint").get_by_text("pick what to write there instead").wait_for()
+    page.locator("#branch-run").click()
+    page.locator("#branch-compare").get_by_text(re.compile(r"\S")).wait_for()
+    page.locator("#branch-hint").get_by_text(re.compile(r"reused \d+ of \d+ tokens")).wait_for()
+    page.locator("#branch-tree input").click()
+    options = page.get_by_role("option")
+    assert options.count() == 2  # the answer and its branch
+    options.first.click()
+    page.locator("#branch-hint").get_by_text("The chat now shows").wait_for()
+    assert page.locator("#metrics").inner_text().split(" · ")[0] == first.split(" · ")[0]
+    page.screenshot(path=str(page.shots / "branch.png"), full_page=True)
+
+
+def test_inspect_lens_attribution_scoring_and_bundle(page, tmp_path):
+    _send(page, "hello 你好")
+    _done(page)
+    answer_tokens = page.locator("#token-view .tok").count()
+    _tab(page, "Inspect")
+    page.locator("#lens-run").click()
+    page.locator("#lens-grid td.cell").first.wait_for()
+    assert page.locator("#lens-grid thead th").count() == answer_tokens + 1  # a column per answer token
+    assert page.locator("#lens-grid tbody tr").count() == 3  # embed, L0, L1 of the tiny model
+    page.locator("#lens-grid td.cell").nth(1).click()
+    _wait_for_text(page, "#lens-cell", "top-10")
+    cell = page.locator("#lens-cell").inner_text()
+    probs = [float(p) for p in re.findall(r"^(0\.\d+|1\.0+)$", cell, re.M)]
+    assert len(probs) == 10 and probs == sorted(probs, reverse=True)  # the clicked cell's top-10, best first
+    page.locator("#lens-csv").wait_for(state="visible")
+    _open_accordion(page, "attribution", "Prompt attribution")
+    pick = min(2, answer_tokens - 1)  # sampled answers differ in length
+    page.locator("#attr-pick .tok").nth(pick).click()
+    page.wait_for_function("(i) => document.querySelector('#attr-token input').value === String(i)", arg=pick)
+    page.locator("#attr-run").click()
+    page.locator("#attr-text .attr").first.wait_for()
+    _plot_rendered(page, "attr-turns")
+    assert f"answer token {pick}" in page.locator("#attr-status").inner_text()
+    page.locator("#attr-method").get_by_text("occlusion").click()
+    page.locator("#attr-run").click()
+    page.locator("#attr-status").get_by_text("occlusion over").wait_for()
+    _open_accordion(page, "scoring", "Score any text")
+    page.locator("#score-reuse").click()
+    page.locator("#score-view .sc").first.wait_for()
+    assert page.locator("#score-view .sc").count() == answer_tokens
+    page.locator("#score-text textarea").fill("plain text 纯文本 here")
+    _pick(page, "score-model-b", "Tiny random Qwen2")
+    page.locator("#div-run").click()
+    page.locator("#score-status").get_by_text("top-1 agreement 100%").wait_for()
+    _open_accordion(page, "bundle", "Evidence bundle")
+    page.locator("#bundle-make").click()
+    page.locator("#bundle-status").get_by_text("is ready").wait_for()
+    with page.expect_download() as download:
+        page.locator("#bundle-download").click()
+    saved = tmp_path / "bundle.html"
+    download.value.save_as(saved)
+    assert "qdemo evidence bundle" in saved.read_text(encoding="utf-8")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#bundle-open").click()
+    chooser.value.set_files(str(saved))
+    page.locator("#bundle-view .tok").first.wait_for()
+    assert page.locator("#bundle-view .tok").count() == answer_tokens
+    page.screenshot(path=str(page.shots / "inspect.png"), full_page=True)
+
+
+def test_inspect_at_phone_width_keeps_the_lens_inside_the_screen(app, browser):
+    page = _open(app, browser, width=390, height=844)
+    try:
+        _send(page, "hello")
+        _done(page)
+        tab = page.get_by_role("tab", name="Inspect")
+        tab.scroll_into_view_if_needed()
+        tab.click()
+        page.locator("#lens-run").click()
+        page.locator("#lens-grid td.cell").first.wait_for()
+        grid = page.locator("#lens-grid .lensgrid").bounding_box()
+        assert grid["x"] >= 0 and grid["x"] + grid["width"] <= 390  # the table scrolls inside its box
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(page.shots / "phone-inspect.png"), full_page=False)
+    finally:
+        page.context.close()

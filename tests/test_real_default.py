@@ -147,3 +147,44 @@ def test_engine_v2_paths_on_the_real_default(lm):
     rows = {e.row: e.token_ids for e in generate_rows(lm, prompt, [greedy, sampled]) if type(e).__name__ == "DoneEvent"}
     for row, params in enumerate((greedy, sampled)):
         assert rows[row] == collect(generate(lm, input_ids=prompt, params=params))["done"].token_ids
+
+
+@pytest.fixture(scope="module")
+def lm32(lm, spec):
+    """The default in fp32 (the comparisons below are exact to ~1e-3 there; bf16 differs by a few percent
+    between one chunk and step-by-step decoding)."""
+    return lm if lm.dtype == torch.float32 else load_model(spec, dtype="float32")
+
+
+def test_inspection_views_on_the_real_default(lm32):
+    """Once end to end on the real model: the lens's last layer is the model's own distribution on a Chinese
+    answer, gradient×input and occlusion explain its tokens with the chat's turns found on the real vocabulary,
+    and scoring the answer gives back the probabilities the engine recorded."""
+    from qdemo.attribution import gradient_x_input, occlusion, token_pieces, turn_units
+    from qdemo.lens import logit_lens
+    from qdemo.scoring import score_ids
+
+    messages = [{"role": "system", "content": lm32.spec.system_prompt},
+                {"role": "user", "content": "用一句话介绍 Python。"}]
+    params = SamplingParams(do_sample=False, max_new_tokens=12)
+    run = collect(generate(lm32, messages=messages, params=params))
+    prompt = list(run["prefill"].prompt_ids)
+    answer = [t.token_id for t in run["tokens"]]
+    ids = prompt + answer
+    grid = logit_lens(lm32, ids, range(len(prompt) - 1, len(ids) - 1))
+    raw = [t.stages[0] for t in run["tokens"]]
+    assert grid.top1[-1].tolist() == answer == [s.token_ids[0] for s in raw]  # greedy: the lens's last row
+    tol = 2e-3
+    for c, stage in enumerate(raw):
+        assert abs(float(grid.top_probs[-1, c, 0]) - stage.probs[0]) < tol
+        assert grid.stays_from(c) is not None
+    pieces = token_pieces(lm32.tokenizer.decode, ids[:len(ids) - 1])
+    units = turn_units(pieces, messages, len(prompt))
+    assert [u.label for u in units] == ["system", "user 1", "answer so far", "template"]
+    user = next(u for u in units if u.label == "user 1")
+    assert lm32.tokenizer.decode([ids[i] for i in user.indices]) == "用一句话介绍 Python。"
+    grad = gradient_x_input(lm32, ids[:-1], ids[-1])
+    occl = occlusion(lm32, ids[:-1], ids[-1], units)
+    assert abs(grad.logprob - occl.logprob) < 1e-2 and all(s is not None for s in occl.scores)
+    score = score_ids(lm32, ids, first=len(prompt))
+    assert all(abs(p - t.stages[0].chosen_prob) < tol for p, t in zip(score.probs, run["tokens"]))

@@ -31,7 +31,10 @@ ELEM_IDS = {
     "lab-token", "lab-append", "lab-context-view", "lab-temperature", "lab-top-k", "lab-top-p", "lab-min-p",
     "lab-repetition-penalty", "lab-mode", "lab-n",
     "internals-model", "internals-refresh", "attn-run", "attn-plot", "attn-layer", "attn-head", "attn-scale",
-    "rope-freq", "rope-angles", "rope-decay", "rope-info", "model-card",
+    "rope-freq", "rope-angles", "rope-decay", "rope-info", "model-card", "attn-hide-special", "sink-summary",
+    "lens-run", "lens-grid", "lens-cell", "lens-csv", "lens-json", "attr-pick", "attr-run", "attr-text", "attr-turns",
+    "score-model", "score-model-b", "score-text", "score-run", "div-run", "score-reuse", "bundle-make", "bundle-open",
+    "decided-filter", "decided-summary", "branch-run", "branch-tree",
     "perf-refresh", "perf-clear", "perf-latency", "perf-tps", "perf-memory", "perf-table", "perf-csv",
     "chat-notice", "token-view", "token-measure", "token-legend", "stage-notes", "prompt-view", "pin-seed",
 }
@@ -60,17 +63,19 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     elem_ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert ELEM_IDS <= elem_ids, ELEM_IDS - elem_ids
     tabs = {block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)}
-    assert {"Chat", "Compare", "Sampling lab", "Internals", "Performance"} <= tabs
+    assert {"Chat", "Compare", "Sampling lab", "Internals", "Inspect", "Performance"} <= tabs
     internals_tab = next(b for b in demo.blocks.values() if isinstance(b, gr.Tab) and b.label == "Internals")
     assert any((internals_tab._id, "select") in fn.targets for fn in demo.fns.values())  # loads when opened
-    # Only the three named endpoints are public; every page event stays out of the API.
+    # Only the named endpoints are public; every page event stays out of the API.
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
-    assert public == ["batch", "chat", "compare", "next_token"]
+    assert public == ["attribution", "batch", "branch", "bundle", "chat", "compare", "decisions", "divergence",
+                      "lens", "next_token", "score", "sinks"]
     # Every page event passes admission. The exceptions are Gradio's own: the examples' loaders (they copy an
     # example into a box) and the functions `cancels=` adds; the endpoints call the services' admission.
     unadmitted = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_admitted", False)]
     assert {fn.name for fn in unadmitted} == {"load_example", None, "chat_endpoint", "compare_endpoint",
-                                              "next_token_endpoint", "batch_endpoint"}
+                                              "next_token_endpoint", "batch_endpoint", "lens", "attribution",
+                                              "decisions", "branch", "score", "divergence", "sinks", "bundle"}
     assert all(fn.fn is None for fn in unadmitted if fn.name is None)
     assert sum(getattr(fn.fn, "qdemo_admitted", False) for fn in demo.fns.values()) >= 80
 

@@ -34,9 +34,40 @@ class Subject:
     messages: tuple[dict[str, str], ...] = ()
     source: str = "the chat's last answer"
 
+    answer_text: str = ""  # an API subject: tokenized by the model that reads it (ids empty until then)
+
     @property
     def answer_ids(self) -> tuple[int, ...]:
         return self.ids[self.answer_from:]
+
+    def resolved(self, backend: Any) -> "Subject":
+        """With ids: an API subject's prompt in the model's chat format and its answer as plain text."""
+        if self.ids:
+            return self
+        messages = list(self.messages)
+        if backend.spec.system_prompt and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": backend.spec.system_prompt})  # as chat_prompt adds it
+        prompt = backend.chat_prompt(messages, max_new_tokens=1).ids
+        answer = backend.raw_text_ids(self.answer_text)
+        return Subject(model=self.model, ids=tuple(prompt) + tuple(answer), answer_from=len(prompt),
+                       messages=tuple(messages) + ({"role": "assistant", "content": self.answer_text},),
+                       source="the given conversation")
+
+
+def history_subject(model: str, history: Any, system: str | None = None) -> Subject:
+    """An API caller's conversation ([{role, content}] ending with the assistant's answer) as a subject."""
+    from qdemo.services.chat import history_messages
+
+    if not isinstance(history, list):
+        raise Refused(f"history must be a list of {{role, content}} messages, got {type(history).__name__}")
+    try:
+        messages, _ = history_messages(history, system)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"]:
+        raise Refused("history must end with the assistant answer to inspect")
+    return Subject(model=model, ids=(), answer_from=0, messages=tuple(messages[:-1]),
+                   answer_text=messages[-1]["content"], source="the given conversation")
 
 
 def chat_subject(view: AnswerView | None) -> Subject:
@@ -73,19 +104,20 @@ class LensResult:
 def lens_view(services: Services, client: str | None, subject: Subject, model: str | None = None,
               sublayers: bool = False, progress: ProgressFn | None = None) -> LensResult:
     """The lens over the answer's tokens (the first MAX_LENS_COLUMNS), or over a pasted text's last tokens."""
-    ids, dropped, notice = _cut(subject.ids)
-    answer_from = max(0, subject.answer_from - dropped)
-    if answer_from < len(ids):
-        positions = list(range(max(answer_from - 1, 0), len(ids) - 1))
-    else:
-        positions = list(range(len(ids)))
-    if len(positions) > MAX_LENS_COLUMNS:
-        notes = f"the grid shows the first {MAX_LENS_COLUMNS} of {len(positions)} tokens"
-        positions = positions[:MAX_LENS_COLUMNS] if answer_from < len(ids) else positions[-MAX_LENS_COLUMNS:]
-        notice = "; ".join(n for n in (notice, notes) if n)
     with services.admit(client, ModelRequest(model or subject.model, sampling=False, weights=True),
                         progress=progress) as admitted:
         backend = admitted.backend
+        subject = subject.resolved(backend)
+        ids, dropped, notice = _cut(subject.ids)
+        answer_from = max(0, subject.answer_from - dropped)
+        if answer_from < len(ids):
+            positions = list(range(max(answer_from - 1, 0), len(ids) - 1))
+        else:
+            positions = list(range(len(ids)))
+        if len(positions) > MAX_LENS_COLUMNS:
+            notes = f"the grid shows the first {MAX_LENS_COLUMNS} of {len(positions)} tokens"
+            positions = positions[:MAX_LENS_COLUMNS] if answer_from < len(ids) else positions[-MAX_LENS_COLUMNS:]
+            notice = "; ".join(n for n in (notice, notes) if n)
         began = time.perf_counter()
         try:
             grid = backend.logit_lens(ids, positions, sublayers=sublayers)
@@ -119,17 +151,18 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
     """How much each earlier token (and each turn) drove answer token `token` (0-based in the answer)."""
     if method not in METHODS:
         raise Refused(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    answer = subject.answer_ids
-    if not answer:
-        raise Refused("attribution explains a generated token: inspect a chat answer, not a pasted text")
-    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < len(answer):
-        raise Refused(f"token must be an answer position in 0..{len(answer) - 1}, got {token!r}")
-    at = subject.answer_from + token
-    context, dropped, notice = _cut(subject.ids[:at])
-    answer_from = max(0, subject.answer_from - dropped)
     with services.admit(client, ModelRequest(model or subject.model, sampling=False, weights=True),
                         progress=progress) as admitted:
         backend = admitted.backend
+        subject = subject.resolved(backend)
+        answer = subject.answer_ids
+        if not answer:
+            raise Refused("attribution explains a generated token: inspect a chat answer, not a pasted text")
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < len(answer):
+            raise Refused(f"token must be an answer position in 0..{len(answer) - 1}, got {token!r}")
+        at = subject.answer_from + token
+        context, dropped, notice = _cut(subject.ids[:at])
+        answer_from = max(0, subject.answer_from - dropped)
         pieces = backend.token_pieces(context)
         units = turn_units(pieces, list(subject.messages), answer_from if answer_from < len(context) else None)
         began = time.perf_counter()
@@ -208,6 +241,7 @@ def score_view(services: Services, client: str | None, model: str, text: str, qu
     with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
         backend = admitted.backend
         if subject is not None:
+            subject = subject.resolved(backend)
             ids, first = list(subject.ids), max(1, subject.answer_from)
         else:
             ids, first = _text_ids(backend, text, question, template)
@@ -295,6 +329,26 @@ def bundle_meta_or_empty(raw: bytes) -> dict[str, Any]:
         return bundle_meta(raw)
     except ValueError:
         return {}
+
+
+def decision_rows(run: Any) -> list[dict[str, Any]]:
+    """One row per answer token: what each stage decided there."""
+    rows = []
+    for d, event in zip(token_decisions([t for t in run.tokens if t.row == 0]), run.tokens):
+        rows.append({"index": d.index, "token_id": d.token_id, "text": event.text, "raw_top": d.raw_top,
+                     "changed_by": ",".join(d.changed_by), "argmax_removed_by": d.argmax_removed_by or "",
+                     **{f"removed_{name}": mass for name, mass in d.removed},
+                     "not_argmax": d.not_argmax, "below_final_top": d.below_final_top})
+    return rows
+
+
+def listed_ids(run: Any) -> list[int]:
+    """Every token id a run's view names: the chosen ones and each stage's listed alternatives."""
+    ids = {t.token_id for t in run.tokens}
+    for t in run.tokens:
+        for stage in t.stages:
+            ids.update(stage.token_ids)
+    return sorted(ids)
 
 
 def run_summary(run: Any) -> str:

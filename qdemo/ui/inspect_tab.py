@@ -15,6 +15,7 @@ from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views import inspect as views
 from qdemo.views.bundle import bundle_html, read_bundle
+from qdemo.views.export import csv_text
 from qdemo.views.labels import token_label
 from qdemo.views.tokens import TOKEN_VIEW_CSS, token_view_html
 
@@ -151,7 +152,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {lens_md: " ".join(lines), state: data[state], attr_pick: pick,
                 lens_grid: views.lens_grid_html(grid.rows, result.columns, grid.top1, grid.top_probs[:, :, 0],
                                                 grid.target_probs, result.texts, result.commitment),
-                lens_csv: _download("qdemo-logit-lens.csv", frame.to_csv(index=False)),
+                lens_csv: _download("qdemo-logit-lens.csv", csv_text(frame)),
                 lens_json: _download("qdemo-logit-lens.json", grid.to_json())}
 
     run_lens = on_gpu(run_lens)
@@ -205,8 +206,8 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {attr_md: line, state: data[state],
                 attr_html: views.attribution_html(result.pieces, result.token_scores, result.target_text, att.method),
                 attr_plot: views.per_turn_figure(labels, [s for _, s in result.per_turn], att.method),
-                attr_csv: _download("qdemo-attribution.csv", att.to_frame(dict(enumerate(result.pieces))
-                                                                          ).to_csv(index=False)),
+                attr_csv: _download("qdemo-attribution.csv",
+                                     csv_text(att.to_frame(dict(enumerate(result.pieces))))),
                 attr_json: _download("qdemo-attribution.json", att.to_json())}
 
     attribute = on_gpu(attribute)
@@ -214,7 +215,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
           [attr_md, attr_html, attr_plot, attr_csv, attr_json, state], notice=attr_md, runs_model=True)
 
     # --- scoring and divergence ---------------------------------------------------------------------------
-    def score(data, request: gr.Request, progress=gr.Progress(), answer: bool = False):
+    def score_pasted(data, request: gr.Request, progress=gr.Progress(), answer: bool = False):
         subject = service.chat_subject(data[chat_state].view) if answer else None
         result = service.score_view(services, ui.client(request), data[model_a], data[text], data[question] or "",
                                     bool(data[template]), progress_callback(progress), subject=subject)
@@ -229,17 +230,18 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {score_md: line, state: data[state], div_table: gr.Dataframe(visible=False),
                 score_html: views.score_html(pieces, s.probs, s.ranks, s.surprisal_bits),
                 score_plot: views.surprisal_figure(pieces, s.surprisal_bits),
-                score_csv: _download("qdemo-score.csv", s.to_frame(result.texts).to_csv(index=False)),
+                score_csv: _download("qdemo-score.csv", csv_text(s.to_frame(result.texts))),
                 score_json: _download("qdemo-score.json", s.to_json())}
 
     def score_answer(data, request: gr.Request, progress=gr.Progress()):
         # The answer's own token ids, not its text re-tokenized (which can split differently).
-        return score(data, request, progress, answer=True)
+        return score_pasted(data, request, progress, answer=True)
 
-    score, score_answer = on_gpu(score), on_gpu(score_answer)
+    # Page handlers' names are Gradio's private api names: they must not take /score from the named endpoint.
+    score_pasted, score_answer = on_gpu(score_pasted), on_gpu(score_answer)
     score_outputs = [score_md, score_html, score_plot, div_table, score_csv, score_json, state]
     score_inputs = {model_a, text, question, template, state, chat_state}
-    ui.on(score_btn.click, score, score_inputs, score_outputs, notice=score_md, runs_model=True)
+    ui.on(score_btn.click, score_pasted, score_inputs, score_outputs, notice=score_md, runs_model=True)
     ui.on(reuse.click, score_answer, score_inputs, score_outputs, notice=score_md, runs_model=True)
 
     def diverge(data, request: gr.Request, progress=gr.Progress()):
@@ -261,7 +263,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         return {score_md: line, state: data[state], div_table: gr.Dataframe(value=worst, visible=True),
                 score_html: views.divergence_html(pieces, d.kl_ab, d.agree),
                 score_plot: views.divergence_figure(pieces, d.kl_ab, d.kl_ba, d.agree, "A", "B"),
-                score_csv: _download("qdemo-divergence.csv", d.to_frame(result.texts).to_csv(index=False)),
+                score_csv: _download("qdemo-divergence.csv", csv_text(d.to_frame(result.texts))),
                 score_json: _download("qdemo-divergence.json", d.to_json())}
 
     diverge = on_gpu(diverge)

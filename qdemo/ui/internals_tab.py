@@ -9,6 +9,7 @@ import gradio as gr
 from qdemo.services import internals
 from qdemo.services.admission import Refused
 from qdemo.services.files import scratch_file
+from qdemo.views.export import csv_text
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
 
@@ -85,7 +86,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         except ValueError as exc:
             return {sink_md: f"⚠️ {exc}"}
         path = scratch_file("qdemo-attention-sinks.csv")
-        view.table.to_csv(path, index=False)
+        path.write_text(csv_text(view.table), encoding="utf-8")
         return {sink_md: view.summary, sink_plot: view.figure, sink_csv: gr.DownloadButton(value=str(path),
                                                                                           visible=True)}
 

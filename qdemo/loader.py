@@ -229,6 +229,16 @@ def _without_paths(text: str, path: Path) -> str:
     return text.replace(str(path), "<checkpoint>")
 
 
+def load_tokenizer(spec: ModelSpec, progress=None):
+    """A local entry's tokenizer alone (a remote entry borrows it to render tokens; no weights are loaded). The
+    entry's files are prepared first if needed, as for a load."""
+    from qdemo.families import get_family
+    from qdemo.sources import resolve
+
+    path = resolve(spec, progress)
+    return _load_tokenizer(path, get_family(spec.family).convert is not None, spec.trust_remote_code)
+
+
 def _load_tokenizer(path: Path, converted: bool, trust: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

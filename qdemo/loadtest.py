@@ -10,7 +10,6 @@ and an overall deadline.
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -162,10 +161,13 @@ _TOKENIZERS: dict[str, Any] = {}
 def _count(registry, name: str, text: str) -> int:
     """Tokens in an answer (re-tokenized: the API returns text)."""
     if name not in _TOKENIZERS:
-        from qdemo.sources import resolve
-        from transformers import AutoTokenizer
+        from qdemo.loader import load_tokenizer
 
-        _TOKENIZERS[name] = AutoTokenizer.from_pretrained(resolve(registry.get(name)))
+        spec = registry.get(name)
+        local = getattr(spec.source, "tokenizer", None) if spec.source.describe().startswith("remote") else name
+        if local is None:
+            raise ValueError(f"{name}: counting tokens of a remote entry needs source.openai.tokenizer")
+        _TOKENIZERS[name] = load_tokenizer(registry.get(local))
     return len(_TOKENIZERS[name](text, add_special_tokens=False)["input_ids"])
 
 

@@ -53,7 +53,22 @@ class GgufPartsSource:
         return f"gguf {self.file_name} from {len(self.packages)} package(s)"
 
 
-Source = Union[HubSource, LocalSource, GgufPartsSource]
+@dataclass(frozen=True)
+class OpenAISource:
+    """A model served by an OpenAI-compatible server (llama.cpp's llama-server, vLLM, SGLang). qdemo sends it chat
+    messages and reads back tokens with their log-probabilities; the weights stay on the server."""
+
+    base_url: str  # e.g. http://127.0.0.1:8080/v1
+    model: str  # the name the server knows the model by
+    api_key_env: str | None = None  # the environment variable that holds the key (never the key itself)
+    tokenizer: str | None = None  # a registry entry of the same model: its tokenizer renders tokens, counts the
+    # prompt, and the panels that need weights offer it
+
+    def describe(self) -> str:
+        return f"remote {self.model} at {self.base_url}"
+
+
+Source = Union[HubSource, LocalSource, GgufPartsSource, OpenAISource]
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,10 @@ def parse_registry(data: Any, base_dir: Path, path: Path | None = None) -> Regis
             raise RegistryError(f"{where}: duplicate model name {spec.name!r} (entry {index})")
         models[spec.name] = spec
     for spec in models.values():
+        local = getattr(spec.source, "tokenizer", None)
+        if local is not None and (local not in models or isinstance(models[local].source, OpenAISource)):
+            raise RegistryError(f"{where}: entry {spec.name!r}: field 'source.openai.tokenizer' must name a local model "
+                                f"of this registry (the same model, for its tokenizer), got {local!r}")
         if spec.draft is not None and (spec.draft not in models or spec.draft == spec.name):
             raise RegistryError(f"{where}: entry {spec.name!r}: field 'draft' must name another model of this "
                                 f"registry, got {spec.draft!r}")
@@ -209,7 +228,7 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
 
 def _parse_source(data: Any, fail, base_dir: Path) -> Source:
     if not isinstance(data, dict) or len(data) != 1:
-        raise fail("source", "must be a mapping with exactly one of: hub, local, gguf")
+        raise fail("source", "must be a mapping with exactly one of: hub, local, gguf, openai")
     (kind, body), = data.items()
     if kind == "hub":
         body = {"repo_id": body} if isinstance(body, str) else body
@@ -236,7 +255,21 @@ def _parse_source(data: Any, fail, base_dir: Path) -> Source:
         if "/" in file_name or not file_name.endswith(".gguf"):
             raise fail("source.gguf.file_name", f"must be a bare *.gguf file name, got {file_name!r}")
         return GgufPartsSource(packages=tuple(packages), file_name=file_name, size=size, sha256=sha)
-    raise fail("source", f"has unknown kind {kind!r}; use hub, local or gguf")
+    if kind == "openai":
+        _expect_keys(body, {"base_url", "model"}, {"api_key_env", "tokenizer"}, "source.openai", fail)
+        base_url = _text(body["base_url"], "source.openai.base_url", fail).rstrip("/")
+        if not re.match(r"https?://[^/\s]+", base_url):
+            raise fail("source.openai.base_url", f"must be an http(s) URL such as http://127.0.0.1:8080/v1, got "
+                                                 f"{base_url!r}")
+        key_env = body.get("api_key_env")
+        if key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key_env)):
+            raise fail("source.openai.api_key_env", "must name an environment variable (the key itself never goes "
+                                                    "in models.yaml)")
+        tokenizer = body.get("tokenizer")
+        return OpenAISource(base_url=base_url, model=_text(body["model"], "source.openai.model", fail),
+                            api_key_env=key_env, tokenizer=None if tokenizer is None else
+                            _text(tokenizer, "source.openai.tokenizer", fail))
+    raise fail("source", f"has unknown kind {kind!r}; use hub, local, gguf or openai")
 
 
 def _expect_keys(body: Any, required: set[str], optional: set[str], where: str, fail) -> None:

@@ -23,7 +23,7 @@ from typing import Callable
 from qdemo.errors import SourceError
 from qdemo.families import get_family
 from qdemo.progress import ProgressFn, reporting
-from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
+from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec, OpenAISource
 MARKER = "qdemo-source.json"
 _CHUNK = 8 << 20
 # Part of every converted checkpoint's cache key: bump it when a family's conversion changes its output.
@@ -66,6 +66,8 @@ class Readiness:
 
 def readiness(spec: ModelSpec) -> Readiness:
     src = spec.source
+    if isinstance(src, OpenAISource):  # whether the server answers is found out per request, not per dropdown
+        return Readiness(True, "remote server")
     state = _source_state(spec)
     if isinstance(src, GgufPartsSource):
         if state == "packages missing":
@@ -123,6 +125,8 @@ def _source_state(spec: ModelSpec) -> str:
         return "local" if (src.path / "config.json").is_file() else "missing"
     if isinstance(src, HubSource):
         return "in HF cache" if _hub_snapshot(src) else "not downloaded"
+    if isinstance(src, OpenAISource):
+        return "remote"
     raise TypeError(src)
 
 

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from qdemo.registry import GgufPartsSource, HubSource, LocalSource, load_registry
+from qdemo.registry import GgufPartsSource, HubSource, LocalSource, OpenAISource, load_registry
 from qdemo.sampling import SamplingParams
 
 GOOD_ENTRY = """\
@@ -59,6 +59,25 @@ def test_local_source_relative_to_registry(tmp_path):
     assert registry.get("mine").source == LocalSource(path=(tmp_path / "ckpt").resolve())
 
 
+def test_remote_source(tmp_path):
+    path = write(tmp_path, """\
+        models:
+          - name: mine
+            family: qwen2
+            source: {local: {path: ckpt}}
+            max_context: 512
+          - name: served
+            family: qwen2
+            max_context: 512
+            source: {openai: {base_url: "http://127.0.0.1:8080/v1/", model: qwen, api_key_env: MY_KEY,
+                              tokenizer: mine}}
+        """)
+    source = load_registry(path).get("served").source
+    assert source == OpenAISource(base_url="http://127.0.0.1:8080/v1", model="qwen", api_key_env="MY_KEY",
+                                  tokenizer="mine")
+    assert source.describe() == "remote qwen at http://127.0.0.1:8080/v1"
+
+
 BAD = {
     "invalid yaml": ("models: [\n  - name: x\n", "invalid YAML"),
     "unknown top key": ("modles: []\n", "unknown top-level key"),
@@ -80,6 +99,16 @@ BAD = {
     "max_new_tokens too big": ("models:\n" + GOOD_ENTRY.format(name="a") + "    sampling: {max_new_tokens: 5000}\n",
                                "'a'.*max_new_tokens 5000.*max_context 4096"),
     "not a mapping": ("- 1\n- 2\n", "top level must be a mapping"),
+    "remote without url": ("models:\n  - name: r\n    family: qwen2\n    max_context: 64\n"
+                           "    source: {openai: {model: m}}\n", "'r'.*source.openai.*base_url"),
+    "remote bad url": ("models:\n  - name: r\n    family: qwen2\n    max_context: 64\n"
+                       "    source: {openai: {base_url: localhost:8080, model: m}}\n", "'r'.*base_url.*http"),
+    "remote key in yaml": ("models:\n  - name: r\n    family: qwen2\n    max_context: 64\n    source: {openai: "
+                           "{base_url: 'http://h/v1', model: m, api_key_env: 'sk-abc 123'}}\n",
+                           "'r'.*api_key_env.*environment variable"),
+    "remote tokenizer unknown": ("models:\n  - name: r\n    family: qwen2\n    max_context: 64\n    source: {openai: "
+                                 "{base_url: 'http://h/v1', model: m, tokenizer: nope}}\n",
+                                 "'r'.*source.openai.tokenizer.*local model.*'nope'"),
 }
 
 

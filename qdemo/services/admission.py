@@ -17,9 +17,10 @@ from qdemo.backend import LocalBackend, drafting_pays
 from qdemo.errors import QdemoError
 from qdemo.forwards import pick_forward, split_ref
 from qdemo.limits import Client, Limits, RateLimiter
-from qdemo.loader import describe_run, entry_key, gguf_quant
+from qdemo.loader import describe_run, entry_key, gguf_quant, load_tokenizer
 from qdemo.pool import ModelPool
-from qdemo.registry import Registry
+from qdemo.registry import OpenAISource, Registry
+from qdemo.remote import RemoteBackend, server_label
 from qdemo.sampling import SamplingParams
 from qdemo.sources import ProgressFn, readiness
 
@@ -80,6 +81,7 @@ class Services:
     rates: RateLimiter | None = None
     allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
     preload: Any = None  # the default model's background load at start (qdemo.services.preload.Preload)
+    _remotes: dict[str, RemoteBackend] = field(default_factory=dict, repr=False)  # one backend per remote entry
 
     def __post_init__(self) -> None:
         if self.rates is None:
@@ -99,6 +101,11 @@ class Services:
         """One line under a model dropdown: which forward runs it here, or what it needs."""
         try:
             spec = self.registry.get(name)
+            if isinstance(spec.source, OpenAISource):
+                local = f"; {spec.source.tokenizer} is it locally" if spec.source.tokenizer else ""
+                return (f"runs on a **remote server** ({server_label(spec.source.base_url)}, model "
+                        f"{spec.source.model}) · token probabilities as the server reports them · panels that read "
+                        f"weights need a local model{local}")
             picked = pick_forward(spec, self.pool_device_type(), choice)
         except (QdemoError, ValueError) as exc:
             return f"⚠️ {exc}"
@@ -135,12 +142,44 @@ class Services:
             raise Refused(f"model must be a model name (text), got {type(model).__name__}")
         name, asked = split_ref(model) if model else (model, None)
         name = self.model_name(name)
+        source = self.registry.get(name).source
+        if isinstance(source, OpenAISource):
+            if weights:
+                local = f" {source.tokenizer} is this model locally: pick it for this panel." if source.tokenizer else ""
+                raise Refused(f"{name} runs on a remote server ({server_label(source.base_url)}): this panel reads the "
+                              f"weights and activations, which need a local model.{local}")
+            return name, "remote"
         if weights:
             return name, "torch"
         try:
             return name, pick_forward(self.registry.get(name), self.pool_device_type(), asked).forward
         except ValueError as exc:
             raise Refused(str(exc)) from None
+
+    def remote(self, name: str, progress: ProgressFn | None = None) -> RemoteBackend:
+        """The backend of a remote entry (one per entry: it remembers the token texts its server sent). Its local
+        tokenizer entry, when it names one, lends its tokenizer only — never its weights."""
+        backend = self._remotes.get(name)
+        if backend is None:
+            spec = self.registry.get(name)
+            tokenizer = None
+            if spec.source.tokenizer:
+                try:
+                    tokenizer = load_tokenizer(self.registry.get(spec.source.tokenizer), progress)
+                except (QdemoError, ValueError, OSError) as exc:
+                    raise Refused(f"{name}: could not load the tokenizer of {spec.source.tokenizer}: "
+                                  f"{without_paths(str(exc))}") from None
+            backend = self._remotes[name] = RemoteBackend(spec, tokenizer)
+        return backend
+
+    @staticmethod
+    def need_logits(backend: Any, what: str) -> None:
+        """Refuse `what` on a backend without full logits (a remote server reports only its top-N)."""
+        if not getattr(backend.capabilities, "stage_chain", True):
+            local = getattr(getattr(backend, "source", None), "tokenizer", None)
+            also = f"; {local} is this model locally" if local else ""
+            raise Refused(f"{backend.name} runs on a remote server ({backend.server}), which reports only its top "
+                          f"tokens: {what} needs full logits, which needs a local model{also}")
 
     def model_name(self, model: Any) -> str:
         """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists, and only
@@ -203,6 +242,9 @@ class Services:
         with contextlib.ExitStack() as stack:
             backends = []
             for (name, forward), request in zip(refs, requests):
+                if forward == "remote":
+                    backends.append(self.remote(name, progress))
+                    continue
                 if request.weights and progress and entry_key(name, forward) not in self.pool.loaded() and \
                         self.model_ref(name)[1] != forward:
                     progress(f"loading the torch copy of {name} for this panel (chat keeps its own forward)", 0, 1)

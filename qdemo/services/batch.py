@@ -32,6 +32,7 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
     texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
     with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
         backend, params = admitted.backend, admitted.params[0]
+        services.need_logits(backend, "/batch")
         try:
             rows = [context_ids(backend, text, mode) for text in texts]
         except ValueError as exc:

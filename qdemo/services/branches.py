@@ -164,6 +164,7 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
     with services.admit(client, ModelRequest(tree.model, params.replace(max_new_tokens=remaining)),
                         progress=progress) as admitted:
         backend, run_params = admitted.backend, admitted.params[0]
+        services.need_logits(backend, "branching from a token")
         state = services.pool.take_state(session.key, backend.key) or backend.new_state()
         ids = tree.prompt_ids + prefix + [token]
         texts = backend.token_texts(prefix + [token])
@@ -254,6 +255,7 @@ def branch_report(services: Services, client: str | None, model: str, history: S
         raise Refused(f"at must be a token index (a whole number), got {str(at)[:40]}")
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
+        services.need_logits(backend, "branching from a token")
         answer = backend.raw_text_ids(messages[-1]["content"])
         if not 0 <= at < len(answer):
             raise Refused(f"at {at} is out of range: the answer has {len(answer)} tokens (0..{len(answer) - 1})")

@@ -339,6 +339,10 @@ def chat_events(services: Services, backend: LocalBackend, messages: list[dict[s
     decode `state`, only the prompt tokens after what it already holds are prefilled. Raises PromptTooLongError (a
     ValueError) when the newest message alone does not fit."""
     prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
+    if getattr(backend.capabilities, "messages_only", False):  # a remote server applies its own chat template
+        return backend.generate_chat(messages, params, stop_event, top_n, prompt_ids=prompt.ids,
+                                     dropped_turns=prompt.dropped_turns,
+                                     time_limit_s=services.limits.max_generation_seconds)
     return backend.generate(input_ids=prompt.ids, dropped_turns=prompt.dropped_turns, params=params,
                             stop_event=stop_event, top_n=top_n, state=state,
                             time_limit_s=services.limits.max_generation_seconds)

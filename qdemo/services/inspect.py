@@ -240,6 +240,7 @@ def score_view(services: Services, client: str | None, model: str, text: str, qu
         text = _checked_text(text)
     with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
         backend = admitted.backend
+        services.need_logits(backend, "scoring a text")
         if subject is not None:
             subject = subject.resolved(backend)
             ids, first = list(subject.ids), max(1, subject.answer_from)
@@ -277,6 +278,8 @@ def divergence_view(services: Services, client: str | None, model_a: str, model_
     requests = [ModelRequest(model_a, sampling=False), ModelRequest(model_b, sampling=False)]
     with services.admit(client, *requests, progress=progress) as admitted:
         a, b = admitted.backends
+        for backend in (a, b):
+            services.need_logits(backend, "a divergence")
         if not a.same_tokenizer(b):
             raise Refused(f"{a.name} and {b.name} have different tokenizers: the same text is different tokens "
                           "for them, so their distributions cannot be compared token by token")

@@ -121,6 +121,7 @@ def compute(services: Services, session: LabSession, client: str | None, model: 
                             "context")
     try:
         with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+            services.need_logits(admitted.backend, "the sampling lab")
             try:
                 ids = context_ids(admitted.backend, text, mode)
                 context = _context(admitted.backend, ids)
@@ -147,6 +148,7 @@ def append(services: Services, session: LabSession, client: str | None, token_id
             raise Refused(f"token to append must be a token id, got {token_id!r}") from None
         with services.admit(client, ModelRequest(context.model, sampling=False), progress=progress) as admitted:
             backend = admitted.backend
+            services.need_logits(backend, "the sampling lab")
             ids = list(context.ids) + [token]
             if not 0 <= token < context.logits.shape[-1]:
                 raise Refused(f"token {token} is outside the vocabulary of {backend.name}")
@@ -211,6 +213,7 @@ def next_token_report(services: Services, client: str | None, context: Any, mode
     text, _ = cut_text(clean_text(context), services.limits.max_input_chars)
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
+        services.need_logits(backend, "the next-token distribution stage by stage")
         try:
             ids = context_ids(backend, text, mode)
         except ValueError as exc:

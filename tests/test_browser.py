@@ -468,7 +468,7 @@ def test_branch_from_a_token_reuses_the_start_and_switches_back(page):
     page.locator("#token-view .tok").first.click()  # sampled answers can be one token long
     page.locator("#branch-hint").get_by_text("pick what to write there instead").wait_for()
     page.locator("#branch-run").click()
-    page.locator("#branch-compare").get_by_text(re.compile(r"\S")).wait_for()
+    page.locator("#branch-compare").get_by_text(re.compile(r"\S")).first.wait_for()
     page.locator("#branch-hint").get_by_text(re.compile(r"reused \d+ of \d+ tokens")).wait_for()
     page.locator("#branch-tree input").click()
     options = page.get_by_role("option")

@@ -129,6 +129,26 @@ def test_compare_local_vs_remote(services):
         assert report["step"] >= 16
 
 
+def test_batch_generates_on_the_server_in_chat_and_raw_text(services):
+    """/batch on a remote entry: one request per prompt (the server batches), chat through /v1/chat/completions and
+    raw text through /v1/completions; greedy text equals the in-process llama.cpp forward's."""
+    from qdemo.services import batch
+
+    # no repetition penalty: llama.cpp's differs from transformers' (the model's default 1.05 parts them at token 8)
+    settings = {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 1.0}
+    for mode, prompts in (("chat", ["def add(a, b):", "用一句话介绍 Python。"]),
+                          ("raw text", ["def fibonacci(n):\n    ", "Python 是一种"])):
+        remote = batch.batch(services, "c", prompts, "remote-coder", settings, mode)
+        # one prompt per local call: rows decoded together round differently from one row on llama.cpp too
+        local = [batch.batch(services, "c", [p], f"{DEFAULT} [llama.cpp]", settings, mode)[0] for p in prompts]
+        for r, l in zip(remote, local):
+            assert r["error"] is None and r["reason"] in ("eos", "max_tokens") and r["prompt_tokens"] > 0
+            n = min(len(r["text"]), len(l["text"]))
+            assert n > 10 and r["text"][:n] == l["text"][:n], (mode, r["text"], l["text"])
+    with pytest.raises(Refused, match="needs full logits"):
+        batch.batch(services, "c", ["a b c"], "remote-coder", None, "raw text", "score")
+
+
 def test_panels_that_need_weights_name_the_local_model(services, server):
     session, _ = ask(services, "remote-coder")
     with pytest.raises(Refused, match=rf"remote server.*{DEFAULT} is this model locally"):
@@ -220,7 +240,7 @@ class RawServer:
             except OSError:
                 return
             self.requests += 1
-            conn.recv(65536)
+            _read_request(conn)
             if self.reply is None:
                 time.sleep(5)
             else:
@@ -229,6 +249,25 @@ class RawServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """The whole request, headers and body: closing with unread bytes would reset the connection instead of
+    delivering the reply."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
 
 
 def _sse(*events: str, complete: bool = True) -> bytes:

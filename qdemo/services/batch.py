@@ -32,7 +32,10 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
     texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
     with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
         backend, params = admitted.backend, admitted.params[0]
-        services.need_logits(backend, "/batch")
+        if getattr(backend.capabilities, "messages_only", False):
+            if task == "score":
+                services.need_logits(backend, "scoring a batch")
+            return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds)
         try:
             rows = [context_ids(backend, text, mode) for text in texts]
         except ValueError as exc:
@@ -44,6 +47,22 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
         if task == "score":
             return _score(backend, rows)
         return _generate(backend, rows, params, services.limits.max_generation_seconds)
+
+
+def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: str, time_limit_s: float
+                     ) -> list[dict[str, Any]]:
+    """A remote server's answers, one request per prompt (the server batches them itself): chat mode through
+    /v1/chat/completions, raw text through /v1/completions."""
+    if params.beam_search:
+        raise Refused("beam search runs alone, not in a batch: set num_beams to 1")
+    results = []
+    for text in texts:
+        events = (backend.generate_chat([{"role": "user", "content": text}], params, top_n=0, time_limit_s=time_limit_s)
+                  if mode == "chat" else backend.generate_text(text, params, top_n=0, time_limit_s=time_limit_s))
+        done = [e for e in events if type(e).__name__ == "DoneEvent"][-1]
+        results.append({"text": done.text, "tokens": list(done.token_ids), "reason": done.reason,
+                        "error": done.error, "prompt_tokens": done.stats.prompt_tokens})
+    return results
 
 
 def _which(exc: Exception, texts: Sequence[str]) -> int:

@@ -63,6 +63,7 @@ class OpenAISource:
     api_key_env: str | None = None  # the environment variable that holds the key (never the key itself)
     tokenizer: str | None = None  # a registry entry of the same model: its tokenizer renders tokens, counts the
     # prompt, and the panels that need weights offer it
+    tokenizer_source: "HubSource | LocalSource | GgufPartsSource | None" = None  # or a source to take it from
 
     def describe(self) -> str:
         return f"remote {self.model} at {self.base_url}"
@@ -266,9 +267,17 @@ def _parse_source(data: Any, fail, base_dir: Path) -> Source:
             raise fail("source.openai.api_key_env", "must name an environment variable (the key itself never goes "
                                                     "in models.yaml)")
         tokenizer = body.get("tokenizer")
-        return OpenAISource(base_url=base_url, model=_text(body["model"], "source.openai.model", fail),
-                            api_key_env=key_env, tokenizer=None if tokenizer is None else
-                            _text(tokenizer, "source.openai.tokenizer", fail))
+        model = _text(body["model"], "source.openai.model", fail)
+        if isinstance(tokenizer, dict):  # a local/hub/GGUF source used for its tokenizer files only
+            def fail_inner(field: str, why: str):
+                return fail(f"source.openai.tokenizer.{field.removeprefix('source.')}", why)
+
+            inner = _parse_source(tokenizer, fail_inner, base_dir)
+            if isinstance(inner, OpenAISource):
+                raise fail("source.openai.tokenizer", "must be a local, hub or gguf source, not another server")
+            return OpenAISource(base_url=base_url, model=model, api_key_env=key_env, tokenizer_source=inner)
+        return OpenAISource(base_url=base_url, model=model, api_key_env=key_env,
+                            tokenizer=None if tokenizer is None else _text(tokenizer, "source.openai.tokenizer", fail))
     raise fail("source", f"has unknown kind {kind!r}; use hub, local, gguf or openai")
 
 

@@ -78,6 +78,18 @@ def test_remote_source(tmp_path):
     assert source.describe() == "remote qwen at http://127.0.0.1:8080/v1"
 
 
+def test_remote_tokenizer_from_a_source(tmp_path):
+    path = write(tmp_path, """\
+        models:
+          - name: served
+            family: qwen2
+            max_context: 512
+            source: {openai: {base_url: "http://h:8000/v1", model: q, tokenizer: {local: {path: tok}}}}
+        """)
+    source = load_registry(path).get("served").source
+    assert source.tokenizer is None and source.tokenizer_source == LocalSource(path=(tmp_path / "tok").resolve())
+
+
 BAD = {
     "invalid yaml": ("models: [\n  - name: x\n", "invalid YAML"),
     "unknown top key": ("modles: []\n", "unknown top-level key"),

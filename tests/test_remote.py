@@ -365,6 +365,31 @@ def test_remote_entry_in_the_browser(server, tmp_path):
             page.get_by_role("tab", name="Internals").click()
             pick(page, "internals-model", "Coder on llama-server")
             page.locator("#internals-status").get_by_text("need a local model").wait_for()
+            page.get_by_role("tab", name="Performance").click()
+            page.locator("#perf-latency .js-plotly-plot").first.wait_for()
+            assert "remote" in page.locator("#perf-table").inner_text()
             browser.close()
     finally:
         demo.close()
+
+
+def test_a_tokenizer_taken_from_a_source_counts_the_prompt(tiny_dir):
+    """`tokenizer: {local: …}`: the files of a checkpoint lend their tokenizer (no weights load); the stream's
+    token without a server id is numbered by it."""
+    finish = ('{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+              '"delta":{},"finish_reason":"stop"}]}')
+    raw = RawServer(_sse(TOKEN_CHUNK.replace('"Hi"', '"h"').replace("[72,105]", "[104]"), finish, "[DONE]"))
+    try:
+        entry = remote_entry("tiny-remote", f"http://127.0.0.1:{raw.port}/v1")
+        entry["source"]["openai"]["tokenizer"] = {"local": {"path": str(tiny_dir)}}
+        services = services_with([entry])
+        session, final = ask(services, "tiny-remote", "hello")
+        run = session.view.run
+        assert final.done and run.done.error is None and run.done.text == "h"
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+        assert run.tokens[0].token_id == tokenizer.encode("h", add_special_tokens=False)[0]
+        assert len(run.prefill.prompt_ids) > 5 and services.pool.loaded() == []  # counted; no weights loaded
+    finally:
+        raw.close()

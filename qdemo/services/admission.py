@@ -9,6 +9,7 @@ model, field or value; nothing here knows about Gradio.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -163,11 +164,16 @@ class Services:
         if backend is None:
             spec = self.registry.get(name)
             tokenizer = None
+            lender = None
             if spec.source.tokenizer:
+                lender = self.registry.get(spec.source.tokenizer)
+            elif spec.source.tokenizer_source is not None:  # a source named for its tokenizer files only
+                lender = dataclasses.replace(spec, name=f"{spec.name}-tokenizer", source=spec.source.tokenizer_source)
+            if lender is not None:
                 try:
-                    tokenizer = load_tokenizer(self.registry.get(spec.source.tokenizer), progress)
+                    tokenizer = load_tokenizer(lender, progress)
                 except (QdemoError, ValueError, OSError) as exc:
-                    raise Refused(f"{name}: could not load the tokenizer of {spec.source.tokenizer}: "
+                    raise Refused(f"{name}: could not load the tokenizer of {lender.name}: "
                                   f"{without_paths(str(exc))}") from None
             backend = self._remotes[name] = RemoteBackend(spec, tokenizer)
         return backend

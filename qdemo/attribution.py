@@ -55,6 +55,8 @@ class Attribution:
         return [(u, float(sum(self.scores[i] for i in u.indices))) for u in units]
 
     def to_frame(self, texts: dict[int, str] | None = None):
+        """One row per context token (gradient×input) or per unit (occlusion). `texts` maps a context position to
+        its text (token_pieces' list, enumerated)."""
         import pandas as pd
 
         texts = texts or {}
@@ -63,7 +65,7 @@ class Attribution:
                 {"unit": u.label, "kind": u.kind, "tokens": len(u.indices), "first": min(u.indices),
                  "logprob_drop": s} for u, s in zip(self.units, self.scores)])
         return pd.DataFrame.from_records([
-            {"position": i, "id": t, "token": texts.get(t, str(t)), "score": s}
+            {"position": i, "id": t, "token": texts.get(i, str(t)), "score": s}
             for i, (t, s) in enumerate(zip(self.context, self.scores))])
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,6 +37,14 @@ TIMEOUT_S = 60.0  # per read: a server that says nothing for this long is given 
 NO_MEMORY = MemorySample(device="remote")
 
 
+class _Stopped(Exception):
+    """Stop (or the time limit) came before the server answered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class RemoteError(ValueError):
     """A readable failure of a remote entry (names the entry and the server, never the key). A ValueError: the
     services turn it into the message the user sees, as they do for a prompt that does not fit."""
@@ -209,24 +217,35 @@ class RemoteBackend:
                                                   extra_body=extra, **common)
         return client.completions.create(prompt=payload, logprobs=k or None, extra_body=extra, **common)
 
-    def _open(self, kind: str, payload: Any, params: SamplingParams, top_n: int) -> Any:
+    def _open(self, kind: str, payload: Any, params: SamplingParams, top_n: int,
+              stop_event: threading.Event | None = None, deadline: float | None = None) -> Any:
+        """The open stream. Connection errors are retried (with backoff) before anything streamed; Stop and the
+        deadline end a request the server holds (a long prefill, a wait for a free slot) by closing its client."""
         import openai
 
-        client = self._client()
         for attempt in range(CONNECT_RETRIES + 1):
+            client = self._client()
             try:
-                return self._request(client, kind, payload, params, top_n)
-            except openai.APITimeoutError:
-                raise RemoteError(f"{self.name}: the server at {self.server} did not answer within "
-                                  f"{self.timeout_s:.0f} s") from None
-            except openai.APIConnectionError as exc:
-                if attempt == CONNECT_RETRIES:
+                return _interruptible(lambda: self._request(client, kind, payload, params, top_n), stop_event,
+                                      deadline)
+            except openai.APIError as exc:
+                if stop_event is not None and stop_event.is_set():
+                    raise _Stopped("stopped") from None
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise _Stopped("time_limit") from None
+                if isinstance(exc, openai.APITimeoutError):
+                    raise RemoteError(f"{self.name}: the server at {self.server} did not answer within "
+                                      f"{self.timeout_s:.0f} s") from None
+                if isinstance(exc, openai.APIStatusError):
+                    raise RemoteError(self._status_message(exc)) from None
+                if not isinstance(exc, openai.APIConnectionError) or attempt == CONNECT_RETRIES:
                     raise RemoteError(f"{self.name}: cannot reach the server at {self.server} "
                                       f"({_cause(exc)}); is it running? tried {attempt + 1} times") from None
                 log.info("%s: connection to %s failed (%s); retrying", self.name, self.server, _cause(exc))
+            if stop_event is not None and stop_event.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]):
+                raise _Stopped("stopped")
+            if stop_event is None:
                 time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
-            except openai.APIStatusError as exc:
-                raise RemoteError(self._status_message(exc)) from None
         raise AssertionError("unreachable")
 
     def _status_message(self, exc: Any) -> str:
@@ -245,9 +264,24 @@ class RemoteBackend:
                 top_n: int, prompt_ids: Sequence[int], dropped_turns: Sequence[int],
                 time_limit_s: float | None) -> Iterator[Event]:
         began = time.perf_counter()
-        stream = self._open(kind, payload, params, top_n)  # raises RemoteError before any event
+        deadline = began + time_limit_s if time_limit_s is not None else None
+        try:
+            stream = self._open(kind, payload, params, top_n, stop_event, deadline)  # RemoteError: no event yet
+        except _Stopped as stopped:
+            return self._ended(stopped.reason, tuple(int(i) for i in prompt_ids), tuple(dropped_turns), began)
         return self._fold(stream, kind, params, stop_event, tuple(int(i) for i in prompt_ids),
                           tuple(dropped_turns), time_limit_s, began)
+
+    def _ended(self, reason: str, prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], began: float
+               ) -> Iterator[Event]:
+        """The events of an answer stopped (or timed out) before the server sent anything."""
+        seconds = time.perf_counter() - began
+        yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=seconds, dropped_turns=dropped_turns, seed=None,
+                           kv_cache_bytes=0, memory=NO_MEMORY)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=0, ttft_seconds=seconds,
+                                prefill_seconds=seconds, prefill_tokens_per_s=0.0, decode_tokens_per_s=0.0,
+                                total_seconds=seconds, peak_memory_bytes=0)
+        yield DoneEvent(reason=reason, stats=stats, text="", token_ids=())
 
     def _fold(self, stream: Any, kind: str, params: SamplingParams, stop_event: threading.Event | None,
               prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], time_limit_s: float | None,
@@ -256,6 +290,9 @@ class RemoteBackend:
 
         ids: list[int] = []
         texts: list[str] = []
+        finished = False
+        deadline = began + time_limit_s if time_limit_s is not None else None
+        watching = _watch(stream, stop_event, deadline)  # Stop and the time limit also while the server is silent
         first_at: float | None = None
         last_at = began
         step_times: list[float] = []
@@ -287,6 +324,7 @@ class RemoteBackend:
                 finish = getattr(choice, "finish_reason", None)
                 if finish:
                     reason = "max_tokens" if finish == "length" else "eos"
+                    finished = True
                 if stop_event is not None and stop_event.is_set():
                     reason = "stopped"
                     break
@@ -307,9 +345,17 @@ class RemoteBackend:
             else:
                 raise
         finally:
+            watching.set()
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+        if stop_event is not None and stop_event.is_set():
+            reason, error = "stopped", None  # closed on purpose: whatever the closing raised is not an error
+        elif deadline is not None and time.perf_counter() > deadline and not finished:
+            reason, error = "time_limit", None
+        elif error is None and reason == "eos" and not finished:
+            reason, error = "error", (f"{self.name}: the stream from {self.server} ended without saying why after "
+                                      f"{len(ids)} tokens (no finish reason): the answer may be cut")
         if first_at is None:
             yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=time.perf_counter() - began,
                                dropped_turns=dropped_turns, seed=None, kv_cache_bytes=0, memory=NO_MEMORY)
@@ -336,6 +382,12 @@ class RemoteBackend:
             delta = getattr(getattr(choice, "delta", None), "content", None)
         else:
             delta = getattr(choice, "text", None)
+            entries = (getattr(logprobs, "content", None) or (getattr(logprobs, "model_extra", None) or {}).get(
+                "content")) if logprobs is not None else None
+            if entries:  # llama.cpp: chat-style entries with token ids
+                for item in entries:
+                    yield self._token(item)
+                return
             if logprobs is not None and getattr(logprobs, "tokens", None):
                 for j, token in enumerate(logprobs.tokens):
                     top = (logprobs.top_logprobs or [None] * len(logprobs.tokens))[j] or {}
@@ -346,10 +398,8 @@ class RemoteBackend:
             yield delta, self._id_for(delta, None), None, None
 
     def _token(self, item: Any) -> tuple[str, int, StageTopN | None, bytes | None]:
-        extra = getattr(item, "model_extra", None) or {}
-        top = [(_label(t), (getattr(t, "model_extra", None) or {}).get("id"), t.logprob)
-               for t in (getattr(item, "top_logprobs", None) or [])]
-        return (*self._token_from(_label(item), extra.get("id"), item.logprob, top), _bytes_of(item))
+        top = [(_label(t), _id_of(t), _field(t, "logprob")) for t in (_field(item, "top_logprobs") or [])]
+        return (*self._token_from(_label(item), _id_of(item), _field(item, "logprob"), top), _bytes_of(item))
 
     def _token_from(self, text: str, token_id: int | None, logprob: float | None,
                     top: list[tuple[str, int | None, float]]) -> tuple[str, int, StageTopN | None]:
@@ -383,14 +433,84 @@ class RemoteBackend:
             return self._synthetic[text]
 
 
+def _interruptible(open_stream: Callable[[], Any], stop_event: threading.Event | None, deadline: float | None
+                   ) -> Any:
+    """`open_stream()` (which blocks until the server starts its answer) in a worker thread, so Stop and the
+    deadline end the wait at once (_Stopped); a stream opened after that is closed when it arrives."""
+    if stop_event is None and deadline is None:
+        return open_stream()
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def call() -> None:
+        try:
+            box["stream"] = open_stream()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+        finally:
+            ready.set()
+
+    threading.Thread(target=call, name="qdemo-remote-open", daemon=True).start()
+    while not ready.wait(0.1):
+        stopped = stop_event is not None and stop_event.is_set()
+        if stopped or (deadline is not None and time.perf_counter() > deadline):
+            def close_late() -> None:
+                ready.wait()
+                stream = box.get("stream")
+                if stream is not None:
+                    stream.close()
+
+            threading.Thread(target=close_late, name="qdemo-remote-close", daemon=True).start()
+            raise _Stopped("stopped" if stopped else "time_limit")
+    if "error" in box:
+        raise box["error"]
+    return box["stream"]
+
+
+def _watch(stream: Any, stop_event: threading.Event | None, deadline: float | None) -> threading.Event:
+    """Close `stream` when Stop is pressed or the deadline passes, even while the server sends nothing (a long
+    prefill, a queue for a free slot). Returns the event that ends the watch."""
+    done = threading.Event()
+    if stop_event is None and deadline is None:
+        return done
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            if (stop_event is not None and stop_event.is_set()) or (deadline is not None and
+                                                                     time.perf_counter() > deadline):
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - the reader sees the closed stream either way
+                        pass
+                return
+
+    threading.Thread(target=watch, name="qdemo-remote-watch", daemon=True).start()
+    return done
+
+
+def _field(item: Any, name: str) -> Any:
+    """A field of a logprob entry, whether the client parsed it (chat) or left it a dict (llama.cpp's
+    /v1/completions puts chat-style entries in an extra `content` field)."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
 def _label(item: Any) -> str:
     """A token's text for labels: its bytes decoded (a partial character shows as �), else its token string."""
     raw = _bytes_of(item)
-    return raw.decode("utf-8", errors="replace") if raw is not None else (getattr(item, "token", "") or "")
+    return raw.decode("utf-8", errors="replace") if raw is not None else (_field(item, "token") or "")
+
+
+def _id_of(item: Any) -> int | None:
+    """The server's token id (llama.cpp sends one; the OpenAI schema has none, so the client keeps it extra)."""
+    if isinstance(item, dict):
+        return item.get("id")
+    return (getattr(item, "model_extra", None) or {}).get("id")
 
 
 def _bytes_of(item: Any) -> bytes | None:
-    raw = getattr(item, "bytes", None)
+    raw = _field(item, "bytes")
     return bytes(raw) if raw else None
 
 

@@ -110,3 +110,37 @@ def test_bundle_round_trip_with_a_fingerprint(services, session):
 def test_no_answer_is_a_clear_refusal():
     with pytest.raises(Refused, match="send a message in Chat first"):
         inspect.chat_subject(None)
+
+
+def test_attribution_csv_names_each_position_s_own_token(services, session):
+    subject = inspect.chat_subject(session.view)
+    result = inspect.attribution_view(services, "c", subject, 2, "gradient×input")
+    frame = result.attribution.to_frame(dict(enumerate(result.pieces)))
+    assert list(frame["token"]) == list(result.pieces) and list(frame["id"]) == list(result.attribution.context)
+
+
+def test_a_user_message_that_is_also_in_the_system_prompt_is_found_in_its_turn(services):
+    """The chat sends no system message when the box is empty, but the prompt carries the model's default
+    ("You are a tiny test model."): the user's "You" must be found in the user turn, not inside it."""
+    s = chat.ChatSession()
+    begun = chat.begin_turn(s, "You", [], services.limits)
+    list(chat.answer(services, s, "c", begun.chat, services.default_model, "", SamplingParams(max_new_tokens=4), 1))
+    assert all(m["role"] != "system" for m in s.view.messages)
+    result = inspect.attribution_view(services, "c", inspect.chat_subject(s.view), 1, "gradient×input")
+    units = {u.label: u for u, _ in result.per_turn}
+    system_text = "".join(result.pieces[i] for i in units["system"].indices)
+    user_text = "".join(result.pieces[i] for i in units["user 1"].indices)
+    assert "tiny test model" in system_text and user_text.strip() == "You"
+    assert min(units["user 1"].indices) > max(units["system"].indices)
+
+
+def test_the_lens_keeps_the_start_of_the_prompt_when_it_cuts(services, session, monkeypatch):
+    """Only the columns' context is read: with a token limit just under the whole chat, nothing needs cutting,
+    and the lens's last row is still the engine's own distribution."""
+    subject = inspect.chat_subject(session.view)
+    monkeypatch.setattr(inspect, "MAX_LENS_COLUMNS", 4)
+    monkeypatch.setattr(inspect, "MAX_TOKENS", len(subject.ids) - 3)
+    result = inspect.lens_view(services, "c", subject)
+    assert "left out" not in result.notice and "first 4 of 10 answer tokens" in result.notice
+    raw = [t.stages[0].token_ids[0] for t in session.view.run.tokens[:4]]
+    assert result.grid.top1[-1].tolist() == raw

@@ -136,15 +136,24 @@ def test_batch_generates_on_the_server_in_chat_and_raw_text(services):
 
     # no repetition penalty: llama.cpp's differs from transformers' (the model's default 1.05 parts them at token 8)
     settings = {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 1.0}
+    from qdemo.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(load_registry().get(DEFAULT))
     for mode, prompts in (("chat", ["def add(a, b):", "用一句话介绍 Python。"]),
                           ("raw text", ["def fibonacci(n):\n    ", "Python 是一种"])):
-        remote = batch.batch(services, "c", prompts, "remote-coder", settings, mode)
-        # one prompt per local call: rows decoded together round differently from one row on llama.cpp too
+        # One prompt per call on both sides: rows decoded together (the server's slots, llama.cpp's batch) round
+        # differently from one row, which can flip a greedy near-tie.
+        remote = [batch.batch(services, "c", [p], "remote-coder", settings, mode)[0] for p in prompts]
         local = [batch.batch(services, "c", [p], f"{DEFAULT} [llama.cpp]", settings, mode)[0] for p in prompts]
         for r, l in zip(remote, local):
+            m = min(len(r["tokens"]), len(l["tokens"]))
+            assert m > 5 and r["tokens"][:m] == l["tokens"][:m]  # the server's own ids, not re-tokenized text
             assert r["error"] is None and r["reason"] in ("eos", "max_tokens") and r["prompt_tokens"] > 0
             n = min(len(r["text"]), len(l["text"]))
             assert n > 10 and r["text"][:n] == l["text"][:n], (mode, r["text"], l["text"])
+        together = batch.batch(services, "c", prompts, "remote-coder", settings, mode)  # sent at once
+        assert [tokenizer.decode(r["tokens"]) for r in together] == [r["text"] for r in together]
+        assert all(r["error"] is None and len(r["tokens"]) > 5 for r in together)
     with pytest.raises(Refused, match="needs full logits"):
         batch.batch(services, "c", ["a b c"], "remote-coder", None, "raw text", "score")
 
@@ -285,6 +294,7 @@ TOKEN_CHUNK = ('{"id":"x","object":"chat.completion.chunk","created":1,"model":"
 @pytest.mark.parametrize("reply,words", [
     (_sse("{not json"), "malformed stream after 0 tokens"),
     (_sse(TOKEN_CHUNK, complete=False), "broke off after 1 tokens"),
+    (_sse(TOKEN_CHUNK), "ended without saying why after 1 tokens"),
     (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
      b'{"error":{"message":"slot unavailable"}}', "answered HTTP 500: slot unavailable"),
     (b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
@@ -295,11 +305,38 @@ def test_bad_replies_become_one_readable_message(reply, words):
     try:
         services = services_with([remote_entry("odd", f"http://127.0.0.1:{raw.port}/v1")])
         session, final = ask(services, "odd")
-        said = final.notice + (session.view.run.done.error or "" if session.view else "")
+        said = final.notice + ((session.view.run.done.error or "") if session.view else "")
         assert words in said and "odd" in said and f"127.0.0.1:{raw.port}" in said
         assert raw.requests == 1  # no retry storm: only connection failures are retried
     finally:
         raw.close()
+
+
+def test_stop_works_while_the_server_is_silent():
+    """Stop during a long prefill or a wait for a free slot: the answer ends as stopped at once, not after the
+    read timeout."""
+    raw = RawServer(None)
+    try:
+        services = services_with([remote_entry("silent", f"http://127.0.0.1:{raw.port}/v1")])
+        session = chat.ChatSession()
+        begun = chat.begin_turn(session, QUESTION, [], services.limits)
+        threading.Timer(1.0, session.stop.set).start()
+        began = time.perf_counter()
+        final = list(chat.answer(services, session, "c", begun.chat, "silent", "", GREEDY, 1))[-1]
+        assert final.done and time.perf_counter() - began < 4
+        assert session.view.run.done.reason == "stopped" and session.view.run.done.error is None
+    finally:
+        raw.close()
+
+
+def test_a_tokenizer_that_would_need_a_download_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    entry = remote_entry("hub-tok", "http://127.0.0.1:9/v1")
+    entry["source"]["openai"]["tokenizer"] = {"hub": {"repo_id": "qdemo-test/not-cached"}}
+    services = services_with([entry])
+    _, final = ask(services, "hub-tok")
+    assert "its tokenizer (hub-tok-tokenizer) is not available on this server" in final.notice
 
 
 def test_a_silent_server_times_out(monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -83,6 +84,7 @@ class Services:
     allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
     preload: Any = None  # the default model's background load at start (qdemo.services.preload.Preload)
     _remotes: dict[str, RemoteBackend] = field(default_factory=dict, repr=False)  # one backend per remote entry
+    _remote_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.rates is None:
@@ -160,6 +162,10 @@ class Services:
     def remote(self, name: str, progress: ProgressFn | None = None) -> RemoteBackend:
         """The backend of a remote entry (one per entry: it remembers the token texts its server sent). Its local
         tokenizer entry, when it names one, lends its tokenizer only — never its weights."""
+        with self._remote_lock:  # two first requests build it once
+            return self._remote(name, progress)
+
+    def _remote(self, name: str, progress: ProgressFn | None) -> RemoteBackend:
         backend = self._remotes.get(name)
         if backend is None:
             spec = self.registry.get(name)
@@ -170,6 +176,10 @@ class Services:
             elif spec.source.tokenizer_source is not None:  # a source named for its tokenizer files only
                 lender = dataclasses.replace(spec, name=f"{spec.name}-tokenizer", source=spec.source.tokenizer_source)
             if lender is not None:
+                ready = readiness(lender)
+                if not ready.ready and not self.allow_downloads:
+                    raise Refused(f"{name}: its tokenizer ({lender.name}) is not available on this server: "
+                                  f"{ready.hint} This server does not download models; its operator can.")
                 try:
                     tokenizer = load_tokenizer(lender, progress)
                 except (QdemoError, ValueError, OSError) as exc:

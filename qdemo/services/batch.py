@@ -5,6 +5,8 @@ No Gradio here; the named endpoint /batch wires it."""
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 from qdemo.limits import Client, clean_text, cut_text
@@ -35,7 +37,8 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
         if getattr(backend.capabilities, "messages_only", False):
             if task == "score":
                 services.need_logits(backend, "scoring a batch")
-            return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds)
+            return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds,
+                                    services.limits.max_prompt_tokens)
         try:
             rows = [context_ids(backend, text, mode) for text in texts]
         except ValueError as exc:
@@ -49,20 +52,39 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
         return _generate(backend, rows, params, services.limits.max_generation_seconds)
 
 
-def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: str, time_limit_s: float
-                     ) -> list[dict[str, Any]]:
-    """A remote server's answers, one request per prompt (the server batches them itself): chat mode through
-    /v1/chat/completions, raw text through /v1/completions."""
+def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: str, time_limit_s: float,
+                     max_prompt_tokens: int) -> list[dict[str, Any]]:
+    """A remote server's answers: the prompts sent at once (the server batches them in its slots) under one
+    deadline for the whole batch; chat mode through /v1/chat/completions, raw text through /v1/completions. The
+    token ids are the server's own (one log-probability per token is asked for: without it a server sends text
+    only). A prompt that fails gets its error; the others keep their answers."""
     if params.beam_search:
         raise Refused("beam search runs alone, not in a batch: set num_beams to 1")
-    results = []
-    for text in texts:
-        events = (backend.generate_chat([{"role": "user", "content": text}], params, top_n=0, time_limit_s=time_limit_s)
-                  if mode == "chat" else backend.generate_text(text, params, top_n=0, time_limit_s=time_limit_s))
-        done = [e for e in events if type(e).__name__ == "DoneEvent"][-1]
-        results.append({"text": done.text, "tokens": list(done.token_ids), "reason": done.reason,
-                        "error": done.error, "prompt_tokens": done.stats.prompt_tokens})
-    return results
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise Refused(f"prompt {empty[0]} is empty")
+    if backend.tokenizer is not None:
+        lengths = [len(backend.chat_prompt([{"role": "user", "content": t}], 1).ids) if mode == "chat" else
+                   len(backend.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+        too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
+        if too_long:
+            raise Refused(f"prompt {too_long[0]} has {lengths[too_long[0]]} tokens; this server's prompt limit is "
+                          f"{max_prompt_tokens}")
+    deadline = time.perf_counter() + time_limit_s
+
+    def one(text: str) -> dict[str, Any]:
+        left = max(0.0, deadline - time.perf_counter())
+        try:
+            events = (backend.generate_chat([{"role": "user", "content": text}], params, top_n=1, time_limit_s=left)
+                      if mode == "chat" else backend.generate_text(text, params, top_n=1, time_limit_s=left))
+            done = [e for e in events if type(e).__name__ == "DoneEvent"][-1]
+        except ValueError as exc:  # the server could not be reached or refused this prompt
+            return {"text": "", "tokens": [], "reason": "error", "error": str(exc), "prompt_tokens": None}
+        return {"text": done.text, "tokens": list(done.token_ids), "reason": done.reason, "error": done.error,
+                "prompt_tokens": done.stats.prompt_tokens}
+
+    with ThreadPoolExecutor(max_workers=len(texts), thread_name_prefix="qdemo-remote-batch") as pool:
+        return list(pool.map(one, texts))
 
 
 def _which(exc: Exception, texts: Sequence[str]) -> int:

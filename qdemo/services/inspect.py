@@ -108,7 +108,12 @@ def lens_view(services: Services, client: str | None, subject: Subject, model: s
                         progress=progress) as admitted:
         backend = admitted.backend
         subject = subject.resolved(backend)
-        ids, dropped, notice = _cut(subject.ids)
+        # Nothing after the last column is read: cut to it first, so the context kept is the newest before it.
+        needed = subject.ids[:subject.answer_from + MAX_LENS_COLUMNS] if subject.answer_ids else subject.ids
+        ids, dropped, notice = _cut(needed)
+        if len(subject.answer_ids) > MAX_LENS_COLUMNS:
+            notice = "; ".join(n for n in (notice, f"the grid shows the first {MAX_LENS_COLUMNS} of "
+                                                   f"{len(subject.answer_ids)} answer tokens") if n)
         answer_from = max(0, subject.answer_from - dropped)
         if answer_from < len(ids):
             positions = list(range(max(answer_from - 1, 0), len(ids) - 1))
@@ -164,7 +169,12 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
         context, dropped, notice = _cut(subject.ids[:at])
         answer_from = max(0, subject.answer_from - dropped)
         pieces = backend.token_pieces(context)
-        units = turn_units(pieces, list(subject.messages), answer_from if answer_from < len(context) else None)
+        messages = list(subject.messages)
+        if backend.spec.system_prompt and (not messages or messages[0]["role"] != "system"):
+            # the chat's prompt has the model's default system prompt though the turn carries none: without it
+            # a short user message would be found inside the system text
+            messages.insert(0, {"role": "system", "content": backend.spec.system_prompt})
+        units = turn_units(pieces, messages, answer_from if answer_from < len(context) else None)
         began = time.perf_counter()
         try:
             if method == "gradient×input":

@@ -318,6 +318,7 @@ def test_stop_works_while_the_server_is_silent():
     raw = RawServer(None)
     try:
         services = services_with([remote_entry("silent", f"http://127.0.0.1:{raw.port}/v1")])
+        services.remote("silent")  # its tokenizer loaded now: the Stop below lands on the request, not the load
         session = chat.ChatSession()
         begun = chat.begin_turn(session, QUESTION, [], services.limits)
         threading.Timer(1.0, session.stop.set).start()

@@ -22,7 +22,7 @@ from qdemo import attribution, introspect, lens, scoring
 from qdemo.decode import DecodeState, last_logits, new_state, token_logprobs
 from qdemo.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.events import Event
-from qdemo.loader import LoadedModel, pick_device
+from qdemo.loader import LoadedModel, pick_device, same_tokenizer
 from qdemo.pool import StepGate
 from qdemo.prompting import (Message, Prompt, build_prompt, control_token_ids, conversation_prompt_ids,
                              raw_text_ids)
@@ -38,6 +38,7 @@ class Capabilities:
     attention: bool = True  # attention weights (needs the weights and activations)
     positions: bool = True  # RoPE / ALiBi figures read from the model's own modules
     model_card: bool = True
+    messages_only: bool = False  # takes chat messages, not token ids (a remote server applies its own template)
 
 
 def drafting_pays(device: str | None) -> bool:
@@ -113,9 +114,7 @@ class LocalBackend:
     def same_tokenizer(self, other: "LocalBackend") -> bool:
         if not isinstance(other, LocalBackend):  # a remote backend compares its borrowed tokenizer
             return other.same_tokenizer(self)
-        a, b = self._lm, other._lm
-        return a is b or (a.path is not None and a.path == b.path) or (
-            len(a.tokenizer) == len(b.tokenizer) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab())
+        return same_tokenizer(self._lm, other._lm)
 
     # --- text and tokens (no forward) ---------------------------------------------------------------------------
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -180,10 +179,6 @@ class LocalBackend:
         return generate(self._lm, messages=messages, input_ids=input_ids, params=params, stop_event=stop_event,
                         top_n=top_n, step_lock=self._gate.step, dropped_turns=dropped_turns,
                         time_limit_s=time_limit_s, ignore_eos=ignore_eos, state=state)
-
-    @property
-    def draft_name(self) -> str | None:
-        return self.spec.draft
 
     def generate_assisted(self, draft: "LocalBackend", input_ids: Sequence[int], params: SamplingParams,
                           stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),

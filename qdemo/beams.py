@@ -9,7 +9,7 @@ other users and stops within a step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -34,10 +34,9 @@ class BeamStep:
     step: int
     best: Hypothesis
     finished: bool = False  # the search is over
-    running: list[Hypothesis] = field(default_factory=list)
 
 
-def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: SamplingParams, prompt_len: int,
+def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: SamplingParams,
                 stop_ids: set[int], lock: StepLock, length_penalty: float = 1.0) -> Iterator[BeamStep]:
     """Run the search on a state holding the prompt in ONE row (it is forked into the beams here); yields after
     every step. The caller may stop consuming at any step (Stop, time limit): the last BeamStep's `best` is then
@@ -52,7 +51,6 @@ def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: Samp
     improvable = True
     step = 0
     while True:
-        cur_len = prompt_len + step
         log_probs = torch.log_softmax(logits, dim=-1)
         seq = state.tokens[:, :state.width]
         for _, processor in stages:
@@ -60,12 +58,13 @@ def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: Samp
         vocab = log_probs.shape[-1]
         scores = log_probs + torch.tensor([h.score for h in running], device=log_probs.device)[:, None]
         top_scores, top_index = torch.topk(scores.reshape(-1), k=keep)
+        # The candidates' own log-probabilities come to the host with their scores: one copy, not one per candidate.
+        top_lps = log_probs.reshape(-1).index_select(0, top_index)
         candidates = []
-        for score, index in zip(top_scores.tolist(), top_index.tolist()):
+        for score, index, step_lp in zip(top_scores.tolist(), top_index.tolist(), top_lps.tolist()):
             beam, token = divmod(index, vocab)
             parent = running[beam]
-            step_lp = float(log_probs[beam, token])
-            hits = token in stop_ids or cur_len + 1 >= prompt_len + params.max_new_tokens
+            hits = token in stop_ids or step + 1 >= params.max_new_tokens
             candidates.append((score, beam, token, parent, step_lp, hits))
         # Finished beams: only candidates among the top `beams` count, scored with the length penalty, and only
         # while the early-stop heuristic says an improvement is still possible.
@@ -74,7 +73,7 @@ def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: Samp
             for rank, (score, beam, token, parent, step_lp, hits) in enumerate(candidates):
                 if hits and rank < beams:
                     merged.append(Hypothesis(parent.tokens + [token], parent.step_logprobs + [step_lp],
-                                             score / ((cur_len + 1 - prompt_len) ** length_penalty)))
+                                             score / ((step + 1) ** length_penalty)))
             merged.sort(key=lambda h: -h.score)
             finished = merged[:beams]
         # Running beams for the next step: the best continuations that did not stop.
@@ -89,13 +88,12 @@ def beam_search(lm, state: DecodeState, first_logits: torch.Tensor, params: Samp
         running = next_running
         step += 1
         # The heuristic of early_stopping=False: stop once the best running beam cannot beat the worst finished one.
-        best_possible = running[0].score / ((prompt_len + step - prompt_len) ** length_penalty)
+        best_possible = running[0].score / (step ** length_penalty)
         worst_finished = min(h.score for h in finished) if len(finished) == beams else NEG
         improvable = improvable and best_possible > worst_finished
         over = not improvable or all(c[-1] for c in candidates)
         # While searching, the best running beam is shown; the answer is the best finished one.
-        yield BeamStep(step=step, best=finished[0] if over and finished else running[0], finished=over,
-                       running=list(running))
+        yield BeamStep(step=step, best=finished[0] if over and finished else running[0], finished=over)
         if over:
             return
         state.select(sources)  # each beam continues from the cache of the beam it extends

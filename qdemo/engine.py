@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -24,8 +24,8 @@ from qdemo.speculative import SpeculativeDecoder
 from qdemo.decode import DecodeState, StepLock, RowChooser, choose, common_prefix, decode_step, new_state, prefill
 from qdemo.errors import PromptTooLongError
 from qdemo.events import DoneEvent, Event, GenerationStats, PrefillEvent, ProgressEvent, StageTopN, TokenEvent
-from qdemo.loader import LoadedModel
-from qdemo.metrics import kv_cache_bytes, memory_sample, now
+from qdemo.loader import LoadedModel, same_tokenizer
+from qdemo.metrics import memory_sample, now
 from qdemo.prompting import build_prompt
 from qdemo.sampling import SamplingParams, build_stages
 from qdemo.textstream import IncrementalDetokenizer
@@ -152,7 +152,7 @@ def generate_assisted(
         raise ValueError("speculative decoding does not take beam search (num_beams must be 1)")
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 16:
         raise ValueError(f"draft_tokens must be a whole number from 1 to 16, got {draft_tokens!r}")
-    if len(target.tokenizer) != len(draft.tokenizer) or target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+    if not same_tokenizer(target, draft):
         raise ValueError(f"{draft.spec.name} cannot draft for {target.spec.name}: their tokenizers differ")
     ids = _check_ids(target, input_ids, params)
     clock = _Deadline(started, time_limit_s, stop_event)
@@ -435,12 +435,13 @@ def _run_beams(
             reason = early
         else:
             last = now(device)
-            for step in beam_search(lm, state, logits[0:1], params, len(ids), stops, lock):
-                steps.append(now(device) - last)
-                last = now(device)
+            for step in beam_search(lm, state, logits[0:1], params, stops, lock):
+                t = now(device)  # one clock read (a device sync on CUDA) per step
+                steps.append(t - last)
+                last = t
                 best = step.best
                 yield ProgressEvent(phase="beam search", step=step.step, total=params.max_new_tokens,
-                                    seconds=now(device) - started, kv_cache_bytes=state.kv_bytes(),
+                                    seconds=t - started, kv_cache_bytes=state.kv_bytes(),
                                     text=lm.tokenizer.decode(best.tokens, skip_special_tokens=True))
                 if step.finished:
                     break

@@ -205,7 +205,9 @@ def _fairness(url: str, name: str, registry, long_prompt_chars: int, log) -> tup
     long_prompt = ("Summarise this log, line by line:\n" + "\n".join(
         f"[{i:04d}] worker {i % 7} finished task {i * 13 % 101} in {i % 9 + 1}.{i % 10} s" for i in range(400))
     )[:long_prompt_chars]
-    tokens = _count_tokens(registry, name, long_prompt)
+    from qdemo.loadtest import count_tokens
+
+    tokens = count_tokens(registry, name, long_prompt)
     started = threading.Event()
 
     def long_chat() -> None:
@@ -220,14 +222,6 @@ def _fairness(url: str, name: str, registry, long_prompt_chars: int, log) -> tup
     thread.join()
     log(f"fairness: short chat first text {alone:.2f} s alone, {behind:.2f} s behind a {tokens}-token prompt")
     return alone, behind, tokens
-
-
-def _count_tokens(registry, name: str, text: str) -> int:
-    from transformers import AutoTokenizer
-
-    from qdemo.sources import resolve
-
-    return len(AutoTokenizer.from_pretrained(resolve(registry.get(name)))(text, add_special_tokens=False)["input_ids"])
 
 
 def format_result(r: FaultResult) -> str:

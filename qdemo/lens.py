@@ -91,7 +91,9 @@ class LensGrid:
         return {"model": self.model, "rows": list(self.rows), "positions": list(self.positions),
                 "targets": list(self.targets), "top_ids": self.top_ids.tolist(),
                 "top_probs": np.round(self.top_probs.astype(np.float64), 6).tolist(),
-                "target_probs": np.round(self.target_probs.astype(np.float64), 6).tolist(),
+                # JSON has no NaN: a column whose sequence ends there has no following token (None)
+                "target_probs": [[None if np.isnan(v) else round(float(v), 6) for v in row]
+                                 for row in self.target_probs],
                 "commitment": [self.rows[c] if (c := self.commitment(i)) is not None else None
                                for i in range(len(self.positions))],
                 "stays_from": [self.rows[c] if (c := self.stays_from(i)) is not None else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,38 @@ class LoadedModel:
         if self.forward == "llama.cpp":
             return f"llama.cpp {gguf_quant(self.spec) or 'GGUF'}"
         return "torch " + dtype_name(self.dtype)
+
+
+_VOCAB_KEYS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _vocab_key(tokenizer: Any) -> str:
+    """A digest of the tokenizer's token → id table, worked out once per tokenizer (comparing two 150k-entry
+    tables takes ~0.3 s, and speculative decoding and divergence ask on every request)."""
+    key = _VOCAB_KEYS.get(tokenizer)
+    if key is None:
+        table = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+        key = hashlib.sha256(json.dumps(table, ensure_ascii=False).encode()).hexdigest()
+        _VOCAB_KEYS[tokenizer] = key
+    return key
+
+
+def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
+    """True when the two models read token ids the same way: one checkpoint directory, or tokenizers of equal
+    length and equal vocabulary (token → id)."""
+    if a is b or (a.path is not None and a.path == b.path):
+        return True
+    return same_vocabulary(a.tokenizer, b.tokenizer)
+
+
+def same_vocabulary(ta: Any, tb: Any) -> bool:
+    """Two tokenizers map the same tokens to the same ids."""
+    if ta is tb:
+        return True
+    try:
+        return len(ta) == len(tb) and _vocab_key(ta) == _vocab_key(tb)
+    except (AttributeError, TypeError):
+        return False
 
 
 def entry_key(name: str, forward: str) -> str:

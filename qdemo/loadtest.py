@@ -118,7 +118,7 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
                 result.errors.append(f"solo {i}: {type(exc).__name__}: {exc}")
             if i == 0:  # end to end like the concurrent phase: client set-up, queue, prefill and decode
                 elapsed = time.perf_counter() - started
-                result.solo_tok_s = _count(registry, name, solo[-1] or "") / elapsed
+                result.solo_tok_s = count_tokens(registry, name, solo[-1] or "") / elapsed
             log(f"solo {i + 1}/{sessions} done")
         result.rss_warm_mib = _rss_mib()
         answers: dict[int, str] = {}
@@ -146,7 +146,7 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
         if ttfts:
             values = list(ttfts.values())
             result.ttft_p50_s, result.ttft_p95_s = percentile(values, 50), percentile(values, 95)
-        result.generated_tokens = sum(_count(registry, name, text) for text in answers.values())
+        result.generated_tokens = sum(count_tokens(registry, name, text) for text in answers.values())
         result.aggregate_tok_s = result.generated_tokens / result.wall_s if result.wall_s else 0.0
     finally:
         demo.close()
@@ -158,7 +158,7 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _count(registry, name: str, text: str) -> int:
+def count_tokens(registry, name: str, text: str) -> int:
     """Tokens in an answer (re-tokenized: the API returns text)."""
     if name not in _TOKENIZERS:
         from qdemo.loader import load_tokenizer

@@ -181,7 +181,9 @@ class ModelPool:
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.RLock()
         # Decode states sessions keep between turns (multi-turn KV reuse): key -> (model, state, last used).
-        self._states: "OrderedDict[str, tuple[str, Any, float]]" = OrderedDict()
+        # key → (model, state, last used, KV bytes). A kept state does not change while kept (take_state hands it
+        # out and removes it), so its bytes are counted once, not on every eviction check.
+        self._states: "OrderedDict[str, tuple[str, Any, float, int]]" = OrderedDict()
         self.state_idle_s = STATE_IDLE_S
 
     # --- what is loaded -------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class ModelPool:
             self._states.pop(key, None)
             if state is None or getattr(state, "broken", False) or state.model not in self._entries:
                 return False
-            self._states[key] = (state.model, state, time.monotonic())
+            self._states[key] = (state.model, state, time.monotonic(), state.kv_bytes())
             weights = sum(e.bytes for e in self._entries.values())
             while self._states and weights + self.kept_bytes() > self.budget:
                 dropped, _ = self._states.popitem(last=False)
@@ -223,7 +225,7 @@ class ModelPool:
     def drop_states(self, key: str | None = None, model: str | None = None) -> int:
         """Forget kept states (a session's, a model's, or all); returns how many went."""
         with self._guard:
-            gone = [k for k, (m, _, _) in self._states.items()
+            gone = [k for k, (m, *_) in self._states.items()
                     if (key is None or k == key) and (model is None or m == model)]
             for k in gone:
                 del self._states[k]
@@ -231,16 +233,16 @@ class ModelPool:
 
     def kept_bytes(self) -> int:
         with self._guard:
-            return sum(state.kv_bytes() for _, state, _ in self._states.values())
+            return sum(item[3] for item in self._states.values())
 
     def kept_states(self) -> dict[str, str]:
         """key -> model of every kept state."""
         with self._guard:
-            return {k: m for k, (m, _, _) in self._states.items()}
+            return {k: m for k, (m, *_) in self._states.items()}
 
     def _expire_states(self) -> None:
         now = time.monotonic()
-        for k in [k for k, (_, _, used) in self._states.items() if now - used > self.state_idle_s]:
+        for k in [k for k, (_, _, used, _) in self._states.items() if now - used > self.state_idle_s]:
             del self._states[k]
 
     def active(self) -> dict[str, int]:

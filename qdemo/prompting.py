@@ -294,6 +294,14 @@ def _marked_template_ids(tokenizer, messages: Sequence[Message], add_generation_
     return ids
 
 
+def with_system(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
+    """The messages with the model's default system prompt first when they bring none (as every prompt is built)."""
+    messages = list(messages)
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
 def build_prompt(
     tokenizer, messages: Any, max_context: int, max_new_tokens: int,
     system_prompt: str | None = None, model_name: str = "model", builder: PromptBuilder | None = None,
@@ -303,12 +311,9 @@ def build_prompt(
     `max_context − max_new_tokens` prompt tokens, and at most `max_prompt_tokens` (a server's limit) when given.
     `builder` is the family's own prompt format (Qwen v1 make_context, Baichuan build_chat_input); without
     one the tokenizer's chat template is used."""
-    clean = validate_messages(messages)
-    if system_prompt and clean[0]["role"] != "system":
-        clean = [{"role": "system", "content": system_prompt}] + clean
-        offset = 1
-    else:
-        offset = 0
+    given = validate_messages(messages)
+    clean = with_system(given, system_prompt)
+    offset = len(clean) - len(given)  # dropped turns are reported in the caller's indices
     budget = max_context - max_new_tokens
     if budget <= 0:
         raise PromptTooLongError(f"{model_name}: max_new_tokens {max_new_tokens} leaves no room in "

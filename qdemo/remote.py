@@ -20,11 +20,13 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
+from qdemo.backend import Capabilities
+from qdemo.loader import same_vocabulary
 from qdemo.events import DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
+from qdemo.prompting import with_system
 from qdemo.registry import ModelSpec, OpenAISource
 from qdemo.sampling import SamplingParams
 
@@ -50,17 +52,6 @@ class RemoteError(ValueError):
     services turn it into the message the user sees, as they do for a prompt that does not fit."""
 
 
-@dataclass(frozen=True)
-class RemoteCapabilities:
-    """What a remote backend can show: tokens with the server's log-probabilities, nothing that needs weights."""
-
-    stage_chain: bool = False
-    attention: bool = False
-    positions: bool = False
-    model_card: bool = False
-    messages_only: bool = True  # it takes chat messages (the server applies its own chat template)
-
-
 def server_label(base_url: str) -> str:
     """host:port of the server, for messages (no path, no credentials)."""
     parts = urlsplit(base_url)
@@ -76,7 +67,9 @@ def distribution_note() -> str:
 class RemoteBackend:
     """One registry entry served by an OpenAI-compatible server."""
 
-    capabilities = RemoteCapabilities()
+    # tokens with the server's log-probabilities; nothing that needs the weights or full logits
+    capabilities = Capabilities(stage_chain=False, attention=False, positions=False, model_card=False,
+                                messages_only=True)
     forward = "remote"
 
     def __init__(self, spec: ModelSpec, tokenizer: Any = None, client_factory: Callable[..., Any] | None = None,
@@ -120,10 +113,8 @@ class RemoteBackend:
         return None  # the server keeps its own cache (prefix caching)
 
     def same_tokenizer(self, other: Any) -> bool:
-        mine, theirs = self.tokenizer, getattr(other, "tokenizer", None) or getattr(
-            getattr(other, "_lm", None), "tokenizer", None)
-        return mine is not None and theirs is not None and (
-            mine is theirs or (len(mine) == len(theirs) and mine.get_vocab() == theirs.get_vocab()))
+        theirs = getattr(other, "tokenizer", None) or getattr(getattr(other, "_lm", None), "tokenizer", None)
+        return self.tokenizer is not None and theirs is not None and same_vocabulary(self.tokenizer, theirs)
 
     # --- text and tokens ---------------------------------------------------------------------------------------
     def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
@@ -179,9 +170,8 @@ class RemoteBackend:
                       dropped_turns: Sequence[int] = (), time_limit_s: float | None = None) -> Iterator[Event]:
         """The answer to `messages` as qdemo events (messages in `dropped_turns` are left out, as the local
         tokenizer fitted them)."""
-        sent = [dict(m) for i, m in enumerate(messages) if i not in set(dropped_turns)]
-        if self.spec.system_prompt and (not sent or sent[0]["role"] != "system"):
-            sent.insert(0, {"role": "system", "content": self.spec.system_prompt})
+        sent = with_system([dict(m) for i, m in enumerate(messages) if i not in set(dropped_turns)],
+                           self.spec.system_prompt)
         return self._events("chat", sent, params, stop_event, top_n, prompt_ids, dropped_turns, time_limit_s)
 
     def generate_text(self, text: str, params: SamplingParams, stop_event: threading.Event | None = None,

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from qdemo.decode import StepLock, position_logits
-from qdemo.loader import LoadedModel
+from qdemo.loader import LoadedModel, same_tokenizer
 
 LN2 = math.log(2.0)
 _ROWS = 8  # rows of a chunk turned into fp64 statistics at once (8 × 152k × 8 bytes ≈ 10 MB per temporary)
@@ -45,22 +45,6 @@ def _check_ids(lm: LoadedModel, ids: Sequence[int], first: int, label: str = "")
         raise ValueError(f"first must be in [1, {len(ids) - 1}] for {len(ids)} tokens, got {first}")
     return ids
 
-
-def same_tokenizer(a: LoadedModel, b: LoadedModel) -> bool:
-    """True when the two models read token ids the same way: one checkpoint directory, or tokenizers of equal
-    length and equal vocabulary (token → id)."""
-    if a.path is not None and a.path == b.path:
-        return True
-    ta, tb = a.tokenizer, b.tokenizer
-    if ta is tb:
-        return True
-    try:
-        return len(ta) == len(tb) and ta.get_vocab() == tb.get_vocab()
-    except (AttributeError, TypeError):
-        return False
-
-
-# --- per-position statistics ----------------------------------------------------------------------------------
 
 def _row_blocks(n: int) -> Iterator[slice]:
     for s in range(0, n, _ROWS):
@@ -173,10 +157,11 @@ class TextScore:
         return pd.DataFrame(columns)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary()}
+        """Plain JSON data (a non-finite float becomes None)."""
+        return _jsonable({**asdict(self), "summary": self.summary()})
 
     def to_json(self) -> str:
-        return json.dumps(_jsonable(self.to_dict()), ensure_ascii=False)
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
 @torch.inference_mode()
@@ -322,11 +307,12 @@ class Divergence:
         return pd.DataFrame(columns)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "summary": self.summary(),
-                "most_different": [asdict(p) for p in self.most_different()]}
+        """Plain JSON data (a non-finite float becomes None)."""
+        return _jsonable({**asdict(self), "summary": self.summary(),
+                          "most_different": [asdict(p) for p in self.most_different()]})
 
     def to_json(self) -> str:
-        return json.dumps(_jsonable(self.to_dict()), ensure_ascii=False)
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
 
 @torch.inference_mode()

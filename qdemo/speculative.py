@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from qdemo.chain import run_chain, summarise
-from qdemo.decode import DecodeState, StepLock, _forward, prefill
+from qdemo.decode import DecodeState, StepLock, decode_step, prefill, verify
 from qdemo.events import StageTopN
 from qdemo.loader import LoadedModel
 
@@ -74,29 +74,26 @@ class SpeculativeDecoder:
         tail = self.committed[self.target_state.width:]  # the last emitted token, not fed yet (none after prefill)
         fed = tail + proposals
         if fed:
-            with self.target_lock():
-                verified = _forward(self.target, self.target_state, torch.tensor([fed], device=self.target.device),
-                                    keep=len(fed))[0]
+            verified = verify(self.target, self.target_state, fed, self.target_lock)
             p_logits = verified[len(tail) - 1:] if tail else torch.cat([self.target_logits[None], verified])
         else:
             p_logits = self.target_logits[None]
         emitted: list[Emitted] = []
         accepted = 0
         for i, x in enumerate(proposals):
-            seq = self.committed + [e.token for e in emitted]
-            final, summary = self._target_dist(p_logits[i], seq, x)
-            if self._accept(x, final, q_probs[i]):
-                emitted.append(Emitted(x, summary, drafted=True))
+            chain = self._target_chain(p_logits[i], len(self.committed) + i)
+            if self._accept(x, chain[0], q_probs[i]):
+                emitted.append(Emitted(x, self._summary(chain, x), drafted=True))
                 accepted += 1
                 continue
-            y = self._resample(final, q_probs[i])
-            emitted.append(Emitted(y, self._target_dist(p_logits[i], seq, y)[1], drafted=False))
+            y = self._resample(chain[0], q_probs[i])
+            emitted.append(Emitted(y, self._summary(chain, y), drafted=False))
             break
         else:
-            seq = self.committed + [e.token for e in emitted]
-            final, _ = self._target_dist(p_logits[len(proposals)], seq, None)
+            chain = self._target_chain(p_logits[len(proposals)], len(self.committed) + len(proposals))
+            final = chain[0]
             y = int(torch.argmax(final)) if self.greedy else int(torch.multinomial(final, 1, generator=self.generator))
-            emitted.append(Emitted(y, self._target_dist(p_logits[len(proposals)], seq, y)[1], drafted=False))
+            emitted.append(Emitted(y, self._summary(chain, y), drafted=False))
         # The target keeps the accepted proposals; the last emitted token is fed with the next round's proposals.
         keep = len(self.committed) + accepted
         if self.target_state.width > keep:
@@ -114,13 +111,13 @@ class SpeculativeDecoder:
             return [], []
         tail = self.committed[self.draft_state.width:]
         if tail:
-            with self.draft_lock():
-                logits = _forward(self.draft, self.draft_state, torch.tensor([tail], device=self.draft.device))[0, -1]
+            logits = verify(self.draft, self.draft_state, tail, self.draft_lock)[-1]
         else:  # right after the prefill
             logits = self.draft_logits
         proposals, q_probs = [], []
         for j in range(k):
-            seq = torch.tensor([self.committed + proposals], device=self.draft.device)
+            # the draft's state holds the committed tokens and the proposals so far: the penalty's context
+            seq = self.draft_state.tokens[:, :self.draft_state.width]
             scores, _, _ = run_chain(logits[None], seq, self.stages, keep=False)
             probs = torch.softmax(scores, dim=-1)[0]
             token = int(torch.argmax(probs)) if self.greedy else int(
@@ -128,20 +125,24 @@ class SpeculativeDecoder:
             proposals.append(token)
             q_probs.append(probs)
             if j < k - 1:
-                with self.draft_lock():
-                    logits = _forward(self.draft, self.draft_state,
-                                      torch.tensor([[token]], device=self.draft.device))[0, -1]
+                logits = decode_step(self.draft, self.draft_state, [token], self.draft_lock)[0]
         return proposals, q_probs
 
-    def _target_dist(self, logits: torch.Tensor, seq: Sequence[int], chosen: int | None
-                     ) -> tuple[torch.Tensor, tuple[StageTopN, ...]]:
-        """The target's final distribution at a position, and the stage summaries for `chosen`."""
-        ids = torch.tensor([list(seq)], device=logits.device)
-        scores, names, probs = run_chain(logits[None], ids, self.stages, keep=True)
-        final = probs[-1][0]
-        if chosen is None or not self.top_n:
-            return final, ()
-        return final, summarise(names, probs, torch.tensor([chosen], device=logits.device), self.top_n)[1]
+    def _target_chain(self, logits: torch.Tensor, length: int
+                      ) -> tuple[torch.Tensor, list[str], list[torch.Tensor]]:
+        """The target's chain at a position whose context is the first `length` tokens of its state (the committed
+        ones and the proposals verified with them): (final distribution, stage names, stage probabilities)."""
+        seq = self.target_state.tokens[:, :length]
+        _, names, probs = run_chain(logits[None], seq, self.stages, keep=True)
+        return probs[-1][0], names, probs
+
+    def _summary(self, chain: tuple[torch.Tensor, list[str], list[torch.Tensor]], token: int
+                 ) -> tuple[StageTopN, ...]:
+        """Stage summaries for the token actually emitted (one device→host copy, only for it)."""
+        if not self.top_n:
+            return ()
+        _, names, probs = chain
+        return summarise(names, probs, torch.tensor([token], device=probs[0].device), self.top_n)[1]
 
     def _accept(self, x: int, p: torch.Tensor, q: torch.Tensor) -> bool:
         if self.greedy:
@@ -161,7 +162,3 @@ class SpeculativeDecoder:
             residual, total = p, float(p.sum())
         return int(torch.multinomial(residual / total, 1, generator=self.generator))
 
-
-def speculative_accept_rule(p: torch.Tensor, q: torch.Tensor, x: int, u: float) -> bool:
-    """The acceptance test on its own, for checking: keep x when u < p(x)/q(x)."""
-    return u < float(p[x]) / max(float(q[x]), 1e-30)

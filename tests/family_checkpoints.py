@@ -249,6 +249,18 @@ def registry_entry(name: str, family: str, path: Path, max_context: int = 256) -
             f"    sampling: {{do_sample: false, max_new_tokens: 12}}\n")
 
 
+def write_family_registry(root: Path) -> Path:
+    """Every seed family's checkpoint in its original layout under `root` (Baichuan-7B as pytorch_model.bin, the
+    rest as safetensors shards) and one models.yaml naming them tiny-<family>; returns the registry's path."""
+    entries = []
+    for i, family in enumerate(LAYOUTS):
+        write_checkpoint(root / family, family, seed=i, bin_weights=family == "baichuan")
+        entries.append(registry_entry(f"tiny-{family}", family, root / family))
+    registry_path = root / "models.yaml"
+    registry_path.write_text("models:\n" + "".join(entries), encoding="utf-8")
+    return registry_path
+
+
 def load_family_models(root: Path) -> dict:
     """Every seed family plus native Qwen2, written in their original layouts under `root`, converted through
     qdemo's loader (a private cache) and loaded on the CPU: {family: LoadedModel}."""
@@ -258,12 +270,7 @@ def load_family_models(root: Path) -> dict:
     from qdemo.registry import load_registry
     from tests.conftest import write_registry, write_tiny_qwen2
 
-    entries = []
-    for i, family in enumerate(LAYOUTS):
-        write_checkpoint(root / family, family, seed=i, bin_weights=family == "baichuan")
-        entries.append(registry_entry(f"tiny-{family}", family, root / family))
-    registry_path = root / "models.yaml"
-    registry_path.write_text("models:\n" + "".join(entries), encoding="utf-8")
+    registry_path = write_family_registry(root)
     qwen2_registry = write_registry(root / "qwen2.yaml", write_tiny_qwen2(root / "qwen2"), name="tiny-qwen2")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QDEMO_CACHE", str(root / "cache"))

@@ -23,7 +23,7 @@ from qdemo.backend import LocalBackend
 from qdemo.pool import StepGate
 from qdemo.services import compare, internals
 from tests.family_checkpoints import (LAYOUTS, heads_for, read_state, ref_alibi_slopes, reference_logits,
-                                      registry_entry, write_checkpoint)
+                                      registry_entry, write_checkpoint, write_family_registry)
 
 FAMILIES = list(LAYOUTS)
 IDS = [5, 17, 42, 99, 7, 250, 3, 64, 120, 33, 8, 77]
@@ -33,13 +33,7 @@ IDS = [5, 17, 42, 99, 7, 250, 3, 64, 120, 33, 8, 77]
 def family_env(tmp_path_factory):
     """All five families: original checkpoints, one registry, a private cache; models loaded once each."""
     root = tmp_path_factory.mktemp("families")
-    entries = []
-    for i, family in enumerate(FAMILIES):
-        # Baichuan-7B ships pytorch_model.bin; the rest safetensors shards.
-        write_checkpoint(root / family, family, seed=i, bin_weights=family == "baichuan")
-        entries.append(registry_entry(f"tiny-{family}", family, root / family))
-    registry_path = root / "models.yaml"
-    registry_path.write_text("models:\n" + "".join(entries), encoding="utf-8")
+    registry_path = write_family_registry(root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QDEMO_CACHE", str(root / "cache"))
         registry = load_registry(registry_path)

@@ -134,3 +134,17 @@ def test_bad_positions_name_the_model(models):
         logit_lens(lm, [1, 2, 3, 4], [4])
     with pytest.raises(ValueError, match="at least one position"):
         logit_lens(lm, [1, 2, 3, 4], [])
+
+
+def test_json_has_no_nan_where_the_sequence_ends(models):
+    import json
+
+    lm = models["qwen2"]
+    ids = sequence(lm)
+    grid = logit_lens(lm, ids, [2, len(ids) - 1], top=3)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(grid.to_json(), parse_constant=refuse)
+    assert all(row[-1] is None and row[0] is not None for row in data["target_probs"])

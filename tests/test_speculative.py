@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from collections import Counter
 
 import pytest
@@ -130,7 +132,10 @@ def test_both_models_step_through_their_gates(tiny_lm, draft_lm):
 
 
 def test_drafts_that_do_not_share_the_tokenizer_are_refused(tiny_lm, draft_lm, monkeypatch):
-    monkeypatch.setattr(draft_lm.tokenizer, "get_vocab", lambda: {"other": 0})
+    # Another tokenizer object (a loaded tokenizer's table is digested once and does not change in place).
+    other = copy.copy(draft_lm.tokenizer)
+    monkeypatch.setattr(other, "get_vocab", lambda: {"other": 0})
+    monkeypatch.setattr(draft_lm, "tokenizer", other)
     with pytest.raises(ValueError, match="cannot draft for tiny-qwen2: their tokenizers differ"):
         generate_assisted(tiny_lm, draft_lm, [5, 6], SamplingParams(max_new_tokens=4))
 

@@ -191,7 +191,7 @@ class Services:
     @staticmethod
     def need_logits(backend: Any, what: str) -> None:
         """Refuse `what` on a backend without full logits (a remote server reports only its top-N)."""
-        if not getattr(backend.capabilities, "stage_chain", True):
+        if not backend.capabilities.stage_chain:
             local = getattr(getattr(backend, "source", None), "tokenizer", None)
             also = f"; {local} is this model locally" if local else ""
             raise Refused(f"{backend.name} runs on a remote server ({backend.server}), which reports only its top "

@@ -34,7 +34,7 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
     texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
     with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
         backend, params = admitted.backend, admitted.params[0]
-        if getattr(backend.capabilities, "messages_only", False):
+        if backend.capabilities.messages_only:
             if task == "score":
                 services.need_logits(backend, "scoring a batch")
             return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -17,7 +18,7 @@ from qdemo.events import DoneEvent, StageTopN, TokenEvent
 from qdemo.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.services.chat import AnswerView, ChatSession, answer_view
+from qdemo.services.chat import UI_INTERVAL_S, AnswerView, ChatSession, answer_view
 from qdemo.sources import ProgressFn
 from qdemo.views.labels import token_label
 
@@ -183,15 +184,18 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
         except ValueError as exc:  # a token outside the vocabulary, an answer past the context
             services.pool.keep_state(session.key, state)
             raise Refused(str(exc)) from None
+        shown_at = 0.0
         try:
             for event in events:
                 if type(event).__name__ == "PrefillEvent":
                     run.prefill, reused = event, event.reused_tokens
                 elif isinstance(event, TokenEvent):
                     new.append(dataclasses.replace(event, step=at + 1 + event.step))
-                    run.tokens = run.tokens[:at + 1] + new
-                    yield BranchUpdate(text=backend.decode(prefix + [token] + [t.token_id for t in new],
-                                                           skip_special_tokens=True), reused_tokens=reused)
+                    run.tokens.append(new[-1])
+                    if time.perf_counter() - shown_at >= UI_INTERVAL_S:  # as the chat streams: not every token
+                        shown_at = time.perf_counter()
+                        yield BranchUpdate(text=backend.decode(prefix + [token] + [t.token_id for t in new],
+                                                               skip_special_tokens=True), reused_tokens=reused)
                 elif isinstance(event, DoneEvent):
                     done = event
         finally:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from qdemo.backend import LocalBackend, drafting_pays
+from qdemo.decided import TokenDecision, answer_summary, token_decisions
 from qdemo.events import Event, TokenEvent
 from qdemo.limits import Limits, clean_text, cut_text
 from qdemo.prompting import keep_last_turns, validate_messages
@@ -54,6 +55,15 @@ class AnswerView:
     dropped: list[tuple[str, str]]  # (role, text) of history messages left out to fit the context
     messages: list[dict[str, str]] = field(default_factory=list)  # the turn as sent (system first when given)
     model: str = ""  # the model reference it ran on ("name" or "name [forward]")
+
+    @functools.cached_property
+    def decisions(self) -> list[TokenDecision]:
+        """Which stage decided what at each token (worked out once: the token view redraws often)."""
+        return token_decisions(self.run.tokens)
+
+    @functools.cached_property
+    def decision_summary(self) -> list[str]:
+        return answer_summary(self.decisions)
 
 
 class ChatSession:
@@ -339,7 +349,7 @@ def chat_events(services: Services, backend: LocalBackend, messages: list[dict[s
     decode `state`, only the prompt tokens after what it already holds are prefilled. Raises PromptTooLongError (a
     ValueError) when the newest message alone does not fit."""
     prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
-    if getattr(backend.capabilities, "messages_only", False):  # a remote server applies its own chat template
+    if backend.capabilities.messages_only:  # a remote server applies its own chat template
         return backend.generate_chat(messages, params, stop_event, top_n, prompt_ids=prompt.ids,
                                      dropped_turns=prompt.dropped_turns,
                                      time_limit_s=services.limits.max_generation_seconds)

@@ -62,7 +62,7 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
     into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
     turns. With `services`, each side runs under the server's prompt and time limits. A prompt that does not fit
     raises here, before anything streams."""
-    one_model = backend_a.key == backend_b.key and not getattr(backend_a.capabilities, "messages_only", False)
+    one_model = backend_a.key == backend_b.key and not backend_a.capabilities.messages_only
     if one_model and not (params_a.beam_search or params_b.beam_search):
         limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
         cap = services.limits.max_prompt_tokens if services is not None else None
@@ -116,7 +116,7 @@ def cross_probability(backend: LocalBackend, run: RunRecord, params: SamplingPar
     and the tokens both sides share up to `step`."""
     if other_token is None or run.prefill is None:
         return CrossProbability(None, None)
-    if getattr(backend.capabilities, "messages_only", False):
+    if not backend.capabilities.stage_chain:
         # A remote side: no logits here, only what the server reported at that step (its top-N, raw).
         stages = run.tokens[step].stages if step < len(run.tokens) else ()
         listed = dict(zip(stages[0].token_ids, stages[0].probs)) if stages else {}

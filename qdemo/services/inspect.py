@@ -8,11 +8,13 @@ tokens kept), never run to a hang.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from qdemo.attribution import Attribution, Unit, token_units, turn_units
 from qdemo.decided import answer_summary, token_decisions
+from qdemo.forwards import split_ref
+from qdemo.prompting import with_system
 from qdemo.lens import LensGrid
 from qdemo.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
@@ -44,9 +46,7 @@ class Subject:
         """With ids: an API subject's prompt in the model's chat format and its answer as plain text."""
         if self.ids:
             return self
-        messages = list(self.messages)
-        if backend.spec.system_prompt and (not messages or messages[0]["role"] != "system"):
-            messages.insert(0, {"role": "system", "content": backend.spec.system_prompt})  # as chat_prompt adds it
+        messages = with_system(self.messages, backend.spec.system_prompt)
         prompt = backend.chat_prompt(messages, max_new_tokens=1).ids
         answer = backend.raw_text_ids(self.answer_text)
         return Subject(model=self.model, ids=tuple(prompt) + tuple(answer), answer_from=len(prompt),
@@ -74,7 +74,7 @@ def chat_subject(view: AnswerView | None) -> Subject:
     if view is None or not view.run.tokens:
         raise Refused("No answer to inspect yet: send a message in Chat first (or paste a text).")
     prompt = [p[0] for p in view.prompt]
-    answer = [t.token_id for t in view.run.tokens if t.row == 0]
+    answer = [t.token_id for t in view.run.tokens]  # a RunRecord holds one row's tokens
     return Subject(model=view.model or view.run.model, ids=tuple(prompt + answer), answer_from=len(prompt),
                    messages=tuple(view.messages))
 
@@ -169,11 +169,9 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
         context, dropped, notice = _cut(subject.ids[:at])
         answer_from = max(0, subject.answer_from - dropped)
         pieces = backend.token_pieces(context)
-        messages = list(subject.messages)
-        if backend.spec.system_prompt and (not messages or messages[0]["role"] != "system"):
-            # the chat's prompt has the model's default system prompt though the turn carries none: without it
-            # a short user message would be found inside the system text
-            messages.insert(0, {"role": "system", "content": backend.spec.system_prompt})
+        # the chat's prompt has the model's default system prompt though the turn may carry none: without it a
+        # short user message would be found inside the system text
+        messages = with_system(subject.messages, backend.spec.system_prompt)
         units = turn_units(pieces, messages, answer_from if answer_from < len(context) else None)
         began = time.perf_counter()
         try:
@@ -204,16 +202,6 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
                 token_scores[i] = score
     return AttributionResult(attribution=result, pieces=pieces, per_turn=per_turn, token_scores=token_scores,
                              target_text=target_text, notice=notice, seconds=seconds)
-
-
-# --- which stage decided ----------------------------------------------------------------------------------
-
-def decisions_of(view: AnswerView | None) -> tuple[list[Any], list[str]]:
-    """Per-token decisions and the answer-level summary lines of a chat's last answer."""
-    if view is None or not view.run.tokens:
-        return [], []
-    decisions = token_decisions([t for t in view.run.tokens if t.row == 0])
-    return decisions, answer_summary(decisions)
 
 
 # --- scoring and divergence -------------------------------------------------------------------------------
@@ -276,7 +264,6 @@ class DivergenceResult:
     texts: dict[int, str]
     notice: str
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def divergence_view(services: Services, client: str | None, model_a: str, model_b: str, text: str,
@@ -317,7 +304,7 @@ def weights_fingerprint(services: Services, model: str) -> str:
 
     from qdemo.registry import GgufPartsSource, HubSource, LocalSource
 
-    name = model.split(" [", 1)[0]
+    name = split_ref(model)[0]
     spec = services.registry.models.get(name)
     if spec is None:
         return f"unknown model {name}"
@@ -347,7 +334,7 @@ def bundle_meta_or_empty(raw: bytes) -> dict[str, Any]:
 def decision_rows(run: Any) -> list[dict[str, Any]]:
     """One row per answer token: what each stage decided there."""
     rows = []
-    for d, event in zip(token_decisions([t for t in run.tokens if t.row == 0]), run.tokens):
+    for d, event in zip(token_decisions(run.tokens), run.tokens):
         rows.append({"index": d.index, "token_id": d.token_id, "text": event.text, "raw_top": d.raw_top,
                      "changed_by": ",".join(d.changed_by), "argmax_removed_by": d.argmax_removed_by or "",
                      **{f"removed_{name}": mass for name, mass in d.removed},
@@ -365,5 +352,5 @@ def listed_ids(run: Any) -> list[int]:
 
 
 def run_summary(run: Any) -> str:
-    lines = answer_summary(token_decisions([t for t in run.tokens if t.row == 0]))
+    lines = answer_summary(token_decisions(run.tokens))
     return "Which stage decided: " + "; ".join(lines) + "." if lines else ""

@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qdemo.backend import LocalBackend
+from qdemo.prompting import with_system
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import history_messages
 from qdemo.sources import ProgressFn
@@ -83,9 +84,7 @@ def conversation_ids(backend: LocalBackend, history: Sequence[Any] | None, syste
     messages, _ = history_messages(history, system)
     if not any(m["role"] in ("user", "assistant") for m in messages):
         return backend.raw_text_ids(DEFAULT_TEXT), "an example text (the chat is empty)"
-    if messages[0]["role"] != "system" and backend.spec.system_prompt:
-        messages = [{"role": "system", "content": backend.spec.system_prompt}] + messages  # as the engine does
-    return backend.conversation_ids(messages), "the current conversation"
+    return backend.conversation_ids(with_system(messages, backend.spec.system_prompt)), "the current conversation"
 
 
 def compute_attention(services: Services, session: InternalsSession, client: str | None, model: str,

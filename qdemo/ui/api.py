@@ -62,31 +62,22 @@ def register(ui: UIContext) -> None:
             raise refuse_api(f"seed must be a whole number from 0 to 2**63 - 1, got {str(seed)[:40]}")
         if not all(s is None or isinstance(s, dict) for s in (settings_a, settings_b)):
             raise refuse_api("settings_a and settings_b must be JSON objects of sampling fields")
-        try:
-            final = None
-            for update in compare_service.compare(services, None, ui.client(request), prompt, model_a, model_b,
-                                                  settings_a, settings_b, seed, 1, top_n=0):
-                final = update
-        except (Refused, ValueError) as exc:
-            raise refuse_api(str(exc)) from None
+        final = None
+        for update in compare_service.compare(services, None, ui.client(request), prompt, model_a, model_b,
+                                              settings_a, settings_b, seed, 1, top_n=0):
+            final = update
         return {"a": _summary(final.a), "b": _summary(final.b), "divergence": final.report}
 
     def next_token_endpoint(context: str, model: str = "", settings: dict | None = None, mode: str = "chat",
                             top_n: int = 20, request: gr.Request = None) -> dict[str, Any]:
         """The next-token distribution after `context`, stage by stage (no generation)."""
-        try:
-            return lab.next_token_report(services, ui.client(request), context, model, settings, mode, top_n)
-        except (Refused, ValueError) as exc:
-            raise refuse_api(str(exc)) from None
+        return lab.next_token_report(services, ui.client(request), context, model, settings, mode, top_n)
 
     def batch_endpoint(prompts: list[str], model: str = "", settings: dict | None = None, mode: str = "chat",
                        task: str = "generate", request: gr.Request = None) -> list[dict[str, Any]]:
         """Up to 8 prompts in one left-padded batch: "generate" answers each, "score" gives each text's tokens
         with their log-probability and its perplexity."""
-        try:
-            return batch_service.batch(services, ui.client(request), prompts, model, settings, mode, task)
-        except (Refused, ValueError) as exc:
-            raise refuse_api(str(exc)) from None
+        return batch_service.batch(services, ui.client(request), prompts, model, settings, mode, task)
 
     queue = ui.queue_kwargs()
     gr.api(on_gpu(guarded(chat_endpoint)), api_name="chat", **queue)
@@ -97,7 +88,8 @@ def register(ui: UIContext) -> None:
 
 
 def guarded(fn):
-    """A crash in an endpoint is logged with its traceback and answered with a message, never a blank error."""
+    """A refusal or bad value in an endpoint becomes a gr.Error with its message (no traceback); a crash is logged
+    with its traceback and answered with a message, never a blank error."""
     def crashed():
         log.exception("api %s failed", fn.__name__)
         return gr.Error("Something went wrong on the server (it is logged); please try again.",
@@ -110,6 +102,8 @@ def guarded(fn):
                 yield from fn(*args, **kwargs)
             except gr.Error:
                 raise
+            except (Refused, ValueError) as exc:  # what the caller can act on, naming the field or value
+                raise refuse_api(str(exc)) from None
             except Exception:  # noqa: BLE001
                 raise crashed() from None
         return stream
@@ -120,6 +114,8 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
+        except (Refused, ValueError) as exc:
+            raise refuse_api(str(exc)) from None
         except Exception:  # noqa: BLE001
             raise crashed() from None
     return call

@@ -4,7 +4,6 @@ table as the page's CSV download. Wiring only: the logic is in qdemo.services.in
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import gradio as gr
@@ -12,20 +11,10 @@ import gradio as gr
 from qdemo.runs import RunRecord, run_from_json, run_to_json
 from qdemo.services import branches, chat, inspect as service, internals
 from qdemo.services.admission import ModelRequest, Refused
-from qdemo.ui.context import UIContext, refuse_api
+from qdemo.ui.context import UIContext
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.bundle import bundle_html, read_bundle
 from qdemo.views.export import csv_text
-
-
-def _refusing(fn):
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (Refused, ValueError) as exc:
-            raise refuse_api(str(exc)) from None
-    return call
 
 
 def register(ui: UIContext, guarded) -> None:
@@ -89,7 +78,7 @@ def register(ui: UIContext, guarded) -> None:
         the chat template as the answer to `question` when `template`."""
         result = service.score_view(services, ui.client(request), model or services.default_model, text,
                                     question or "", bool(template))
-        return {**_jsonable(result.score.to_dict()), "notice": result.notice, "seconds": round(result.seconds, 3),
+        return {**result.score.to_dict(), "notice": result.notice, "seconds": round(result.seconds, 3),
                 "csv": csv_text(result.score.to_frame(result.texts))}
 
     def divergence(text: str, model_a: str, model_b: str, question: str = "", template: bool = False,
@@ -98,7 +87,7 @@ def register(ui: UIContext, guarded) -> None:
         positions where they differ most."""
         result = service.divergence_view(services, ui.client(request), model_a, model_b, text, question or "",
                                          bool(template))
-        return {**_jsonable(result.divergence.to_dict()), "notice": result.notice,
+        return {**result.divergence.to_dict(), "notice": result.notice,
                 "seconds": round(result.seconds, 3),
                 "csv": csv_text(result.divergence.to_frame(result.texts))}
 
@@ -124,16 +113,5 @@ def register(ui: UIContext, guarded) -> None:
 
     queue = ui.queue_kwargs()
     for fn in (lens, attribution, decisions, branch, score, divergence, sinks, bundle):
-        gr.api(on_gpu(guarded(_refusing(fn))), api_name=fn.__name__, **queue)
+        gr.api(on_gpu(guarded(fn)), api_name=fn.__name__, **queue)
 
-
-def _jsonable(value: Any) -> Any:
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

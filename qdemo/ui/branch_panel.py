@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
 from qdemo.services import branches, chat, perf, settings
-from qdemo.services.admission import Refused
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
-from qdemo.views.tokens import token_view_html
 
 HINT = ("Click a token in the token view, pick another token for that position (one a sampling stage removed, "
         "too) and generate on from there. The shared start is not computed again.")
@@ -32,13 +30,18 @@ class ChatParts:
     chatbot: gr.Chatbot
     tokens_view: gr.HTML
     measure: gr.Radio
+    decided: gr.Dropdown  # the token view's "show" filter
+    decided_md: gr.Markdown  # the answer's which-stage-decided line
     notice: gr.Markdown
     metrics: gr.Markdown
     controls: Any  # SamplingControls
-    marks: Any  # view -> {index: note}
+    view_html: Any  # (view, measure, filter) -> the token view's HTML, as the Chat tab draws it
+    summary: Any  # view -> the which-stage-decided line
 
 
-def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> None:
+def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> Callable[[list], None]:
+    """The panel; returns the function that wires its reset after the chat's own events (a new answer, Clear,
+    Undo, Import forget the branches)."""
     services = ui.services
     with gr.Accordion("Branch from a token", open=False, elem_id="branch-box"):
         hint = gr.Markdown(HINT, elem_id="branch-hint")
@@ -70,8 +73,8 @@ def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> None:
         """The chat, token view and branch list showing `view`."""
         history = chat.without_answer(chat_history) + [{"role": "assistant", "content": _text(tree)}]
         return {parts.chatbot: history, parts.metrics: chat.metrics_line(view.run),
-                parts.tokens_view: token_view_html(view.run.tokens, view.texts, view.labels, data[parts.measure],
-                                                   marks=parts.marks(view)),
+                parts.tokens_view: parts.view_html(view, data[parts.measure], data[parts.decided]),
+                parts.decided_md: parts.summary(view),
                 tree_dd: gr.Dropdown(choices=tree.choices(), value=tree.current)}
 
     def grow(data, request: gr.Request, progress=gr.Progress()):
@@ -94,26 +97,23 @@ def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> None:
         state.stop = threading.Event()  # the chat's Stop button stops the branch too
         runs = list(data[session.runs] or [])
         history = list(data[parts.chatbot] or [])
-        try:
-            for update in branches.grow(services, state, tree, ui.client(request), tree.current, index, int(token),
-                                        params, perf.next_run_id(runs), stop=state.stop,
-                                        progress=progress_callback(progress)):
-                if not update.done:
-                    yield {parts.chatbot: chat.without_answer(history) + [{"role": "assistant",
-                                                                            "content": update.text}]}
-                    continue
-                state.view = update.branch.view
-                runs = runs + [update.branch.view.run]
-                yield {**shown(update.branch.view, data, history, tree), hint: update.notice,
-                       compare_md: branches.compare(tree, update.branch.parent, update.branch.id),
-                       session.runs: runs, session.saved_runs: perf.saved(runs)}
-        except Refused as exc:
-            yield {hint: f"⚠️ {exc}"}
+        for update in branches.grow(services, state, tree, ui.client(request), tree.current, index, int(token),
+                                    params, perf.next_run_id(runs), stop=state.stop,
+                                    progress=progress_callback(progress)):
+            if not update.done:
+                yield {parts.chatbot: chat.without_answer(history) + [{"role": "assistant",
+                                                                        "content": update.text}]}
+                continue
+            state.view = update.branch.view
+            runs = runs + [update.branch.view.run]
+            yield {**shown(update.branch.view, data, history, tree), hint: update.notice,
+                   compare_md: branches.compare(tree, update.branch.parent, update.branch.id),
+                   session.runs: runs, session.saved_runs: perf.saved(runs)}
 
     grow = on_gpu(grow)
-    ui.on(run_btn.click, grow, {parts.state, selected, alt, parts.chatbot, parts.measure, session.runs,
+    ui.on(run_btn.click, grow, {parts.state, selected, alt, parts.chatbot, parts.measure, parts.decided, session.runs,
                                 *parts.controls.components()},
-          [parts.chatbot, parts.metrics, parts.tokens_view, tree_dd, hint, compare_md, session.runs,
+          [parts.chatbot, parts.metrics, parts.tokens_view, parts.decided_md, tree_dd, hint, compare_md, session.runs,
            session.saved_runs], notice=hint, runs_model=True)
 
     def switch(data):
@@ -131,8 +131,9 @@ def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> None:
                 compare_md: branches.compare(tree, other, branch.id) if other is not None else "",
                 hint: f"The chat now shows {tree.label(branch).strip()}."}
 
-    ui.on(tree_dd.input, switch, {parts.state, tree_dd, parts.chatbot, parts.measure},
-          [parts.chatbot, parts.metrics, parts.tokens_view, tree_dd, hint, compare_md], notice=hint, queue=False)
+    ui.on(tree_dd.input, switch, {parts.state, tree_dd, parts.chatbot, parts.measure, parts.decided},
+          [parts.chatbot, parts.metrics, parts.tokens_view, parts.decided_md, tree_dd, hint, compare_md], notice=hint,
+          queue=False)
 
     def reset(data):
         if data[parts.state].branches is not None:
@@ -140,9 +141,14 @@ def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> None:
         return {tree_dd: gr.Dropdown(choices=[], value=None), alt: gr.Dropdown(choices=[], value=None),
                 compare_md: "", hint: HINT, selected: None}
 
-    # A new answer, Clear, Undo or Import forgets the tree (the session already did).
-    ui.on(parts.chatbot.change, reset, {parts.state}, [tree_dd, alt, compare_md, hint, selected], notice=hint,
-          queue=False, show_progress="hidden")
+    def wire_reset(events: list) -> None:
+        # After the chat's own events, not on every change of the chatbot: a streaming answer changes it
+        # ~20 times a second, and each would be a round trip counted against the page-event limit.
+        for event in events:
+            ui.on(event.then, reset, {parts.state}, [tree_dd, alt, compare_md, hint, selected], notice=hint,
+                  queue=False, show_progress="hidden")
+
+    return wire_reset
 
 
 def _text(tree: branches.BranchTree) -> str:

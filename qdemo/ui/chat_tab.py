@@ -6,7 +6,7 @@ Handlers take set inputs (`data[component]`) and return dicts naming the compone
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import gradio as gr
 
@@ -21,8 +21,7 @@ from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
 from qdemo.decided import decided_indices, decision_marks
 from qdemo.remote import distribution_note
-from qdemo.services import inspect as inspect_service
-from qdemo.views.tokens import TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
+from qdemo.views.tokens import TOKEN_CLICK_JS, TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
 
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
             "Explain what a KV cache is in two sentences."]
@@ -34,8 +33,7 @@ TOKENS_HINT = "<p class='tok-empty'>The tokens of the last answer appear here: h
 DECIDED_CHOICES = [("all tokens", "all"), ("a stage changed the top token", "changed"),
                    ("a stage removed the raw argmax", "removed_argmax"), ("not the raw argmax", "not_argmax"),
                    ("drawn below the final top", "below_final_top")]
-TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-i]'); "
-                  "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
+DECIDED_LABELS = {value: label for label, value in DECIDED_CHOICES}
 
 
 def build(ui: UIContext, session: SessionComponents) -> None:
@@ -98,9 +96,10 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                                   head=f"<style>{TOKEN_VIEW_CSS}</style>")
             stage_plot = gr.Plot(label="stage by stage (click a token)", show_label=False, elem_id="stage-plot")
             notes = gr.Markdown("", elem_id="stage-notes")
-            branch_panel.build(ui, session, branch_panel.ChatParts(
-                state=chat_state, chatbot=chatbot, tokens_view=tokens_view, measure=measure, notice=notice,
-                metrics=metrics, controls=controls, marks=_marks))
+            branches_reset = branch_panel.build(ui, session, branch_panel.ChatParts(
+                state=chat_state, chatbot=chatbot, tokens_view=tokens_view, measure=measure, decided=decided,
+                decided_md=decided_md, notice=notice, metrics=metrics, controls=controls, view_html=_view_html,
+                summary=_decided_summary))
             with gr.Accordion("Prompt inspector", open=False, elem_id="prompt-inspector"):
                 prompt_view = gr.HTML("", elem_id="prompt-view")
 
@@ -326,38 +325,36 @@ def build(ui: UIContext, session: SessionComponents) -> None:
 
     for event in answers + edits:
         ui.on(event.then, export, {chatbot, model, system, *control_inputs}, export_btn, notice=notice, queue=False)
+    branches_reset(answers + edits)
 
 
 def _assisted_label(spec) -> str:
     return f"speculative decoding, {spec.draft} drafting" if spec.draft else "speculative decoding"
 
 
-def _marks(view, kind: str = "all") -> dict[int, str]:
-    """Tokens the draft model proposed and the model accepted, and (with a `kind`) the tokens where a stage
-    decided that."""
+def _marks(view, shown: Sequence[int] = ()) -> dict[int, str]:
+    """Tokens the draft model proposed and the model accepted, and the `shown` ones with what decided there."""
     marks = {i: "drafted, accepted" for i, t in enumerate(view.run.tokens) if t.drafted}
-    if kind != "all":
-        decisions, _ = inspect_service.decisions_of(view)
-        notes = decision_marks(decisions)
-        for i in decided_indices(decisions, kind):
-            marks[i] = "; ".join(m for m in (marks.get(i), notes.get(i)) if m)
+    notes = decision_marks(view.decisions) if shown else {}
+    for i in shown:
+        marks[i] = "; ".join(m for m in (marks.get(i), notes.get(i)) if m)
     return marks
 
 
 def _view_html(view, measure: str, kind: str) -> str:
-    html = token_view_html(view.run.tokens, view.texts, view.labels, measure, marks=_marks(view, kind))
+    shown = decided_indices(view.decisions, kind) if kind != "all" else []
+    html = token_view_html(view.run.tokens, view.texts, view.labels, measure, marks=_marks(view, shown))
     if kind == "all":
         return html
-    count = len(decided_indices(inspect_service.decisions_of(view)[0], kind))
-    return (f'<p class="decided-count">{count} of {len(view.run.tokens)} tokens: '
-            f'{dict((v, k) for k, v in DECIDED_CHOICES)[kind]}</p><div class="only-marked">{html}</div>')
+    return (f'<p class="decided-count">{len(shown)} of {len(view.run.tokens)} tokens: {DECIDED_LABELS[kind]}</p>'
+            f'<div class="only-marked">{html}</div>')
 
 
 def _decided_summary(view) -> str:
     if view.run.prefill is not None and view.run.prefill.memory.device == "remote":
         return (f"**Token probabilities as the server reports them** ({distribution_note()}): one distribution "
                 "per token; its sampling stages ran on the server.")
-    lines = inspect_service.decisions_of(view)[1]
+    lines = view.decision_summary
     return "**Which stage decided:** " + "; ".join(lines) + "." if lines else ""
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from qdemo.forwards import ref
 from qdemo.services import inspect as service
 from qdemo.services.admission import Refused
 from qdemo.services.files import scratch_file
@@ -17,12 +18,10 @@ from qdemo.views import inspect as views
 from qdemo.views.bundle import bundle_html, read_bundle
 from qdemo.views.export import csv_text
 from qdemo.views.labels import token_label
-from qdemo.views.tokens import TOKEN_VIEW_CSS, token_view_html
+from qdemo.views.tokens import TOKEN_CLICK_JS, TOKEN_VIEW_CSS, token_view_html
 
 CELL_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-r]'); "
                  "if (t) trigger('select', {row: Number(t.dataset.r), col: Number(t.dataset.c)}); });")
-PICK_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-i]'); "
-                 "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
 CSS = views.LENS_CSS + """
 .attrview .attr-text, .scoreview {line-height: 1.9; white-space: pre-wrap; font-family: ui-monospace, monospace;
   font-size: 13px}
@@ -54,7 +53,7 @@ def _ref_choices(services) -> list[tuple[str, str]]:
     for label, name in services.choices():
         out.append((label, name))
         for forward in services.forward_choices(name)[1:]:
-            out.append((f"{label} [{forward}]", f"{name} [{forward}]"))
+            out.append((f"{label} [{forward}]", ref(name, forward)))
     return out
 
 
@@ -84,7 +83,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
 
     with gr.Accordion("Prompt attribution", open=False, elem_id="attribution"):
         gr.Markdown("Click a token of the last answer, then ask what in the prompt drove it.")
-        attr_pick = gr.HTML("", elem_id="attr-pick", js_on_load=PICK_CLICK_JS)
+        attr_pick = gr.HTML("", elem_id="attr-pick", js_on_load=TOKEN_CLICK_JS)
         with gr.Row():
             attr_token = gr.Number(0, precision=0, minimum=0, label="answer token", elem_id="attr-token")
             method = gr.Radio(list(service.METHODS), value="gradient×input", label="method", elem_id="attr-method")

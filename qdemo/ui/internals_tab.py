@@ -7,7 +7,6 @@ from __future__ import annotations
 import gradio as gr
 
 from qdemo.services import internals
-from qdemo.services.admission import Refused
 from qdemo.services.files import scratch_file
 from qdemo.views.export import csv_text
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
@@ -59,12 +58,10 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                 head: gr.Dropdown(choices=internals.head_choices(heads))}
 
     def load(data, request: gr.Request, progress=gr.Progress()):
-        try:
-            facts = internals.model_facts(services, ui.client(request), data[model], progress_callback(progress))
-        except Refused as exc:
-            return {status: f"⚠️ {exc}"}
+        facts = internals.model_facts(services, ui.client(request), data[model], progress_callback(progress))
         apart = " (chats on llama.cpp keep their own copy)" if services.forward_choices(data[model]) else ""
-        return {status: f"**{data[model]}** loaded: these panels read its **{facts.forward}** modules{apart}.", rope_md: facts.position.summary,
+        return {status: f"**{data[model]}** loaded: these panels read its **{facts.forward}** modules{apart}.",
+                rope_md: facts.position.summary,
                 freq_plot: facts.position.frequencies, angle_plot: facts.position.angles,
                 decay_plot: facts.position.decay, card: facts.card, **shape(facts.layers, facts.heads)}
 
@@ -91,12 +88,9 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                                                                                           visible=True)}
 
     def compute_attention(data, request: gr.Request, progress=gr.Progress()):
-        try:
-            cache = internals.compute_attention(services, data[state], ui.client(request), data[model],
-                                                data[session.chatbot], data[session.chat_system],
-                                                progress_callback(progress))
-        except Refused as exc:
-            return {attn_caption: f"⚠️ {exc}"}
+        cache = internals.compute_attention(services, data[state], ui.client(request), data[model],
+                                            data[session.chatbot], data[session.chat_system],
+                                            progress_callback(progress))
         layers, heads = cache.maps.shape[:2]
         return {**shape(layers, heads), **draw(cache, data), **sinks(cache)}
 

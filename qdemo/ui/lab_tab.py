@@ -81,12 +81,9 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                 message: note or lab.status_line(context)}
 
     def compute(data, request: gr.Request, progress=gr.Progress()):
-        try:
-            context, note = lab.compute(services, data[state], ui.client(request),
-                                        forward_picker.model_ref(data[model], data[forward]), data[context_box],
-                                        data[mode], progress_callback(progress))
-        except Refused as exc:
-            return {message: f"⚠️ {exc}"}
+        context, note = lab.compute(services, data[state], ui.client(request),
+                                    forward_picker.model_ref(data[model], data[forward]), data[context_box],
+                                    data[mode], progress_callback(progress))
         return {context_view: context.text,
                 **render(context, data, f"{note} {lab.status_line(context)}" if note else "")}
 
@@ -121,10 +118,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     ui.on(sample_btn.click, sample, {state, n, seed, top_n, *chain}, [histogram], notice=message)
 
     def append(data, request: gr.Request, progress=gr.Progress()):
-        try:
-            longer = lab.append(services, data[state], ui.client(request), data[token], progress_callback(progress))
-        except Refused as exc:
-            return {message: f"⚠️ {exc}"}
+        longer = lab.append(services, data[state], ui.client(request), data[token], progress_callback(progress))
         label = token_label(longer.decode([longer.ids[-1]])[longer.ids[-1]])
         note = f"Appended {label} (id {longer.ids[-1]}). " + lab.status_line(longer)
         return {context_view: longer.text, **render(longer, data, note)}

@@ -11,7 +11,6 @@ The run itself rides along as JSON (qdemo.runs serialisation) in `<script type="
 
 from __future__ import annotations
 
-import html
 import importlib.metadata
 import json
 import platform
@@ -26,6 +25,7 @@ from qdemo.decided import answer_summary, decision_marks, token_decisions
 from qdemo.events import TokenEvent
 from qdemo.runs import RunRecord, run_from_json
 from qdemo.views.labels import token_label
+from qdemo.views.labels import html_text as _e
 from qdemo.views.tokens import DEFAULT_MEASURE, TOKEN_VIEW_CSS, token_legend_html, token_view_html
 
 RUN_BLOCK_ID = "qdemo-run"
@@ -57,10 +57,6 @@ table.stages th, table.stages td { border-bottom: 1px solid #eee; padding: 1px 8
 table.stages td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .foot { color: #777; font-size: 12px; margin-top: 24px; }
 """
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 # --- provenance -------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import math
 from typing import Mapping, Sequence
 
@@ -11,10 +10,7 @@ import plotly.graph_objects as go
 
 from qdemo.views._figure import empty_figure, styled
 from qdemo.views.labels import plot_text, token_label
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
+from qdemo.views.labels import html_text as _e
 
 
 # --- logit lens -------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from typing import Mapping, Sequence
 
 MAX_LABEL = 24
@@ -51,3 +53,8 @@ def plot_text(text: str) -> str:
     """`text` safe inside a plotly label or hover: plotly reads a subset of HTML ("<b>", "<br>") in text, so a
     token like "<b>" would vanish; plotly shows the entities "&lt;", "&gt;" and "&amp;" as the characters."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def html_text(text: object) -> str:
+    """Text made safe inside HTML, attribute values included."""
+    return html.escape(str(text), quote=True)

@@ -3,18 +3,14 @@ and the messages left out to fit the context listed under it."""
 
 from __future__ import annotations
 
-import html
 from typing import Sequence
 
 from qdemo.views.labels import token_label
+from qdemo.views.labels import html_text as _e
 
 DROPPED_TITLE = "left out to fit the context"
 DROPPED_CHARS = 80
 EMPTY_PROMPT = '<p class="chips-empty">No prompt yet: its tokens appear here once a message is sent.</p>'
-
-
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
 
 
 def _excerpt(text: str, limit: int = DROPPED_CHARS) -> str:

@@ -7,13 +7,13 @@ token that shows its numbers on hover or focus (pure CSS: no server round trip).
 
 from __future__ import annotations
 
-import html
 import math
 import re
 from typing import Mapping, Sequence
 
 from qdemo.events import StageTopN, TokenEvent
 from qdemo.views.labels import token_label
+from qdemo.views.labels import html_text as _e
 from qdemo.views.stages import ordered_stages
 
 # Measure key → what it means, in words. The first one is the default.
@@ -130,10 +130,6 @@ def format_value(value: float | None, measure: str) -> str:
     return _pct(value)
 
 
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _label(labels: Mapping[int, str], token_id: int) -> str:
     return token_label(labels[token_id]) if token_id in labels else f"#{token_id}"
 
@@ -181,6 +177,11 @@ def _tooltip(i: int, event: TokenEvent, label: str, labels: Mapping[int, str], m
     if final is not raw and final_top and not _same_top(raw_top, final_top):
         rows.append(_alternatives("final top-5", final_top, event.token_id, labels))
     return f'<span class="tip" role="tooltip">{"".join(rows)}</span>'
+
+
+# Clicking a token of token_view_html sends its index as the component's "select" event (gr.HTML js_on_load).
+TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target.closest('[data-i]'); "
+                  "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
 
 
 def token_view_html(tokens: Sequence[TokenEvent], texts: Sequence[str], labels: Mapping[int, str],

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from qdemo.limits import Limits
+from qdemo.serving.limits import Limits
 
 _LIMIT_FLAGS = {  # flag → (Limits field, help)
     "--max-input-chars": ("max_input_chars", "longest message accepted; longer ones are cut with a notice"),
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
 def generation_seconds_for(device: str | None) -> int:
     """The default time limit per answer, sized for the device: a 2-core CPU writes ~5 tokens a second, so a
     long answer there needs minutes; a GPU needs far less."""
-    from qdemo.loader import pick_device
+    from qdemo.models.loader import pick_device
 
     return 180 if pick_device(device).type == "cpu" else 90
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Everything that can be wrong with the configuration is checked before anything is served.
     try:
-        from qdemo.pool import ModelPool, parse_bytes
-        from qdemo.registry import load_registry
+        from qdemo.serving.pool import ModelPool, parse_bytes
+        from qdemo.models.registry import load_registry
         from qdemo.services.preload import Preload
 
         limits = Limits.from_env(**{field: getattr(args, field) for field, _ in _LIMIT_FLAGS.values()})

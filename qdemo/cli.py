@@ -51,8 +51,8 @@ def _sampling_overrides(args: argparse.Namespace, defaults):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from qdemo.registry import load_registry
-    from qdemo.sources import cache_root, cache_state
+    from qdemo.models.registry import load_registry
+    from qdemo.models.sources import cache_root, cache_state
 
     registry = load_registry(args.registry)
     rows = [(("* " if s.name == registry.default else "  ") + s.name, s.family, s.source.describe(), cache_state(s))
@@ -65,8 +65,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from qdemo.registry import load_registry
-    from qdemo.sources import resolve
+    from qdemo.models.registry import load_registry
+    from qdemo.models.sources import resolve
 
     spec = load_registry(args.registry).get(args.name)
     progress = TqdmProgress()
@@ -77,10 +77,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qdemo.engine import generate
-    from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
-    from qdemo.loader import load_model
-    from qdemo.registry import load_registry
+    from qdemo.core.engine import generate
+    from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
+    from qdemo.models.loader import load_model
+    from qdemo.models.registry import load_registry
 
     spec = load_registry(args.registry).get(args.name)
     progress = TqdmProgress()
@@ -120,11 +120,11 @@ def _print_stages(tokenizer, event) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from qdemo.bench import format_table, run_bench
-    from qdemo.bench_scenarios import format_scenario, run_scenario
+    from qdemo.bench.single import format_table, run_bench
+    from qdemo.bench.scenarios import format_scenario, run_scenario
 
     if args.scenario == "single" and args.forward:
-        from qdemo.bench_forward import format_forward_table, run_forward_bench
+        from qdemo.bench.forwards import format_forward_table, run_forward_bench
 
         result = run_forward_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
                                    vs_llama_cpp=args.vs_llama_cpp, prompt=args.prompt)
@@ -142,9 +142,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_llama(args: argparse.Namespace) -> int:
-    from qdemo.llama_server import LlamaServer, server_binary
-    from qdemo.registry import load_registry
-    from qdemo.sources import gguf_file
+    from qdemo.bench.llama_server import LlamaServer, server_binary
+    from qdemo.models.registry import load_registry
+    from qdemo.models.sources import gguf_file
 
     binary = server_binary()
     if binary is None:
@@ -166,7 +166,7 @@ def cmd_serve_llama(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from qdemo.loadtest import format_result, run_loadtest
+    from qdemo.bench.loadtest import format_result, run_loadtest
 
     failed = False
     for n in args.sessions:
@@ -179,7 +179,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
-    from qdemo.faults import format_result, run_faults, to_json
+    from qdemo.bench.faults import format_result, run_faults, to_json
 
     log = (lambda *_: None) if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr))
     result = run_faults(model=args.model, registry_path=args.registry, device=args.device,

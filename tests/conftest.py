@@ -108,8 +108,8 @@ def tiny_registry_path(tmp_path_factory, tiny_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_registry_path):
-    from qdemo.loader import load_model
-    from qdemo.registry import load_registry
+    from qdemo.models.loader import load_model
+    from qdemo.models.registry import load_registry
 
     registry = load_registry(tiny_registry_path)
     return load_model(registry.get(registry.default), device="cpu")
@@ -176,9 +176,9 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_services(tiny_dir: Path, root: Path, max_context: int = 2048):
     """Services over the tiny model with a generous rate limit (service tests make many requests)."""
-    from qdemo.limits import Limits
-    from qdemo.pool import ModelPool
-    from qdemo.registry import load_registry
+    from qdemo.serving.limits import Limits
+    from qdemo.serving.pool import ModelPool
+    from qdemo.models.registry import load_registry
     from qdemo.services.admission import Services
 
     registry = load_registry(write_registry(root / "models.yaml", tiny_dir, max_context=max_context))

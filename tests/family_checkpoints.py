@@ -266,8 +266,8 @@ def load_family_models(root: Path) -> dict:
     qdemo's loader (a private cache) and loaded on the CPU: {family: LoadedModel}."""
     import pytest
 
-    from qdemo.loader import load_model
-    from qdemo.registry import load_registry
+    from qdemo.models.loader import load_model
+    from qdemo.models.registry import load_registry
     from tests.conftest import write_registry, write_tiny_qwen2
 
     registry_path = write_family_registry(root)

@@ -201,7 +201,7 @@ def as_messages(query, history, system=None):
 
 def convert_tiny(root: Path, ranks: dict[bytes, int]) -> Path:
     """Write the tiny qwen.tiktoken into root/src, convert it into root/tokenizer and return that folder."""
-    from qdemo.families.qwen_tokenizer import convert_qwen_tokenizer
+    from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
 
     src = root / "src"
     src.mkdir(parents=True, exist_ok=True)

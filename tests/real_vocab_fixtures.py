@@ -42,7 +42,7 @@ def _scratch() -> Path:
 
 
 def _load_converted(path: Path):
-    # as qdemo.loader loads a tokenizer it converted (tokenizer.json as written)
+    # as qdemo.models.loader loads a tokenizer it converted (tokenizer.json as written)
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -51,7 +51,7 @@ def _load_converted(path: Path):
 @functools.lru_cache(maxsize=None)
 def baichuan2_tokenizer():
     """Baichuan2-7B-Chat's tokenizer.model through qdemo's conversion (a few seconds, once)."""
-    from qdemo.families.sp_tokenizer import convert_sp_tokenizer
+    from qdemo.models.families.sp_tokenizer import convert_sp_tokenizer
 
     need(BAICHUAN2_DIR / "tokenizer.model")
     out = _scratch() / "baichuan2"
@@ -62,7 +62,7 @@ def baichuan2_tokenizer():
 @functools.lru_cache(maxsize=None)
 def qwen_v1_tokenizer():
     """Qwen-7B-Chat's qwen.tiktoken through qdemo's conversion (a few seconds, once)."""
-    from qdemo.families.qwen_tokenizer import convert_qwen_tokenizer
+    from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
 
     need(QWEN_V1_DIR / "qwen.tiktoken")
     out = _scratch() / "qwen-v1"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.limits import Client, Limits, RateLimiter, client_from_headers
-from qdemo.pool import MemoryBudgetError, ModelPool
-from qdemo.registry import load_registry
+from qdemo.serving.limits import Client, Limits, RateLimiter, client_from_headers
+from qdemo.serving.pool import MemoryBudgetError, ModelPool
+from qdemo.models.registry import load_registry
 from qdemo.services.admission import ModelRequest, Refused, Services, without_paths
 from tests.conftest import write_registry
 
@@ -76,8 +76,8 @@ def test_models_not_ready_here_are_refused_unless_downloads_are_allowed(registry
 
 
 def test_a_download_that_could_never_fit_is_refused_before_it_starts(registry, monkeypatch):
-    import qdemo.pool as pool_module
-    import qdemo.sources as sources
+    import qdemo.serving.pool as pool_module
+    import qdemo.models.sources as sources
 
     monkeypatch.setattr(pool_module, "hub_weight_bytes", lambda spec: 30 * 1024 ** 3)  # the hub's file list
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-import qdemo.families.alibi_model as am
+import qdemo.models.families.alibi_model as am
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS = 97, 48, 80, 3, 6  # 6 heads: not a power of two
 EOS = 2
@@ -174,11 +174,11 @@ def test_shifted_bias_form_is_what_softmax_sees():
 # --- 2. KV-cache decoding -----------------------------------------------------------------------------------
 
 def test_cached_decoding_as_the_engine_calls_it(model, state):
-    """Prefill in chunks, then 5 single tokens through the engine's own primitives (qdemo.decode), left-padded
+    """Prefill in chunks, then 5 single tokens through the engine's own primitives (qdemo.core.decode), left-padded
     batches included: the ALiBi class takes the engine's mask, positions and cache."""
     from types import SimpleNamespace
 
-    from qdemo.decode import decode_step, new_state, prefill
+    from qdemo.core.decode import decode_step, new_state, prefill
 
     lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"), key="alibi")
     start = 7

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.backend import LocalBackend
-from qdemo.engine import collect, generate
-from qdemo.introspect import next_token_logits
-from qdemo.lab import stage_distributions
-from qdemo.pool import StepGate
-from qdemo.registry import load_registry
+from qdemo.serving.local import LocalBackend
+from qdemo.core.engine import collect, generate
+from qdemo.probes.introspect import next_token_logits
+from qdemo.probes.stages import stage_distributions
+from qdemo.serving.pool import StepGate
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services.lab import context_ids
 from tests.conftest import serve, write_registry
@@ -64,7 +64,7 @@ def test_bad_chat_requests_are_explained(served, args, match):
 def test_compare_reports_divergence_and_each_sides_probability_of_the_other(served, tiny_lm, cycle_dir):
     """A: the scripted cycle model (it writes "The quick brown fox"); B: the tiny random model. Same tokenizer,
     different answers from the first token, so the cross-probabilities are always there to check."""
-    from qdemo.loader import load_model
+    from qdemo.models.loader import load_model
 
     registry, client = served
     result = client.predict("Write a haiku.", "cycle", "tiny-qwen2", {"max_new_tokens": 6},

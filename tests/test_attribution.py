@@ -1,4 +1,4 @@
-"""Prompt attribution (qdemo.attribution) on tiny models.
+"""Prompt attribution (qdemo.probes.attribution) on tiny models.
 
 Oracles: gradient × input against central finite differences of the log-probability along each token's own
 embedding (an fp64 copy of the model, so the differences are exact to ~1e-7); occlusion against a plain forward
@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from qdemo.attribution import (Unit, gradient_x_input, occlusion, token_pieces, token_units, turn_units)
-from qdemo.prompting import conversation_prompt_ids
+from qdemo.probes.attribution import (Unit, gradient_x_input, occlusion, token_pieces, token_units, turn_units)
+from qdemo.models.prompting import conversation_prompt_ids
 from tests.family_checkpoints import load_family_models
 
 MESSAGES = [{"role": "system", "content": "You are terse."},
@@ -145,7 +145,7 @@ def test_turn_units_on_released_vocabularies(which):
     from tests import real_vocab_fixtures as rv
 
     tokenizer = rv.qwen_v1_tokenizer() if which == "qwen_v1" else rv.baichuan2_tokenizer()
-    from qdemo.families import get_family
+    from qdemo.models.families import get_family
 
     build = get_family("qwen" if which == "qwen_v1" else "baichuan2").build_prompt
     ids = conversation_prompt_ids(tokenizer, MESSAGES, build)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from qdemo.families.baichuan_chat import build_chat_input_ids
-from qdemo.families.sp_tokenizer import convert_sp_tokenizer
+from qdemo.models.families.baichuan_chat import build_chat_input_ids
+from qdemo.models.families.sp_tokenizer import convert_sp_tokenizer
 from tests.baichuan_fixtures import (
     ASSISTANT_ID, STYLES, USER_ID, official_build_chat_input, plain_oracle, sp_oracle, write_baichuan_tokenizer)
 

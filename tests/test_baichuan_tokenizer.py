@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaConfig
 
-from qdemo.families.sp_tokenizer import (
+from qdemo.models.families.sp_tokenizer import (
     BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, convert_sp_tokenizer, encode_plain, parse_model_proto)
 from tests.baichuan_fixtures import (
     ASSISTANT_ID, CHECK_TEXTS, LEADING_MARKER_TEXTS, STYLES, USER_ID, plain_oracle, random_texts, sp_oracle,

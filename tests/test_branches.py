@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.engine import collect, generate
+from qdemo.core.engine import collect, generate
 from qdemo.sampling import SamplingParams
 from qdemo.services import branches, chat
 from qdemo.services.admission import Refused

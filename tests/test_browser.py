@@ -75,9 +75,9 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
         if os.environ.get("QDEMO_REQUIRE_BROWSER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    from qdemo.loader import load_model
-    from qdemo.pool import ModelPool
-    from qdemo.registry import load_registry
+    from qdemo.models.loader import load_model
+    from qdemo.serving.pool import ModelPool
+    from qdemo.models.registry import load_registry
     from qdemo.ui.app import build_app
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -400,9 +400,9 @@ def test_an_empty_seed_box_means_a_fresh_seed_in_compare_too(page):
 @pytest.fixture(scope="module")
 def limited_app(tiny_dir, cycle_dir, tmp_path_factory):
     """A second app with a rate limit of 2 model requests a minute per session."""
-    from qdemo.limits import Limits
-    from qdemo.pool import ModelPool
-    from qdemo.registry import load_registry
+    from qdemo.serving.limits import Limits
+    from qdemo.serving.pool import ModelPool
+    from qdemo.models.registry import load_registry
     from qdemo.ui.app import build_app
 
     path = tmp_path_factory.mktemp("limited") / "models.yaml"

@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from qdemo.engine import generate
-from qdemo.runs import RunRecord, run_to_json
+from qdemo.core.engine import generate
+from qdemo.core.runs import RunRecord, run_to_json
 from qdemo.sampling import SamplingParams
 from qdemo.views.bundle import bundle_html, bundle_meta, library_versions, read_bundle
 

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-from qdemo.engine import collect, generate
-from qdemo.limits import Limits
-from qdemo.pool import ModelPool
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
 from qdemo.services.admission import Services

@@ -49,9 +49,9 @@ def test_bench_json(tiny_registry_path, capsys):
 
 @pytest.mark.parametrize("scenario,key", [("multiturn", "ratio"), ("ab", "speedup")])
 def test_bench_scenarios_measure_side_by_side(tiny_dir, tmp_path, scenario, key):
-    from qdemo.bench_scenarios import format_scenario, run_scenario
-    from qdemo.loader import load_model
-    from qdemo.registry import load_registry
+    from qdemo.bench.scenarios import format_scenario, run_scenario
+    from qdemo.models.loader import load_model
+    from qdemo.models.registry import load_registry
     from tests.conftest import write_registry
 
     path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192)

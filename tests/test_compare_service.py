@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from qdemo.engine import collect, generate
-from qdemo.limits import Limits
-from qdemo.pool import ModelPool
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import compare
 from qdemo.services.admission import Services

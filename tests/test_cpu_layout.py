@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from qdemo.cpu_layout import column_major_tall_linears
+from qdemo.models.cpu_layout import column_major_tall_linears
 from conftest import write_tiny_qwen2
 
 

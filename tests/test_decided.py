@@ -1,4 +1,4 @@
-"""Which stage decided: chain.summarise's `removed` / `argmax_prob` and qdemo.decided against an oracle that runs
+"""Which stage decided: chain.summarise's `removed` / `argmax_prob` and qdemo.probes.decided against an oracle that runs
 transformers' processors by hand on full-vocabulary tensors (masks from -inf logits, not from probabilities)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from qdemo.chain import run_chain, summarise
-from qdemo.decided import (answer_summary, decided_indices, decision_marks, token_decision, token_decisions)
-from qdemo.engine import collect, generate
-from qdemo.events import MemorySample, StageTopN, TokenEvent
-from qdemo.runs import RunRecord, run_from_json, run_to_json
+from qdemo.core.chain import run_chain, summarise
+from qdemo.probes.decided import (answer_summary, decided_indices, decision_marks, token_decision, token_decisions)
+from qdemo.core.engine import collect, generate
+from qdemo.core.events import MemorySample, StageTopN, TokenEvent
+from qdemo.core.runs import RunRecord, run_from_json, run_to_json
 from qdemo.sampling import SamplingParams, build_stages
 
 VOCAB = 1000

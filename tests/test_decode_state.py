@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.decode import common_prefix, decode_step, new_state, prefill
-from qdemo.engine import collect, generate, generate_batch, generate_rows
-from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
-from qdemo.pool import StepGate
-from qdemo.prompting import build_prompt
+from qdemo.core.decode import common_prefix, decode_step, new_state, prefill
+from qdemo.core.engine import collect, generate, generate_batch, generate_rows
+from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
+from qdemo.serving.pool import StepGate
+from qdemo.models.prompting import build_prompt
 from qdemo.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -139,7 +139,7 @@ def test_every_forward_of_the_new_paths_holds_the_gate(tiny_lm):
 
 
 def test_token_logprobs_equal_a_plain_forward(tiny_lm):
-    from qdemo.decode import token_logprobs
+    from qdemo.core.decode import token_logprobs
 
     rows = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
     got = token_logprobs(tiny_lm, rows, StepGate().step, chunk=2)

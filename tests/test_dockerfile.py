@@ -64,7 +64,7 @@ def test_a_careless_dockerfile_is_caught(dockerfile, problem):
 def test_health_endpoint_is_served(tiny_registry_path):
     import httpx
 
-    from qdemo.registry import load_registry
+    from qdemo.models.registry import load_registry
     from qdemo.ui.app import build_app
 
     demo = build_app(load_registry(tiny_registry_path))

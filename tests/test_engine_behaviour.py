@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from qdemo.engine import collect, generate
+from qdemo.core.engine import collect, generate
 from qdemo.errors import PromptTooLongError
-from qdemo.events import DoneEvent, PrefillEvent, TokenEvent
+from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
 from qdemo.sampling import SamplingParams
 
 GREEDY = SamplingParams(do_sample=False, max_new_tokens=12)
@@ -172,8 +172,8 @@ def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
 
     from transformers import DynamicCache
 
-    import qdemo.decode as decode
-    from qdemo.metrics import kv_cache_bytes
+    import qdemo.core.decode as decode
+    from qdemo.core.metrics import kv_cache_bytes
 
     caches = []
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.engine import collect, generate
+from qdemo.core.engine import collect, generate
 from qdemo.sampling import SamplingParams
 
 PROMPT = [{"role": "user", "content": "Hello world, 你好！"}]
@@ -30,7 +30,7 @@ def hf_generate(lm, ids, params: SamplingParams, seed: int | None = None):
 
 
 def prompt_ids(lm):
-    from qdemo.prompting import build_prompt
+    from qdemo.models.prompting import build_prompt
 
     return build_prompt(lm.tokenizer, PROMPT, lm.spec.max_context, 32, lm.spec.system_prompt).ids
 

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from qdemo.engine import collect, generate
-from qdemo.pool import StepGate
+from qdemo.core.engine import collect, generate
+from qdemo.serving.pool import StepGate
 from qdemo.sampling import SamplingParams
 
 LONG = list(range(5, 150))  # 145 prompt tokens

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from qdemo import sources
-from qdemo.engine import collect, generate
+from qdemo.models import sources
+from qdemo.core.engine import collect, generate
 from qdemo.errors import SourceError
-from qdemo.introspect import attention_map, model_card, rope_info
-from qdemo.loader import load_model
-from qdemo.registry import load_registry
-from qdemo.runs import RunRecord
+from qdemo.probes.introspect import attention_map, model_card, rope_info
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
+from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
-from qdemo.backend import LocalBackend
-from qdemo.pool import StepGate
+from qdemo.serving.local import LocalBackend
+from qdemo.serving.pool import StepGate
 from qdemo.services import compare, internals
 from tests.family_checkpoints import (LAYOUTS, heads_for, read_state, ref_alibi_slopes, reference_logits,
                                       registry_entry, write_checkpoint, write_family_registry)
@@ -180,7 +180,7 @@ def test_compare_flow_same_model_two_settings(family_env, family):
 
 
 def next_logits(lm, ids):
-    from qdemo.introspect import next_token_logits
+    from qdemo.probes.introspect import next_token_logits
 
     return next_token_logits(lm, ids)
 

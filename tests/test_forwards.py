@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo import llama_forward
-from qdemo.forwards import pick_forward, ref, split_ref
-from qdemo.registry import GgufPartsSource, LocalSource, ModelSpec
+from qdemo.forwards import llama_cpp as llama_forward
+from qdemo.forwards.choice import pick_forward, ref, split_ref
+from qdemo.models.registry import GgufPartsSource, LocalSource, ModelSpec
 from qdemo.sampling import SamplingParams
 
 
@@ -66,8 +66,8 @@ def test_model_refs_round_trip():
 
 
 def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, installed, monkeypatch):
-    from qdemo.pool import ModelPool
-    from qdemo.registry import parse_registry
+    from qdemo.serving.pool import ModelPool
+    from qdemo.models.registry import parse_registry
     from qdemo.services.admission import Refused, Services
 
     data = {"default": "g", "models": [
@@ -89,7 +89,7 @@ def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, i
     assert services.forward_choices("g") == ["auto", "llama.cpp", "torch"] and services.forward_choices("l") == []
     # the line under the dropdown says which forward runs (the fake entry's packages count as installed)
     from qdemo.services import admission
-    from qdemo.sources import Readiness
+    from qdemo.models.sources import Readiness
 
     monkeypatch.setattr(admission, "readiness", lambda spec: Readiness(True, "embedded"))
     assert "llama.cpp Q4_K_M" in services.model_info("g") and "torch" in services.model_info("g", "torch")
@@ -98,7 +98,7 @@ def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, i
 def test_the_pickers_show_where_a_model_has_a_choice(tiny_registry_path, installed):
     """On the real registry (its default is a GGUF entry) every tab that runs a model offers the forward; on a
     registry of checkpoints the pickers stay hidden. Building the app loads no model."""
-    from qdemo.registry import load_registry
+    from qdemo.models.registry import load_registry
     from qdemo.ui.app import build_app
 
     def pickers(registry_path):

@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from qdemo import sources
+from qdemo.models import sources
 from qdemo.errors import SourceError
-from qdemo.families.gptq import split_gptq_linear
-from qdemo.loader import load_model
-from qdemo.registry import load_registry
+from qdemo.models.families.gptq import split_gptq_linear
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
 from tests.family_checkpoints import INTERMEDIATE, LAYERS, read_state, registry_entry, write_checkpoint
 
 # torch's CPU int4 kernel (what gptqmodel runs here) takes groups of 32, 64, 128 or 256, so the Int4 model is

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qdemo.sampling import SamplingParams
-from qdemo.services import chat, inspect
+from qdemo.services import chat, probing as inspect
 from qdemo.services.admission import Refused
 from qdemo.views.bundle import bundle_html, read_bundle
 from tests.conftest import tiny_services

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdemo.introspect import (
+from qdemo.probes.introspect import (
     attention_map, mean_over_heads, model_card, next_token_logits, rope_angles, rope_decay, rope_info,
 )
 

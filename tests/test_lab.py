@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.lab import sample_counts, stage_distributions
+from qdemo.probes.stages import sample_counts, stage_distributions
 from qdemo.sampling import SamplingParams
 
 CONTEXT = [5, 17, 42, 99, 3, 250, 17]

@@ -1,4 +1,4 @@
-"""The logit lens (qdemo.lens) on tiny models of every family.
+"""The logit lens (qdemo.probes.lens) on tiny models of every family.
 
 Oracles, independent of the lens's hooks: the model's own logits from one plain forward (the last row), and for
 every earlier row a copy of the model cut after that layer (its own final norm and lm_head then give exactly
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qdemo.lens import logit_lens, row_names
+from qdemo.probes.lens import logit_lens, row_names
 from tests.family_checkpoints import load_family_models
 
 FAMILIES = ["qwen2", "qwen", "baichuan", "baichuan2", "baichuan-13b", "baichuan2-13b"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.limits import Limits, RateLimiter, clean_text
+from qdemo.serving.limits import Limits, RateLimiter, clean_text
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
 from qdemo.services.admission import Services
@@ -53,8 +53,8 @@ def test_history_is_cleaned_too():
 
 
 def test_max_new_tokens_is_capped_with_a_notice(tiny_registry_path):
-    from qdemo.pool import ModelPool
-    from qdemo.registry import load_registry
+    from qdemo.serving.pool import ModelPool
+    from qdemo.models.registry import load_registry
 
     registry = load_registry(tiny_registry_path)
     services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
@@ -91,7 +91,7 @@ def test_rate_limiter_is_per_session_and_slides():
 
 
 def test_cut_text_says_what_was_cut():
-    from qdemo.limits import cut_text
+    from qdemo.serving.limits import cut_text
 
     assert cut_text("短文本", 10) == ("短文本", "")
     text, notice = cut_text("上下文" * 5, 4, "context")

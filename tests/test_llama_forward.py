@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
-from qdemo import llama_forward
-from qdemo.decode import decode_step, last_logits, new_state, prefill, token_logprobs
-from qdemo.engine import collect, generate, generate_batch, generate_rows
-from qdemo.loader import load_llama_model, load_model
-from qdemo.prompting import build_prompt
-from qdemo.registry import load_registry
+from qdemo.forwards import llama_cpp as llama_forward
+from qdemo.core.decode import decode_step, last_logits, new_state, prefill, token_logprobs
+from qdemo.core.engine import collect, generate, generate_batch, generate_rows
+from qdemo.models.loader import load_llama_model, load_model
+from qdemo.models.prompting import build_prompt
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 
 if importlib.util.find_spec("llama_cpp") is None:
@@ -180,7 +180,7 @@ def test_scoring_reads_logits_at_every_position(fast, exact):
 
 
 def test_forwards_outside_the_gate_are_refused(spec, tmp_path):
-    from qdemo.pool import ModelPool, UngatedForwardError
+    from qdemo.serving.pool import ModelPool, UngatedForwardError
 
     pool = ModelPool(load_registry(), budget_bytes=4 << 30)
     with pool.backend(NAME, forward="llama.cpp") as backend:

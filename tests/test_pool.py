@@ -11,10 +11,10 @@ import weakref
 import pytest
 import torch
 
-from qdemo.engine import collect, generate
-from qdemo.loader import load_model
-from qdemo.pool import MemoryBudgetError, ModelPool, StepGate, estimate_weight_bytes, parse_bytes
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate
+from qdemo.models.loader import load_model
+from qdemo.serving.pool import MemoryBudgetError, ModelPool, StepGate, estimate_weight_bytes, parse_bytes
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from tests.conftest import write_registry
 
@@ -39,7 +39,7 @@ def one_model_bytes(registry):
 
 
 def test_estimate_matches_loaded_size(registry, one_model_bytes):
-    from qdemo.sources import resolve
+    from qdemo.models.sources import resolve
 
     assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.float32) == one_model_bytes
     assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.bfloat16) == one_model_bytes // 2
@@ -181,8 +181,8 @@ def test_gated_generations_interleave_and_match_their_solo_runs(tiny_lm):
 def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
     """The pool's promise, checked instead of trusted: a forward outside the step gate is refused, and every
     forward the backend runs (generation steps, next-token logits, attention) holds the gate."""
-    from qdemo.introspect import next_token_logits
-    from qdemo.pool import UngatedForwardError
+    from qdemo.probes.introspect import next_token_logits
+    from qdemo.serving.pool import UngatedForwardError
 
     pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
     lm = pool.get("tiny-qwen2")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.pool import ModelPool
-from qdemo.registry import load_registry
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import load_registry
 from qdemo.services.preload import Preload
 
 

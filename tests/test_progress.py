@@ -7,8 +7,8 @@ import json
 import struct
 import threading
 
-from qdemo.loader import load_model
-from qdemo.registry import load_registry
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
 
 
 def _tensor_count(model_dir) -> int:

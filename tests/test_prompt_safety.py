@@ -19,10 +19,10 @@ import unicodedata
 import pytest
 import regex
 
-from qdemo.families import get_family
-from qdemo.families.baichuan_chat import build_chat_input_ids
-from qdemo.families.qwen_chat import DEFAULT_SYSTEM, make_context_ids
-from qdemo.prompting import build_prompt, conversation_prompt_ids, encode_user_text, raw_text_ids
+from qdemo.models.families import get_family
+from qdemo.models.families.baichuan_chat import build_chat_input_ids
+from qdemo.models.families.qwen_chat import DEFAULT_SYSTEM, make_context_ids
+from qdemo.models.prompting import build_prompt, conversation_prompt_ids, encode_user_text, raw_text_ids
 from tests.baichuan_fixtures import official_build_chat_input
 from tests.conftest import build_tokenizer
 from tests.qwen_v1_fixtures import IM_END, IM_START, QWEN_PAT_STR, official_make_context
@@ -284,8 +284,8 @@ def test_baichuan2_every_added_token(baichuan2):
 def qwen25():
     from transformers import AutoTokenizer
 
-    from qdemo.registry import load_registry
-    from qdemo.sources import resolve
+    from qdemo.models.registry import load_registry
+    from qdemo.models.sources import resolve
 
     path = resolve(load_registry().get("qwen2.5-coder-0.5b-instruct"))  # prepared in the qdemo cache
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from qdemo.errors import PromptTooLongError
-from qdemo.prompting import build_prompt, split_turns, validate_messages
+from qdemo.models.prompting import build_prompt, split_turns, validate_messages
 
 
 def conversation(turns: int, words: int = 10):
@@ -108,7 +108,7 @@ def msg(role, content=""):
 
 
 def test_keep_last_turns_keeps_the_system_message_and_the_newest_turns():
-    from qdemo.prompting import keep_last_turns
+    from qdemo.models.prompting import keep_last_turns
 
     s, u1, a1, u2, a2a, a2b, u3 = (msg("system"), msg("user", "q1"), msg("assistant", "a1"), msg("user", "q2"),
                                    msg("assistant", "a2"), msg("assistant", "a2 again"), msg("user", "q3"))
@@ -125,7 +125,7 @@ def test_keep_last_turns_keeps_the_system_message_and_the_newest_turns():
 
 def test_keep_last_turns_counts_user_messages_and_drops_leading_replies_only_when_cutting():
     # a greeting before any user message is not a turn: kept while nothing is cut, left out with the oldest turns
-    from qdemo.prompting import keep_last_turns
+    from qdemo.models.prompting import keep_last_turns
 
     greeting, u1, a1, u2 = msg("assistant", "Hi! Ask me."), msg("user", "q1"), msg("assistant", "a1"), msg("user")
     assert keep_last_turns([greeting, u1, a1, u2], 2) == ([greeting, u1, a1, u2], 0)
@@ -155,8 +155,8 @@ def test_validator_may_allow_the_assistant_last():
 ], ids=["role", "content", "system-late", "not-a-mapping", "empty"])
 def test_every_prompt_format_refuses_bad_messages_with_the_same_words(tiny_lm, messages):
     # the chat template path, Qwen v1's make_context and Baichuan's build_chat_input share one validator
-    from qdemo.families.baichuan_chat import build_chat_input_ids
-    from qdemo.families.qwen_chat import make_context_ids
+    from qdemo.models.families.baichuan_chat import build_chat_input_ids
+    from qdemo.models.families.qwen_chat import make_context_ids
 
     with pytest.raises(ValueError) as reference:
         validate_messages(messages)
@@ -170,12 +170,12 @@ def test_every_prompt_format_refuses_bad_messages_with_the_same_words(tiny_lm, m
 
 
 def test_prompting_imports_no_family_module():
-    # families import the conversation model from qdemo.prompting, never the other way round (no import cycle)
+    # families import the conversation model from qdemo.models.prompting, never the other way round (no import cycle)
     import subprocess
     import sys
 
-    code = ("import sys, qdemo.prompting; "
-            "assert not [m for m in sys.modules if m.startswith('qdemo.families')], sorted(sys.modules)")
+    code = ("import sys, qdemo.models.prompting; "
+            "assert not [m for m in sys.modules if m.startswith('qdemo.models.families')], sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -184,7 +184,7 @@ def test_family_has_only_the_fields_something_reads():
     # is what qdemo sends)
     import dataclasses
 
-    from qdemo.families import FAMILIES, Family
+    from qdemo.models.families import FAMILIES, Family
 
     assert [f.name for f in dataclasses.fields(Family)] == [
         "name", "stop_tokens", "position_encoding", "convert", "build_prompt", "position_note"]

@@ -171,7 +171,7 @@ def test_saved_files_and_settings(setup):
 
 def test_load_qwen_tokenizer_keeps_tokenizer_json_next_to_a_qwen2_config(setup, tmp_path):
     # The converted checkpoint's config.json says qwen2; AutoTokenizer would then rebuild it as Qwen2Tokenizer.
-    from qdemo.families.qwen_tokenizer import load_qwen_tokenizer
+    from qdemo.models.families.qwen_tokenizer import load_qwen_tokenizer
 
     _, enc, _, shortcuts, out = setup
     folder = tmp_path / "ckpt"
@@ -187,7 +187,7 @@ def test_load_qwen_tokenizer_keeps_tokenizer_json_next_to_a_qwen2_config(setup, 
 def test_checkpoint_folder_writer_and_model_max_length(tmp_path):
     from transformers import AutoTokenizer
 
-    from qdemo.families.qwen_tokenizer import convert_qwen_tokenizer
+    from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
 
     vocab = write_qwen_tiktoken(tmp_path / "src", model_max_length=2048)
     convert_qwen_tokenizer(tmp_path / "src", tmp_path / "out")
@@ -224,7 +224,7 @@ def test_random_vocabulary_stress(tmp_path):
 
 
 def test_bad_vocab_files_are_named(tmp_path):
-    from qdemo.families.qwen_tokenizer import convert_qwen_tokenizer
+    from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
 
     with pytest.raises(ValueError, match="qwen.tiktoken"):
         convert_qwen_tokenizer(tmp_path, tmp_path / "out")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.engine import collect, generate
-from qdemo.loader import load_model, pick_dtype
-from qdemo.prompting import build_prompt
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate
+from qdemo.models.loader import load_model, pick_dtype
+from qdemo.models.prompting import build_prompt
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
-from qdemo.sources import resolve
-from qdemo.textstream import IncrementalDetokenizer
+from qdemo.models.sources import resolve
+from qdemo.core.textstream import IncrementalDetokenizer
 
 pytestmark = pytest.mark.real_model
 NAME = "qwen2.5-coder-0.5b-instruct"
@@ -126,8 +126,8 @@ def test_app_endpoints_on_the_real_default(lm):
 def test_engine_v2_paths_on_the_real_default(lm):
     """Once end to end on the real model: the next turn on a kept decode state equals a full re-prefill, and
     Compare's two forked rows equal their solo runs."""
-    from qdemo.decode import new_state
-    from qdemo.engine import generate_rows
+    from qdemo.core.decode import new_state
+    from qdemo.core.engine import generate_rows
 
     def ids(messages):
         return build_prompt(lm.tokenizer, messages, lm.max_context, 24, lm.spec.system_prompt).ids
@@ -160,9 +160,9 @@ def test_inspection_views_on_the_real_default(lm32):
     """Once end to end on the real model: the lens's last layer is the model's own distribution on a Chinese
     answer, gradient×input and occlusion explain its tokens with the chat's turns found on the real vocabulary,
     and scoring the answer gives back the probabilities the engine recorded."""
-    from qdemo.attribution import gradient_x_input, occlusion, token_pieces, turn_units
-    from qdemo.lens import logit_lens
-    from qdemo.scoring import score_ids
+    from qdemo.probes.attribution import gradient_x_input, occlusion, token_pieces, turn_units
+    from qdemo.probes.lens import logit_lens
+    from qdemo.probes.scoring import score_ids
 
     messages = [{"role": "system", "content": lm32.spec.system_prompt},
                 {"role": "user", "content": "用一句话介绍 Python。"}]

@@ -10,11 +10,11 @@ import unicodedata
 
 import pytest
 
-from qdemo.families import get_family
-from qdemo.families.baichuan_chat import build_chat_input_ids
-from qdemo.families.qwen_chat import DEFAULT_SYSTEM, make_context_ids
-from qdemo.families.sp_tokenizer import encode_plain
-from qdemo.prompting import PLAIN_TEXT_TOKENS_KEY, build_prompt, encode_user_text
+from qdemo.models.families import get_family
+from qdemo.models.families.baichuan_chat import build_chat_input_ids
+from qdemo.models.families.qwen_chat import DEFAULT_SYSTEM, make_context_ids
+from qdemo.models.families.sp_tokenizer import encode_plain
+from qdemo.models.prompting import PLAIN_TEXT_TOKENS_KEY, build_prompt, encode_user_text
 from tests.baichuan_fixtures import official_build_chat_input, proto_pieces
 from tests.qwen_v1_fixtures import IM_END, IM_START, QWEN_SPECIALS, as_messages, official_make_context
 from tests.real_vocab_fixtures import (

@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from qdemo.registry import GgufPartsSource, HubSource, LocalSource, OpenAISource, load_registry
+from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource, OpenAISource, load_registry
 from qdemo.sampling import SamplingParams
 
 GOOD_ENTRY = """\

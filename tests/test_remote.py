@@ -18,12 +18,12 @@ import time
 import pytest
 import yaml
 
-from qdemo.limits import Limits
-from qdemo.llama_server import LlamaServer, free_port, server_binary
-from qdemo.pool import ModelPool
-from qdemo.registry import load_registry, parse_registry
+from qdemo.serving.limits import Limits
+from qdemo.bench.llama_server import LlamaServer, free_port, server_binary
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import load_registry, parse_registry
 from qdemo.sampling import SamplingParams
-from qdemo.services import chat, compare, inspect
+from qdemo.services import chat, compare, probing as inspect
 from qdemo.services.admission import Refused, Services
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
@@ -44,7 +44,7 @@ def _binary() -> str:
 
 @pytest.fixture(scope="module")
 def gguf():
-    from qdemo.sources import gguf_file
+    from qdemo.models.sources import gguf_file
 
     return gguf_file(load_registry().get(DEFAULT))
 
@@ -136,7 +136,7 @@ def test_batch_generates_on_the_server_in_chat_and_raw_text(services):
 
     # no repetition penalty: llama.cpp's differs from transformers' (the model's default 1.05 parts them at token 8)
     settings = {"do_sample": False, "max_new_tokens": 16, "repetition_penalty": 1.0}
-    from qdemo.loader import load_tokenizer
+    from qdemo.models.loader import load_tokenizer
 
     tokenizer = load_tokenizer(load_registry().get(DEFAULT))
     for mode, prompts in (("chat", ["def add(a, b):", "用一句话介绍 Python。"]),
@@ -341,7 +341,7 @@ def test_a_tokenizer_that_would_need_a_download_is_refused(monkeypatch, tmp_path
 
 
 def test_a_silent_server_times_out(monkeypatch):
-    import qdemo.remote as remote
+    import qdemo.serving.remote as remote
 
     monkeypatch.setattr(remote, "TIMEOUT_S", 1.0)
     raw = RawServer(None)

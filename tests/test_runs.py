@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qdemo.engine import generate
-from qdemo.runs import RunRecord, run_from_dict
+from qdemo.core.engine import generate
+from qdemo.core.runs import RunRecord, run_from_dict
 
 
 def test_record_round_trips_through_json(tiny_lm):

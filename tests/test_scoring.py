@@ -1,4 +1,4 @@
-"""Scoring any text and the divergence of two models on one text (qdemo.scoring, on decode.position_logits).
+"""Scoring any text and the divergence of two models on one text (qdemo.probes.scoring, on decode.position_logits).
 
 Oracles, independent of the code under test: ONE plain forward of the whole text (`lm.model(input_ids=…).logits`),
 with log_softmax, gather, ranks, entropy and KL recomputed here. Chunks smaller than the text, so chunk boundaries
@@ -14,11 +14,11 @@ import math
 import pytest
 import torch
 
-from qdemo import decode
-from qdemo.decode import position_logits
-from qdemo.loader import load_model
-from qdemo.registry import load_registry
-from qdemo.scoring import Divergence, TextScore, divergence, same_tokenizer, score_ids
+from qdemo.core import decode
+from qdemo.core.decode import position_logits
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
+from qdemo.probes.scoring import Divergence, TextScore, divergence, same_tokenizer, score_ids
 from tests.conftest import write_registry, write_tiny_qwen2
 from tests.family_checkpoints import LAYOUTS, load_family_models
 
@@ -350,7 +350,7 @@ ENGLISH = ("The history of computing is a story of abstraction: each generation 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="the llama.cpp forward is not installed (pip install -r requirements-llama.txt)")
 def test_llama_cpp_forward_scores_like_torch_fp32():
-    from qdemo.loader import load_llama_model
+    from qdemo.models.loader import load_llama_model
 
     spec = load_registry().get(REAL)
     fast, exact = load_llama_model(spec), load_model(spec, dtype="float32")

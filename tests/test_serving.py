@@ -15,10 +15,10 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from qdemo.engine import collect, generate
-from qdemo.limits import Limits
-from qdemo.pool import ModelPool
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import load_registry
 from qdemo.ui.app import build_app, launch_settings, queue_settings
 from tests.conftest import write_registry
 
@@ -45,7 +45,7 @@ def registry(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def oracle_lm(registry):
     """The served checkpoint loaded outside the pool: the oracle the answers are checked against."""
-    from qdemo.loader import load_model
+    from qdemo.models.loader import load_model
 
     return load_model(registry.get("tiny-qwen2"), device="cpu")
 
@@ -298,7 +298,7 @@ def test_remote_code_needs_a_pinned_hub_commit(tmp_path):
 def test_models_load_without_remote_code_by_default(tiny_lm, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from qdemo.loader import load_model
+    from qdemo.models.loader import load_model
 
     seen = {}
     real = AutoModelForCausalLM.from_pretrained
@@ -313,7 +313,7 @@ def test_models_load_without_remote_code_by_default(tiny_lm, monkeypatch):
 
 
 def test_loadtest_reports_every_session(tiny_dir, tmp_path):
-    from qdemo.loadtest import format_result, percentile, run_loadtest
+    from qdemo.bench.loadtest import format_result, percentile, run_loadtest
 
     assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0 and percentile([3.0, 1.0, 2.0, 4.0], 95) == 4.0
     path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024)
@@ -393,7 +393,7 @@ def test_uploads_are_small_and_limited(served):
 
 
 def test_fault_replay_finds_no_crash_and_the_app_keeps_serving(tiny_dir, cycle_dir, tmp_path):
-    from qdemo.faults import format_result, run_faults
+    from qdemo.bench.faults import format_result, run_faults
 
     path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir)
     result = run_faults(registry_path=str(path), device="cpu", long_prompt_chars=2000, log=lambda *_: None)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from qdemo import sources
+from qdemo.models import sources
 from qdemo.errors import SourceError
-from qdemo.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
+from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
 from qdemo.sampling import SamplingParams
 
 

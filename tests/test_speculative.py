@@ -10,12 +10,12 @@ from collections import Counter
 import pytest
 import torch
 
-from qdemo.engine import collect, generate, generate_assisted
-from qdemo.loader import load_model
-from qdemo.pool import StepGate
-from qdemo.registry import load_registry
+from qdemo.core.engine import collect, generate, generate_assisted
+from qdemo.models.loader import load_model
+from qdemo.serving.pool import StepGate
+from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
-from qdemo.speculative import SpeculativeDecoder
+from qdemo.core.speculative import SpeculativeDecoder
 from tests.conftest import write_registry, write_tiny_qwen2
 
 PROMPT = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -141,8 +141,8 @@ def test_drafts_that_do_not_share_the_tokenizer_are_refused(tiny_lm, draft_lm, m
 
 
 def test_the_chat_drafts_with_the_registrys_draft_where_asked(tiny_dir, tmp_path, tiny_lm):
-    from qdemo.limits import Limits
-    from qdemo.pool import ModelPool
+    from qdemo.serving.limits import Limits
+    from qdemo.serving.pool import ModelPool
     from qdemo.services import chat
     from qdemo.services.admission import Services
 

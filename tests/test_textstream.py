@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.textstream import IncrementalDetokenizer
+from qdemo.core.textstream import IncrementalDetokenizer
 
 TEXTS = ["你好，世界！", "emoji 🚀🌍✨ mixed 中文 and English", "café naïve 😀", "plain ascii"]
 

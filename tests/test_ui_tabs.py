@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from qdemo.backend import LocalBackend
-from qdemo.engine import generate
-from qdemo.introspect import attention_map, mean_over_heads, next_token_logits
-from qdemo.lab import stage_distributions
-from qdemo.limits import Limits
-from qdemo.pool import ModelPool, StepGate
-from qdemo.registry import load_registry
-from qdemo.runs import RunRecord
+from qdemo.serving.local import LocalBackend
+from qdemo.core.engine import generate
+from qdemo.probes.introspect import attention_map, mean_over_heads, next_token_logits
+from qdemo.probes.stages import stage_distributions
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool, StepGate
+from qdemo.models.registry import load_registry
+from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services import internals, lab, perf
 from qdemo.services.admission import Refused, Services

@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from qdemo.events import DoneEvent, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
-from qdemo.runs import RunRecord
+from qdemo.core.events import DoneEvent, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
+from qdemo.core.runs import RunRecord
 from qdemo.views.attention import attention_grid, attention_heatmap
 from qdemo.views.card import card_frame
 from qdemo.views.compare import (Divergence, empty_side_by_side, first_divergence, side_by_side_frame,

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from qdemo.events import MemorySample, StageTopN, TokenEvent
+from qdemo.core.events import MemorySample, StageTopN, TokenEvent
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.tokens import (MEASURES, TOKEN_VIEW_CSS, measure_colour, token_legend_html, token_value,
                                 token_view_html)

@@ -15,16 +15,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from qdemo.backend import LocalBackend, drafting_pays
+from qdemo.serving.local import LocalBackend, drafting_pays
 from qdemo.errors import QdemoError
-from qdemo.forwards import pick_forward, split_ref
-from qdemo.limits import Client, Limits, RateLimiter
-from qdemo.loader import describe_run, entry_key, gguf_quant, load_tokenizer
-from qdemo.pool import ModelPool
-from qdemo.registry import OpenAISource, Registry
-from qdemo.remote import RemoteBackend, server_label
+from qdemo.forwards.choice import pick_forward, split_ref
+from qdemo.serving.limits import Client, Limits, RateLimiter
+from qdemo.models.loader import describe_run, entry_key, gguf_quant, load_tokenizer
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import OpenAISource, Registry
+from qdemo.serving.remote import RemoteBackend, server_label
 from qdemo.sampling import SamplingParams
-from qdemo.sources import ProgressFn, readiness
+from qdemo.models.sources import ProgressFn, readiness
 
 MAX_ECHO = 60  # characters of a bad value quoted back in a message
 # An absolute path (two or more segments) not glued to a word: "Qwen/Qwen2.5-7B" stays, "/home/x/.cache" goes.
@@ -116,7 +116,7 @@ class Services:
         if not ready.ready:
             return f"✗ **not ready here**: {ready.hint}"
         if picked.forward == "llama.cpp":
-            from qdemo.llama_forward import default_threads
+            from qdemo.forwards.llama_cpp import default_threads
 
             return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU ({default_threads()} threads) · "
                     f"{ready.state} · attention and RoPE panels load the torch copy")
@@ -125,8 +125,8 @@ class Services:
 
     def forward_choices(self, name: str) -> list[str]:
         """The forwards the user may pick for `name` here ([] when only one can run: torch)."""
-        from qdemo.llama_forward import available
-        from qdemo.registry import GgufPartsSource
+        from qdemo.forwards.llama_cpp import available
+        from qdemo.models.registry import GgufPartsSource
 
         spec = self.registry.models.get(name)
         if spec is None or not isinstance(spec.source, GgufPartsSource) or available() is not None:
@@ -134,7 +134,7 @@ class Services:
         return ["auto", "llama.cpp", "torch"]
 
     def pool_device_type(self) -> str:
-        from qdemo.loader import pick_device
+        from qdemo.models.loader import pick_device
 
         return pick_device(self.pool.device).type
 

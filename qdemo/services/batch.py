@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
-from qdemo.limits import Client, clean_text, cut_text
+from qdemo.serving.limits import Client, clean_text, cut_text
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.lab import CONTEXT_MODES, context_ids

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from qdemo.events import DoneEvent, StageTopN, TokenEvent
-from qdemo.runs import RunRecord
+from qdemo.core.events import DoneEvent, StageTopN, TokenEvent
+from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, AnswerView, ChatSession, answer_view
-from qdemo.sources import ProgressFn
+from qdemo.models.sources import ProgressFn
 from qdemo.views.labels import token_label
 
 

@@ -18,15 +18,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from qdemo.backend import LocalBackend, drafting_pays
-from qdemo.decided import TokenDecision, answer_summary, token_decisions
-from qdemo.events import Event, TokenEvent
-from qdemo.limits import Limits, clean_text, cut_text
-from qdemo.prompting import keep_last_turns, validate_messages
-from qdemo.runs import RunRecord
+from qdemo.serving.local import LocalBackend, drafting_pays
+from qdemo.probes.decided import TokenDecision, answer_summary, token_decisions
+from qdemo.core.events import Event, TokenEvent
+from qdemo.serving.limits import Limits, clean_text, cut_text
+from qdemo.models.prompting import keep_last_turns, validate_messages
+from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.sources import ProgressFn
+from qdemo.models.sources import ProgressFn
 from qdemo.views.card import human_bytes
 from qdemo.views.perf import reason_words
 
@@ -378,7 +378,7 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
     draft = services.registry.get(model).draft
     if draft is None or (assisted is None and not drafting_pays(services.pool.device)):
         return None
-    from qdemo.sources import readiness
+    from qdemo.models.sources import readiness
 
     return draft if readiness(services.registry.get(draft)).ready else None
 

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from qdemo.backend import LocalBackend
-from qdemo.lab import stage_distributions
-from qdemo.runs import RunRecord
+from qdemo.serving.local import LocalBackend
+from qdemo.probes.stages import stage_distributions
+from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn
-from qdemo.sources import ProgressFn
+from qdemo.models.sources import ProgressFn
 from qdemo.views.compare import Divergence, first_divergence
 
 

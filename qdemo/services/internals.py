@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from qdemo.backend import LocalBackend
-from qdemo.prompting import with_system
+from qdemo.serving.local import LocalBackend
+from qdemo.models.prompting import with_system
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import history_messages
-from qdemo.sources import ProgressFn
+from qdemo.models.sources import ProgressFn
 from qdemo.views.attention import attention_grid, attention_heatmap, sink_figure
 from qdemo.views.card import card_frame
 from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure

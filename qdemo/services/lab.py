@@ -17,15 +17,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qdemo.backend import LocalBackend
-from qdemo.events import StageTopN
-from qdemo.forwards import ref
-from qdemo.lab import MAX_SAMPLES, sample_counts, stage_distributions
-from qdemo.limits import clean_text, cut_text
+from qdemo.serving.local import LocalBackend
+from qdemo.core.events import StageTopN
+from qdemo.forwards.choice import ref
+from qdemo.probes.stages import MAX_SAMPLES, sample_counts, stage_distributions
+from qdemo.serving.limits import clean_text, cut_text
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.settings import whole_number
-from qdemo.sources import ProgressFn
+from qdemo.models.sources import ProgressFn
 from qdemo.views.lab import histogram_figure
 from qdemo.views.labels import token_label
 from qdemo.views.stages import stage_figure, stage_table

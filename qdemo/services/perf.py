@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from qdemo.runs import RunRecord, run_from_dict
+from qdemo.core.runs import RunRecord, run_from_dict
 from qdemo.views.perf import latency_figure, memory_figure, rolling_tps_figure, runs_table_for_people
 
 CSV_NAME = "qdemo-runs.csv"

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from qdemo.errors import QdemoError
-from qdemo.forwards import pick_forward
-from qdemo.loader import pick_device
-from qdemo.pool import ModelPool
+from qdemo.forwards.choice import pick_forward
+from qdemo.models.loader import pick_device
+from qdemo.serving.pool import ModelPool
 
 log = logging.getLogger("qdemo")
 

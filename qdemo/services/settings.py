@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from qdemo.registry import ModelSpec
+from qdemo.models.registry import ModelSpec
 from qdemo.sampling import SamplingParams
 
 MODES = ("sample", "greedy", "beam search")

@@ -1,1 +1,1 @@
-"""Gradio wiring. Builders only: generation lives in qdemo.engine, figures in qdemo.views."""
+"""Gradio wiring. Builders only: generation lives in qdemo.core.engine, figures in qdemo.views."""

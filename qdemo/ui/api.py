@@ -1,5 +1,5 @@
 """Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token, /batch (and the
-Inspect views' endpoints, qdemo.ui.api_inspect). Wiring only: each
+Inspect views' endpoints, qdemo.ui.api_probes). Wiring only: each
 passes the same admission as the page's events (qdemo.services) and turns a refusal into a gr.Error naming the
 field, never a crashed worker."""
 
@@ -11,10 +11,10 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from qdemo.runs import RunRecord
+from qdemo.core.runs import RunRecord
 from qdemo.services import batch as batch_service, chat, compare as compare_service, lab
 from qdemo.services.admission import ModelRequest, Refused
-from qdemo.ui import api_inspect
+from qdemo.ui import api_probes
 from qdemo.ui.context import UIContext, log, refuse_api
 from qdemo.ui.zerogpu import on_gpu
 
@@ -84,7 +84,7 @@ def register(ui: UIContext) -> None:
     gr.api(on_gpu(guarded(compare_endpoint)), api_name="compare", **queue)
     gr.api(on_gpu(guarded(next_token_endpoint)), api_name="next_token", **queue)
     gr.api(on_gpu(guarded(batch_endpoint)), api_name="batch", **queue)
-    api_inspect.register(ui, guarded)
+    api_probes.register(ui, guarded)
 
 
 def guarded(fn):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from qdemo.limits import Limits
-from qdemo.pool import ModelPool
-from qdemo.registry import Registry
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.models.registry import Registry
 from qdemo.services import perf, settings
 from qdemo.services.admission import Services
 from qdemo.ui import api, chat_tab

@@ -19,8 +19,8 @@ from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
-from qdemo.decided import decided_indices, decision_marks
-from qdemo.remote import distribution_note
+from qdemo.probes.decided import decided_indices, decision_marks
+from qdemo.serving.remote import distribution_note
 from qdemo.views.tokens import TOKEN_CLICK_JS, TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
 
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from qdemo.limits import Client, RateLimiter, client_from_headers
+from qdemo.serving.limits import Client, RateLimiter, client_from_headers
 from qdemo.services.admission import Refused, Services
 
 GENERATION = "generation"  # the concurrency id shared by every event that runs a model

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import gradio as gr
 
-from qdemo.registry import ModelSpec
+from qdemo.models.registry import ModelSpec
 from qdemo.sampling import MAX_BEAMS
 from qdemo.services.settings import FIELDS, MODES, SAMPLING_ONLY, defaults
 

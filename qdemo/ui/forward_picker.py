@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from qdemo.forwards import ref
+from qdemo.forwards.choice import ref
 from qdemo.services.admission import Services
 
 INFO = "auto: llama.cpp on a CPU when installed · torch: the dequantized checkpoint (exactness oracles)"

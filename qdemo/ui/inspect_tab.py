@@ -1,4 +1,4 @@
-"""Inspect tab: wiring only (logic in qdemo.services.inspect). Logit lens and prompt attribution on the Chat tab's
+"""Inspect tab: wiring only (logic in qdemo.services.probing). Logit lens and prompt attribution on the Chat tab's
 last answer, score any text, the divergence of two models on one text, and evidence bundles (export / open)."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from typing import Any
 
 import gradio as gr
 
-from qdemo.forwards import ref
-from qdemo.services import inspect as service
+from qdemo.forwards.choice import ref
+from qdemo.services import probing as service
 from qdemo.services.admission import Refused
 from qdemo.services.files import scratch_file
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
-from qdemo.views import inspect as views
+from qdemo.views import probes as views
 from qdemo.views.bundle import bundle_html, read_bundle
 from qdemo.views.export import csv_text
 from qdemo.views.labels import token_label

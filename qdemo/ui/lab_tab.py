@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from qdemo.lab import MAX_SAMPLES
+from qdemo.probes.stages import MAX_SAMPLES
 from qdemo.services import lab
 from qdemo.services.admission import Refused
 from qdemo.services.settings import whole_number

@@ -2,10 +2,10 @@
 
 The page shows what a reader needs to trust (or repeat) a run: the model, how it ran, the weights fingerprint,
 the seed and settings, the qdemo and library versions, the prompt and the answer, the metrics, which stage
-decided what (qdemo.decided), and the token view with every stage's numbers on hover. Hover is the token view's
+decided what (qdemo.probes.decided), and the token view with every stage's numbers on hover. Hover is the token view's
 own pure-CSS tooltip and the "only decided tokens" switch is a CSS checkbox: no script runs, nothing is fetched.
 
-The run itself rides along as JSON (qdemo.runs serialisation) in `<script type="application/json" id="qdemo-run">`;
+The run itself rides along as JSON (qdemo.core.runs serialisation) in `<script type="application/json" id="qdemo-run">`;
 `read_bundle` takes it back out (or reads a plain run JSON file) without executing anything.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import qdemo
-from qdemo.decided import answer_summary, decision_marks, token_decisions
-from qdemo.events import TokenEvent
-from qdemo.runs import RunRecord, run_from_json
+from qdemo.probes.decided import answer_summary, decision_marks, token_decisions
+from qdemo.core.events import TokenEvent
+from qdemo.core.runs import RunRecord, run_from_json
 from qdemo.views.labels import token_label
 from qdemo.views.labels import html_text as _e
 from qdemo.views.tokens import DEFAULT_MEASURE, TOKEN_VIEW_CSS, token_legend_html, token_view_html

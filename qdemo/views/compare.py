@@ -8,7 +8,7 @@ from typing import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from qdemo.runs import RunRecord
+from qdemo.core.runs import RunRecord
 from qdemo.views.perf import rolling_tps_figure, run_row
 
 

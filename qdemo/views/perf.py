@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qdemo.events import TokenEvent
-from qdemo.runs import RunRecord
+from qdemo.core.events import TokenEvent
+from qdemo.core.runs import RunRecord
 from qdemo.views._figure import MIB, empty_figure, styled
 
 NO_RUNS = "no runs yet"

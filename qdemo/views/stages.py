@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from qdemo.events import StageTopN
+from qdemo.core.events import StageTopN
 from qdemo.views._figure import empty_figure, styled, wrap_title
 from qdemo.views.labels import id_labels, plot_text
 

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Mapping, Sequence
 
-from qdemo.events import StageTopN, TokenEvent
+from qdemo.core.events import StageTopN, TokenEvent
 from qdemo.views.labels import token_label
 from qdemo.views.labels import html_text as _e
 from qdemo.views.stages import ordered_stages

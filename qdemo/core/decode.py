@@ -1,0 +1,354 @@
+"""A decode state that outlives a call, and the step primitives that work on it.
+
+`DecodeState` holds B rows of token ids and the KV cache computed for exactly those tokens. A caller may keep it
+between calls (the next chat turn prefills only what is new), `crop` it back to a shorter prefix (Undo, edit,
+Regenerate, a rejected speculative draft), `fork` one row into several (one prefill, two Compare sides), and
+`select` rows (drop finished ones, reorder beams).
+
+The primitives, small and single-purpose as in gpt-fast's generate.py:
+- `prefill(lm, state, rows, lock, chunk)`: append each row's new tokens (left-padded when a fresh batch has
+  prompts of different lengths), a chunk per turn at the step gate; returns the next-token logits of every row.
+- `decode_step(lm, state, tokens, lock)`: one token per row; returns the next logits.
+- `choose(logits, rows, top_n)`: each row's processor chain, seeded generator and stage summaries.
+
+The state's invariant, kept by every primitive: the cache holds K/V for `tokens[:, :width]`, nothing else. A forward
+that fails half way leaves the state `broken` (some layers updated, some not); callers drop it then.
+Nothing here knows about chats, prompts or Gradio: it works on token ids.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from qdemo.core.chain import run_chain, summarise
+from qdemo.core.events import StageTopN
+from qdemo.models.loader import LoadedModel
+from qdemo.core.metrics import kv_cache_bytes
+
+StepLock = Callable[[], ContextManager[Any]]
+_GROW = 256  # token columns added when the buffers fill up
+
+
+@dataclass
+class DecodeState:
+    """B rows of token ids and the KV cache of exactly those tokens (rows left-padded to one width)."""
+
+    model: str  # the model whose cache this is: a state never crosses models
+    cache: Any  # the runner's cache: a transformers DynamicCache, or a llama.cpp context's sequences
+    tokens: torch.Tensor  # [B, capacity] long; row i's tokens are tokens[i, pads[i]:width]
+    pads: list[int]  # left padding per row
+    width: int = 0  # columns in use (the cache's sequence length)
+    broken: bool = False  # a forward failed half way: the cache no longer matches the tokens
+    runner: Any = None  # how this model runs a forward and keeps its cache (TorchRunner, LlamaCppRunner)
+
+    @property
+    def rows(self) -> int:
+        return len(self.pads)
+
+    def row_ids(self, row: int = 0) -> list[int]:
+        return self.tokens[row, self.pads[row]:self.width].tolist()
+
+    def kv_bytes(self) -> int:
+        return self.runner.kv_bytes(self) if self.cache is not None else 0
+
+    def release(self) -> None:
+        """Free the cache now (the state is done with)."""
+        if self.cache is not None:
+            self.runner.release(self)
+            self.cache = None
+
+    def mask(self, extra: int = 0) -> torch.Tensor:
+        """[B, width + extra] attention mask: 0 on left padding, 1 elsewhere."""
+        columns = torch.arange(self.width + extra, device=self.tokens.device)
+        pads = torch.tensor(self.pads, device=self.tokens.device)[:, None]
+        return (columns[None, :] >= pads).long()
+
+    # --- shape changes -------------------------------------------------------------------------------------
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens (one unpadded row): the cache forgets the rest."""
+        if self.rows != 1 or self.pads[0]:
+            raise ValueError("crop needs one unpadded row")
+        if not 0 <= length <= self.width:
+            raise ValueError(f"crop to {length} tokens, but the state holds {self.width}")
+        if length < self.width:
+            self.runner.crop(self, length)
+            self.width = length
+
+    def fork(self, rows: int) -> None:
+        """One row → `rows` identical rows (one prefill shared by several continuations)."""
+        if self.rows != 1:
+            raise ValueError(f"fork needs one row, the state has {self.rows}")
+        if rows > 1:
+            self.runner.fork(self, rows)
+            self.tokens = self.tokens.repeat(rows, 1)
+            self.pads = self.pads * rows
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep these rows, in this order (finished rows dropped; beams reordered)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.tokens.device)
+        if self.width:
+            self.runner.select(self, list(rows))
+        self.tokens = self.tokens.index_select(0, index)
+        self.pads = [self.pads[i] for i in rows]
+
+    def _reserve(self, extra: int) -> None:
+        need = self.width + extra
+        if need > self.tokens.shape[1]:
+            grown = torch.zeros((self.rows, need + _GROW), dtype=torch.long, device=self.tokens.device)
+            grown[:, :self.width] = self.tokens[:, :self.width]
+            self.tokens = grown
+
+
+class TorchRunner:
+    """A transformers model's forwards with a DynamicCache (the torch path)."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.cache_kw = _cache_kwarg(lm.model)  # read once: inspecting the signature per forward costs ~25 µs
+
+    def new_cache(self, rows: int, capacity: int) -> Any:
+        return DynamicCache(config=self.lm.model.config)
+
+    @torch.inference_mode()
+    def forward(self, state: DecodeState, columns: torch.Tensor, keep: int) -> torch.Tensor:
+        n = columns.shape[1]
+        kwargs = {self.cache_kw: state.cache}
+        if any(state.pads):
+            mask = state.mask(n)
+            # Positions count real tokens only, so a left-padded row starts at 0 (padding gets 1, as generate does).
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, state.width:]
+        else:  # unpadded rows: an all-ones mask, and the model counts positions from its cache as generate does
+            mask = _ones(state.rows, state.width + n, columns.device)
+        out = self.lm.model(input_ids=columns, attention_mask=mask, use_cache=True, logits_to_keep=keep, **kwargs)
+        # fp32 copy as generate() makes, so processors see the same numbers.
+        return out.logits[:, -keep:, :].to(copy=True, dtype=torch.float32)
+
+    def crop(self, state: DecodeState, length: int) -> None:
+        state.cache.crop(length - state.width)
+
+    def fork(self, state: DecodeState, rows: int) -> None:
+        state.cache.batch_repeat_interleave(rows)
+
+    def select(self, state: DecodeState, rows: list[int]) -> None:
+        state.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=state.tokens.device))
+
+    def kv_bytes(self, state: DecodeState) -> int:
+        return kv_cache_bytes(state.cache)
+
+    def release(self, state: DecodeState) -> None:
+        pass  # the tensors go with the last reference
+
+
+def runner_for(lm: LoadedModel) -> Any:
+    """The model's own runner (a llama.cpp model brings one), else the torch path."""
+    return getattr(lm, "runner", None) or TorchRunner(lm)
+
+
+def new_state(lm: LoadedModel, rows: int = 1, capacity: int = _GROW) -> DecodeState:
+    runner = runner_for(lm)
+    return DecodeState(model=lm.key, cache=runner.new_cache(rows, capacity),
+                       tokens=torch.zeros((rows, capacity), dtype=torch.long, device=lm.device), pads=[0] * rows,
+                       runner=runner)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+# --- forwards -------------------------------------------------------------------------------------------------
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.2x names the argument `cache`; earlier releases call it `past_key_values`.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    """Run `columns` [B, n] after the state's width through its runner; returns fp32 logits of the last `keep`
+    positions [B, keep, V] and advances the state."""
+    n = columns.shape[1]
+    try:
+        logits = state.runner.forward(state, columns, keep)
+    except BaseException:
+        state.broken = True
+        raise
+    state._reserve(n)
+    state.tokens[:, state.width:state.width + n] = columns
+    state.width += n
+    return logits
+
+
+_ONES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _ones(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """A [rows, width] all-ones mask, sliced from a buffer grown as needed (no allocation per decode step)."""
+    key = (rows, str(device))
+    buffer = _ONES.get(key)
+    if buffer is None or buffer.shape[1] < width:
+        buffer = _ONES[key] = torch.ones((rows, max(width, 2 * (buffer.shape[1] if buffer is not None else 1024))),
+                                         dtype=torch.long, device=device)
+    return buffer[:, :width]
+
+
+def prefill(lm: LoadedModel, state: DecodeState, rows: Sequence[Sequence[int]], lock: StepLock, chunk: int,
+            should_stop: Callable[[], str | None] | None = None) -> tuple[torch.Tensor | None, str | None]:
+    """Append each row's tokens, `chunk` columns per turn at the gate. A fresh state takes rows of different
+    lengths (left-padded); a used one takes the same number of new tokens per row. Returns (the next-token logits
+    [B, V], None), or (None, reason) when `should_stop` said so between chunks."""
+    if len(rows) != state.rows:
+        raise ValueError(f"prefill got {len(rows)} rows for a state of {state.rows}")
+    lengths = {len(r) for r in rows}
+    if 0 in lengths:
+        raise ValueError("prefill needs at least one token per row")
+    if state.width and len(lengths) != 1:
+        raise ValueError("a used state takes the same number of new tokens in every row")
+    longest = max(lengths)
+    block = torch.zeros((state.rows, longest), dtype=torch.long, device=state.tokens.device)
+    for i, row in enumerate(rows):
+        block[i, longest - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        if not state.width:
+            state.pads[i] = longest - len(row)
+    # On a fresh state the padding columns are prefilled too (masked), with the first chunk.
+    logits = None
+    for start in range(0, longest, chunk):
+        with lock():
+            logits = _forward(lm, state, block[:, start:start + chunk])[:, -1, :]
+        if should_stop is not None and start + chunk < longest:
+            reason = should_stop()
+            if reason:
+                return None, reason
+    return logits, None
+
+
+def decode_step(lm: LoadedModel, state: DecodeState, tokens: Sequence[int], lock: StepLock) -> torch.Tensor:
+    """Feed one token per row; returns the next-token logits [B, V]."""
+    column = torch.tensor([[int(t)] for t in tokens], dtype=torch.long, device=state.tokens.device)
+    with lock():
+        return _forward(lm, state, column)[:, -1, :]
+
+
+def verify(lm: LoadedModel, state: DecodeState, tokens: Sequence[int], lock: StepLock) -> torch.Tensor:
+    """Feed several tokens to one row in one forward (speculative verification); returns the logits after each
+    of them [len(tokens), V]."""
+    block = torch.tensor([list(tokens)], dtype=torch.long, device=state.tokens.device)
+    with lock():
+        return _forward(lm, state, block, keep=len(tokens))[0]
+
+
+# --- choosing -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RowChooser:
+    """How one row picks its next token: its processor chain (transformers' classes, by name) and its seeded
+    generator; greedy rows take the argmax after the chain, as generate(do_sample=False) does."""
+
+    stages: list
+    greedy: bool
+    generator: torch.Generator | None = None
+    top_n: int = 20
+
+
+@torch.inference_mode()
+def choose(logits: torch.Tensor, state: DecodeState, choosers: Sequence[RowChooser]
+           ) -> list[tuple[int, tuple[StageTopN, ...]]]:
+    """Each row's token and stage summaries, from logits [B, V]. The repetition penalty sees the row's own tokens.
+    Only each stage's top-N and the chosen token's probabilities leave the device."""
+    out = []
+    for row, chooser in enumerate(choosers):
+        seq = state.tokens[row:row + 1, state.pads[row]:state.width]
+        keep = chooser.top_n > 0
+        scores, names, stage_probs = run_chain(logits[row:row + 1], seq, chooser.stages, keep=keep)
+        if chooser.greedy:
+            token = torch.argmax(scores, dim=-1)
+        else:
+            probs = stage_probs[-1] if keep else torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=chooser.generator).squeeze(1)
+        if not keep:
+            out.append((int(token.item()), ()))
+        else:
+            out.append(summarise(names, stage_probs, token, chooser.top_n))
+    return out
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def token_logprobs(lm: LoadedModel, rows: Sequence[Sequence[int]], lock: StepLock, chunk: int = 16
+                   ) -> list[list[float]]:
+    """log p(token_i | tokens before it) for every token after the first of every row: the rows left-padded into
+    one batch, prefilled a chunk per turn at the gate with the logits of every position kept (a chunk at a time:
+    a [rows, length, vocab] tensor would not fit)."""
+    if not rows or any(len(r) < 2 for r in rows):
+        raise ValueError("scoring needs at least two tokens per text")
+    state = new_state(lm, len(rows))
+    longest = max(len(r) for r in rows)
+    block = torch.zeros((len(rows), longest), dtype=torch.long, device=state.tokens.device)
+    for i, row in enumerate(rows):
+        block[i, longest - len(row):] = torch.tensor(list(row), dtype=torch.long)
+        state.pads[i] = longest - len(row)
+    scores = torch.zeros((len(rows), longest), dtype=torch.float64)
+    for start in range(0, longest - 1, chunk):
+        end = min(longest - 1, start + chunk)
+        with lock():
+            logits = _forward(lm, state, block[:, start:end], keep=end - start)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = block[:, start + 1:end + 1]
+        scores[:, start + 1:end + 1] = logprobs.gather(-1, targets[..., None])[..., 0].double().cpu()
+    state.release()
+    return [scores[i, state.pads[i] + 1:].tolist() for i in range(len(rows))]
+
+
+def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """Teacher-forced fp32 logits at every position of one sequence, a chunk at a time: yields (s, logits [n, V])
+    where row j is the distribution over the token after ids[s + j] (the last row: after the whole sequence).
+    One forward of at most `chunk` tokens per turn at the gate; positions before `start` are fed as context only
+    (their logits are not kept). Never holds [len(ids), V] at once; the state is released at the end, also when
+    the consumer stops early."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("position_logits needs at least one token")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start must be in [0, {len(ids) - 1}], got {start}")
+    return _position_chunks(lm, ids, lock, chunk, start)  # checked now; the state is made on the first chunk
+
+
+def _position_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, chunk: int, start: int
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
+    state = new_state(lm, 1, max(len(ids), _GROW))
+    try:
+        block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
+        for begin in range(0, len(ids), chunk):
+            end = min(len(ids), begin + chunk)
+            first = max(begin, start)
+            keep = end - first if end > start else 1  # context-only chunks keep one row (0 would mean all)
+            with lock():
+                logits = _forward(lm, state, block[:, begin:end], keep=keep)
+            if end > start:
+                yield first, logits[0]
+    finally:
+        state.release()
+
+
+def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 512) -> torch.Tensor:
+    """fp32 [V] logits for the token after `ids` from a throwaway state, prefilled a chunk per turn at the gate
+    (the path for a runner without torch modules)."""
+    state = new_state(lm)
+    try:
+        logits, _ = prefill(lm, state, [list(ids)], lock, chunk)
+    finally:
+        state.release()
+    return logits[0].clone()

@@ -1,0 +1,272 @@
+"""A llama.cpp forward for GGUF registry entries, under qdemo's own processor chain.
+
+llama.cpp (in process, through llama-cpp-python's bindings) runs the model on the GGUF's own quantized blocks and
+hands qdemo the **full raw logits** of each step; the engine's chain, seeded sampler, stop rules, stage capture and
+events run on them unchanged. `LlamaCppRunner` is a decode-state runner like `qdemo.core.decode.TorchRunner`: each
+DecodeState owns one llama.cpp context whose sequences are the state's rows, so crop (`memory_seq_rm`), fork
+(`memory_seq_cp`) and select work as on the torch path, several rows decode in one batch reading the weights once,
+and a kept state is reused across turns. Weights are loaded once per process (memory-mapped) and shared by every
+context.
+
+Optional: `pip install -r requirements-llama.txt` (it builds llama.cpp from source). Without it the torch path
+runs, and `available()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAX_ROWS = 8  # sequences per context: Compare's sides, beams, batches
+BATCH = 512  # tokens per llama_decode call (and per compute micro-batch)
+FIRST_CONTEXT = 2048  # tokens of a new context (KV cells shared by its rows)
+_BACKEND = threading.Lock()
+_initialised = False
+
+
+def available() -> str | None:
+    """None when the llama.cpp forward can run here, else a one-line hint."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "the llama.cpp forward is not installed (pip install -r requirements-llama.txt; it builds llama.cpp)"
+    return None
+
+
+def _lib():
+    import llama_cpp
+
+    global _initialised
+    with _BACKEND:
+        if not _initialised:
+            llama_cpp.llama_backend_init()
+            # The bindings print every llama.cpp log line (each load and context) on stderr: errors only, unless asked.
+            from llama_cpp import _logger
+
+            _logger.set_verbose(os.environ.get("QDEMO_LLAMA_LOG", "") == "1")
+            _initialised = True
+    return llama_cpp
+
+
+@dataclass
+class LlamaWeights:
+    """A GGUF model loaded once per process (memory-mapped), shared by every context."""
+
+    path: Path
+    threads: int
+    handle: Any = None
+    n_vocab: int = 0
+    kv_bytes_per_token: int = 0
+    description: str = ""
+
+    def load(self) -> "LlamaWeights":
+        lib = _lib()
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 0  # qdemo's llama.cpp forward is its CPU path; on a GPU torch runs
+        handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not handle:
+            raise RuntimeError(f"llama.cpp could not load {self.path.name}")
+        self.handle = handle
+        self._finalizer = weakref.finalize(self, lib.llama_model_free, handle)
+        vocab = lib.llama_model_get_vocab(handle)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(vocab))
+        layers = int(lib.llama_model_n_layer(handle))
+        heads, kv_heads = int(lib.llama_model_n_head(handle)), int(lib.llama_model_n_head_kv(handle))
+        head_dim = int(lib.llama_model_n_embd(handle)) // heads
+        self.kv_bytes_per_token = 2 * layers * kv_heads * head_dim * 2  # keys and values, f16
+        return self
+
+    def close(self) -> None:
+        """Free the model now (every context made from it must be closed first)."""
+        if self.handle:
+            self._finalizer()
+            self.handle = None
+
+
+class _CacheFull(Exception):
+    """llama_decode found no room in the context's KV cache (it restored the cache as it was)."""
+
+
+class LlamaCache:
+    """One llama.cpp context: its sequences are a decode state's rows (row i → seqs[i]). It holds its weights, so
+    the model outlives every context made from it; the context is freed by `close()` or when the cache goes."""
+
+    def __init__(self, ctx: Any, n_ctx: int, rows: int, weights: "LlamaWeights") -> None:
+        self.ctx, self.n_ctx, self.seqs, self.weights = ctx, n_ctx, list(range(rows)), weights
+        self._finalizer = weakref.finalize(self, _lib().llama_free, ctx)
+
+    def close(self) -> None:
+        self._finalizer()
+        self.ctx = None
+
+
+class LlamaCppRunner:
+    """A decode-state runner on llama.cpp (see qdemo.core.decode.TorchRunner for the interface)."""
+
+    def __init__(self, weights: LlamaWeights) -> None:
+        self.weights = weights
+        self.gate = None  # the pool's StepGate: every forward must hold it (checked, as the torch guard does)
+
+    # --- contexts ----------------------------------------------------------------------------------------------
+    def new_cache(self, rows: int, capacity: int) -> LlamaCache:
+        # Room for a long chat from the start; a context that fills up is moved into one twice the size.
+        return self._context(max(rows, 1), max(capacity, FIRST_CONTEXT))
+
+    def _context(self, rows: int, n_ctx: int) -> LlamaCache:
+        lib = _lib()
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = max(512, n_ctx) if n_ctx <= 4096 else 4096
+        params.n_ubatch = min(512, params.n_batch)
+        params.n_seq_max = MAX_ROWS
+        params.n_threads = params.n_threads_batch = self.weights.threads
+        params.kv_unified = True  # sequences share cells: a fork copies no keys or values
+        params.no_perf = True
+        ctx = lib.llama_init_from_model(self.weights.handle, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        return LlamaCache(ctx, n_ctx, rows, self.weights)
+
+    def release(self, state) -> None:
+        if state.cache is not None:
+            state.cache.close()
+
+    def _memory(self, cache: LlamaCache):
+        return _lib().llama_get_memory(cache.ctx)
+
+    # --- the forward -------------------------------------------------------------------------------------------
+    def forward(self, state, columns: torch.Tensor, keep: int) -> torch.Tensor:
+        if self.gate is not None and not self.gate.held_here():
+            from qdemo.serving.pool import UngatedForwardError
+
+            raise UngatedForwardError(f"{state.model}: a llama.cpp forward ran outside its step gate")
+        n = columns.shape[1]
+        longest = max(state.width + n - p for p in state.pads)
+        if longest > state.cache.n_ctx:  # certainly too small; a forked state's rows share their prefix's cells
+            self._grow(state, max(longest + 256, 2 * state.cache.n_ctx))
+        out = np.zeros((state.rows, keep, self.weights.n_vocab), dtype=np.float32)
+        while True:
+            entries, wanted = self._batch_entries(state, columns, keep)
+            targets = iter(wanted)
+
+            def take(ctx, index: int) -> None:
+                row, slot = next(targets)
+                pointer = _lib().llama_get_logits_ith(ctx, index)
+                out[row, slot] = np.ctypeslib.as_array(pointer, shape=(self.weights.n_vocab,))
+
+            try:
+                self._decode(state.cache, entries, take)
+                return torch.from_numpy(out)
+            except _CacheFull:
+                # llama.cpp restored the cache as it was before the failed batch; drop any earlier batches of this
+                # forward too, then retry the whole forward in a context twice the size.
+                self.crop(state, state.width)
+                self._grow(state, 2 * state.cache.n_ctx)
+
+    def _batch_entries(self, state, columns: torch.Tensor, keep: int):
+        """(token, position, seq, wants logits) per real token (left padding is not fed: llama.cpp sequences
+        are separate, no mask needed), and which (row, slot) each logits output fills, in entry order."""
+        n = columns.shape[1]
+        tokens = columns.tolist()
+        entries, wanted = [], []
+        for row in range(state.rows):
+            for j in range(n):
+                column = state.width + j
+                if column < state.pads[row]:
+                    continue
+                logits = j >= n - keep
+                entries.append((tokens[row][j], column - state.pads[row], state.cache.seqs[row], logits))
+                if logits:
+                    wanted.append((row, j - (n - keep)))
+        return entries, wanted
+
+    def _decode(self, cache: LlamaCache, entries, take=None) -> None:
+        """Decode the entries in batches of at most BATCH tokens; `take(ctx, i)` reads each logits output right
+        after its batch (llama.cpp keeps only the last batch's logits)."""
+        lib = _lib()
+        for start in range(0, len(entries), BATCH):
+            part = entries[start:start + BATCH]
+            batch = lib.llama_batch_init(len(part), 0, 1)
+            try:
+                batch.n_tokens = len(part)
+                for i, (token, pos, seq, logits) in enumerate(part):
+                    batch.token[i] = token
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = 1 if logits else 0
+                code = lib.llama_decode(cache.ctx, batch)
+                if code == 1:
+                    raise _CacheFull()
+                if code != 0:
+                    raise RuntimeError(f"llama.cpp decode failed (code {code})")
+                for i, entry in enumerate(part):
+                    if entry[3]:
+                        take(cache.ctx, i)
+            finally:
+                lib.llama_batch_free(batch)
+
+    def _grow(self, state, n_ctx: int) -> None:
+        """A bigger context for a state that outgrew its own: each sequence's keys and values are copied over
+        (no recomputation), then the old context is freed."""
+        lib, old = _lib(), state.cache
+        fresh = self._context(len(old.seqs), n_ctx)
+        for row, seq in enumerate(old.seqs):
+            size = lib.llama_state_seq_get_size(old.ctx, seq)
+            buffer = (ctypes.c_uint8 * size)()
+            written = lib.llama_state_seq_get_data(old.ctx, buffer, size, seq)
+            if written and not lib.llama_state_seq_set_data(fresh.ctx, buffer, written, fresh.seqs[row]):
+                raise RuntimeError(f"{state.model}: could not move a sequence into a {n_ctx}-token llama.cpp context")
+        state.cache = fresh
+        old.close()
+
+    # --- shape changes -----------------------------------------------------------------------------------------
+    def crop(self, state, length: int) -> None:
+        """Forget every row's positions from column `length` on."""
+        memory = self._memory(state.cache)
+        for row, seq in enumerate(state.cache.seqs):
+            _lib().llama_memory_seq_rm(memory, seq, max(length - state.pads[row], 0), -1)
+
+    def fork(self, state, rows: int) -> None:
+        if rows > MAX_ROWS:
+            raise ValueError(f"the llama.cpp forward takes at most {MAX_ROWS} rows, got {rows}")
+        memory = self._memory(state.cache)
+        source = state.cache.seqs[0]
+        for seq in range(1, rows):
+            _lib().llama_memory_seq_cp(memory, source, seq, -1, -1)
+        state.cache.seqs = [source] + list(range(1, rows))
+
+    def select(self, state, rows: list[int]) -> None:
+        """Row k of the result continues old row rows[k]; a row chosen twice gets a copy of its sequence."""
+        lib, memory, cache = _lib(), self._memory(state.cache), state.cache
+        used: set[int] = set()
+        new_seqs: list[int | None] = []
+        for source in rows:
+            seq = cache.seqs[source]
+            new_seqs.append(None if seq in used else seq)
+            used.add(seq)
+        for seq in set(cache.seqs) - used:  # dropped rows first: their sequence ids are reused below
+            lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        free = [s for s in range(MAX_ROWS) if s not in used]
+        for k, seq in enumerate(new_seqs):
+            if seq is None:
+                target = free.pop(0)
+                lib.llama_memory_seq_cp(memory, cache.seqs[rows[k]], target, -1, -1)
+                new_seqs[k] = target
+        cache.seqs = list(new_seqs)
+
+    def kv_bytes(self, state) -> int:
+        """Bytes the state's context holds for keys and values: its whole allocated cache, used or not."""
+        return state.cache.n_ctx * self.weights.kv_bytes_per_token
+
+
+def default_threads() -> int:
+    configured = os.environ.get("QDEMO_LLAMA_THREADS", "").strip()
+    return int(configured) if configured else torch.get_num_threads()

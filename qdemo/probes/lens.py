@@ -1,0 +1,231 @@
+"""Logit lens: what each layer's residual stream would predict if the model stopped there.
+
+Every decoder layer's output (and, on request, the residual stream after its attention sublayer) is projected
+through the model's own final norm and lm_head — the same two modules that turn the last layer into logits, so
+the last row of the grid is the model's own distribution (the oracle the tests hold it to). The residuals are
+taken with forward hooks during chunked forwards of a throwaway decode state, one chunk per turn at the step
+gate; the hooks exist only inside that turn, so other users' steps on the same model never see them.
+
+Rows: "embed" (the token embeddings), then per layer i "L{i} attn" (after attention, optional) and "L{i}" (after
+the MLP, the layer's output). Columns: the positions whose next token is inspected.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from qdemo.core.decode import _forward, new_state
+from qdemo.models.loader import LoadedModel
+
+StepLock = Callable[[], ContextManager[None]]
+EMBED = "embed"
+
+
+@dataclass(frozen=True)
+class LensGrid:
+    """A layers × positions grid of lens distributions (top-k per cell) for one sequence."""
+
+    model: str
+    rows: tuple[str, ...]  # "embed", ["L0 attn"], "L0", …; the last row is the model's own output
+    positions: tuple[int, ...]  # sequence index of each column's last input token
+    targets: tuple[int, ...]  # the token that followed each position (-1: the sequence ends there)
+    top_ids: np.ndarray  # int64 [rows, columns, k]
+    top_probs: np.ndarray  # float32 [rows, columns, k]
+    target_probs: np.ndarray  # float32 [rows, columns]: the lens probability of the token that followed
+    layer_rows: tuple[int, ...]  # indices of the rows that are whole-layer outputs (commitment is read there)
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self.top_ids[:, :, 0]
+
+    def commitment(self, column: int) -> int | None:
+        """The first layer-output row whose top-1 is the token that followed (None: never, e.g. a sampled token
+        the model did not rank first)."""
+        target = self.targets[column]
+        for r in self.layer_rows:
+            if int(self.top_ids[r, column, 0]) == target:
+                return r
+        return None
+
+    def stays_from(self, column: int) -> int | None:
+        """The first layer-output row from which the token that followed stays top-1 to the end."""
+        target, start = self.targets[column], None
+        for r in self.layer_rows:
+            if int(self.top_ids[r, column, 0]) == target:
+                start = r if start is None else start
+            else:
+                start = None
+        return start
+
+    def cell(self, row: int, column: int, texts: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+        """The cell's top-k: rank, id, text, probability."""
+        texts = texts or {}
+        return [{"rank": k + 1, "id": int(i), "token": texts.get(int(i), str(int(i))), "prob": float(p)}
+                for k, (i, p) in enumerate(zip(self.top_ids[row, column], self.top_probs[row, column]))]
+
+    def to_frame(self, texts: Mapping[int, str] | None = None):
+        """One row per cell: layer row, position, top-1 and its probability, the target's probability."""
+        import pandas as pd
+
+        texts = texts or {}
+        records = []
+        for c, pos in enumerate(self.positions):
+            commit, stays = self.commitment(c), self.stays_from(c)
+            for r, name in enumerate(self.rows):
+                top = int(self.top_ids[r, c, 0])
+                records.append({"row": name, "position": pos, "target_id": self.targets[c],
+                                "target": texts.get(self.targets[c], ""), "top1_id": top,
+                                "top1": texts.get(top, str(top)), "top1_prob": float(self.top_probs[r, c, 0]),
+                                "target_prob": float(self.target_probs[r, c]),
+                                "commitment": self.rows[commit] if commit is not None else "",
+                                "stays_from": self.rows[stays] if stays is not None else ""})
+        return pd.DataFrame.from_records(records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "rows": list(self.rows), "positions": list(self.positions),
+                "targets": list(self.targets), "top_ids": self.top_ids.tolist(),
+                "top_probs": np.round(self.top_probs.astype(np.float64), 6).tolist(),
+                # JSON has no NaN: a column whose sequence ends there has no following token (None)
+                "target_probs": [[None if np.isnan(v) else round(float(v), 6) for v in row]
+                                 for row in self.target_probs],
+                "commitment": [self.rows[c] if (c := self.commitment(i)) is not None else None
+                               for i in range(len(self.positions))],
+                "stays_from": [self.rows[c] if (c := self.stays_from(i)) is not None else None
+                               for i in range(len(self.positions))]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+def _parts(lm: LoadedModel) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module, torch.nn.Module]:
+    model = lm.model
+    if model is None:
+        raise ValueError(f"model {lm.spec.name}: the logit lens needs the torch weights (this copy runs on "
+                         f"{lm.forward_label})")
+    inner = getattr(model, "model", None)
+    layers, norm = getattr(inner, "layers", None), getattr(inner, "norm", None)
+    head = model.get_output_embeddings()
+    if layers is None or norm is None or head is None:
+        raise ValueError(f"model {lm.spec.name}: no model.layers / model.norm / lm_head (not a Llama-like model)")
+    return inner.get_input_embeddings(), layers, norm, head
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Recorder:
+    """Hooks that copy the residual stream at the wanted columns of one chunk (rows in grid order)."""
+
+    def __init__(self, embed: torch.nn.Module, layers: torch.nn.ModuleList, sublayers: bool) -> None:
+        self.modules = (embed, layers)
+        self.sublayers = sublayers
+        self.columns: torch.Tensor | None = None  # chunk-local indices to keep
+        self.kept: dict[str, torch.Tensor] = {}
+        self._layer_in: torch.Tensor | None = None
+
+    def _keep(self, name: str, hidden: torch.Tensor) -> None:
+        self.kept[name] = hidden[0].index_select(0, self.columns).float()
+
+    def attach(self) -> list[Any]:
+        embed, layers = self.modules
+        handles = [embed.register_forward_hook(lambda m, a, out: self._keep(EMBED, _hidden(out)))]
+        for i, layer in enumerate(layers):
+            if self.sublayers:
+                handles.append(layer.register_forward_pre_hook(self._take_input, with_kwargs=True))
+                handles.append(layer.self_attn.register_forward_hook(
+                    lambda m, a, out, i=i: self._keep(f"L{i} attn", self._layer_in + _hidden(out))))
+            handles.append(layer.register_forward_hook(lambda m, a, out, i=i: self._keep(f"L{i}", _hidden(out))))
+        return handles
+
+    def _take_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._layer_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+PROJECT_BLOCK = 512  # vectors per lm_head GEMM: big enough to read the head's weights once per block, not per row
+
+
+def _project(kept: dict[str, torch.Tensor], names: Sequence[str], head: torch.nn.Module, norm: torch.nn.Module,
+             targets: torch.Tensor, out: tuple[np.ndarray, np.ndarray, np.ndarray], cols: slice, k: int) -> None:
+    """Every row's kept residuals through norm and lm_head, rows stacked into blocks of PROJECT_BLOCK vectors (the
+    head is the size of several layers: one pass per row would read it once per row)."""
+    top_ids, top_probs, target_probs = out
+    per_row = cols.stop - cols.start
+    rows_per_block = max(1, PROJECT_BLOCK // per_row)
+    for first in range(0, len(names), rows_per_block):
+        block = names[first:first + rows_per_block]
+        stacked = torch.cat([kept[name] for name in block]).to(head.weight.dtype)
+        probs = torch.softmax(head(norm(stacked)).float(), dim=-1)
+        values, indices = torch.topk(probs, k, dim=-1)
+        hit = probs.gather(1, targets.to(probs.device).repeat(len(block))[:, None])[:, 0]
+        shape = (len(block), per_row)
+        top_ids[first:first + len(block), cols] = indices.cpu().numpy().reshape(*shape, k)
+        top_probs[first:first + len(block), cols] = values.cpu().numpy().reshape(*shape, k)
+        target_probs[first:first + len(block), cols] = hit.cpu().numpy().reshape(shape)
+        del probs
+
+
+def row_names(layers: int, sublayers: bool) -> tuple[str, ...]:
+    names = [EMBED]
+    for i in range(layers):
+        names += [f"L{i} attn", f"L{i}"] if sublayers else [f"L{i}"]
+    return tuple(names)
+
+
+@torch.inference_mode()
+def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lock: StepLock = nullcontext,
+               sublayers: bool = False, top: int = 10, chunk: int = 256) -> LensGrid:
+    """The lens grid of `ids` at `positions` (sequence indices; each column shows what follows that token).
+    One forward of the sequence (chunked at the gate); each row is projected right after its chunk, so memory
+    holds [rows, columns, hidden] and one [columns, vocab] block at a time."""
+    ids = [int(t) for t in ids]
+    wanted = sorted({int(p) for p in positions})
+    if not ids:
+        raise ValueError(f"model {lm.spec.name}: the logit lens needs at least one token")
+    if not wanted:
+        raise ValueError(f"model {lm.spec.name}: pick at least one position for the logit lens")
+    if wanted[0] < 0 or wanted[-1] >= len(ids):
+        raise ValueError(f"model {lm.spec.name}: lens positions must be in 0..{len(ids) - 1}, got {wanted[-1]}")
+    embed, layers, norm, head = _parts(lm)
+    names = row_names(len(layers), sublayers)
+    recorder = _Recorder(embed, layers, sublayers)
+    targets = [ids[p + 1] if p + 1 < len(ids) else -1 for p in wanted]
+    k = max(1, min(int(top), lm.vocab_size))
+    top_ids = np.zeros((len(names), len(wanted), k), dtype=np.int64)
+    top_probs = np.zeros((len(names), len(wanted), k), dtype=np.float32)
+    target_probs = np.zeros((len(names), len(wanted)), dtype=np.float32)
+    target_index = torch.tensor([max(t, 0) for t in targets], dtype=torch.long)
+    state = new_state(lm)
+    try:
+        block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
+        end_at = wanted[-1] + 1  # nothing after the last wanted position is needed
+        done = 0
+        for begin in range(0, end_at, chunk):
+            end = min(end_at, begin + chunk)
+            here = [p for p in wanted if begin <= p < end]
+            recorder.columns = torch.tensor([p - begin for p in here] or [0], dtype=torch.long,
+                                            device=state.tokens.device)
+            recorder.kept = {}
+            with lock():
+                handles = recorder.attach()
+                try:
+                    _forward(lm, state, block[:, begin:end], keep=1)
+                finally:
+                    for h in handles:
+                        h.remove()
+                if here:  # project while holding the turn: it reads the same weights as a step
+                    _project(recorder.kept, names, head, norm, target_index[done:done + len(here)],
+                             (top_ids, top_probs, target_probs), slice(done, done + len(here)), k)
+                    done += len(here)
+    finally:
+        state.release()
+    target_probs[:, [i for i, t in enumerate(targets) if t < 0]] = np.nan
+    layer_rows = tuple(i for i, n in enumerate(names) if n != EMBED and not n.endswith(" attn"))
+    return LensGrid(model=lm.spec.name, rows=names, positions=tuple(wanted), targets=tuple(targets),
+                    top_ids=top_ids, top_probs=top_probs, target_probs=target_probs, layer_rows=layer_rows)

@@ -1,0 +1,261 @@
+"""The one path from the services to a model.
+
+A `LocalBackend` is a pooled model leased for one request. Every forward it runs — a generation step, the
+next-token logits of the lab and of Compare, attention maps — goes through that model's step gate, so concurrent
+users take turns step by step and one model never runs two steps at once (the pool's guard refuses any forward
+that does not hold the gate). Services and the UI reach models only through a backend: they never touch
+`lm.model` or `lm.tokenizer`. Capabilities say which panels a backend can feed, so the UI asks them instead of
+checking model families or types.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from qdemo.probes import attribution
+from qdemo.probes import introspect
+from qdemo.probes import lens
+from qdemo.probes import scoring
+from qdemo.core.decode import DecodeState, last_logits, new_state, token_logprobs
+from qdemo.core.engine import generate, generate_assisted, generate_batch, generate_rows
+from qdemo.core.events import Event
+from qdemo.models.loader import LoadedModel, pick_device, same_tokenizer
+from qdemo.serving.pool import StepGate
+from qdemo.models.prompting import (Message, Prompt, build_prompt, control_token_ids, conversation_prompt_ids,
+                             raw_text_ids)
+from qdemo.models.registry import ModelSpec
+from qdemo.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can show."""
+
+    stage_chain: bool = True  # full logits at every step: per-stage distributions, the sampling lab
+    attention: bool = True  # attention weights (needs the weights and activations)
+    positions: bool = True  # RoPE / ALiBi figures read from the model's own modules
+    model_card: bool = True
+    messages_only: bool = False  # takes chat messages, not token ids (a remote server applies its own template)
+
+
+def drafting_pays(device: str | None) -> bool:
+    """Whether speculative decoding is on by default: where a k-token verification costs about one step (a GPU).
+    On a CPU's torch path it costs several (`python -m qdemo bench NAME --scenario assisted` measures it), so it is
+    off there unless QDEMO_SPECULATIVE=on (QDEMO_SPECULATIVE=off turns it off everywhere)."""
+    choice = os.environ.get("QDEMO_SPECULATIVE", "auto").strip().lower()
+    if choice in ("on", "1", "true"):
+        return True
+    if choice in ("off", "0", "false"):
+        return False
+    return pick_device(device).type == "cuda"
+
+
+_WEIGHTLESS = Capabilities(attention=False, positions=False, model_card=False)
+
+
+class LocalBackend:
+    """A leased model of this process's pool and its step gate."""
+
+    def __init__(self, lm: LoadedModel, gate: StepGate) -> None:
+        self._lm, self._gate = lm, gate
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # The llama.cpp forward hands over full logits but no torch modules: weight panels use the torch copy.
+        return Capabilities() if self._lm.model is not None else _WEIGHTLESS
+
+    # --- facts (no forward) -------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self._lm.spec.name
+
+    @property
+    def key(self) -> str:
+        """The pool's name of this copy ("name" on torch, "name [llama.cpp]" on llama.cpp)."""
+        return self._lm.key
+
+    @property
+    def forward(self) -> str:
+        return self._lm.forward
+
+    @property
+    def forward_label(self) -> str:
+        """"llama.cpp Q4_K_M", "torch fp32"."""
+        return self._lm.forward_label
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._lm.spec
+
+    @property
+    def max_context(self) -> int:
+        return self._lm.max_context
+
+    @property
+    def context_note(self) -> str:
+        return self._lm.context_note
+
+    @property
+    def position_encoding(self) -> str:
+        return self._lm.family.position_encoding
+
+    @property
+    def position_note(self) -> str:
+        return self._lm.family.position_note
+
+    def shape(self) -> tuple[int, int]:
+        """(decoder layers, attention heads)."""
+        config = self._lm.config
+        return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+    def same_tokenizer(self, other: "LocalBackend") -> bool:
+        if not isinstance(other, LocalBackend):  # a remote backend compares its borrowed tokenizer
+            return other.same_tokenizer(self)
+        return same_tokenizer(self._lm, other._lm)
+
+    # --- text and tokens (no forward) ---------------------------------------------------------------------------
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._lm.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Each id decoded on its own."""
+        return {int(i): self._lm.tokenizer.decode([int(i)]) for i in set(ids)}
+
+    def text_decoder(self) -> Callable[[Sequence[int]], dict[int, str]]:
+        """`token_texts` that outlives the lease: it holds the tokenizer only, never the weights, so a view can
+        label tokens later without keeping an unloaded model alive."""
+        tokenizer = self._lm.tokenizer
+
+        def texts(ids: Sequence[int]) -> dict[int, str]:
+            return {int(i): tokenizer.decode([int(i)]) for i in set(ids)}
+
+        return texts
+
+    def token_pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token's share of the decoded text (a character split across tokens counted once)."""
+        return attribution.token_pieces(self._lm.tokenizer.decode, ids)
+
+    def special_ids(self) -> set[int]:
+        """Special and other control tokens (`<tool_call>` too): what user text can never produce."""
+        tokenizer = self._lm.tokenizer
+        return set(getattr(tokenizer, "all_special_ids", []) or []) | control_token_ids(tokenizer)
+
+    def prompt_pieces(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
+        """(id, text, special) per prompt token, for the prompt inspector."""
+        special = self.special_ids()
+        texts = self.token_texts(ids)
+        return [(int(i), texts[int(i)], int(i) in special) for i in ids]
+
+    def chat_prompt(self, messages: Sequence[Message], max_new_tokens: int, system: str | None = None,
+                    max_prompt_tokens: int | None = None) -> Prompt:
+        """The prompt ids of a chat in this model's format, fitted into its context and the server's prompt limit
+        (the oldest turns go first)."""
+        return build_prompt(self._lm.tokenizer, messages, self.max_context, max_new_tokens,
+                            self.spec.system_prompt if system is None else system, self.name,
+                            self._lm.family.build_prompt, max_prompt_tokens)
+
+    def raw_text_ids(self, text: str) -> list[int]:
+        """Text as typed, tokenized as plain text: it never becomes a special or added token."""
+        return raw_text_ids(self._lm.tokenizer, text)
+
+    def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
+        """A whole conversation, its last answer included, as the model saw it."""
+        return conversation_prompt_ids(self._lm.tokenizer, messages, self._lm.family.build_prompt)
+
+    # --- forwards (each through the step gate) ------------------------------------------------------------------
+    def new_state(self) -> DecodeState:
+        """An empty one-row decode state for this model (a chat keeps it between turns)."""
+        return new_state(self._lm)
+
+    def generate(self, *, messages: Sequence[Message] | None = None, input_ids: Sequence[int] | None = None,
+                 params: SamplingParams | None = None, stop_event: threading.Event | None = None,
+                 top_n: int = 20, dropped_turns: Sequence[int] = (), time_limit_s: float | None = None,
+                 ignore_eos: bool = False, state: DecodeState | None = None) -> Iterator[Event]:
+        """The engine's event stream. It takes the gate around every forward — each prefill chunk and each decode
+        step — so other users' steps interleave. With a kept `state`, only what is new is prefilled."""
+        return generate(self._lm, messages=messages, input_ids=input_ids, params=params, stop_event=stop_event,
+                        top_n=top_n, step_lock=self._gate.step, dropped_turns=dropped_turns,
+                        time_limit_s=time_limit_s, ignore_eos=ignore_eos, state=state)
+
+    def generate_assisted(self, draft: "LocalBackend", input_ids: Sequence[int], params: SamplingParams,
+                          stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
+                          time_limit_s: float | None = None) -> Iterator[Event]:
+        """Speculative decoding with `draft` proposing: each model's forwards go through its own gate."""
+        return generate_assisted(self._lm, draft._lm, input_ids, params, draft_tokens=self.spec.draft_tokens,
+                                 stop_event=stop_event, top_n=top_n, target_lock=self._gate.step,
+                                 draft_lock=draft._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
+
+    def generate_rows(self, input_ids: Sequence[int], params: Sequence[SamplingParams],
+                      stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
+                      time_limit_s: float | None = None) -> Iterator[Event]:
+        """One prompt prefilled once and continued in one row per settings, decoded as one batch."""
+        return generate_rows(self._lm, input_ids, params, stop_event=stop_event, top_n=top_n,
+                             step_lock=self._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                       stop_event: threading.Event | None = None, top_n: int = 0,
+                       time_limit_s: float | None = None) -> Iterator[Event]:
+        """Different prompts in one left-padded batch."""
+        return generate_batch(self._lm, prompts, params, stop_event=stop_event, top_n=top_n,
+                              step_lock=self._gate.step, time_limit_s=time_limit_s)
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p of every token after the first of each row, given the tokens before it (teacher-forced)."""
+        return token_logprobs(self._lm, rows, self._gate.step)
+
+    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        if self._lm.model is None:  # the llama.cpp forward: a throwaway decode state, prefilled in gated chunks
+            return last_logits(self._lm, ids, self._gate.step)
+        with self._gate.step():
+            return introspect.next_token_logits(self._lm, ids)
+
+    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10
+                   ) -> lens.LensGrid:
+        """The lens grid over `ids` at `positions`: chunked forwards, each chunk (and its projection) a turn."""
+        return lens.logit_lens(self._lm, ids, positions, self._gate.step, sublayers=sublayers, top=top)
+
+    def gradient_x_input(self, context: Sequence[int], target: int) -> attribution.Attribution:
+        """One forward and backward in one turn at the gate."""
+        return attribution.gradient_x_input(self._lm, context, target, self._gate.step)
+
+    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit]
+                  ) -> attribution.Attribution:
+        return attribution.occlusion(self._lm, context, target, units, self._gate.step)
+
+    def score(self, ids: Sequence[int], first: int = 1) -> scoring.TextScore:
+        """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position)."""
+        return scoring.score_ids(self._lm, ids, self._gate.step, first)
+
+    def divergence(self, other: "LocalBackend", ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+        """Both models on the same ids, chunk by chunk, each at its own gate."""
+        return scoring.divergence(self._lm, other._lm, ids, self._gate.step, other._gate.step, first)
+
+    def attention(self, ids: Sequence[int]) -> np.ndarray:
+        """float16 [layers, heads, q, k] for `ids`, one forward."""
+        with self._gate.step():
+            return introspect.attention_maps(self._lm, ids)
+
+    # --- read from the model's modules (no forward) -------------------------------------------------------------
+    def rope_info(self) -> introspect.RopeInfo:
+        return introspect.rope_info(self._lm)
+
+    def rope_angles(self, positions: int) -> np.ndarray:
+        return introspect.rope_angles(self._lm, positions)
+
+    def rope_decay(self, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+        return introspect.rope_decay(self._lm, max_distance)
+
+    def alibi_info(self, positions: int) -> introspect.AlibiInfo:
+        return introspect.alibi_info(self._lm, positions)
+
+    def model_card(self) -> dict[str, Any]:
+        card = introspect.model_card(self._lm)
+        if self.context_note:
+            card["context"] = f"{self.max_context} (capped: see the note)"
+        return card

@@ -1,0 +1,524 @@
+"""A model on an OpenAI-compatible server (llama.cpp's llama-server, vLLM, SGLang) behind the backend seam.
+
+`RemoteBackend.generate` streams `/v1/chat/completions` (or `/v1/completions` for raw text) with `logprobs` and
+up to 20 `top_logprobs` per token through the official `openai` client, and folds the stream into the same
+events the local engine emits: a prefill event at the first token, one token event per token whose single stage
+is the distribution the server reports, and a done event with the same statistics. The token view, metrics and
+Compare then work unchanged; the panels that need the weights ask `capabilities` and say they need a local model.
+
+Faults end in one readable message naming the entry and the server: connection errors are retried a bounded
+number of times with backoff before the first token (never after: a half-written answer is not sent twice), a
+stream that breaks off ends the answer with its reason, and the API key (read from the environment variable the
+registry names) never appears in a message, a log line or an export.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+from qdemo.serving.local import Capabilities
+from qdemo.models.loader import same_vocabulary
+from qdemo.core.events import DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
+from qdemo.models.prompting import with_system
+from qdemo.models.registry import ModelSpec, OpenAISource
+from qdemo.sampling import SamplingParams
+
+log = logging.getLogger("qdemo.serving.remote")
+
+MAX_TOP_LOGPROBS = 20
+CONNECT_RETRIES = 2  # after the first try; connection errors before the first token only
+BACKOFF_S = (0.5, 1.5)
+TIMEOUT_S = 60.0  # per read: a server that says nothing for this long is given up on
+NO_MEMORY = MemorySample(device="remote")
+
+
+class _Stopped(Exception):
+    """Stop (or the time limit) came before the server answered."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RemoteError(ValueError):
+    """A readable failure of a remote entry (names the entry and the server, never the key). A ValueError: the
+    services turn it into the message the user sees, as they do for a prompt that does not fit."""
+
+
+def server_label(base_url: str) -> str:
+    """host:port of the server, for messages (no path, no credentials)."""
+    parts = urlsplit(base_url)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else base_url
+
+
+def distribution_note() -> str:
+    """Which distribution an OpenAI-compatible server's logprobs are, in words for the token view."""
+    return ("llama.cpp's server gives the model's own distribution unless post_sampling_probs is set; vLLM follows "
+            "its logprobs_mode, raw by default; not qdemo's stage-by-stage chain, which needs the weights here")
+
+
+class RemoteBackend:
+    """One registry entry served by an OpenAI-compatible server."""
+
+    # tokens with the server's log-probabilities; nothing that needs the weights or full logits
+    capabilities = Capabilities(stage_chain=False, attention=False, positions=False, model_card=False,
+                                messages_only=True)
+    forward = "remote"
+
+    def __init__(self, spec: ModelSpec, tokenizer: Any = None, client_factory: Callable[..., Any] | None = None,
+                 timeout_s: float | None = None) -> None:
+        if not isinstance(spec.source, OpenAISource):
+            raise TypeError(f"{spec.name} is not a remote entry")
+        self.spec, self.source = spec, spec.source
+        self.tokenizer = tokenizer
+        self._timeout_s = timeout_s
+        self._client_factory = client_factory
+        self._texts: dict[int, str] = {}  # ids seen in streams → their text (ids the server did not number too)
+        self._synthetic: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # --- facts -------------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name} [remote]"
+
+    @property
+    def server(self) -> str:
+        return server_label(self.source.base_url)
+
+    @property
+    def forward_label(self) -> str:
+        return f"remote {self.server}"
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s if self._timeout_s is not None else TIMEOUT_S
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_context
+
+    def new_state(self) -> None:
+        return None  # the server keeps its own cache (prefix caching)
+
+    def same_tokenizer(self, other: Any) -> bool:
+        theirs = getattr(other, "tokenizer", None) or getattr(getattr(other, "_lm", None), "tokenizer", None)
+        return self.tokenizer is not None and theirs is not None and same_vocabulary(self.tokenizer, theirs)
+
+    # --- text and tokens ---------------------------------------------------------------------------------------
+    def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
+        out = {}
+        for i in set(int(i) for i in ids):
+            if i in self._texts:
+                out[i] = self._texts[i]
+            elif i >= 0 and self.tokenizer is not None:
+                out[i] = self.tokenizer.decode([i])
+            else:
+                out[i] = f"<{i}>"
+        return out
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.token_texts(ids)[int(i)] for i in ids)
+
+    def prompt_pieces(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
+        if self.tokenizer is None:
+            return []
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        return [(int(i), self.tokenizer.decode([int(i)]), int(i) in special) for i in ids]
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]], max_new_tokens: int, system: str | None = None,
+                    max_prompt_tokens: int | None = None):
+        """The prompt as the local tokenizer counts it (fitted into the entry's context, oldest turns dropped
+        first); without a tokenizer nothing is counted and every message is sent."""
+        from qdemo.models.prompting import Prompt, build_prompt
+
+        system = self.spec.system_prompt if system is None else system
+        if self.tokenizer is None:
+            return Prompt(ids=[], dropped_turns=(), budget=self.max_context)
+        from qdemo.models.families import get_family
+
+        return build_prompt(self.tokenizer, messages, self.max_context, max_new_tokens, system, self.name,
+                            get_family(self.spec.family).build_prompt, max_prompt_tokens)
+
+    # --- the stream --------------------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        env = self.source.api_key_env
+        key = os.environ.get(env) if env else None
+        if env and not key:
+            raise RemoteError(f"{self.name}: the server at {self.server} needs an API key: set the environment "
+                              f"variable {env} (models.yaml names it in source.openai.api_key_env)")
+        if self._client_factory is not None:
+            return self._client_factory(base_url=self.source.base_url, api_key=key or "none")
+        import openai
+
+        return openai.OpenAI(base_url=self.source.base_url, api_key=key or "none", max_retries=0,
+                             timeout=self.timeout_s)
+
+    def generate_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams,
+                      stop_event: threading.Event | None = None, top_n: int = 20, prompt_ids: Sequence[int] = (),
+                      dropped_turns: Sequence[int] = (), time_limit_s: float | None = None) -> Iterator[Event]:
+        """The answer to `messages` as qdemo events (messages in `dropped_turns` are left out, as the local
+        tokenizer fitted them)."""
+        sent = with_system([dict(m) for i, m in enumerate(messages) if i not in set(dropped_turns)],
+                           self.spec.system_prompt)
+        return self._events("chat", sent, params, stop_event, top_n, prompt_ids, dropped_turns, time_limit_s)
+
+    def generate_text(self, text: str, params: SamplingParams, stop_event: threading.Event | None = None,
+                      top_n: int = 20, time_limit_s: float | None = None) -> Iterator[Event]:
+        """A raw-text continuation through /v1/completions."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if self.tokenizer is not None else ()
+        return self._events("text", text, params, stop_event, top_n, ids, (), time_limit_s)
+
+    def _request(self, client: Any, kind: str, payload: Any, params: SamplingParams, top_n: int) -> Any:
+        k = max(0, min(int(top_n), MAX_TOP_LOGPROBS))
+        extra: dict[str, Any] = {}
+        common: dict[str, Any] = {"model": self.source.model, "stream": True, "max_tokens": params.max_new_tokens}
+        if params.do_sample:
+            common["temperature"] = params.temperature
+            if params.top_p is not None and params.top_p < 1.0:
+                common["top_p"] = params.top_p
+            if params.top_k:
+                extra["top_k"] = params.top_k
+            if params.min_p:
+                extra["min_p"] = params.min_p
+        else:
+            common["temperature"] = 0.0
+            extra["top_k"] = 1  # greedy on servers whose temperature 0 still samples
+        if params.seed is not None:
+            common["seed"] = params.seed
+        if params.repetition_penalty and params.repetition_penalty != 1.0:
+            extra["repetition_penalty"] = params.repetition_penalty
+            extra["repeat_penalty"] = params.repetition_penalty  # llama.cpp's name …
+            extra["repeat_last_n"] = -1  # … over the whole context, as transformers applies it (llama.cpp: last 64)
+        common["stream_options"] = {"include_usage": True}
+        if kind == "chat":
+            return client.chat.completions.create(messages=payload, logprobs=k > 0, top_logprobs=k or None,
+                                                  extra_body=extra, **common)
+        return client.completions.create(prompt=payload, logprobs=k or None, extra_body=extra, **common)
+
+    def _open(self, kind: str, payload: Any, params: SamplingParams, top_n: int,
+              stop_event: threading.Event | None = None, deadline: float | None = None) -> Any:
+        """The open stream. Connection errors are retried (with backoff) before anything streamed; Stop and the
+        deadline end a request the server holds (a long prefill, a wait for a free slot) by closing its client."""
+        import openai
+
+        for attempt in range(CONNECT_RETRIES + 1):
+            client = self._client()
+            try:
+                return _interruptible(lambda: self._request(client, kind, payload, params, top_n), stop_event,
+                                      deadline)
+            except openai.APIError as exc:
+                if stop_event is not None and stop_event.is_set():
+                    raise _Stopped("stopped") from None
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise _Stopped("time_limit") from None
+                if isinstance(exc, openai.APITimeoutError):
+                    raise RemoteError(f"{self.name}: the server at {self.server} did not answer within "
+                                      f"{self.timeout_s:.0f} s") from None
+                if isinstance(exc, openai.APIStatusError):
+                    raise RemoteError(self._status_message(exc)) from None
+                if not isinstance(exc, openai.APIConnectionError) or attempt == CONNECT_RETRIES:
+                    raise RemoteError(f"{self.name}: cannot reach the server at {self.server} "
+                                      f"({_cause(exc)}); is it running? tried {attempt + 1} times") from None
+                log.info("%s: connection to %s failed (%s); retrying", self.name, self.server, _cause(exc))
+            if stop_event is not None and stop_event.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]):
+                raise _Stopped("stopped")
+            if stop_event is None:
+                time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+        raise AssertionError("unreachable")
+
+    def _status_message(self, exc: Any) -> str:
+        said = _server_words(exc)
+        status = exc.status_code
+        if status in (401, 403):
+            env = self.source.api_key_env
+            where = f"the key in ${env}" if env else "a missing API key (set source.openai.api_key_env)"
+            return f"{self.name}: the server at {self.server} refused {where} (HTTP {status}{said})"
+        if status == 404:
+            return (f"{self.name}: the server at {self.server} has no model {self.source.model!r} or no such "
+                    f"endpoint (HTTP 404{said})")
+        return f"{self.name}: the server at {self.server} answered HTTP {status}{said}"
+
+    def _events(self, kind: str, payload: Any, params: SamplingParams, stop_event: threading.Event | None,
+                top_n: int, prompt_ids: Sequence[int], dropped_turns: Sequence[int],
+                time_limit_s: float | None) -> Iterator[Event]:
+        began = time.perf_counter()
+        deadline = began + time_limit_s if time_limit_s is not None else None
+        try:
+            stream = self._open(kind, payload, params, top_n, stop_event, deadline)  # RemoteError: no event yet
+        except _Stopped as stopped:
+            return self._ended(stopped.reason, tuple(int(i) for i in prompt_ids), tuple(dropped_turns), began)
+        return self._fold(stream, kind, params, stop_event, tuple(int(i) for i in prompt_ids),
+                          tuple(dropped_turns), time_limit_s, began)
+
+    def _ended(self, reason: str, prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], began: float
+               ) -> Iterator[Event]:
+        """The events of an answer stopped (or timed out) before the server sent anything."""
+        seconds = time.perf_counter() - began
+        yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=seconds, dropped_turns=dropped_turns, seed=None,
+                           kv_cache_bytes=0, memory=NO_MEMORY)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids), new_tokens=0, ttft_seconds=seconds,
+                                prefill_seconds=seconds, prefill_tokens_per_s=0.0, decode_tokens_per_s=0.0,
+                                total_seconds=seconds, peak_memory_bytes=0)
+        yield DoneEvent(reason=reason, stats=stats, text="", token_ids=())
+
+    def _fold(self, stream: Any, kind: str, params: SamplingParams, stop_event: threading.Event | None,
+              prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], time_limit_s: float | None,
+              began: float) -> Iterator[Event]:
+        import openai
+
+        ids: list[int] = []
+        texts: list[str] = []
+        finished = False
+        deadline = began + time_limit_s if time_limit_s is not None else None
+        watching = _watch(stream, stop_event, deadline)  # Stop and the time limit also while the server is silent
+        first_at: float | None = None
+        last_at = began
+        step_times: list[float] = []
+        reason, error = "eos", None
+        usage_prompt = None
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across tokens
+        try:
+            for chunk in stream:
+                if getattr(chunk, "usage", None) is not None:
+                    usage_prompt = getattr(chunk.usage, "prompt_tokens", None)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                for label, token_id, stage, raw in self._tokens(kind, choice):
+                    text = utf8.decode(raw) if raw is not None else label
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=now - began,
+                                           dropped_turns=dropped_turns, seed=params.seed if params.do_sample else None,
+                                           kv_cache_bytes=0, memory=NO_MEMORY)
+                    step_times.append(now - last_at)
+                    last_at = now
+                    ids.append(token_id)
+                    texts.append(text)
+                    yield TokenEvent(step=len(ids) - 1, token_id=token_id, text=text,
+                                     stages=(stage,) if stage else (), step_seconds=step_times[-1],
+                                     kv_cache_bytes=0, memory=NO_MEMORY)
+                finish = getattr(choice, "finish_reason", None)
+                if finish:
+                    reason = "max_tokens" if finish == "length" else "eos"
+                    finished = True
+                if stop_event is not None and stop_event.is_set():
+                    reason = "stopped"
+                    break
+                if time_limit_s is not None and time.perf_counter() - began > time_limit_s:
+                    reason = "time_limit"
+                    break
+        except openai.APITimeoutError:
+            reason, error = "error", (f"{self.name}: the server at {self.server} stopped sending for "
+                                      f"{self.timeout_s:.0f} s after {len(ids)} tokens")
+        except (openai.APIConnectionError, openai.APIError) as exc:
+            reason, error = "error", (f"{self.name}: the stream from {self.server} broke off after {len(ids)} "
+                                      f"tokens ({_cause(exc)})")
+        except Exception as exc:  # noqa: BLE001 - a malformed stream (bad JSON, cut SSE, odd fields) from the server
+            if type(exc).__module__.startswith(("httpx", "httpcore", "json", "pydantic")) or isinstance(
+                    exc, (ValueError, KeyError, TypeError, AttributeError)):
+                reason, error = "error", (f"{self.name}: the server at {self.server} sent a malformed stream after "
+                                          f"{len(ids)} tokens ({type(exc).__name__})")
+            else:
+                raise
+        finally:
+            watching.set()
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if stop_event is not None and stop_event.is_set():
+            reason, error = "stopped", None  # closed on purpose: whatever the closing raised is not an error
+        elif deadline is not None and time.perf_counter() > deadline and not finished:
+            reason, error = "time_limit", None
+        elif error is None and reason == "eos" and not finished:
+            reason, error = "error", (f"{self.name}: the stream from {self.server} ended without saying why after "
+                                      f"{len(ids)} tokens (no finish reason): the answer may be cut")
+        if first_at is None:
+            yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=time.perf_counter() - began,
+                               dropped_turns=dropped_turns, seed=None, kv_cache_bytes=0, memory=NO_MEMORY)
+        total = time.perf_counter() - began
+        ttft = (first_at - began) if first_at is not None else total
+        decode = sum(step_times[1:])
+        prompt_count = usage_prompt if usage_prompt is not None else len(prompt_ids)
+        stats = GenerationStats(prompt_tokens=prompt_count, new_tokens=len(ids), ttft_seconds=ttft,
+                                prefill_seconds=ttft, prefill_tokens_per_s=prompt_count / ttft if ttft > 0 else 0.0,
+                                decode_tokens_per_s=(len(ids) - 1) / decode if decode > 0 else 0.0,
+                                total_seconds=total, peak_memory_bytes=0)
+        yield DoneEvent(reason=reason, stats=stats, text="".join(texts) + utf8.decode(b"", final=True),
+                        token_ids=tuple(ids), error=error)
+
+    def _tokens(self, kind: str, choice: Any) -> Iterator[tuple[str, int, StageTopN | None, bytes | None]]:
+        """(label, id, stage, raw bytes or None) per token of one streamed chunk."""
+        logprobs = getattr(choice, "logprobs", None)
+        if kind == "chat":
+            content = (getattr(logprobs, "content", None) or []) if logprobs is not None else []
+            if content:
+                for item in content:
+                    yield self._token(item)
+                return
+            delta = getattr(getattr(choice, "delta", None), "content", None)
+        else:
+            delta = getattr(choice, "text", None)
+            entries = (getattr(logprobs, "content", None) or (getattr(logprobs, "model_extra", None) or {}).get(
+                "content")) if logprobs is not None else None
+            if entries:  # llama.cpp: chat-style entries with token ids
+                for item in entries:
+                    yield self._token(item)
+                return
+            if logprobs is not None and getattr(logprobs, "tokens", None):
+                for j, token in enumerate(logprobs.tokens):
+                    top = (logprobs.top_logprobs or [None] * len(logprobs.tokens))[j] or {}
+                    lp = logprobs.token_logprobs[j]
+                    yield (*self._token_from(token, None, lp, [(t, None, v) for t, v in top.items()]), None)
+                return
+        if delta:  # a server that sends no log-probabilities: the text alone
+            yield delta, self._id_for(delta, None), None, None
+
+    def _token(self, item: Any) -> tuple[str, int, StageTopN | None, bytes | None]:
+        top = [(_label(t), _id_of(t), _field(t, "logprob")) for t in (_field(item, "top_logprobs") or [])]
+        return (*self._token_from(_label(item), _id_of(item), _field(item, "logprob"), top), _bytes_of(item))
+
+    def _token_from(self, text: str, token_id: int | None, logprob: float | None,
+                    top: list[tuple[str, int | None, float]]) -> tuple[str, int, StageTopN | None]:
+        chosen = self._id_for(text, token_id)
+        if logprob is None:
+            return text, chosen, None
+        ids, probs = [], []
+        for t, i, lp in top:
+            ids.append(self._id_for(t, i))
+            probs.append(math.exp(lp) if lp is not None and lp > -1e30 else 0.0)
+        stage = StageTopN(name="raw", token_ids=tuple(ids), probs=tuple(probs),
+                          chosen_prob=math.exp(logprob) if logprob > -1e30 else 0.0,
+                          argmax_prob=probs[0] if probs else None)
+        return text, chosen, stage
+
+    def _id_for(self, text: str, token_id: int | None) -> int:
+        """The server's id when it numbers tokens (llama.cpp does), else the local tokenizer's when the text is
+        one token there, else a stable negative id for this text (views label it by its text)."""
+        with self._lock:
+            if isinstance(token_id, int) and token_id >= 0:
+                self._texts.setdefault(token_id, text)
+                return token_id
+            if self.tokenizer is not None and text:
+                pieces = self.tokenizer.encode(text, add_special_tokens=False)
+                if len(pieces) == 1:
+                    self._texts.setdefault(pieces[0], text)
+                    return int(pieces[0])
+            if text not in self._synthetic:
+                self._synthetic[text] = -1 - len(self._synthetic)
+                self._texts[self._synthetic[text]] = text
+            return self._synthetic[text]
+
+
+def _interruptible(open_stream: Callable[[], Any], stop_event: threading.Event | None, deadline: float | None
+                   ) -> Any:
+    """`open_stream()` (which blocks until the server starts its answer) in a worker thread, so Stop and the
+    deadline end the wait at once (_Stopped); a stream opened after that is closed when it arrives."""
+    if stop_event is None and deadline is None:
+        return open_stream()
+    box: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def call() -> None:
+        try:
+            box["stream"] = open_stream()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+        finally:
+            ready.set()
+
+    threading.Thread(target=call, name="qdemo-remote-open", daemon=True).start()
+    while not ready.wait(0.1):
+        stopped = stop_event is not None and stop_event.is_set()
+        if stopped or (deadline is not None and time.perf_counter() > deadline):
+            def close_late() -> None:
+                ready.wait()
+                stream = box.get("stream")
+                if stream is not None:
+                    stream.close()
+
+            threading.Thread(target=close_late, name="qdemo-remote-close", daemon=True).start()
+            raise _Stopped("stopped" if stopped else "time_limit")
+    if "error" in box:
+        raise box["error"]
+    return box["stream"]
+
+
+def _watch(stream: Any, stop_event: threading.Event | None, deadline: float | None) -> threading.Event:
+    """Close `stream` when Stop is pressed or the deadline passes, even while the server sends nothing (a long
+    prefill, a queue for a free slot). Returns the event that ends the watch."""
+    done = threading.Event()
+    if stop_event is None and deadline is None:
+        return done
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            if (stop_event is not None and stop_event.is_set()) or (deadline is not None and
+                                                                     time.perf_counter() > deadline):
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - the reader sees the closed stream either way
+                        pass
+                return
+
+    threading.Thread(target=watch, name="qdemo-remote-watch", daemon=True).start()
+    return done
+
+
+def _field(item: Any, name: str) -> Any:
+    """A field of a logprob entry, whether the client parsed it (chat) or left it a dict (llama.cpp's
+    /v1/completions puts chat-style entries in an extra `content` field)."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
+def _label(item: Any) -> str:
+    """A token's text for labels: its bytes decoded (a partial character shows as �), else its token string."""
+    raw = _bytes_of(item)
+    return raw.decode("utf-8", errors="replace") if raw is not None else (_field(item, "token") or "")
+
+
+def _id_of(item: Any) -> int | None:
+    """The server's token id (llama.cpp sends one; the OpenAI schema has none, so the client keeps it extra)."""
+    if isinstance(item, dict):
+        return item.get("id")
+    return (getattr(item, "model_extra", None) or {}).get("id")
+
+
+def _bytes_of(item: Any) -> bytes | None:
+    raw = _field(item, "bytes")
+    return bytes(raw) if raw else None
+
+
+def _cause(exc: BaseException) -> str:
+    """The root cause in a few words ("connection refused"), never a URL with credentials or headers."""
+    seen = exc
+    while getattr(seen, "__cause__", None) is not None:
+        seen = seen.__cause__
+    words = str(seen).strip() or type(seen).__name__
+    if "Connection refused" in words or "ConnectError" in type(seen).__name__:
+        return "connection refused"
+    return words.splitlines()[0][:120]
+
+
+def _server_words(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    message = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else str(inner)
+    return f": {str(message)[:200]}" if message else ""

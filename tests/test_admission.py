@@ -112,7 +112,7 @@ def test_names_and_settings_are_refused_readably(registry):
 def test_the_rate_limit_is_checked_before_any_model_loads(registry, monkeypatch):
     s = services(registry, limits=Limits(requests_per_minute=1))
     loads = []
-    monkeypatch.setattr(s.pool, "backend", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(s.pool, "lease", lambda *a, **k: loads.append(a))
     s.check_rate(Client("c", "ip"))
     with pytest.raises(Refused, match="Too many requests"):
         with s.admit(Client("c", "ip"), ModelRequest(None)):

@@ -180,7 +180,7 @@ def test_cached_decoding_as_the_engine_calls_it(model, state):
 
     from qdemo.core.decode import decode_step, new_state, prefill
 
-    lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"), key="alibi")
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"), key="alibi", runner=None)
     start = 7
     total = start + 5
     decode = new_state(lm)

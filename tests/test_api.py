@@ -9,7 +9,7 @@ from qdemo.serving.local import LocalBackend
 from qdemo.core.engine import collect, generate
 from qdemo.probes.introspect import next_token_logits
 from qdemo.probes.stages import stage_distributions
-from qdemo.serving.pool import StepGate
+from qdemo.forwards.gate import StepGate
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services.lab import context_ids

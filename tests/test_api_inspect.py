@@ -29,7 +29,7 @@ def subject_ids(lm, history):
     """The prompt the chat would send for the question (the model's default system prompt first) and the answer
     as plain text."""
     from qdemo.serving.local import LocalBackend
-    from qdemo.serving.pool import StepGate
+    from qdemo.forwards.gate import StepGate
 
     backend = LocalBackend(lm, StepGate())
     return list(backend.chat_prompt([history[0]], 1).ids), backend.raw_text_ids(history[1]["content"])

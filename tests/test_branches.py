@@ -9,6 +9,7 @@ from qdemo.core.engine import collect, generate
 from qdemo.sampling import SamplingParams
 from qdemo.services import branches, chat
 from qdemo.services.admission import Refused
+from qdemo.serving.local import leased
 from tests.conftest import tiny_services
 
 GREEDY = SamplingParams(max_new_tokens=12)
@@ -97,7 +98,7 @@ def test_the_api_branch_is_stateless_and_names_bad_values(services):
     session, final = answered(services)
     history = final.chat
     messages, _ = chat.history_messages(history)
-    with services.pool.backend(services.default_model) as backend:  # the answer as plain text, end note left out
+    with leased(services.pool, services.default_model) as backend:  # the answer as plain text, end note left out
         answer_ids = backend.raw_text_ids(messages[-1]["content"])
     report = branches.branch_report(services, "c", "", history, None, 2, 7, {"do_sample": False,
                                                                                "max_new_tokens": 10})

@@ -268,7 +268,7 @@ def test_the_next_turn_reuses_the_kept_state_and_says_so(services, tiny_lm):
     params = SamplingParams(do_sample=True, temperature=0.9, seed=4, max_new_tokens=8)
     begun = chat.begin_turn(session, "hello 你好", [], services.limits)
     first = _answer(services, session, begun.chat, params)[-1]
-    assert services.pool.kept_states().get(session.key) == services.default_model
+    assert services.states.models().get(session.key) == services.default_model
     begun = chat.begin_turn(session, "and then?", first.chat, services.limits)
     second = _answer(services, session, begun.chat, params)[-1]
     prefill = second.view.run.prefill
@@ -276,5 +276,5 @@ def test_the_next_turn_reuses_the_kept_state_and_says_so(services, tiny_lm):
     assert f"reused {prefill.reused_tokens:,} of {len(prefill.prompt_ids):,} prompt tokens" in second.metrics
     fresh = collect(generate(tiny_lm, input_ids=list(prefill.prompt_ids), params=params))
     assert second.view.run.done.token_ids == fresh["done"].token_ids  # the oracle: a full re-prefill
-    services.pool.drop_states(key=session.key)
-    assert session.key not in services.pool.kept_states()
+    services.states.drop(key=session.key)
+    assert session.key not in services.states.models()

@@ -9,7 +9,7 @@ import torch
 from qdemo.core.decode import common_prefix, decode_step, new_state, prefill
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
 from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
-from qdemo.serving.pool import StepGate
+from qdemo.forwards.gate import StepGate
 from qdemo.models.prompting import build_prompt
 from qdemo.sampling import SamplingParams
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qdemo.core.engine import collect, generate
-from qdemo.core.events import PrefillEvent, ProgressEvent, TokenEvent
+from qdemo.core.events import ProgressEvent, TokenEvent
 from qdemo.sampling import SamplingParams
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about 内存."}]
@@ -92,7 +92,7 @@ def test_closing_a_beam_search_early_ends_the_search(tiny_lm):
 def test_beam_search_takes_a_gate_turn_per_forward(tiny_lm):
     """The search no longer holds the model for its whole length: every forward is its own turn at the gate, so
     other users' steps go in between."""
-    from qdemo.serving.pool import StepGate
+    from qdemo.forwards.gate import StepGate
 
     gate = StepGate()
     forwards = []

@@ -172,8 +172,8 @@ def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
 
     from transformers import DynamicCache
 
-    import qdemo.core.decode as decode
-    from qdemo.core.metrics import kv_cache_bytes
+    import qdemo.forwards.torch_runner as decode
+    from qdemo.forwards.torch_runner import kv_cache_bytes
 
     caches = []
 

@@ -7,10 +7,9 @@ import contextlib
 import threading
 
 import pytest
-import torch
 
 from qdemo.core.engine import collect, generate
-from qdemo.serving.pool import StepGate
+from qdemo.forwards.gate import StepGate
 from qdemo.sampling import SamplingParams
 
 LONG = list(range(5, 150))  # 145 prompt tokens

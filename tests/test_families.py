@@ -20,7 +20,7 @@ from qdemo.models.registry import load_registry
 from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.serving.local import LocalBackend
-from qdemo.serving.pool import StepGate
+from qdemo.forwards.gate import StepGate
 from qdemo.services import compare, internals
 from tests.family_checkpoints import (LAYOUTS, heads_for, read_state, ref_alibi_slopes, reference_logits,
                                       registry_entry, write_checkpoint, write_family_registry)

@@ -17,7 +17,8 @@ import torch
 from qdemo.forwards import llama_cpp as llama_forward
 from qdemo.core.decode import decode_step, last_logits, new_state, prefill, token_logprobs
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
-from qdemo.models.loader import load_llama_model, load_model
+from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.models.loader import load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
@@ -180,10 +181,12 @@ def test_scoring_reads_logits_at_every_position(fast, exact):
 
 
 def test_forwards_outside_the_gate_are_refused(spec, tmp_path):
-    from qdemo.serving.pool import ModelPool, UngatedForwardError
+    from qdemo.forwards.gate import UngatedForwardError
+    from qdemo.serving.local import leased
+    from qdemo.serving.pool import ModelPool
 
     pool = ModelPool(load_registry(), budget_bytes=4 << 30)
-    with pool.backend(NAME, forward="llama.cpp") as backend:
+    with leased(pool, NAME, forward="llama.cpp") as backend:
         assert backend.key == f"{NAME} [llama.cpp]" and not backend.capabilities.attention
         lm = pool.get(NAME, forward="llama.cpp")
         with pytest.raises(UngatedForwardError):

@@ -13,7 +13,11 @@ import torch
 
 from qdemo.core.engine import collect, generate
 from qdemo.models.loader import load_model
-from qdemo.serving.pool import MemoryBudgetError, ModelPool, StepGate, estimate_weight_bytes, parse_bytes
+from qdemo.forwards.gate import StepGate
+from qdemo.models.sources import estimate_weight_bytes
+from qdemo.serving.budget import parse_bytes
+from qdemo.serving.local import leased
+from qdemo.serving.pool import MemoryBudgetError, ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from tests.conftest import write_registry
@@ -69,7 +73,7 @@ def test_least_recently_used_idle_model_is_unloaded_and_released(registry, one_m
 
 def test_a_generating_model_is_never_unloaded(registry, one_model_bytes):
     pool = ModelPool(registry, "cpu", budget_bytes=int(1.5 * one_model_bytes))
-    with pool.backend("tiny-qwen2") as backend:
+    with leased(pool, "tiny-qwen2") as backend:
         with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* every loaded model is generating: "
                                                     r"tiny-qwen2"):
             pool.get("tiny-b")
@@ -97,7 +101,7 @@ def test_out_of_memory_while_loading_keeps_the_others(registry, one_model_bytes)
     with pytest.raises(MemoryBudgetError, match="tiny-b: out of memory while loading.*keep working"):
         pool.get("tiny-b")
     assert pool.loaded() == ["tiny-qwen2"]
-    with pool.backend("tiny-qwen2") as backend:
+    with leased(pool, "tiny-qwen2") as backend:
         assert backend.name == lm.spec.name
         assert collect(backend.generate(input_ids=[5, 6], params=SamplingParams(max_new_tokens=2)))["done"].error is None
 
@@ -182,7 +186,7 @@ def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
     """The pool's promise, checked instead of trusted: a forward outside the step gate is refused, and every
     forward the backend runs (generation steps, next-token logits, attention) holds the gate."""
     from qdemo.probes.introspect import next_token_logits
-    from qdemo.serving.pool import UngatedForwardError
+    from qdemo.forwards.gate import UngatedForwardError
 
     pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
     lm = pool.get("tiny-qwen2")
@@ -192,7 +196,7 @@ def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
     held = []
     handle = lm.model.get_input_embeddings().register_forward_hook(lambda *a: held.append(gate.held_here()))
     try:
-        with pool.backend("tiny-qwen2") as backend:
+        with leased(pool, "tiny-qwen2") as backend:
             collect(backend.generate(input_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=4)))
             backend.next_token_logits([5, 6, 7])
             backend.attention([5, 6, 7])
@@ -200,56 +204,3 @@ def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
     finally:
         handle.remove()
     assert len(held) >= 4 and all(held)
-
-
-# --- decode states kept between turns -------------------------------------------------------------------------
-
-def _kept(pool, key: str, tokens: int):
-    with pool.backend("tiny-qwen2") as backend:
-        state = backend.new_state()
-        collect(backend.generate(input_ids=list(range(5, 5 + tokens)), params=SamplingParams(max_new_tokens=2),
-                                 state=state))
-    assert pool.keep_state(key, state)
-    return state
-
-
-def test_kept_states_count_in_the_budget_and_go_least_recently_used_first(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
-    a = _kept(pool, "alice", 40)
-    state_bytes = a.kv_bytes()
-    assert state_bytes > 0 and pool.used_bytes() == one_model_bytes + state_bytes
-    _kept(pool, "bob", 40)
-    pool.budget = one_model_bytes + int(2.5 * state_bytes)  # room for two: a third pushes the oldest out
-    alice = pool.take_state("alice", "tiny-qwen2")  # alice's next turn…
-    assert alice is not None and pool.keep_state("alice", alice)  # …makes bob the least recently used
-    _kept(pool, "carol", 40)
-    assert set(pool.kept_states()) == {"alice", "carol"}
-
-
-def test_kept_states_expire_and_go_with_their_model_and_session(registry, one_model_bytes):
-    import gc
-    import weakref
-
-    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
-    state = _kept(pool, "tab", 30)
-    cache = weakref.ref(state.cache)
-    del state
-    assert pool.take_state("tab", "another-model") is None and "tab" not in pool.kept_states()
-    gc.collect()
-    assert cache() is None  # a state of another model is dropped, and its memory with it
-    _kept(pool, "tab", 30)
-    assert pool.drop_states(key="tab") == 1 and pool.kept_bytes() == 0  # the tab closed
-    _kept(pool, "idle", 30)
-    pool.state_idle_s = 0.0
-    assert pool.take_state("idle", "tiny-qwen2") is None  # idle too long
-    pool.state_idle_s = 900.0
-    _kept(pool, "left", 30)
-    assert pool.unload("tiny-qwen2") and pool.kept_states() == {}
-
-
-def test_a_model_load_makes_room_by_dropping_kept_states_first(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=int(2.2 * one_model_bytes))
-    state = _kept(pool, "tab", 60)
-    pool.budget = 2 * one_model_bytes + state.kv_bytes() // 2  # both models fit only without the kept state
-    pool.get("tiny-b")
-    assert pool.loaded() == ["tiny-qwen2", "tiny-b"] and pool.kept_states() == {}

@@ -350,7 +350,7 @@ ENGLISH = ("The history of computing is a story of abstraction: each generation 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                     reason="the llama.cpp forward is not installed (pip install -r requirements-llama.txt)")
 def test_llama_cpp_forward_scores_like_torch_fp32():
-    from qdemo.models.loader import load_llama_model
+    from qdemo.forwards.llama_cpp import load_llama_model
 
     spec = load_registry().get(REAL)
     fast, exact = load_llama_model(spec), load_model(spec, dtype="float32")

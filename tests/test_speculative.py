@@ -12,7 +12,7 @@ import torch
 
 from qdemo.core.engine import collect, generate, generate_assisted
 from qdemo.models.loader import load_model
-from qdemo.serving.pool import StepGate
+from qdemo.forwards.gate import StepGate
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.core.speculative import SpeculativeDecoder

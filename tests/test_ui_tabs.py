@@ -17,7 +17,8 @@ from qdemo.core.engine import generate
 from qdemo.probes.introspect import attention_map, mean_over_heads, next_token_logits
 from qdemo.probes.stages import stage_distributions
 from qdemo.serving.limits import Limits
-from qdemo.serving.pool import ModelPool, StepGate
+from qdemo.forwards.gate import StepGate
+from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams

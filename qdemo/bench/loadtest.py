@@ -15,6 +15,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psutil
+from gradio_client import Client
+from transformers import AutoTokenizer  # noqa: F401  (imported here so the timing below excludes it)
+
+from qdemo.models.loader import load_tokenizer
+from qdemo.models.registry import load_registry
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.ui.app import build_app, queue_settings
+
 MAX_SESSIONS, MAX_TOKENS = 64, 512
 PROMPTS = ["Write a Python function that reverses a string.", "用一句话解释什么是 KV cache。",
            "What is a prime number?", "写一个冒泡排序。", "Explain recursion to a child.",
@@ -52,15 +62,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _rss_mib() -> float:
-    import psutil
-
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
 def _stream(url: str, prompt: str, settings: dict, deadline: float) -> tuple[str, float]:
     """(final text, seconds to the first streamed text) for one chat in its own session."""
-    from gradio_client import Client
-
     client = Client(url, verbose=False)
     start = time.perf_counter()
     job = client.submit(prompt, [], "", settings, None, api_name="/chat")
@@ -83,10 +89,6 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
         raise ValueError(f"sessions must be from 1 to {MAX_SESSIONS}, got {sessions}")
     if not 1 <= tokens <= MAX_TOKENS:
         raise ValueError(f"tokens must be from 1 to {MAX_TOKENS}, got {tokens}")
-    from qdemo.serving.limits import Limits
-    from qdemo.serving.pool import ModelPool
-    from qdemo.models.registry import load_registry
-    from qdemo.ui.app import build_app, queue_settings
 
     registry = load_registry(registry_path)
     name = model or registry.default
@@ -101,7 +103,6 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
     try:
         url = demo.local_url
         result.rss_start_mib = _rss_mib()
-        from transformers import AutoTokenizer  # noqa: F401  (imported here so the timing below excludes it)
 
         # Load the model with a one-token request, so solo timings are of generation only.
         _stream(url, "hi", {"max_new_tokens": 1}, deadline)
@@ -161,8 +162,6 @@ _TOKENIZERS: dict[str, Any] = {}
 def count_tokens(registry, name: str, text: str) -> int:
     """Tokens in an answer (re-tokenized: the API returns text)."""
     if name not in _TOKENIZERS:
-        from qdemo.models.loader import load_tokenizer
-
         spec = registry.get(name)
         local = getattr(spec.source, "tokenizer", None) if spec.source.describe().startswith("remote") else name
         if local is None:

@@ -11,11 +11,16 @@ from typing import Any, Callable
 
 import torch
 
-from qdemo.probes.attribution import gradient_x_input, occlusion, token_pieces, turn_units
 from qdemo.core.decode import new_state, prefill
-from qdemo.probes.lens import logit_lens
 from qdemo.models.loader import LoadedModel
 from qdemo.models.prompting import build_prompt, raw_text_ids
+from qdemo.probes.attribution import (
+    gradient_x_input,
+    occlusion,
+    token_pieces,
+    turn_units,
+)
+from qdemo.probes.lens import logit_lens
 from qdemo.probes.scoring import score_ids
 
 CHAT_TOKENS = 512

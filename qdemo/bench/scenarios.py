@@ -17,9 +17,11 @@ from typing import Any, Callable
 
 import torch
 
+from qdemo.bench.probes import format_inspect, run_inspect_bench
 from qdemo.core.decode import new_state
 from qdemo.core.engine import collect, generate, generate_assisted, generate_rows
-from qdemo.models.loader import LoadedModel, load_llama_model, load_model
+from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.models.loader import LoadedModel, load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
@@ -154,8 +156,6 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
     elif scenario == "ab":
         result = ab(lm, runs, min(tokens, 64))
     elif scenario == "inspect":
-        from qdemo.bench.probes import run_inspect_bench
-
         result = run_inspect_bench(lm, runs)
     else:
         if lm.spec.draft is None:
@@ -168,8 +168,6 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
 
 def format_scenario(r: dict[str, Any]) -> str:
     if r["scenario"] == "inspect":
-        from qdemo.bench.probes import format_inspect
-
         return format_inspect(r)
     head = f"{r['scenario']}: {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads), median of {r['runs']}"
     if r["scenario"] == "multiturn":

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from qdemo.core.engine import collect, generate
-from qdemo.models.loader import LoadedModel, load_model
 from qdemo.core.metrics import now
+from qdemo.models.loader import LoadedModel, load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams

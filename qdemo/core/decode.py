@@ -18,17 +18,16 @@ Nothing here knows about chats, prompts or Gradio: it works on token ids.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from qdemo.core.chain import run_chain, summarise
 from qdemo.core.events import StageTopN
+from qdemo.forwards.runner import Runner
+from qdemo.forwards.torch_runner import runner_for
 from qdemo.models.loader import LoadedModel
-from qdemo.core.metrics import kv_cache_bytes
 
 StepLock = Callable[[], ContextManager[Any]]
 _GROW = 256  # token columns added when the buffers fill up
@@ -42,9 +41,9 @@ class DecodeState:
     cache: Any  # the runner's cache: a transformers DynamicCache, or a llama.cpp context's sequences
     tokens: torch.Tensor  # [B, capacity] long; row i's tokens are tokens[i, pads[i]:width]
     pads: list[int]  # left padding per row
+    runner: Runner  # how this model runs a forward and keeps its cache (TorchRunner, LlamaCppRunner)
     width: int = 0  # columns in use (the cache's sequence length)
     broken: bool = False  # a forward failed half way: the cache no longer matches the tokens
-    runner: Any = None  # how this model runs a forward and keeps its cache (TorchRunner, LlamaCppRunner)
 
     @property
     def rows(self) -> int:
@@ -61,12 +60,6 @@ class DecodeState:
         if self.cache is not None:
             self.runner.release(self)
             self.cache = None
-
-    def mask(self, extra: int = 0) -> torch.Tensor:
-        """[B, width + extra] attention mask: 0 on left padding, 1 elsewhere."""
-        columns = torch.arange(self.width + extra, device=self.tokens.device)
-        pads = torch.tensor(self.pads, device=self.tokens.device)[:, None]
-        return (columns[None, :] >= pads).long()
 
     # --- shape changes -------------------------------------------------------------------------------------
     def crop(self, length: int) -> None:
@@ -104,51 +97,6 @@ class DecodeState:
             self.tokens = grown
 
 
-class TorchRunner:
-    """A transformers model's forwards with a DynamicCache (the torch path)."""
-
-    def __init__(self, lm: LoadedModel) -> None:
-        self.lm = lm
-        self.cache_kw = _cache_kwarg(lm.model)  # read once: inspecting the signature per forward costs ~25 µs
-
-    def new_cache(self, rows: int, capacity: int) -> Any:
-        return DynamicCache(config=self.lm.model.config)
-
-    @torch.inference_mode()
-    def forward(self, state: DecodeState, columns: torch.Tensor, keep: int) -> torch.Tensor:
-        n = columns.shape[1]
-        kwargs = {self.cache_kw: state.cache}
-        if any(state.pads):
-            mask = state.mask(n)
-            # Positions count real tokens only, so a left-padded row starts at 0 (padding gets 1, as generate does).
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, state.width:]
-        else:  # unpadded rows: an all-ones mask, and the model counts positions from its cache as generate does
-            mask = _ones(state.rows, state.width + n, columns.device)
-        out = self.lm.model(input_ids=columns, attention_mask=mask, use_cache=True, logits_to_keep=keep, **kwargs)
-        # fp32 copy as generate() makes, so processors see the same numbers.
-        return out.logits[:, -keep:, :].to(copy=True, dtype=torch.float32)
-
-    def crop(self, state: DecodeState, length: int) -> None:
-        state.cache.crop(length - state.width)
-
-    def fork(self, state: DecodeState, rows: int) -> None:
-        state.cache.batch_repeat_interleave(rows)
-
-    def select(self, state: DecodeState, rows: list[int]) -> None:
-        state.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=state.tokens.device))
-
-    def kv_bytes(self, state: DecodeState) -> int:
-        return kv_cache_bytes(state.cache)
-
-    def release(self, state: DecodeState) -> None:
-        pass  # the tensors go with the last reference
-
-
-def runner_for(lm: LoadedModel) -> Any:
-    """The model's own runner (a llama.cpp model brings one), else the torch path."""
-    return getattr(lm, "runner", None) or TorchRunner(lm)
-
-
 def new_state(lm: LoadedModel, rows: int = 1, capacity: int = _GROW) -> DecodeState:
     runner = runner_for(lm)
     return DecodeState(model=lm.key, cache=runner.new_cache(rows, capacity),
@@ -167,18 +115,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # --- forwards -------------------------------------------------------------------------------------------------
 
-def _cache_kwarg(model) -> str:
-    # transformers 5.2x names the argument `cache`; earlier releases call it `past_key_values`.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: int = 1) -> torch.Tensor:
     """Run `columns` [B, n] after the state's width through its runner; returns fp32 logits of the last `keep`
     positions [B, keep, V] and advances the state."""
     n = columns.shape[1]
     try:
-        logits = state.runner.forward(state, columns, keep)
+        logits = state.runner.feed(state, columns, keep)
     except BaseException:
         state.broken = True
         raise
@@ -186,19 +128,6 @@ def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: i
     state.tokens[:, state.width:state.width + n] = columns
     state.width += n
     return logits
-
-
-_ONES: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def _ones(rows: int, width: int, device: torch.device) -> torch.Tensor:
-    """A [rows, width] all-ones mask, sliced from a buffer grown as needed (no allocation per decode step)."""
-    key = (rows, str(device))
-    buffer = _ONES.get(key)
-    if buffer is None or buffer.shape[1] < width:
-        buffer = _ONES[key] = torch.ones((rows, max(width, 2 * (buffer.shape[1] if buffer is not None else 1024))),
-                                         dtype=torch.long, device=device)
-    return buffer[:, :width]
 
 
 def prefill(lm: LoadedModel, state: DecodeState, rows: Sequence[Sequence[int]], lock: StepLock, chunk: int,

@@ -20,17 +20,32 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from qdemo.core.beams import beam_search, transition_probs
-from qdemo.core.speculative import SpeculativeDecoder
-from qdemo.core.decode import DecodeState, StepLock, RowChooser, choose, common_prefix, decode_step, new_state, prefill
-from qdemo.errors import PromptTooLongError
-from qdemo.core.events import DoneEvent, Event, GenerationStats, PrefillEvent, ProgressEvent, StageTopN, TokenEvent
-from qdemo.models.loader import LoadedModel, same_tokenizer
+from qdemo.core.decode import (
+    DecodeState,
+    RowChooser,
+    StepLock,
+    choose,
+    common_prefix,
+    decode_step,
+    new_state,
+    prefill,
+)
+from qdemo.core.events import (
+    DoneEvent,
+    Event,
+    GenerationStats,
+    PrefillEvent,
+    ProgressEvent,
+    StageTopN,
+    TokenEvent,
+)
 from qdemo.core.metrics import memory_sample, now
+from qdemo.core.speculative import SpeculativeDecoder
+from qdemo.core.textstream import IncrementalDetokenizer
+from qdemo.errors import PromptTooLongError
+from qdemo.models.loader import LoadedModel, same_tokenizer
 from qdemo.models.prompting import build_prompt
 from qdemo.sampling import SamplingParams, build_stages
-from qdemo.core.textstream import IncrementalDetokenizer
-
-
 
 PREFILL_CHUNK = {"cpu": 64, "cuda": 512}  # tokens per prefill forward: one chunk is what another user may wait
 

@@ -32,14 +32,3 @@ def memory_sample(device: torch.device) -> MemorySample:
             cuda_peak=torch.cuda.max_memory_allocated(device),
         )
     return MemorySample(device="cpu", rss_bytes=_PROCESS.memory_info().rss)
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by the key/value tensors of a transformers Cache (0 for anything else)."""
-    total = 0
-    for layer in getattr(cache, "layers", None) or ():
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total

@@ -10,8 +10,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-from qdemo.core.events import (DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, ProgressEvent, StageTopN,
-                          TokenEvent)
+from qdemo.core.events import (
+    DoneEvent,
+    Event,
+    GenerationStats,
+    MemorySample,
+    PrefillEvent,
+    ProgressEvent,
+    StageTopN,
+    TokenEvent,
+)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from qdemo.forwards import llama_cpp
 from qdemo.models.registry import GgufPartsSource, ModelSpec
 
 FORWARDS = ("llama.cpp", "torch")
@@ -39,15 +40,13 @@ def default_choice() -> str:
 
 def pick_forward(spec: ModelSpec, device_type: str, requested: str | None = None) -> ForwardChoice:
     """The forward for `spec` on a `device_type` device; `requested` None means the server's default choice."""
-    from qdemo.forwards.llama_cpp import available
-
     choice = check_choice(requested) if requested is not None else default_choice()
     gguf = isinstance(spec.source, GgufPartsSource)
     if choice == "torch" or not gguf:
         if choice == "llama.cpp":
             raise ValueError(f"{spec.name} is not a GGUF entry; the llama.cpp forward runs GGUF entries only")
         return ForwardChoice("torch")
-    missing = available()
+    missing = llama_cpp.available()
     if choice == "llama.cpp":
         if missing:
             raise ValueError(f"{spec.name}: {missing}")

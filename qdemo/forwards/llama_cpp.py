@@ -2,7 +2,7 @@
 
 llama.cpp (in process, through llama-cpp-python's bindings) runs the model on the GGUF's own quantized blocks and
 hands qdemo the **full raw logits** of each step; the engine's chain, seeded sampler, stop rules, stage capture and
-events run on them unchanged. `LlamaCppRunner` is a decode-state runner like `qdemo.core.decode.TorchRunner`: each
+events run on them unchanged. `LlamaCppRunner` is a Runner (qdemo.forwards.runner) like the torch one: each
 DecodeState owns one llama.cpp context whose sequences are the state's rows, so crop (`memory_seq_rm`), fork
 (`memory_seq_cp`) and select work as on the torch path, several rows decode in one batch reading the weights once,
 and a kept state is reused across turns. Weights are loaded once per process (memory-mapped) and shared by every
@@ -26,6 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from qdemo.errors import SourceError
+from qdemo.forwards.gate import UngatedForwardError
+from qdemo.forwards.runner import Gate, RunnerState
+from qdemo.models.loader import LoadedModel, read_checkpoint
+from qdemo.models.registry import ModelSpec
+from qdemo.models.sources import ProgressFn, gguf_file
+
 MAX_ROWS = 8  # sequences per context: Compare's sides, beams, batches
 BATCH = 512  # tokens per llama_decode call (and per compute micro-batch)
 FIRST_CONTEXT = 2048  # tokens of a new context (KV cells shared by its rows)
@@ -41,16 +48,14 @@ def available() -> str | None:
 
 
 def _lib():
-    import llama_cpp
+    import llama_cpp  # optional (requirements-llama.txt builds it): imported only once the fast path is asked for
 
     global _initialised
     with _BACKEND:
         if not _initialised:
             llama_cpp.llama_backend_init()
             # The bindings print every llama.cpp log line (each load and context) on stderr: errors only, unless asked.
-            from llama_cpp import _logger
-
-            _logger.set_verbose(os.environ.get("QDEMO_LLAMA_LOG", "") == "1")
+            llama_cpp._logger.set_verbose(os.environ.get("QDEMO_LLAMA_LOG", "") == "1")
             _initialised = True
     return llama_cpp
 
@@ -108,11 +113,14 @@ class LlamaCache:
 
 
 class LlamaCppRunner:
-    """A decode-state runner on llama.cpp (see qdemo.core.decode.TorchRunner for the interface)."""
+    """A Runner on llama.cpp (qdemo.forwards.runner says what each method promises)."""
 
     def __init__(self, weights: LlamaWeights) -> None:
         self.weights = weights
-        self.gate = None  # the pool's StepGate: every forward must hold it (checked, as the torch guard does)
+        self.gate: Gate | None = None  # the pool's StepGate: every forward must hold it (as the torch guard checks)
+
+    def guard(self, gate: Gate, name: str) -> None:
+        self.gate = gate
 
     # --- contexts ----------------------------------------------------------------------------------------------
     def new_cache(self, rows: int, capacity: int) -> LlamaCache:
@@ -134,7 +142,7 @@ class LlamaCppRunner:
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens")
         return LlamaCache(ctx, n_ctx, rows, self.weights)
 
-    def release(self, state) -> None:
+    def release(self, state: RunnerState) -> None:
         if state.cache is not None:
             state.cache.close()
 
@@ -142,10 +150,8 @@ class LlamaCppRunner:
         return _lib().llama_get_memory(cache.ctx)
 
     # --- the forward -------------------------------------------------------------------------------------------
-    def forward(self, state, columns: torch.Tensor, keep: int) -> torch.Tensor:
+    def feed(self, state: RunnerState, columns: torch.Tensor, keep: int) -> torch.Tensor:
         if self.gate is not None and not self.gate.held_here():
-            from qdemo.serving.pool import UngatedForwardError
-
             raise UngatedForwardError(f"{state.model}: a llama.cpp forward ran outside its step gate")
         n = columns.shape[1]
         longest = max(state.width + n - p for p in state.pads)
@@ -170,7 +176,7 @@ class LlamaCppRunner:
                 self.crop(state, state.width)
                 self._grow(state, 2 * state.cache.n_ctx)
 
-    def _batch_entries(self, state, columns: torch.Tensor, keep: int):
+    def _batch_entries(self, state: RunnerState, columns: torch.Tensor, keep: int):
         """(token, position, seq, wants logits) per real token (left padding is not fed: llama.cpp sequences
         are separate, no mask needed), and which (row, slot) each logits output fills, in entry order."""
         n = columns.shape[1]
@@ -213,7 +219,7 @@ class LlamaCppRunner:
             finally:
                 lib.llama_batch_free(batch)
 
-    def _grow(self, state, n_ctx: int) -> None:
+    def _grow(self, state: RunnerState, n_ctx: int) -> None:
         """A bigger context for a state that outgrew its own: each sequence's keys and values are copied over
         (no recomputation), then the old context is freed."""
         lib, old = _lib(), state.cache
@@ -228,13 +234,13 @@ class LlamaCppRunner:
         old.close()
 
     # --- shape changes -----------------------------------------------------------------------------------------
-    def crop(self, state, length: int) -> None:
+    def crop(self, state: RunnerState, length: int) -> None:
         """Forget every row's positions from column `length` on."""
         memory = self._memory(state.cache)
         for row, seq in enumerate(state.cache.seqs):
             _lib().llama_memory_seq_rm(memory, seq, max(length - state.pads[row], 0), -1)
 
-    def fork(self, state, rows: int) -> None:
+    def fork(self, state: RunnerState, rows: int) -> None:
         if rows > MAX_ROWS:
             raise ValueError(f"the llama.cpp forward takes at most {MAX_ROWS} rows, got {rows}")
         memory = self._memory(state.cache)
@@ -243,7 +249,7 @@ class LlamaCppRunner:
             _lib().llama_memory_seq_cp(memory, source, seq, -1, -1)
         state.cache.seqs = [source] + list(range(1, rows))
 
-    def select(self, state, rows: list[int]) -> None:
+    def select(self, state: RunnerState, rows: list[int]) -> None:
         """Row k of the result continues old row rows[k]; a row chosen twice gets a copy of its sequence."""
         lib, memory, cache = _lib(), self._memory(state.cache), state.cache
         used: set[int] = set()
@@ -262,7 +268,7 @@ class LlamaCppRunner:
                 new_seqs[k] = target
         cache.seqs = list(new_seqs)
 
-    def kv_bytes(self, state) -> int:
+    def kv_bytes(self, state: RunnerState) -> int:
         """Bytes the state's context holds for keys and values: its whole allocated cache, used or not."""
         return state.cache.n_ctx * self.weights.kv_bytes_per_token
 
@@ -270,3 +276,25 @@ class LlamaCppRunner:
 def default_threads() -> int:
     configured = os.environ.get("QDEMO_LLAMA_THREADS", "").strip()
     return int(configured) if configured else torch.get_num_threads()
+
+
+def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
+                     progress: ProgressFn | None = None, threads: int | None = None) -> LoadedModel:
+    """The GGUF entry on llama.cpp's forward (in process): the prepared checkpoint directory gives the tokenizer
+    and config, the kept GGUF the weights (memory-mapped, never dequantized)."""
+    missing = available()
+    if missing:
+        raise SourceError(f"model {spec.name}: {missing}")
+    checkpoint = read_checkpoint(spec, progress)
+    gguf = gguf_file(spec, progress)
+    if progress:
+        progress("load weights (llama.cpp, memory-mapped)", 0, 1)
+    weights = LlamaWeights(gguf, threads or default_threads()).load()
+    if progress:
+        progress("load weights (llama.cpp, memory-mapped)", 1, 1)
+    return LoadedModel(model=None, tokenizer=checkpoint.tokenizer, spec=spec, device=torch.device("cpu"),
+                       dtype=torch.float32, family=checkpoint.family, eos_token_ids=checkpoint.eos_token_ids,
+                       stop_token_ids=checkpoint.stop_token_ids, path=checkpoint.path,
+                       weight_bytes=gguf.stat().st_size, max_context=checkpoint.max_context,
+                       context_note=checkpoint.context_note, forward="llama.cpp", runner=LlamaCppRunner(weights),
+                       config=checkpoint.config, vocab_size=weights.n_vocab)

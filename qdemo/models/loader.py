@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import platform
 import re
@@ -12,13 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+)
 
-from qdemo.models.cpu_layout import column_major_tall_linears
 from qdemo.errors import SourceError
+from qdemo.models.cpu_layout import column_major_tall_linears
 from qdemo.models.families import Family, get_family
 from qdemo.models.progress import reporting
-from qdemo.models.registry import ModelSpec
-from qdemo.models.sources import ProgressFn, gguf_file, resolve
+from qdemo.models.registry import GgufPartsSource, ModelSpec
+from qdemo.models.sources import ProgressFn, resolve
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +46,9 @@ class LoadedModel:
     max_context: int = 0  # tokens the model may see: models.yaml's max_context, capped by the checkpoint's config
     context_note: str = ""  # why max_context is below what models.yaml asks, when it is
     forward: str = "torch"  # "torch" or "llama.cpp"
-    runner: Any = None  # the llama.cpp forward's decode-state runner (None: the torch path)
+    # How it runs a forward: a qdemo.forwards Runner (that layer sits above this one, so it is not named here);
+    # the llama.cpp loader sets it; None means torch (qdemo.forwards.torch_runner.runner_for makes one).
+    runner: object | None = None
     config: Any = None  # the checkpoint's transformers config
     vocab_size: int = 0  # rows of the logits
 
@@ -66,7 +76,7 @@ class LoadedModel:
 _VOCAB_KEYS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
-def _vocab_key(tokenizer: Any) -> str:
+def vocabulary_key(tokenizer: Any) -> str:
     """A digest of the tokenizer's token → id table, worked out once per tokenizer (comparing two 150k-entry
     tables takes ~0.3 s, and speculative decoding and divergence ask on every request)."""
     key = _VOCAB_KEYS.get(tokenizer)
@@ -90,7 +100,7 @@ def same_vocabulary(ta: Any, tb: Any) -> bool:
     if ta is tb:
         return True
     try:
-        return len(ta) == len(tb) and _vocab_key(ta) == _vocab_key(tb)
+        return len(ta) == len(tb) and vocabulary_key(ta) == vocabulary_key(tb)
     except (AttributeError, TypeError):
         return False
 
@@ -105,8 +115,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def gguf_quant(spec: ModelSpec) -> str | None:
     """The quantization a GGUF entry's file name states ("Q4_K_M"), or None."""
-    from qdemo.models.registry import GgufPartsSource
-
     if not isinstance(spec.source, GgufPartsSource):
         return None
     found = re.search(r"(?i)(i?q\d_[a-z0-9_]+|f16|bf16|f32)(?=\.gguf$)", spec.source.file_name)
@@ -150,8 +158,6 @@ def pick_dtype(requested: str | torch.dtype | None, device: torch.device) -> tor
 
 def describe_run(spec: ModelSpec, device: str | torch.device | None = None) -> str:
     """How the model runs here, in words: "Q4_K_M GGUF, dequantized, fp32 on this CPU"."""
-    from qdemo.models.registry import GgufPartsSource
-
     dev = pick_device(device)
     dtype = dtype_name(pick_dtype(spec.dtype, dev))
     where = "this CPU" if dev.type == "cpu" else f"this GPU ({dev})"
@@ -166,11 +172,11 @@ def load_model(
     spec: ModelSpec, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
     progress: ProgressFn | None = None, attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
     family = get_family(spec.family)
     if family.position_encoding == "alibi":
-        import qdemo.models.families.alibi_model  # noqa: F401  registers qdemo's ALiBi model class with transformers
+        # Registers qdemo's ALiBi model class with transformers; heavy (built on transformers' model classes,
+        # ~1.9 s to import), so only a Baichuan-13B load pays for it.
+        from qdemo.models.families import alibi_model  # noqa: F401  heavy: see above
     path = resolve(spec, progress)
     dev = pick_device(device)
     dt = pick_dtype(dtype if dtype is not None else spec.dtype, dev)
@@ -205,20 +211,25 @@ def load_model(
                        weight_bytes=weight_bytes, max_context=max_context, context_note=note)
 
 
-def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
-                     progress: ProgressFn | None = None, threads: int | None = None) -> LoadedModel:
-    """The GGUF entry on llama.cpp's forward (in process): the prepared checkpoint directory gives the tokenizer
-    and config, the kept GGUF the weights (memory-mapped, never dequantized)."""
-    from transformers import AutoConfig, GenerationConfig
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a prepared checkpoint says besides its weights: enough for another forward (llama.cpp) to build a
+    LoadedModel around its own runner."""
 
-    from qdemo.forwards import llama_cpp as llama_forward
+    path: Path
+    tokenizer: Any
+    config: Any
+    family: Family
+    eos_token_ids: frozenset[int]
+    stop_token_ids: frozenset[int]
+    max_context: int
+    context_note: str
 
-    missing = llama_forward.available()
-    if missing:
-        raise SourceError(f"model {spec.name}: {missing}")
+
+def read_checkpoint(spec: ModelSpec, progress: ProgressFn | None = None) -> Checkpoint:
+    """The entry's tokenizer, config and stop tokens (its files prepared first when needed); no weights."""
     family = get_family(spec.family)
     path = resolve(spec, progress)
-    gguf = gguf_file(spec, progress)
     if progress:
         progress("load tokenizer", 0, 1)
     try:
@@ -231,19 +242,11 @@ def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
     except (OSError, ValueError) as exc:
         raise SourceError(f"model {spec.name}: cannot read the tokenizer ({type(exc).__name__}: "
                           f"{_without_paths(str(exc), path)})") from None
-    if progress:
-        progress("load weights (llama.cpp, memory-mapped)", 0, 1)
-    weights = llama_forward.LlamaWeights(gguf, threads or llama_forward.default_threads()).load()
-    if progress:
-        progress("load weights (llama.cpp, memory-mapped)", 1, 1)
     eos = _eos_ids(generation, tokenizer)
     stops = {tid for tid in (_token_id(tokenizer, t) for t in family.stop_tokens) if tid is not None} - eos
     max_context, note = context_limit(spec, config)
-    return LoadedModel(model=None, tokenizer=tokenizer, spec=spec, device=torch.device("cpu"), dtype=torch.float32,
-                       family=family, eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
-                       weight_bytes=gguf.stat().st_size, max_context=max_context, context_note=note,
-                       forward="llama.cpp", runner=llama_forward.LlamaCppRunner(weights), config=config,
-                       vocab_size=weights.n_vocab)
+    return Checkpoint(path=path, tokenizer=tokenizer, config=config, family=family, eos_token_ids=frozenset(eos),
+                      stop_token_ids=frozenset(stops), max_context=max_context, context_note=note)
 
 
 def context_limit(spec: ModelSpec, config) -> tuple[int, str]:
@@ -267,16 +270,11 @@ def _without_paths(text: str, path: Path) -> str:
 def load_tokenizer(spec: ModelSpec, progress=None):
     """A local entry's tokenizer alone (a remote entry borrows it to render tokens; no weights are loaded). The
     entry's files are prepared first if needed, as for a load."""
-    from qdemo.models.families import get_family
-    from qdemo.models.sources import resolve
-
     path = resolve(spec, progress)
     return _load_tokenizer(path, get_family(spec.family).convert is not None, spec.trust_remote_code)
 
 
 def _load_tokenizer(path: Path, converted: bool, trust: bool = False):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if converted:
         # qdemo wrote this tokenizer.json itself; AutoTokenizer would pick a model-specific class from config.json
         # (Qwen2Tokenizer for converted Qwen v1) that rebuilds the BPE and can merge differently.
@@ -286,16 +284,12 @@ def _load_tokenizer(path: Path, converted: bool, trust: bool = False):
 
 def _check_quantized(spec: ModelSpec, path: Path, device: torch.device) -> None:
     """GPTQ checkpoints need optimum + gptqmodel (requirements-gptq.txt); say so before transformers does."""
-    import json
-
     try:
         quant = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_config")
     except (OSError, ValueError):
         return
     if not quant or quant.get("quant_method") != "gptq":
         return
-    import importlib.util
-
     missing = [m for m in ("optimum", "gptqmodel") if importlib.util.find_spec(m) is None]
     if missing:
         where = "" if device.type == "cuda" else (" Its fast kernels need a CUDA GPU; on a CPU gptqmodel's torch "

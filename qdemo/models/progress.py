@@ -12,6 +12,8 @@ import contextlib
 import threading
 from typing import Callable, Iterator
 
+from transformers.utils import logging as hf_logging
+
 ProgressFn = Callable[[str, float, float], None]
 
 _current = threading.local()
@@ -63,7 +65,6 @@ def _install() -> None:
     global _installed
     if _installed:
         return
-    from transformers.utils import logging as hf_logging
 
     setter = getattr(hf_logging, "set_tqdm_hook", None)
     if setter is not None:

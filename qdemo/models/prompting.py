@@ -24,6 +24,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from tokenizers import AddedToken, Tokenizer
+
 from qdemo.errors import PromptTooLongError
 
 ROLES = ("system", "user", "assistant")
@@ -170,8 +172,6 @@ def _plain_text(tokenizer) -> _PlainText:
 
 
 def _build_plain_text(tokenizer, backend, signature: int) -> _PlainText:
-    from tokenizers import AddedToken, Tokenizer
-
     listed = (getattr(tokenizer, "init_kwargs", None) or {}).get(PLAIN_TEXT_TOKENS_KEY) or ()
     ordinary = set(listed) if isinstance(listed, (list, tuple)) else set()
     added = backend.get_added_tokens_decoder()

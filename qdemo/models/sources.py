@@ -14,16 +14,28 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
 from qdemo.errors import SourceError
 from qdemo.models.families import get_family
 from qdemo.models.progress import ProgressFn, reporting
-from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec, OpenAISource
+from qdemo.models.registry import (
+    GgufPartsSource,
+    HubSource,
+    LocalSource,
+    ModelSpec,
+    OpenAISource,
+)
+
 MARKER = "qdemo-source.json"
 _CHUNK = 8 << 20
 # Part of every converted checkpoint's cache key: bump it when a family's conversion changes its output.
@@ -217,8 +229,6 @@ def _hub_offline() -> bool:
 
 
 def _hub_snapshot(src: HubSource) -> Path | None:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(src.repo_id, revision=src.revision, cache_dir=hub_cache_dir(),
                                       local_files_only=True))
@@ -239,7 +249,6 @@ def hub_weight_bytes(spec: ModelSpec) -> int | None:
     src = spec.source
     if not isinstance(src, HubSource) or _hub_offline():
         return None
-    from huggingface_hub import HfApi
 
     try:
         info = HfApi().model_info(src.repo_id, revision=src.revision, files_metadata=True)
@@ -251,6 +260,30 @@ def hub_weight_bytes(spec: ModelSpec) -> int | None:
     return sum(sizes) or None
 
 
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def estimate_weight_bytes(path: Path, dtype: torch.dtype) -> int:
+    """Bytes the weights will take once loaded in `dtype`: floating tensors at dtype's size, others (GPTQ's
+    packed ints) as stored. Read from the safetensors headers only; 0 when the checkpoint has none."""
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            stored = info["dtype"]
+            total += count * (item if stored.startswith(("F", "BF")) else _SAFETENSORS_BYTES.get(stored, 4))
+    return total
+
+
 def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
     cached = _hub_snapshot(src)
     if cached is not None:
@@ -259,7 +292,6 @@ def _resolve_hub(spec: ModelSpec, src: HubSource) -> Path:
     if _hub_offline():
         raise SourceError(f"{where} and HF_HUB_OFFLINE is set, so it cannot be downloaded. "
                           "Download it where the hub is reachable, or pick an embedded model.")
-    from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*"]
     if get_family(spec.family).convert is not None:
@@ -391,9 +423,6 @@ def gguf_file(spec: ModelSpec, progress: ProgressFn | None = None) -> Path:
 
 
 def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     def step(phase: str, i: int) -> None:
         if progress:
             progress(phase, i, 1)

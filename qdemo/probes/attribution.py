@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
+import pandas as pd
 import torch
 
 from qdemo.core.decode import _forward, new_state
@@ -57,8 +58,6 @@ class Attribution:
     def to_frame(self, texts: dict[int, str] | None = None):
         """One row per context token (gradient×input) or per unit (occlusion). `texts` maps a context position to
         its text (token_pieces' list, enumerated)."""
-        import pandas as pd
-
         texts = texts or {}
         if self.method == "occlusion":
             return pd.DataFrame.from_records([

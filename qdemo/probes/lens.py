@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from qdemo.core.decode import _forward, new_state
@@ -71,8 +72,6 @@ class LensGrid:
 
     def to_frame(self, texts: Mapping[int, str] | None = None):
         """One row per cell: layer row, position, top-1 and its probability, the target's probability."""
-        import pandas as pd
-
         texts = texts or {}
         records = []
         for c, pos in enumerate(self.positions):

@@ -18,6 +18,7 @@ from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
+import pandas as pd
 import torch
 
 from qdemo.core.decode import StepLock, position_logits
@@ -146,8 +147,6 @@ class TextScore:
     def to_frame(self, texts: Mapping[int, str] | None = None):
         """A pandas frame, one row per scored token: position, token_id, [text,] logprob, prob, rank,
         surprisal_bits, entropy_bits, top1_id. `texts` maps token ids to their text (a `text` column)."""
-        import pandas as pd
-
         columns: dict[str, Any] = {"position": list(self.positions), "token_id": list(self.token_ids)}
         if texts is not None:
             columns["text"] = [texts.get(t, "") for t in self.token_ids]
@@ -296,8 +295,6 @@ class Divergence:
     def to_frame(self, texts: Mapping[int, str] | None = None):
         """A pandas frame, one row per scored position: position, token_id, [text,] kl_ab, kl_ba, top1_a,
         top1_b, agree, prob_a, prob_b."""
-        import pandas as pd
-
         columns: dict[str, Any] = {"position": list(self.positions), "token_id": list(self.token_ids)}
         if texts is not None:
             columns["text"] = [texts.get(t, "") for t in self.token_ids]

@@ -15,16 +15,25 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from qdemo.serving.local import LocalBackend, drafting_pays
 from qdemo.errors import QdemoError
+from qdemo.forwards import llama_cpp
 from qdemo.forwards.choice import pick_forward, split_ref
-from qdemo.serving.limits import Client, Limits, RateLimiter
-from qdemo.models.loader import describe_run, entry_key, gguf_quant, load_tokenizer
-from qdemo.serving.pool import ModelPool
-from qdemo.models.registry import OpenAISource, Registry
-from qdemo.serving.remote import RemoteBackend, server_label
-from qdemo.sampling import SamplingParams
+from qdemo.models.loader import (
+    describe_run,
+    entry_key,
+    gguf_quant,
+    load_tokenizer,
+    pick_device,
+)
+from qdemo.models.registry import GgufPartsSource, OpenAISource, Registry
 from qdemo.models.sources import ProgressFn, readiness
+from qdemo.sampling import SamplingParams
+from qdemo.services.kept_states import KeptStates
+from qdemo.serving.limits import Client, Limits, RateLimiter
+from qdemo.serving.local import drafting_pays, leased
+from qdemo.serving.pool import ModelPool
+from qdemo.serving.protocol import Backend, needs_local
+from qdemo.serving.remote import RemoteBackend, server_label
 
 MAX_ECHO = 60  # characters of a bad value quoted back in a message
 # An absolute path (two or more segments) not glued to a word: "Qwen/Qwen2.5-7B" stays, "/home/x/.cache" goes.
@@ -47,12 +56,12 @@ class ModelRequest:
 
 @dataclass
 class Admitted:
-    backends: list[LocalBackend]
+    backends: list[Backend]
     params: list[SamplingParams | None]
     notices: list[str] = field(default_factory=list)
 
     @property
-    def backend(self) -> LocalBackend:
+    def backend(self) -> Backend:
         return self.backends[0]
 
     @property
@@ -83,12 +92,15 @@ class Services:
     rates: RateLimiter | None = None
     allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
     preload: Any = None  # the default model's background load at start (qdemo.services.preload.Preload)
+    states: KeptStates | None = None  # decode states sessions keep between turns (made over the pool by default)
     _remotes: dict[str, RemoteBackend] = field(default_factory=dict, repr=False)  # one backend per remote entry
     _remote_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if self.rates is None:
             self.rates = RateLimiter(self.limits.requests_per_minute, self.limits.requests_per_minute_per_address)
+        if self.states is None:
+            self.states = KeptStates(self.pool)
 
     # --- models offered -----------------------------------------------------------------------------------------
     def choices(self) -> list[tuple[str, str]]:
@@ -116,26 +128,19 @@ class Services:
         if not ready.ready:
             return f"✗ **not ready here**: {ready.hint}"
         if picked.forward == "llama.cpp":
-            from qdemo.forwards.llama_cpp import default_threads
-
-            return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU ({default_threads()} threads) · "
+            return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU ({llama_cpp.default_threads()} threads) · "
                     f"{ready.state} · attention and RoPE panels load the torch copy")
         line = f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
         return f"{line} · {picked.note}" if picked.note else line
 
     def forward_choices(self, name: str) -> list[str]:
         """The forwards the user may pick for `name` here ([] when only one can run: torch)."""
-        from qdemo.forwards.llama_cpp import available
-        from qdemo.models.registry import GgufPartsSource
-
         spec = self.registry.models.get(name)
-        if spec is None or not isinstance(spec.source, GgufPartsSource) or available() is not None:
+        if spec is None or not isinstance(spec.source, GgufPartsSource) or llama_cpp.available() is not None:
             return []
         return ["auto", "llama.cpp", "torch"]
 
     def pool_device_type(self) -> str:
-        from qdemo.models.loader import pick_device
-
         return pick_device(self.pool.device).type
 
     def model_ref(self, model: Any, weights: bool = False) -> tuple[str, str]:
@@ -189,13 +194,10 @@ class Services:
         return backend
 
     @staticmethod
-    def need_logits(backend: Any, what: str) -> None:
+    def need_logits(backend: Backend, what: str) -> None:
         """Refuse `what` on a backend without full logits (a remote server reports only its top-N)."""
         if not backend.capabilities.stage_chain:
-            local = getattr(getattr(backend, "source", None), "tokenizer", None)
-            also = f"; {local} is this model locally" if local else ""
-            raise Refused(f"{backend.name} runs on a remote server ({backend.server}), which reports only its top "
-                          f"tokens: {what} needs full logits, which needs a local model{also}")
+            raise Refused(str(needs_local(backend, what)))
 
     def model_name(self, model: Any) -> str:
         """A registry name ('' or None: the default). Never a path or hub id: only what models.yaml lists, and only
@@ -265,7 +267,7 @@ class Services:
                         self.model_ref(name)[1] != forward:
                     progress(f"loading the torch copy of {name} for this panel (chat keeps its own forward)", 0, 1)
                 try:
-                    backends.append(stack.enter_context(self.pool.backend(name, progress, forward)))
+                    backends.append(stack.enter_context(leased(self.pool, name, progress, forward)))
                 except Refused:
                     raise
                 except (QdemoError, ValueError, OSError, RuntimeError) as exc:

@@ -9,10 +9,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
-from qdemo.serving.limits import Client, clean_text, cut_text
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.lab import CONTEXT_MODES, context_ids
+from qdemo.serving.limits import Client, clean_text, cut_text
 
 MAX_PROMPTS = 8
 TASKS = ("generate", "score")
@@ -34,7 +34,7 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
     texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
     with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
         backend, params = admitted.backend, admitted.params[0]
-        if backend.capabilities.messages_only:
+        if not backend.capabilities.rows:  # a remote server: one request per prompt, sent at once
             if task == "score":
                 services.need_logits(backend, "scoring a batch")
             return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds,
@@ -63,9 +63,9 @@ def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: st
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise Refused(f"prompt {empty[0]} is empty")
-    if backend.tokenizer is not None:
-        lengths = [len(backend.chat_prompt([{"role": "user", "content": t}], 1).ids) if mode == "chat" else
-                   len(backend.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    lengths = [len(backend.chat_prompt([{"role": "user", "content": t}], 1).ids) if mode == "chat" else
+               backend.count_tokens(t) for t in texts]
+    if all(n for n in lengths):  # counted with the entry's local tokenizer; without one the server decides
         too_long = [i for i, n in enumerate(lengths) if n > max_prompt_tokens]
         if too_long:
             raise Refused(f"prompt {too_long[0]} has {lengths[too_long[0]]} tokens; this server's prompt limit is "
@@ -75,8 +75,12 @@ def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: st
     def one(text: str) -> dict[str, Any]:
         left = max(0.0, deadline - time.perf_counter())
         try:
-            events = (backend.generate_chat([{"role": "user", "content": text}], params, top_n=1, time_limit_s=left)
-                      if mode == "chat" else backend.generate_text(text, params, top_n=1, time_limit_s=left))
+            if mode == "chat":
+                messages = [{"role": "user", "content": text}]
+                events = backend.chat(messages, backend.chat_prompt(messages, params.max_new_tokens), params,
+                                      top_n=1, time_limit_s=left)
+            else:
+                events = backend.complete(text, params, top_n=1, time_limit_s=left)
             done = [e for e in events if type(e).__name__ == "DoneEvent"][-1]
         except ValueError as exc:  # the server could not be reached or refused this prompt
             return {"text": "", "tokens": [], "reason": "error", "error": str(exc), "prompt_tokens": None}

@@ -16,10 +16,16 @@ from typing import Any, Iterator, Sequence
 
 from qdemo.core.events import DoneEvent, StageTopN, TokenEvent
 from qdemo.core.runs import RunRecord
+from qdemo.models.sources import ProgressFn
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.services.chat import UI_INTERVAL_S, AnswerView, ChatSession, answer_view
-from qdemo.models.sources import ProgressFn
+from qdemo.services.chat import (
+    UI_INTERVAL_S,
+    AnswerView,
+    ChatSession,
+    answer_view,
+    history_messages,
+)
 from qdemo.views.labels import token_label
 
 
@@ -166,7 +172,7 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
                         progress=progress) as admitted:
         backend, run_params = admitted.backend, admitted.params[0]
         services.need_logits(backend, "branching from a token")
-        state = services.pool.take_state(session.key, backend.key) or backend.new_state()
+        state = services.states.take(session.key, backend.key) or backend.new_state()
         ids = tree.prompt_ids + prefix + [token]
         texts = backend.token_texts(prefix + [token])
         forced = _forced_event(parent, at, token, texts[token])
@@ -182,7 +188,7 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
             events = backend.generate(input_ids=ids, params=run_params, state=state, stop_event=stop, top_n=20,
                                       time_limit_s=services.limits.max_generation_seconds)
         except ValueError as exc:  # a token outside the vocabulary, an answer past the context
-            services.pool.keep_state(session.key, state)
+            services.states.keep(session.key, state)
             raise Refused(str(exc)) from None
         shown_at = 0.0
         try:
@@ -201,7 +207,7 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
         finally:
             events.close()
             if state is not None and not state.broken:
-                services.pool.keep_state(session.key, state)
+                services.states.keep(session.key, state)
         all_ids = prefix + [token] + [t.token_id for t in new]
         text = backend.decode(all_ids, skip_special_tokens=True)
         if done is not None:
@@ -250,8 +256,6 @@ def branch_report(services: Services, client: str | None, model: str, history: S
                   system: str | None, at: Any, token: Any, settings: Any = None) -> dict[str, Any]:
     """The API's branch: `history` ends with an assistant answer; write `token` (an id, or text that is one
     token) at answer token `at` instead and generate on. Stateless: the answer is tokenized as plain text."""
-    from qdemo.services.chat import history_messages
-
     messages, _ = history_messages(history, system)
     if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
         raise Refused("history must end with the assistant answer to branch from")

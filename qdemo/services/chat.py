@@ -18,15 +18,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from qdemo.serving.local import LocalBackend, drafting_pays
-from qdemo.probes.decided import TokenDecision, answer_summary, token_decisions
 from qdemo.core.events import Event, TokenEvent
-from qdemo.serving.limits import Limits, clean_text, cut_text
-from qdemo.models.prompting import keep_last_turns, validate_messages
 from qdemo.core.runs import RunRecord
+from qdemo.models.prompting import keep_last_turns, validate_messages
+from qdemo.models.sources import ProgressFn, readiness
+from qdemo.probes.decided import TokenDecision, answer_summary, token_decisions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.models.sources import ProgressFn
+from qdemo.serving.limits import Limits, clean_text, cut_text
+from qdemo.serving.local import drafting_pays
+from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.card import human_bytes
 from qdemo.views.perf import reason_words
 
@@ -289,7 +290,7 @@ def answer(services: Services, session: ChatSession, client: str | None, history
     """Step 2: admission, then the answer streamed into the chat. Yields nothing when step 1 armed nothing or
     the chat was cleared meanwhile; ends at once (reason "stopped") when Stop came during the queue or the load.
     `assisted`: speculative decoding with the model's registry draft (None: where it pays, see
-    LocalBackend.drafting_pays). `ticket`: the turn begin_turn armed (None: the latest)."""
+    qdemo.serving.local.drafting_pays). `ticket`: the turn begin_turn armed (None: the latest)."""
     ticket = session.latest if ticket is None else ticket
     if not session.take(ticket):
         return
@@ -326,7 +327,7 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             # The session's decode state from its last turn: only what is new gets prefilled. Beam search and
             # speculative decoding keep none.
             state = None if drafter or params.beam_search else (
-                services.pool.take_state(session.key, backend.key) or backend.new_state())
+                services.states.take(session.key, backend.key) or backend.new_state())
             if drafter:
                 events = functools.partial(assisted_events, services, backend, drafter, turn.messages, params, stop)
             else:
@@ -336,33 +337,27 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
                                    model or services.default_model)
             finally:
                 if state is not None and session.current(epoch):
-                    services.pool.keep_state(session.key, state)
+                    services.states.keep(session.key, state)
     except Refused as exc:
         if session.current(epoch, ticket):
             yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
 
 
-def chat_events(services: Services, backend: LocalBackend, messages: list[dict[str, str]], params: SamplingParams,
+def chat_events(services: Services, backend: Backend, messages: list[dict[str, str]], params: SamplingParams,
                 stop_event: threading.Event | None = None, top_n: int = 20, state=None) -> Iterator[Event]:
-    """The engine's events for a chat on this server: the prompt fitted into the model's context and the server's
+    """The events of a chat on this server: the prompt fitted into the model's context and the server's
     prompt-token limit (oldest turns first, reported as dropped), and the answer cut at its time limit. With a kept
     decode `state`, only the prompt tokens after what it already holds are prefilled. Raises PromptTooLongError (a
     ValueError) when the newest message alone does not fit."""
     prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
-    if backend.capabilities.messages_only:  # a remote server applies its own chat template
-        return backend.generate_chat(messages, params, stop_event, top_n, prompt_ids=prompt.ids,
-                                     dropped_turns=prompt.dropped_turns,
-                                     time_limit_s=services.limits.max_generation_seconds)
-    return backend.generate(input_ids=prompt.ids, dropped_turns=prompt.dropped_turns, params=params,
-                            stop_event=stop_event, top_n=top_n, state=state,
-                            time_limit_s=services.limits.max_generation_seconds)
+    return backend.chat(messages, prompt, params, stop_event, top_n, services.limits.max_generation_seconds, state)
 
 
-def assisted_events(services: Services, backend: LocalBackend, draft: LocalBackend, messages: list[dict[str, str]],
+def assisted_events(services: Services, backend: Backend, draft: Backend, messages: list[dict[str, str]],
                     params: SamplingParams, stop_event: threading.Event | None = None, top_n: int = 20
                     ) -> Iterator[Event]:
     """`chat_events` with speculative decoding: `draft` proposes, `backend` verifies."""
-    if not backend.same_tokenizer(draft):
+    if not same_tokenizer(backend, draft):
         raise Refused(f"{draft.name} cannot draft for {backend.name}: their tokenizers differ")
     prompt = backend.chat_prompt(messages, params.max_new_tokens, max_prompt_tokens=services.limits.max_prompt_tokens)
     return backend.generate_assisted(draft, prompt.ids, params, stop_event=stop_event, top_n=top_n,
@@ -378,12 +373,10 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
     draft = services.registry.get(model).draft
     if draft is None or (assisted is None and not drafting_pays(services.pool.device)):
         return None
-    from qdemo.models.sources import readiness
-
     return draft if readiness(services.registry.get(draft)).ready else None
 
 
-def _stream(backend: LocalBackend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
+def _stream(backend: Backend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
             params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]],
             model_ref: str = "") -> Iterator[ChatUpdate]:
     run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat",
@@ -447,7 +440,7 @@ def end_note(run: RunRecord) -> str:
     return f"\n\n{END_MARK}*{note}*"
 
 
-def answer_view(backend: LocalBackend, run: RunRecord, messages: list[dict[str, str]]) -> AnswerView:
+def answer_view(backend: Backend, run: RunRecord, messages: list[dict[str, str]]) -> AnswerView:
     ids = [t.token_id for t in run.tokens]
     stage_ids = {i for t in run.tokens for s in t.stages for i in s.token_ids}
     labels = backend.token_texts(list(stage_ids | set(ids)))

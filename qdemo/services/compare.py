@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-from qdemo.serving.local import LocalBackend
-from qdemo.probes.stages import stage_distributions
 from qdemo.core.runs import RunRecord
+from qdemo.models.sources import ProgressFn
+from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn
-from qdemo.models.sources import ProgressFn
+from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.compare import Divergence, first_divergence
 
 
@@ -54,7 +54,7 @@ class CompareUpdate:
     done: bool = False
 
 
-def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[dict[str, str]],
+def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, str]],
              params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
              stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None
              ) -> Iterator[tuple[RunRecord, RunRecord]]:
@@ -62,7 +62,7 @@ def run_pair(backend_a: LocalBackend, backend_b: LocalBackend, messages: list[di
     into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
     turns. With `services`, each side runs under the server's prompt and time limits. A prompt that does not fit
     raises here, before anything streams."""
-    one_model = backend_a.key == backend_b.key and not backend_a.capabilities.messages_only
+    one_model = backend_a.key == backend_b.key and backend_a.capabilities.rows
     if one_model and not (params_a.beam_search or params_b.beam_search):
         limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
         cap = services.limits.max_prompt_tokens if services is not None else None
@@ -110,7 +110,7 @@ def divergence(run_a: RunRecord, run_b: RunRecord) -> Divergence:
     return first_divergence([t.token_id for t in run_a.tokens], [t.token_id for t in run_b.tokens])
 
 
-def cross_probability(backend: LocalBackend, run: RunRecord, params: SamplingParams, step: int,
+def cross_probability(backend: Backend, run: RunRecord, params: SamplingParams, step: int,
                       other_token: int | None) -> CrossProbability:
     """This side's probability of `other_token` at `step`, recomputed with one gated forward over its own prompt
     and the tokens both sides share up to `step`."""
@@ -129,10 +129,10 @@ def cross_probability(backend: LocalBackend, run: RunRecord, params: SamplingPar
     return CrossProbability(raw=stages[0].chosen_prob, final=stages[-1].chosen_prob)
 
 
-def divergence_report(backend_a: LocalBackend, backend_b: LocalBackend, run_a: RunRecord, run_b: RunRecord,
+def divergence_report(backend_a: Backend, backend_b: Backend, run_a: RunRecord, run_b: RunRecord,
                       params_a: SamplingParams, params_b: SamplingParams) -> dict:
     """Everything the Compare tab says under the panes, as plain data (also the API's answer)."""
-    if not backend_a.same_tokenizer(backend_b):
+    if not same_tokenizer(backend_a, backend_b):
         text_a, text_b = answer_text(run_a), answer_text(run_b)
         index = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), None)
         if index is None and len(text_a) != len(text_b):

@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from qdemo.serving.local import LocalBackend
 from qdemo.models.prompting import with_system
+from qdemo.models.sources import ProgressFn
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import history_messages
-from qdemo.models.sources import ProgressFn
+from qdemo.serving.protocol import Backend
 from qdemo.views.attention import attention_grid, attention_heatmap, sink_figure
 from qdemo.views.card import card_frame
 from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
@@ -77,7 +77,7 @@ def head_choices(num_heads: int) -> list[tuple[str, str]]:
     return [("mean of all heads", MEAN), ("all heads (grid)", ALL)] + [(f"head {h}", str(h)) for h in range(num_heads)]
 
 
-def conversation_ids(backend: LocalBackend, history: Sequence[Any] | None, system: str | None = None
+def conversation_ids(backend: Backend, history: Sequence[Any] | None, system: str | None = None
                      ) -> tuple[list[int], str]:
     """The whole conversation (its last answer included) as the model saw it, without a generation prompt; with
     no conversation yet, a short bilingual example text."""
@@ -188,7 +188,7 @@ def _index(cache: AttentionCache, what: str, value: Any, count: int, expected: s
     return index
 
 
-def position_view(backend: LocalBackend) -> PositionView:
+def position_view(backend: Backend) -> PositionView:
     """RoPE facts and figures, ALiBi's for ALiBi models, or only a sentence when the model uses neither."""
     if backend.position_encoding == "alibi":
         info = backend.alibi_info(ALIBI_POSITIONS)

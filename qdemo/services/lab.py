@@ -17,15 +17,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qdemo.serving.local import LocalBackend
 from qdemo.core.events import StageTopN
 from qdemo.forwards.choice import ref
+from qdemo.models.sources import ProgressFn
 from qdemo.probes.stages import MAX_SAMPLES, sample_counts, stage_distributions
-from qdemo.serving.limits import clean_text, cut_text
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.settings import whole_number
-from qdemo.models.sources import ProgressFn
+from qdemo.serving.limits import clean_text, cut_text
+from qdemo.serving.protocol import Backend
 from qdemo.views.lab import histogram_figure
 from qdemo.views.labels import token_label
 from qdemo.views.stages import stage_figure, stage_table
@@ -93,7 +93,7 @@ def lab_params(decoding: str, temperature: Any, top_k: Any, top_p: Any, min_p: A
         raise ValueError(str(exc)) from None
 
 
-def context_ids(backend: LocalBackend, text: str, mode: str, system: str | None = None) -> list[int]:
+def context_ids(backend: Backend, text: str, mode: str, system: str | None = None) -> list[int]:
     """'chat': the text is a user message in the model's chat format (the answer is about to start);
     'raw text': the text itself as plain text (typed `<|im_end|>` stays text, as everywhere)."""
     if mode not in CONTEXT_MODES:
@@ -108,7 +108,7 @@ def context_ids(backend: LocalBackend, text: str, mode: str, system: str | None 
     return ids
 
 
-def _context(backend: LocalBackend, ids: list[int]) -> LabContext:
+def _context(backend: Backend, ids: list[int]) -> LabContext:
     logits = backend.next_token_logits(ids)
     return LabContext(model=ref(backend.name, backend.forward), ids=tuple(ids), logits=logits, text=backend.decode(ids),
                       decode=backend.text_decoder())

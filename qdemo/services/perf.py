@@ -13,7 +13,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from qdemo.core.runs import RunRecord, run_from_dict
-from qdemo.views.perf import latency_figure, memory_figure, rolling_tps_figure, runs_table_for_people
+from qdemo.views.perf import (
+    latency_figure,
+    memory_figure,
+    rolling_tps_figure,
+    runs_table_for_people,
+)
 
 CSV_NAME = "qdemo-runs.csv"
 KEPT_RUNS = 30  # runs the browser keeps (each without its per-token stage distributions)

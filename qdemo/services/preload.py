@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from qdemo.errors import QdemoError
 from qdemo.forwards.choice import pick_forward
 from qdemo.models.loader import pick_device
+from qdemo.serving.local import leased
 from qdemo.serving.pool import ModelPool
 
 log = logging.getLogger("qdemo")
@@ -47,7 +48,7 @@ class Preload:
         try:
             forward = pick_forward(pool.registry.get(name), pick_device(pool.device).type).forward
             self.forward = forward
-            with pool.backend(name, self._progress, forward) as backend:
+            with leased(pool, name, self._progress, forward) as backend:
                 self._progress("warm-up forward", 0, 1)
                 backend.next_token_logits(backend.raw_text_ids("Hello"))
             with self._lock:

@@ -7,18 +7,22 @@ tokens kept), never run to a hang.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from qdemo.probes.attribution import Attribution, Unit, token_units, turn_units
-from qdemo.probes.decided import answer_summary, token_decisions
 from qdemo.forwards.choice import split_ref
 from qdemo.models.prompting import with_system
+from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource
+from qdemo.probes.attribution import Attribution, Unit, token_units, turn_units
+from qdemo.probes.decided import answer_summary, token_decisions
 from qdemo.probes.lens import LensGrid
 from qdemo.probes.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
-from qdemo.services.chat import AnswerView
+from qdemo.services.chat import AnswerView, history_messages
+from qdemo.serving.protocol import same_tokenizer
+from qdemo.views.bundle import bundle_meta
 
 MAX_TOKENS = 1024  # tokens a lens, attribution or scoring request reads (older ones are cut with a notice)
 MAX_LENS_COLUMNS = 64  # answer tokens in one lens grid
@@ -56,8 +60,6 @@ class Subject:
 
 def history_subject(model: str, history: Any, system: str | None = None) -> Subject:
     """An API caller's conversation ([{role, content}] ending with the assistant's answer) as a subject."""
-    from qdemo.services.chat import history_messages
-
     if not isinstance(history, list):
         raise Refused(f"history must be a list of {{role, content}} messages, got {type(history).__name__}")
     try:
@@ -277,7 +279,7 @@ def divergence_view(services: Services, client: str | None, model_a: str, model_
         a, b = admitted.backends
         for backend in (a, b):
             services.need_logits(backend, "a divergence")
-        if not a.same_tokenizer(b):
+        if not same_tokenizer(a, b):
             raise Refused(f"{a.name} and {b.name} have different tokenizers: the same text is different tokens "
                           "for them, so their distributions cannot be compared token by token")
         ids, first = _text_ids(a, text, question, template)
@@ -300,10 +302,6 @@ def divergence_view(services: Services, client: str | None, model_a: str, model_
 def weights_fingerprint(services: Services, model: str) -> str:
     """What identifies the weights without a path: a GGUF's sha256, a hub repository at its revision, or a hash
     of a local checkpoint's file names and sizes."""
-    import hashlib
-
-    from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource
-
     name = split_ref(model)[0]
     spec = services.registry.models.get(name)
     if spec is None:
@@ -323,8 +321,6 @@ def weights_fingerprint(services: Services, model: str) -> str:
 
 def bundle_meta_or_empty(raw: bytes) -> dict[str, Any]:
     """A bundle's provenance, or {} for a plain run JSON."""
-    from qdemo.views.bundle import bundle_meta
-
     try:
         return bundle_meta(raw)
     except ValueError:

@@ -10,38 +10,33 @@ checking model families or types.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from qdemo.probes import attribution
-from qdemo.probes import introspect
-from qdemo.probes import lens
-from qdemo.probes import scoring
 from qdemo.core.decode import DecodeState, last_logits, new_state, token_logprobs
 from qdemo.core.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.core.events import Event
-from qdemo.models.loader import LoadedModel, pick_device, same_tokenizer
-from qdemo.serving.pool import StepGate
-from qdemo.models.prompting import (Message, Prompt, build_prompt, control_token_ids, conversation_prompt_ids,
-                             raw_text_ids)
+from qdemo.forwards.gate import StepGate
+from qdemo.models.loader import LoadedModel, pick_device, vocabulary_key
+from qdemo.models.prompting import (
+    Message,
+    Prompt,
+    build_prompt,
+    control_token_ids,
+    conversation_prompt_ids,
+    raw_text_ids,
+)
 from qdemo.models.registry import ModelSpec
+from qdemo.models.sources import ProgressFn
+from qdemo.probes import attribution, introspect, lens, scoring
 from qdemo.sampling import SamplingParams
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend can show."""
-
-    stage_chain: bool = True  # full logits at every step: per-stage distributions, the sampling lab
-    attention: bool = True  # attention weights (needs the weights and activations)
-    positions: bool = True  # RoPE / ALiBi figures read from the model's own modules
-    model_card: bool = True
-    messages_only: bool = False  # takes chat messages, not token ids (a remote server applies its own template)
+from qdemo.serving.pool import ModelPool
+from qdemo.serving.protocol import Backend, Capabilities, needs_local
 
 
 def drafting_pays(device: str | None) -> bool:
@@ -56,7 +51,16 @@ def drafting_pays(device: str | None) -> bool:
     return pick_device(device).type == "cuda"
 
 
+# The llama.cpp forward hands over full logits but no torch modules: weight panels use the torch copy.
 _WEIGHTLESS = Capabilities(attention=False, positions=False, model_card=False)
+
+
+@contextlib.contextmanager
+def leased(pool: ModelPool, name: str, progress: ProgressFn | None = None, forward: str = "torch"
+           ) -> Iterator["LocalBackend"]:
+    """The pool's model leased for one request, behind its gated path."""
+    with pool.lease(name, progress, forward) as lm:
+        yield LocalBackend(lm, pool.gate(lm.key))
 
 
 class LocalBackend:
@@ -67,7 +71,6 @@ class LocalBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        # The llama.cpp forward hands over full logits but no torch modules: weight panels use the torch copy.
         return Capabilities() if self._lm.model is not None else _WEIGHTLESS
 
     # --- facts (no forward) -------------------------------------------------------------------------------------
@@ -114,12 +117,10 @@ class LocalBackend:
         config = self._lm.config
         return int(config.num_hidden_layers), int(config.num_attention_heads)
 
-    def same_tokenizer(self, other: "LocalBackend") -> bool:
-        if not isinstance(other, LocalBackend):  # a remote backend compares its borrowed tokenizer
-            return other.same_tokenizer(self)
-        return same_tokenizer(self._lm, other._lm)
-
     # --- text and tokens (no forward) ---------------------------------------------------------------------------
+    def vocabulary(self) -> str | None:
+        return vocabulary_key(self._lm.tokenizer)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._lm.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -160,6 +161,9 @@ class LocalBackend:
                             self.spec.system_prompt if system is None else system, self.name,
                             self._lm.family.build_prompt, max_prompt_tokens)
 
+    def count_tokens(self, text: str) -> int | None:
+        return len(self.raw_text_ids(text))
+
     def raw_text_ids(self, text: str) -> list[int]:
         """Text as typed, tokenized as plain text: it never becomes a special or added token."""
         return raw_text_ids(self._lm.tokenizer, text)
@@ -173,6 +177,18 @@ class LocalBackend:
         """An empty one-row decode state for this model (a chat keeps it between turns)."""
         return new_state(self._lm)
 
+    def chat(self, messages: Sequence[Message], prompt: Prompt, params: SamplingParams,
+             stop_event: threading.Event | None = None, top_n: int = 20, time_limit_s: float | None = None,
+             state: DecodeState | None = None) -> Iterator[Event]:
+        """The engine on the prompt's ids (with a kept `state`, only what is new is prefilled)."""
+        return self.generate(input_ids=prompt.ids, dropped_turns=prompt.dropped_turns, params=params,
+                             stop_event=stop_event, top_n=top_n, state=state, time_limit_s=time_limit_s)
+
+    def complete(self, text: str, params: SamplingParams, stop_event: threading.Event | None = None,
+                 top_n: int = 20, time_limit_s: float | None = None) -> Iterator[Event]:
+        return self.generate(input_ids=self.raw_text_ids(text), params=params, stop_event=stop_event, top_n=top_n,
+                             time_limit_s=time_limit_s)
+
     def generate(self, *, messages: Sequence[Message] | None = None, input_ids: Sequence[int] | None = None,
                  params: SamplingParams | None = None, stop_event: threading.Event | None = None,
                  top_n: int = 20, dropped_turns: Sequence[int] = (), time_limit_s: float | None = None,
@@ -183,10 +199,11 @@ class LocalBackend:
                         top_n=top_n, step_lock=self._gate.step, dropped_turns=dropped_turns,
                         time_limit_s=time_limit_s, ignore_eos=ignore_eos, state=state)
 
-    def generate_assisted(self, draft: "LocalBackend", input_ids: Sequence[int], params: SamplingParams,
+    def generate_assisted(self, draft: Backend, input_ids: Sequence[int], params: SamplingParams,
                           stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
                           time_limit_s: float | None = None) -> Iterator[Event]:
         """Speculative decoding with `draft` proposing: each model's forwards go through its own gate."""
+        draft = _local(draft, "drafting")
         return generate_assisted(self._lm, draft._lm, input_ids, params, draft_tokens=self.spec.draft_tokens,
                                  stop_event=stop_event, top_n=top_n, target_lock=self._gate.step,
                                  draft_lock=draft._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
@@ -232,8 +249,9 @@ class LocalBackend:
         """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position)."""
         return scoring.score_ids(self._lm, ids, self._gate.step, first)
 
-    def divergence(self, other: "LocalBackend", ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1) -> scoring.Divergence:
         """Both models on the same ids, chunk by chunk, each at its own gate."""
+        other = _local(other, "a divergence")
         return scoring.divergence(self._lm, other._lm, ids, self._gate.step, other._gate.step, first)
 
     def attention(self, ids: Sequence[int]) -> np.ndarray:
@@ -259,3 +277,11 @@ class LocalBackend:
         if self.context_note:
             card["context"] = f"{self.max_context} (capped: see the note)"
         return card
+
+
+def _local(backend: Backend, what: str) -> LocalBackend:
+    """The other model of a two-model forward, which must run here (it is read chunk by chunk at its own gate)."""
+    if not backend.capabilities.stage_chain:
+        raise needs_local(backend, what)
+    assert isinstance(backend, LocalBackend)  # the only backend with full logits
+    return backend

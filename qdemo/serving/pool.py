@@ -6,11 +6,11 @@
   and never unloaded). If it still cannot fit, the load is refused with a message that says what is in the way.
 - Unloading drops every reference the pool holds, collects garbage and empties the CUDA cache.
 - An out-of-memory during a load becomes a readable error; the models already loaded keep working.
-- Generations on one model share it through a `StepGate`: one forward pass at a time, in arrival order, so
-  concurrent users interleave token by token instead of one long answer blocking everyone, and the device is
-  never asked for more than one model step at once.
+- Generations on one model share it through its `StepGate` (qdemo.forwards.gate): one forward at a time, in
+  arrival order, checked on every forward of the copy.
 
-Nothing per user lives here: leases and gate tickets belong to running generations and end with them.
+Nothing per user lives here: leases and gate tickets belong to running generations and end with them, and what a
+session keeps between requests (its decode state) belongs to the services, counted here as a `MemoryTenant`.
 """
 
 from __future__ import annotations
@@ -18,141 +18,53 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
-import os
-import re
 import shutil
-import struct
 import sys
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from qdemo.errors import QdemoError
-from qdemo.models.loader import LoadedModel, entry_key, load_llama_model, load_model, pick_device, pick_dtype
+from qdemo.forwards.gate import StepGate
+from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.forwards.torch_runner import runner_for
+from qdemo.models.loader import (
+    LoadedModel,
+    entry_key,
+    load_model,
+    pick_device,
+    pick_dtype,
+)
 from qdemo.models.registry import Registry
-from qdemo.models.sources import ProgressFn, hub_cache_dir, hub_weight_bytes, needs_download, resolve
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3,
-          "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-STATE_IDLE_S = 900.0  # a kept decode state unused this long is dropped
-CPU_BUDGET_FRACTION = 0.6  # of RAM: the OS, Python, activations and KV caches need the rest
-CUDA_BUDGET_FRACTION = 0.85
+from qdemo.models.sources import (
+    ProgressFn,
+    estimate_weight_bytes,
+    hub_cache_dir,
+    hub_weight_bytes,
+    needs_download,
+    resolve,
+)
+from qdemo.serving.budget import default_budget
 
 
 class MemoryBudgetError(QdemoError):
     """A model does not fit the memory budget, or the device ran out of memory loading it."""
 
 
-def parse_bytes(text: str) -> int:
-    """'12GiB', '8 GB', '500MiB', '1073741824' → bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"QDEMO_MAX_MEMORY must be a size such as 12GiB, 8GB or 500MiB, got {text!r}")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"QDEMO_MAX_MEMORY must be positive, got {text!r}")
-    return int(value)
+class MemoryTenant(Protocol):
+    """Memory kept for someone else inside the pool's budget (a chat's decode state between turns)."""
 
+    def held_bytes(self) -> int: ...
 
-def default_budget(device: torch.device) -> int:
-    """QDEMO_MAX_MEMORY when set, else a share of the device's memory."""
-    configured = os.environ.get("QDEMO_MAX_MEMORY")
-    if configured:
-        return parse_bytes(configured)
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory * CUDA_BUDGET_FRACTION)
-    import psutil
+    def shed(self, allowed: int) -> None:
+        """Drop the least recently used until at most `allowed` bytes are held."""
 
-    return int(psutil.virtual_memory().total * CPU_BUDGET_FRACTION)
-
-
-def estimate_weight_bytes(path: Path, dtype: torch.dtype) -> int:
-    """Bytes the weights will take once loaded in `dtype`: floating tensors at dtype's size, others (GPTQ's
-    packed ints) as stored. Read from the safetensors headers only; 0 when the checkpoint has none."""
-    item = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with open(shard, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for dim in info["shape"]:
-                count *= dim
-            stored = info["dtype"]
-            total += count * (item if stored.startswith(("F", "BF")) else _SAFETENSORS_BYTES.get(stored, 4))
-    return total
-
-
-class UngatedForwardError(QdemoError):
-    """A forward of a pooled model ran without holding that model's step gate (a bug in the caller)."""
-
-
-class StepGate:
-    """A FIFO lock around one model step: whoever asked first steps first. Re-entrant for the thread that holds
-    it, so a gated helper may call another gated helper."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0  # next ticket to hand out
-        self._serving = 0  # ticket allowed to run
-        self._holder: int | None = None  # thread running the current step
-        self.steps = 0  # steps run through the gate (tests count forwards against it)
-
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        me = threading.get_ident()
-        if self._holder == me:  # nested: already inside this thread's step
-            yield
-            return
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            while ticket != self._serving:
-                self._cond.wait()
-            self._holder = me
-            self.steps += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._holder = None
-                self._serving += 1
-                self._cond.notify_all()
-
-    def held_here(self) -> bool:
-        """True when the calling thread is inside a step of this gate."""
-        return self._holder == threading.get_ident()
-
-    @property
-    def waiting(self) -> int:
-        """Steps queued behind the running one."""
-        with self._cond:
-            return max(0, self._next - self._serving - 1)
-
-
-def guard_forwards(model: torch.nn.Module, gate: StepGate, name: str) -> Callable[[], None]:
-    """Refuse any forward of `model` that does not hold `gate`: the pool's promise that one model never runs two
-    steps at once, checked where it matters instead of trusted. The check sits on the token embedding, which
-    every forward passes through (the full model, its inner decoder, generate's steps). Returns a function that
-    removes the guard."""
-
-    def check(module: torch.nn.Module, args: tuple) -> None:
-        if not gate.held_here():
-            raise UngatedForwardError(f"{name}: a model forward ran outside its step gate")
-
-    handle = model.get_input_embeddings().register_forward_pre_hook(check)
-    return handle.remove
+    def forget_model(self, key: str) -> None:
+        """Drop whatever is kept for the model copy `key` (it is being unloaded)."""
 
 
 @dataclass
@@ -180,70 +92,26 @@ class ModelPool:
         self._gates: dict[str, StepGate] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.RLock()
-        # Decode states sessions keep between turns (multi-turn KV reuse): key -> (model, state, last used).
-        # key → (model, state, last used, KV bytes). A kept state does not change while kept (take_state hands it
-        # out and removes it), so its bytes are counted once, not on every eviction check.
-        self._states: "OrderedDict[str, tuple[str, Any, float, int]]" = OrderedDict()
-        self.state_idle_s = STATE_IDLE_S
+        self._tenants: list[MemoryTenant] = []  # memory others keep within this budget (kept decode states)
 
     # --- what is loaded -------------------------------------------------------------------------------------
     def loaded(self) -> list[str]:
         with self._guard:
             return list(self._entries)
 
+    def weight_bytes(self) -> int:
+        """Weights of the loaded models."""
+        with self._guard:
+            return sum(e.bytes for e in self._entries.values())
+
     def used_bytes(self) -> int:
-        """Weights of the loaded models and the KV caches sessions keep."""
-        with self._guard:
-            return sum(e.bytes for e in self._entries.values()) + self.kept_bytes()
+        """Weights of the loaded models and what the tenants keep (KV caches of chats between turns)."""
+        return self.weight_bytes() + sum(t.held_bytes() for t in self._tenants)
 
-    # --- decode states kept between turns ------------------------------------------------------------------------
-    def keep_state(self, key: str, state: Any) -> bool:
-        """Keep a session's decode state for its next turn, counted in the memory budget. Least recently used
-        states go first when the budget is short; False when this one cannot be kept (its model is gone, or it
-        alone does not fit)."""
-        with self._guard:
-            self._expire_states()
-            self._states.pop(key, None)
-            if state is None or getattr(state, "broken", False) or state.model not in self._entries:
-                return False
-            self._states[key] = (state.model, state, time.monotonic(), state.kv_bytes())
-            weights = sum(e.bytes for e in self._entries.values())
-            while self._states and weights + self.kept_bytes() > self.budget:
-                dropped, _ = self._states.popitem(last=False)
-                if dropped == key:
-                    return False
-            return True
-
-    def take_state(self, key: str, model: str) -> Any | None:
-        """The session's kept state for `model`, handed over (no longer counted or evictable) until kept again;
-        None when there is none (a state of another model is dropped)."""
-        with self._guard:
-            self._expire_states()
-            item = self._states.pop(key, None)
-            return item[1] if item is not None and item[0] == model else None
-
-    def drop_states(self, key: str | None = None, model: str | None = None) -> int:
-        """Forget kept states (a session's, a model's, or all); returns how many went."""
-        with self._guard:
-            gone = [k for k, (m, *_) in self._states.items()
-                    if (key is None or k == key) and (model is None or m == model)]
-            for k in gone:
-                del self._states[k]
-            return len(gone)
-
-    def kept_bytes(self) -> int:
-        with self._guard:
-            return sum(item[3] for item in self._states.values())
-
-    def kept_states(self) -> dict[str, str]:
-        """key -> model of every kept state."""
-        with self._guard:
-            return {k: m for k, (m, *_) in self._states.items()}
-
-    def _expire_states(self) -> None:
-        now = time.monotonic()
-        for k in [k for k, (_, _, used, _) in self._states.items() if now - used > self.state_idle_s]:
-            del self._states[k]
+    def admit_tenant(self, tenant: "MemoryTenant") -> None:
+        """Count `tenant`'s memory in the budget: it sheds before any model is unloaded, and forgets what it keeps
+        for a model that goes."""
+        self._tenants.append(tenant)
 
     def active(self) -> dict[str, int]:
         """Running generations per loaded model."""
@@ -287,10 +155,7 @@ class ModelPool:
                     f"{name}: out of memory while loading (about {_gib(need)} of weights on {self._device}); "
                     f"the models already loaded keep working. Free memory or lower QDEMO_MAX_MEMORY. ({exc})"
                 ) from None
-            if lm.runner is not None:
-                lm.runner.gate = self.gate(key)  # the llama.cpp runner checks it on every forward
-            else:
-                guard_forwards(lm.model, self.gate(key), key)
+            runner_for(lm).guard(self.gate(key), key)  # every forward of this copy must hold its gate
             with self._guard:
                 self._entries[key] = _Entry(lm=lm, bytes=lm.weight_bytes or need, last_used=time.monotonic())
             return lm
@@ -312,15 +177,6 @@ class ModelPool:
                 entry.leases -= 1
                 entry.last_used = time.monotonic()
 
-    @contextlib.contextmanager
-    def backend(self, name: str, progress: ProgressFn | None = None, forward: str = "torch"
-                ) -> Iterator["LocalBackend"]:
-        """The model leased for one request, behind its gated path."""
-        from qdemo.serving.local import LocalBackend
-
-        with self.lease(name, progress, forward) as lm:
-            yield LocalBackend(lm, self.gate(lm.key))
-
     def unload(self, name: str) -> bool:
         """Unload an idle model (`name` as `loaded()` lists it); False when it is not loaded or a generation is using
         it."""
@@ -329,7 +185,8 @@ class ModelPool:
             if entry is None or entry.leases:
                 return False
             del self._entries[name]
-            self.drop_states(model=name)
+        for tenant in self._tenants:
+            tenant.forget_model(name)
         del entry
         self._release()
         return True
@@ -359,9 +216,9 @@ class ModelPool:
             raise MemoryBudgetError(f"{name} needs about {_gib(need)} for its weights but the memory budget is "
                                     f"{_gib(self.budget)} (QDEMO_MAX_MEMORY)")
         while True:
+            for tenant in self._tenants:  # kept caches go before any model does (outside the guard: they lock)
+                tenant.shed(max(0, self.budget - self.weight_bytes() - need))
             with self._guard:
-                while self._states and self.used_bytes() + need > self.budget:
-                    self._states.popitem(last=False)  # kept caches go before any model does
                 used = sum(e.bytes for e in self._entries.values())
                 if used + need <= self.budget:
                     return

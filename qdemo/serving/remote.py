@@ -23,12 +23,33 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from qdemo.serving.local import Capabilities
-from qdemo.models.loader import same_vocabulary
-from qdemo.core.events import DoneEvent, Event, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
-from qdemo.models.prompting import with_system
+import numpy as np
+import torch
+
+from qdemo.core.decode import DecodeState
+from qdemo.core.events import (
+    DoneEvent,
+    Event,
+    GenerationStats,
+    MemorySample,
+    PrefillEvent,
+    StageTopN,
+    TokenEvent,
+)
+from qdemo.models.families import get_family
+from qdemo.models.loader import vocabulary_key
+from qdemo.models.prompting import (
+    Message,
+    Prompt,
+    build_prompt,
+    conversation_prompt_ids,
+    raw_text_ids,
+    with_system,
+)
 from qdemo.models.registry import ModelSpec, OpenAISource
+from qdemo.probes import attribution, introspect, lens, scoring
 from qdemo.sampling import SamplingParams
+from qdemo.serving.protocol import Backend, Capabilities, NeedsLocalModel, needs_local
 
 log = logging.getLogger("qdemo.serving.remote")
 
@@ -67,10 +88,8 @@ def distribution_note() -> str:
 class RemoteBackend:
     """One registry entry served by an OpenAI-compatible server."""
 
-    # tokens with the server's log-probabilities; nothing that needs the weights or full logits
-    capabilities = Capabilities(stage_chain=False, attention=False, positions=False, model_card=False,
-                                messages_only=True)
     forward = "remote"
+    context_note = ""
 
     def __init__(self, spec: ModelSpec, tokenizer: Any = None, client_factory: Callable[..., Any] | None = None,
                  timeout_s: float | None = None) -> None:
@@ -83,6 +102,10 @@ class RemoteBackend:
         self._texts: dict[int, str] = {}  # ids seen in streams → their text (ids the server did not number too)
         self._synthetic: dict[str, int] = {}
         self._lock = threading.Lock()
+        # tokens with the server's log-probabilities; nothing that needs the weights or full logits
+        self.capabilities = Capabilities(stage_chain=False, attention=False, positions=False, model_card=False,
+                                         rows=False, where=f"a remote server ({self.server})",
+                                         local_twin=self.source.tokenizer)
 
     # --- facts -------------------------------------------------------------------------------------------------
     @property
@@ -109,12 +132,19 @@ class RemoteBackend:
     def max_context(self) -> int:
         return self.spec.max_context
 
+    @property
+    def position_encoding(self) -> str:
+        return get_family(self.spec.family).position_encoding
+
+    @property
+    def position_note(self) -> str:
+        return get_family(self.spec.family).position_note
+
     def new_state(self) -> None:
         return None  # the server keeps its own cache (prefix caching)
 
-    def same_tokenizer(self, other: Any) -> bool:
-        theirs = getattr(other, "tokenizer", None) or getattr(getattr(other, "_lm", None), "tokenizer", None)
-        return self.tokenizer is not None and theirs is not None and same_vocabulary(self.tokenizer, theirs)
+    def vocabulary(self) -> str | None:
+        return vocabulary_key(self.tokenizer) if self.tokenizer is not None else None
 
     # --- text and tokens ---------------------------------------------------------------------------------------
     def token_texts(self, ids: Sequence[int]) -> dict[int, str]:
@@ -131,25 +161,105 @@ class RemoteBackend:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return "".join(self.token_texts(ids)[int(i)] for i in ids)
 
+    def text_decoder(self) -> Callable[[Sequence[int]], dict[int, str]]:
+        return self.token_texts  # holds no weights: the texts the server sent and the borrowed tokenizer
+
+    def special_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids) if self.tokenizer is not None else set()
+
     def prompt_pieces(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
         if self.tokenizer is None:
             return []
-        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        special = self.special_ids()
         return [(int(i), self.tokenizer.decode([int(i)]), int(i) in special) for i in ids]
+
+    def count_tokens(self, text: str) -> int | None:
+        return len(self.tokenizer.encode(text, add_special_tokens=False)) if self.tokenizer is not None else None
 
     def chat_prompt(self, messages: Sequence[dict[str, str]], max_new_tokens: int, system: str | None = None,
                     max_prompt_tokens: int | None = None):
         """The prompt as the local tokenizer counts it (fitted into the entry's context, oldest turns dropped
         first); without a tokenizer nothing is counted and every message is sent."""
-        from qdemo.models.prompting import Prompt, build_prompt
-
         system = self.spec.system_prompt if system is None else system
         if self.tokenizer is None:
             return Prompt(ids=[], dropped_turns=(), budget=self.max_context)
-        from qdemo.models.families import get_family
-
         return build_prompt(self.tokenizer, messages, self.max_context, max_new_tokens, system, self.name,
                             get_family(self.spec.family).build_prompt, max_prompt_tokens)
+
+    def raw_text_ids(self, text: str) -> list[int]:
+        return raw_text_ids(self._tokenizer_for("token ids of a text"), text)
+
+    def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
+        return conversation_prompt_ids(self._tokenizer_for("the ids of a conversation"), messages,
+                                       get_family(self.spec.family).build_prompt)
+
+    def token_pieces(self, ids: Sequence[int]) -> list[str]:
+        return attribution.token_pieces(self._tokenizer_for("token pieces").decode, ids)
+
+    def _tokenizer_for(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise NeedsLocalModel(f"{self.name} runs on {self.capabilities.where} and has no local tokenizer "
+                                  f"(source.openai.tokenizer in models.yaml): {what} needs one")
+        return self.tokenizer
+
+    # --- what only a local model computes (Backend methods a server cannot serve) ------------------------------
+    def shape(self) -> tuple[int, int]:
+        raise needs_local(self, "the model's shape", "its config")
+
+    def generate(self, **kwargs: Any) -> Iterator[Event]:
+        raise needs_local(self, "generation from token ids")
+
+    def generate_assisted(self, draft: Backend, input_ids: Sequence[int], params: SamplingParams,
+                          **kwargs: Any) -> Iterator[Event]:
+        raise needs_local(self, "speculative decoding")
+
+    def generate_rows(self, input_ids: Sequence[int], params: Sequence[SamplingParams],
+                      **kwargs: Any) -> Iterator[Event]:
+        raise needs_local(self, "rows decoded in one batch")
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: Any, **kwargs: Any) -> Iterator[Event]:
+        raise needs_local(self, "a left-padded batch")
+
+    def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
+        raise needs_local(self, "scoring")
+
+    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+        raise needs_local(self, "the next-token distribution")
+
+    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10
+                   ) -> lens.LensGrid:
+        raise needs_local(self, "the logit lens", "weights and activations")
+
+    def gradient_x_input(self, context: Sequence[int], target: int) -> attribution.Attribution:
+        raise needs_local(self, "gradient × input", "weights and activations")
+
+    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit]
+                  ) -> attribution.Attribution:
+        raise needs_local(self, "occlusion")
+
+    def score(self, ids: Sequence[int], first: int = 1) -> scoring.TextScore:
+        raise needs_local(self, "scoring a text")
+
+    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+        raise needs_local(self, "a divergence")
+
+    def attention(self, ids: Sequence[int]) -> np.ndarray:
+        raise needs_local(self, "attention maps", "weights and activations")
+
+    def rope_info(self) -> introspect.RopeInfo:
+        raise needs_local(self, "RoPE figures", "the model's modules")
+
+    def rope_angles(self, positions: int) -> np.ndarray:
+        raise needs_local(self, "RoPE figures", "the model's modules")
+
+    def rope_decay(self, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+        raise needs_local(self, "RoPE figures", "the model's modules")
+
+    def alibi_info(self, positions: int) -> introspect.AlibiInfo:
+        raise needs_local(self, "ALiBi figures", "the model's modules")
+
+    def model_card(self) -> dict[str, Any]:
+        raise needs_local(self, "the model card", "the model's config and weights")
 
     # --- the stream --------------------------------------------------------------------------------------------
     def _client(self) -> Any:
@@ -160,22 +270,24 @@ class RemoteBackend:
                               f"variable {env} (models.yaml names it in source.openai.api_key_env)")
         if self._client_factory is not None:
             return self._client_factory(base_url=self.source.base_url, api_key=key or "none")
-        import openai
+        import openai  # optional for local-only servers: imported once a remote entry is used
 
         return openai.OpenAI(base_url=self.source.base_url, api_key=key or "none", max_retries=0,
                              timeout=self.timeout_s)
 
-    def generate_chat(self, messages: Sequence[dict[str, str]], params: SamplingParams,
-                      stop_event: threading.Event | None = None, top_n: int = 20, prompt_ids: Sequence[int] = (),
-                      dropped_turns: Sequence[int] = (), time_limit_s: float | None = None) -> Iterator[Event]:
-        """The answer to `messages` as qdemo events (messages in `dropped_turns` are left out, as the local
-        tokenizer fitted them)."""
-        sent = with_system([dict(m) for i, m in enumerate(messages) if i not in set(dropped_turns)],
-                           self.spec.system_prompt)
-        return self._events("chat", sent, params, stop_event, top_n, prompt_ids, dropped_turns, time_limit_s)
+    def chat(self, messages: Sequence[Message], prompt: Prompt, params: SamplingParams,
+             stop_event: threading.Event | None = None, top_n: int = 20, time_limit_s: float | None = None,
+             state: DecodeState | None = None) -> Iterator[Event]:
+        """The answer to `messages` as qdemo events; the server applies its own chat template (messages in the
+        prompt's `dropped_turns` are left out, as the local tokenizer fitted them). No decode state: the server
+        keeps its own cache."""
+        dropped = set(prompt.dropped_turns)
+        sent = with_system([dict(m) for i, m in enumerate(messages) if i not in dropped], self.spec.system_prompt)
+        return self._events("chat", sent, params, stop_event, top_n, prompt.ids, prompt.dropped_turns,
+                            time_limit_s)
 
-    def generate_text(self, text: str, params: SamplingParams, stop_event: threading.Event | None = None,
-                      top_n: int = 20, time_limit_s: float | None = None) -> Iterator[Event]:
+    def complete(self, text: str, params: SamplingParams, stop_event: threading.Event | None = None,
+                 top_n: int = 20, time_limit_s: float | None = None) -> Iterator[Event]:
         """A raw-text continuation through /v1/completions."""
         ids = self.tokenizer.encode(text, add_special_tokens=False) if self.tokenizer is not None else ()
         return self._events("text", text, params, stop_event, top_n, ids, (), time_limit_s)
@@ -211,7 +323,7 @@ class RemoteBackend:
               stop_event: threading.Event | None = None, deadline: float | None = None) -> Any:
         """The open stream. Connection errors are retried (with backoff) before anything streamed; Stop and the
         deadline end a request the server holds (a long prefill, a wait for a free slot) by closing its client."""
-        import openai
+        import openai  # optional for local-only servers (see _client)
 
         for attempt in range(CONNECT_RETRIES + 1):
             client = self._client()
@@ -276,7 +388,7 @@ class RemoteBackend:
     def _fold(self, stream: Any, kind: str, params: SamplingParams, stop_event: threading.Event | None,
               prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], time_limit_s: float | None,
               began: float) -> Iterator[Event]:
-        import openai
+        import openai  # optional for local-only servers (see _client)
 
         ids: list[int] = []
         texts: list[str] = []

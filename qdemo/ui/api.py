@@ -12,7 +12,9 @@ from typing import Any, Iterator
 import gradio as gr
 
 from qdemo.core.runs import RunRecord
-from qdemo.services import batch as batch_service, chat, compare as compare_service, lab
+from qdemo.services import batch as batch_service
+from qdemo.services import chat, lab
+from qdemo.services import compare as compare_service
 from qdemo.services.admission import ModelRequest, Refused
 from qdemo.ui import api_probes
 from qdemo.ui.context import UIContext, log, refuse_api

@@ -7,9 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from qdemo.core.runs import RunRecord, run_from_json, run_to_json
-from qdemo.services import branches, chat, internals, probing as service
+from qdemo.services import branches, chat, internals
+from qdemo.services import probing as service
 from qdemo.services.admission import ModelRequest, Refused
 from qdemo.ui.context import UIContext
 from qdemo.ui.zerogpu import on_gpu
@@ -46,8 +48,6 @@ def register(ui: UIContext, guarded) -> None:
                   system: str | None = None, request: gr.Request = None) -> dict[str, Any]:
         """Answer `message` and say, per token, which sampling stage decided what; with the run's JSON (for
         /bundle)."""
-        import pandas as pd
-
         turn = chat.prepare_turn(message, history or [], system, services.limits, strict=True)
         if turn is None:
             raise Refused("message is empty")
@@ -67,8 +67,6 @@ def register(ui: UIContext, guarded) -> None:
                system: str | None = None, request: gr.Request = None) -> dict[str, Any]:
         """Write `token` (an id or one token's text) at answer token `at` of the answer ending `history`, and
         generate on from there."""
-        import pandas as pd
-
         report = branches.branch_report(services, ui.client(request), model, history, system, at, token, settings)
         return {**report, "csv": csv_text(pd.DataFrame({"token_id": report["token_ids"]}))}
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import gradio as gr
 
-from qdemo.serving.limits import Limits
-from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import Registry
 from qdemo.services import perf, settings
 from qdemo.services.admission import Services
-from qdemo.ui import api, chat_tab
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.ui import (
+    api,
+    chat_tab,
+    compare_tab,
+    inspect_tab,
+    internals_tab,
+    lab_tab,
+    perf_tab,
+)
 from qdemo.ui.context import SessionComponents, UIContext
 
 # Phone widths: the chat first, shorter; tabs scroll sideways instead of hiding behind a menu.
@@ -95,8 +103,6 @@ def _restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None
 
 def _optional_tabs():
     """Tabs other than Chat, in order; each module has build(ui, session, tab)."""
-    from qdemo.ui import compare_tab, inspect_tab, internals_tab, lab_tab, perf_tab
-
     return [("Compare", compare_tab), ("Sampling lab", lab_tab), ("Internals", internals_tab),
             ("Inspect", inspect_tab), ("Performance", perf_tab)]
 

@@ -10,18 +10,24 @@ from typing import Any, Sequence
 
 import gradio as gr
 
+from qdemo.probes.decided import decided_indices, decision_marks
 from qdemo.services import chat, perf, settings
 from qdemo.services.files import scratch_file
-from qdemo.ui.context import SessionComponents, UIContext, progress_callback
+from qdemo.serving.remote import distribution_note
 from qdemo.ui import branch_panel, forward_picker
+from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
 from qdemo.views.labels import token_label
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
-from qdemo.probes.decided import decided_indices, decision_marks
-from qdemo.serving.remote import distribution_note
-from qdemo.views.tokens import TOKEN_CLICK_JS, TOKEN_VIEW_CSS, token_legend_html, token_value, token_view_html
+from qdemo.views.tokens import (
+    TOKEN_CLICK_JS,
+    TOKEN_VIEW_CSS,
+    token_legend_html,
+    token_value,
+    token_view_html,
+)
 
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
             "Explain what a KV cache is in two sentences."]
@@ -40,7 +46,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     services = ui.services
     spec = services.registry.get(services.default_model)
     # A closed tab's kept decode state is released at once (the pool also drops idle ones).
-    chat_state = gr.State(chat.ChatSession(), delete_callback=lambda s: services.pool.drop_states(key=s.key))
+    chat_state = gr.State(chat.ChatSession(), delete_callback=lambda s: services.states.drop(key=s.key))
     ticket = gr.State(None)  # the turn a Send armed, handed from step 1 to step 2
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=280):
@@ -187,7 +193,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     # --- Clear / trash icon / Undo / Import: stop what runs, and reset every panel ----------------------------
     def clear_chat(data):
         data[chat_state].interrupt()
-        services.pool.drop_states(key=data[chat_state].key)
+        services.states.drop(key=data[chat_state].key)
         return {chatbot: [], box: "", notice: "", **views_reset,
                 session.conversation: conversation(data[model], data[system], [], controls.values(data))}
 
@@ -216,7 +222,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
         finally:
             upload.unlink(missing_ok=True)  # an upload is read once and not kept
         data[chat_state].interrupt()
-        services.pool.drop_states(key=data[chat_state].key)
+        services.states.drop(key=data[chat_state].key)
         name = imported.model if imported.model in services.registry.models else data[model]
         notes_ = [] if imported.model in (None, name) else [f"The file's model {imported.model!r} is not served "
                                                             f"here; kept {name}."]

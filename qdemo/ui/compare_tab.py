@@ -10,7 +10,11 @@ from qdemo.ui import forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
-from qdemo.views.compare import empty_side_by_side, side_by_side_frame, tps_overlay_figure
+from qdemo.views.compare import (
+    empty_side_by_side,
+    side_by_side_frame,
+    tps_overlay_figure,
+)
 
 EXAMPLES = ["Write a haiku about the sea.", "用三句话解释什么是注意力机制。"]
 PANE_FIELDS = ("mode", "num_beams", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")

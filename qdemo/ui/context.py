@@ -6,13 +6,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gradio as gr
 
-from qdemo.serving.limits import Client, RateLimiter, client_from_headers
 from qdemo.services.admission import Refused, Services
+from qdemo.serving.limits import Client, RateLimiter, client_from_headers
 
 GENERATION = "generation"  # the concurrency id shared by every event that runs a model
 log = logging.getLogger("qdemo")
@@ -135,8 +136,6 @@ def _with(outputs: Any, notice: Any) -> list:
 
 def _hints(fn: Callable) -> dict[str, Any]:
     try:
-        import typing
-
         return typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001 - lambdas and partials without resolvable hints
         return {}

@@ -8,9 +8,9 @@ import gradio as gr
 
 from qdemo.services import internals
 from qdemo.services.files import scratch_file
-from qdemo.views.export import csv_text
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
+from qdemo.views.export import csv_text
 
 NOT_LOADED = "Press **Load / refresh** to read this model's position encoding and model card."
 

@@ -14,7 +14,7 @@ def on_gpu(fn: F) -> F:
     if "SPACES_ZERO_GPU" not in os.environ:
         return fn
     try:
-        import spaces
+        import spaces  # Hugging Face ZeroGPU only: the package exists on those Spaces alone
     except ImportError:
         return fn
     return spaces.GPU(fn, duration=DURATION_S)

@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import qdemo
-from qdemo.probes.decided import answer_summary, decision_marks, token_decisions
 from qdemo.core.events import TokenEvent
 from qdemo.core.runs import RunRecord, run_from_json
-from qdemo.views.labels import token_label
+from qdemo.probes.decided import answer_summary, decision_marks, token_decisions
 from qdemo.views.labels import html_text as _e
-from qdemo.views.tokens import DEFAULT_MEASURE, TOKEN_VIEW_CSS, token_legend_html, token_view_html
+from qdemo.views.labels import token_label
+from qdemo.views.tokens import (
+    DEFAULT_MEASURE,
+    TOKEN_VIEW_CSS,
+    token_legend_html,
+    token_view_html,
+)
 
 RUN_BLOCK_ID = "qdemo-run"
 META_BLOCK_ID = "qdemo-meta"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-
 from typing import Mapping, Sequence
 
 MAX_LABEL = 24

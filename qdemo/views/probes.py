@@ -9,9 +9,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from qdemo.views._figure import empty_figure, styled
-from qdemo.views.labels import plot_text, token_label
 from qdemo.views.labels import html_text as _e
-
+from qdemo.views.labels import plot_text, token_label
 
 # --- logit lens -------------------------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from qdemo.views.labels import token_label
 from qdemo.views.labels import html_text as _e
+from qdemo.views.labels import token_label
 
 DROPPED_TITLE = "left out to fit the context"
 DROPPED_CHARS = 80

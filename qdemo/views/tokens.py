@@ -12,8 +12,8 @@ import re
 from typing import Mapping, Sequence
 
 from qdemo.core.events import StageTopN, TokenEvent
-from qdemo.views.labels import token_label
 from qdemo.views.labels import html_text as _e
+from qdemo.views.labels import token_label
 from qdemo.views.stages import ordered_stages
 
 # Measure key → what it means, in words. The first one is the default.

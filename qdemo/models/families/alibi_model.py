@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
+from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.nn import functional as F
-from huggingface_hub.dataclasses import strict
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -29,7 +29,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.utils.deprecation import deprecate_kwarg

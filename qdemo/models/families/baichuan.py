@@ -14,9 +14,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from qdemo.models.families import Family, Progress
-from qdemo.models.families.checkpoint import (convert_tensors, layer_index, normalise_rows, read_json, read_optional_json,
-                                       source_dtype, split_rows)
+from qdemo.models.families.baichuan_chat import build_chat_input_ids
+from qdemo.models.families.checkpoint import (
+    convert_tensors,
+    layer_index,
+    normalise_rows,
+    read_json,
+    read_optional_json,
+    source_dtype,
+    split_rows,
+)
+from qdemo.models.families.family import Family, Progress
+from qdemo.models.families.sp_tokenizer import convert_sp_tokenizer, encode_plain
 
 USER_TOKEN_ID, ASSISTANT_TOKEN_ID = 195, 196  # Baichuan-13B-Chat and Baichuan2-*-Chat role markers
 
@@ -79,9 +88,10 @@ def _expected_names(layers: int) -> set[str]:
 
 def _converter(variant: Variant):
     def convert(src: Path, out: Path, progress: Optional[Progress] = None) -> None:
-        from transformers import GenerationConfig, LlamaConfig
+        # Heavy (transformers' model classes, ~1.5 s to import): paid when a checkpoint converts, not at start.
+        from transformers import GenerationConfig, LlamaConfig  # heavy: see above
 
-        from qdemo.models.families.sp_tokenizer import convert_sp_tokenizer
+        from qdemo.models.families.alibi_model import BaichuanAlibiConfig  # heavy: built on transformers' models
 
         fields = _native_config(read_json(src / "config.json", "the model config"), variant)
         out.mkdir(parents=True, exist_ok=True)
@@ -89,8 +99,6 @@ def _converter(variant: Variant):
         convert_tensors(src, out, _tensor_map(fields["hidden_size"], variant), progress,
                         expected=_expected_names(fields["num_hidden_layers"]))
         if variant.alibi:
-            from qdemo.models.families.alibi_model import BaichuanAlibiConfig
-
             BaichuanAlibiConfig(**fields).save_pretrained(out)
         else:
             LlamaConfig(**fields).save_pretrained(out)
@@ -103,16 +111,12 @@ def _converter(variant: Variant):
 
 def chat_prompt(tokenizer, messages: Sequence[dict[str, str]], budget: int) -> tuple[list[int], tuple[int, ...]]:
     """The official build_chat_input (user 195, assistant 196, newest rounds first within the budget)."""
-    from qdemo.models.families.baichuan_chat import build_chat_input_ids
-
     return build_chat_input_ids(tokenizer, messages, budget, USER_TOKEN_ID, ASSISTANT_TOKEN_ID)
 
 
 def base_prompt(tokenizer, messages: Sequence[dict[str, str]], budget: int) -> tuple[list[int], tuple[int, ...]]:
     """Baichuan-7B is a base model with no chat format: the newest message is continued as plain text (the seed
     prompts it with raw text too). Earlier turns are left out and reported as dropped."""
-    from qdemo.models.families.sp_tokenizer import encode_plain
-
     ids = encode_plain(tokenizer, messages[-1]["content"])
     dropped = tuple(range(len(messages) - 1))
     return ids[-budget:], dropped

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 Progress = Callable[[str, float, float], None]
 # map_tensor(name, tensor) -> [(new name, tensor), ...]; an empty list drops the tensor.
@@ -47,8 +49,6 @@ def weight_files(src: Path) -> list[Path]:
 
 def iter_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the checkpoint, shard by shard. .bin shards load with weights_only (no code runs)."""
-    from safetensors import safe_open
-
     for path in weight_files(src):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
@@ -61,8 +61,6 @@ def iter_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def count_tensors(src: Path) -> int:
-    from safetensors import safe_open
-
     total = 0
     for path in weight_files(src):
         if path.suffix == ".safetensors":
@@ -94,8 +92,6 @@ class ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         index = len(self._files)
         save_file(self._pending, str(self.out / f"part-{index:05d}.safetensors"), metadata={"format": "pt"})
         self._files.append(list(self._pending))

@@ -16,9 +16,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from qdemo.models.families import Family, Progress
-from qdemo.models.families.checkpoint import (convert_tensors, layer_index, read_json, read_optional_json, source_dtype,
-                                       split_rows)
+from qdemo.models.families.checkpoint import (
+    convert_tensors,
+    layer_index,
+    read_json,
+    read_optional_json,
+    source_dtype,
+    split_rows,
+)
+from qdemo.models.families.family import Family, Progress
+from qdemo.models.families.gptq import split_gptq_linear
+from qdemo.models.families.qwen_chat import MAX_WINDOW_SIZE, make_context_ids
+from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
 
 _TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
@@ -93,7 +102,6 @@ class _TensorMapper:
         held[part] = tensor
         if not all(p in held for p in _GPTQ_PARTS) or "bias" not in held:
             return []
-        from qdemo.models.families.gptq import split_gptq_linear
 
         del self._held[i]
         pieces = split_gptq_linear(held, self.sizes, bits=self.bits)
@@ -107,9 +115,7 @@ class _TensorMapper:
 
 def convert(src: Path, out: Path, progress: Optional[Progress] = None) -> None:
     """Write a native Qwen2 checkpoint (config, safetensors, fast tokenizer, generation config) for src."""
-    from transformers import GenerationConfig, Qwen2Config
-
-    from qdemo.models.families.qwen_tokenizer import convert_qwen_tokenizer
+    from transformers import GenerationConfig, Qwen2Config  # heavy (model classes, ~1.5 s): paid on conversion
 
     config = read_json(src / "config.json", "the model config")
     if "quantization_config" not in config and (src / "quantize_config.json").is_file():
@@ -142,8 +148,6 @@ def _fix_architecture(out: Path) -> None:
 
 def build_prompt(tokenizer, messages: Sequence[dict[str, str]], budget: int) -> tuple[list[int], tuple[int, ...]]:
     """The official make_context (chatml), its history window capped by qdemo's budget as well."""
-    from qdemo.models.families.qwen_chat import MAX_WINDOW_SIZE, make_context_ids
-
     return make_context_ids(tokenizer, messages, min(MAX_WINDOW_SIZE, budget))
 
 

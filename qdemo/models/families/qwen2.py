@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: native in transformers (Qwen2ForCausalLM); chatml prompts via the tokenizer's template."""
 
-from qdemo.models.families import Family
+from qdemo.models.families.family import Family
 
 FAMILY = Family(
     name="qwen2",

@@ -18,6 +18,17 @@ import binascii
 import json
 from pathlib import Path
 
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+)
+from transformers import PreTrainedTokenizerFast
+
 from qdemo.models.families.qwen_chat import DEFAULT_SYSTEM
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -115,8 +126,6 @@ def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[
 
 def build_backend(ranks: dict[bytes, int]):
     """A `tokenizers.Tokenizer` that encodes like tiktoken over `ranks` with Qwen's regex and special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     vocab, merges = bpe_vocab_and_merges(ranks)
     backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=True))
     backend.normalizer = normalizers.NFC()  # QWenTokenizer.tokenize normalises to NFC before tiktoken
@@ -141,8 +150,6 @@ def _check_special_ids(backend, first_id: int) -> None:
 
 def build_qwen_tokenizer(ranks: dict[bytes, int], model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
     """A `PreTrainedTokenizerFast` equal to QWenTokenizer over `ranks`: eos = pad = <|endoftext|>, no bos."""
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast(
         tokenizer_object=build_backend(ranks),
         eos_token=ENDOFTEXT,
@@ -189,6 +196,4 @@ def load_qwen_tokenizer(path: Path):
     rebuilds the BPE from vocab and merges without `ignore_merges`, which can split a whole-token pre-token
     differently from tiktoken. The generic fast tokenizer keeps tokenizer.json as it is.
     """
-    from transformers import PreTrainedTokenizerFast
-
     return PreTrainedTokenizerFast.from_pretrained(str(path))

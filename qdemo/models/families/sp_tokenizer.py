@@ -39,6 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+)
+from tokenizers.models import BPE
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
 from qdemo.models.prompting import PLAIN_TEXT_TOKENS_KEY, encode_user_text
 
 SPACE = "▁"
@@ -216,8 +227,6 @@ def bpe_merges(pieces: tuple[Piece, ...]) -> list[tuple[str, str]]:
 
 
 def _normalizer(model: SpModel):
-    from tokenizers import Regex, normalizers
-
     steps = []
     if model.charsmap:
         steps.append(normalizers.Precompiled(model.charsmap))
@@ -237,8 +246,6 @@ def _normalizer(model: SpModel):
 
 
 def _decoder(model: SpModel):
-    from tokenizers import decoders
-
     steps = [decoders.Replace(SPACE, " ")]
     if model.byte_fallback:
         steps.append(decoders.ByteFallback())
@@ -252,9 +259,6 @@ def _decoder(model: SpModel):
 
 def build_backend(model: SpModel):
     """The `tokenizers.Tokenizer` that encodes like `SentencePieceProcessor.encode` (no bos/eos added)."""
-    from tokenizers import AddedToken, Tokenizer, pre_tokenizers
-    from tokenizers.models import BPE
-
     _check_supported(model)
     vocab = {p.text: i for i, p in enumerate(model.pieces)}
     if len(vocab) != len(model.pieces):
@@ -358,9 +362,6 @@ def load_sp_model(path: Path) -> SpModel:
 
 def build_fast_tokenizer(src_dir: Path):
     """A transformers fast tokenizer (`TokenizersBackend`) for the sentencepiece model in src_dir."""
-    from tokenizers import AddedToken
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
     model = load_sp_model(src_dir / "tokenizer.model")
     settings = read_token_settings(src_dir, model)
 

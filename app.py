@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Everything that can be wrong with the configuration is checked before anything is served.
     try:
-        from qdemo.serving.pool import ModelPool, parse_bytes
+        # Imported here, not at the top: `python app.py --help` answers without loading torch and gradio.
         from qdemo.models.registry import load_registry
+        from qdemo.serving.budget import parse_bytes
+        from qdemo.serving.pool import ModelPool
         from qdemo.services.preload import Preload
 
         limits = Limits.from_env(**{field: getattr(args, field) for field, _ in _LIMIT_FLAGS.values()})

@@ -112,3 +112,16 @@ def test_the_pickers_show_where_a_model_has_a_choice(tiny_registry_path, install
     assert [c[1] for c in real["chat-forward"].choices] == ["auto", "llama.cpp", "torch"]
     tiny = pickers(tiny_registry_path)
     assert len(tiny) == 4 and not any(p.visible for p in tiny.values())
+
+
+def test_llama_cpp_extra_buffers_are_off_where_the_cpu_reports_amx(monkeypatch):
+    monkeypatch.delenv("QDEMO_LLAMA_REPACK", raising=False)
+    monkeypatch.setattr(llama_forward, "_cpu_flags", lambda: {"avx2", "avx512f", "amx_tile", "amx_int8"})
+    assert llama_forward.extra_buffers() is False  # llama.cpp's AMX kernels SIGILL on VMs that report AMX
+    monkeypatch.setattr(llama_forward, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert llama_forward.extra_buffers() is True
+    monkeypatch.setenv("QDEMO_LLAMA_REPACK", "off")
+    assert llama_forward.extra_buffers() is False
+    monkeypatch.setattr(llama_forward, "_cpu_flags", lambda: {"amx_tile"})
+    monkeypatch.setenv("QDEMO_LLAMA_REPACK", "on")
+    assert llama_forward.extra_buffers() is True

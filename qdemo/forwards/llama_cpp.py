@@ -75,6 +75,7 @@ class LlamaWeights:
         lib = _lib()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0  # qdemo's llama.cpp forward is its CPU path; on a GPU torch runs
+        params.use_extra_bufts = extra_buffers()
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise RuntimeError(f"llama.cpp could not load {self.path.name}")
@@ -271,6 +272,29 @@ class LlamaCppRunner:
     def kv_bytes(self, state: RunnerState) -> int:
         """Bytes the state's context holds for keys and values: its whole allocated cache, used or not."""
         return state.cache.n_ctx * self.weights.kv_bytes_per_token
+
+
+def extra_buffers() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (weights repacked for AVX2 / AMX kernels).
+
+    QDEMO_LLAMA_REPACK=on|off, else on unless the CPU reports AMX: llama.cpp's AMX kernels stop the whole process
+    with SIGILL (`tilezero`) on virtual machines that report AMX without running its tiles, as the 2-core Sapphire
+    Rapids dev VM does, even with the kernel's AMX permission granted. Without them llama.cpp reads the GGUF's blocks
+    as stored (measured there: 27 tok/s, and the app keeps running)."""
+    choice = os.environ.get("QDEMO_LLAMA_REPACK", "auto").strip().lower()
+    if choice in ("on", "1", "true"):
+        return True
+    if choice in ("off", "0", "false"):
+        return False
+    return "amx_tile" not in _cpu_flags()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:  # not Linux: no AMX VMs to work around
+        return set()
 
 
 def default_threads() -> int:

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qdemo.models.loader import load_model
+from qdemo.models.registry import load_registry
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -108,9 +111,6 @@ def tiny_registry_path(tmp_path_factory, tiny_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_registry_path):
-    from qdemo.models.loader import load_model
-    from qdemo.models.registry import load_registry
-
     registry = load_registry(tiny_registry_path)
     return load_model(registry.get(registry.default), device="cpu")
 
@@ -178,7 +178,6 @@ def tiny_services(tiny_dir: Path, root: Path, max_context: int = 2048):
     """Services over the tiny model with a generous rate limit (service tests make many requests)."""
     from qdemo.serving.limits import Limits
     from qdemo.serving.pool import ModelPool
-    from qdemo.models.registry import load_registry
     from qdemo.services.admission import Services
 
     registry = load_registry(write_registry(root / "models.yaml", tiny_dir, max_context=max_context))
@@ -198,3 +197,22 @@ def serve(registry):
         yield registry, Client(demo.local_url, verbose=False)
     finally:
         demo.close()
+
+
+@pytest.fixture
+def pool_registry(tiny_dir, tmp_path):
+    """Three names for the tiny model (each loads its own copy): for the pool's budget and eviction."""
+    path = tmp_path / "models.yaml"
+    write_registry(path, tiny_dir)
+    text = path.read_text(encoding="utf-8")
+    body = text[text.index("  - name:"):]
+    extra = "".join(body.replace("name: tiny-qwen2", f"name: tiny-{c}", 1) for c in "bc")
+    path.write_text(text + extra, encoding="utf-8")
+    pool_registry = load_registry(path)
+    assert {"tiny-qwen2", "tiny-b", "tiny-c"} <= set(pool_registry.names())
+    return pool_registry
+
+
+@pytest.fixture
+def one_model_bytes(pool_registry):
+    return load_model(pool_registry.get("tiny-qwen2"), device="cpu").weight_bytes

@@ -24,7 +24,7 @@ from tests.conftest import write_registry
 
 pytestmark = pytest.mark.slow  # launches the app on loopback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LONG = {"do_sample": False, "max_new_tokens": 4000}  # ≈ 10 s on the tiny model: long enough to interrupt
 
 

@@ -61,7 +61,7 @@ def server(gguf, tmp_path_factory):
 
 def services_with(entries: list[dict]) -> Services:
     """The real registry plus remote entries."""
-    data = yaml.safe_load((pathlib.Path(__file__).parent.parent / "models.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load((pathlib.Path(__file__).resolve().parents[2] / "models.yaml").read_text(encoding="utf-8"))
     data["models"] += entries
     registry = parse_registry(data, pathlib.Path("."))
     return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
@@ -356,7 +356,7 @@ def test_a_silent_server_times_out(monkeypatch):
 
 def test_remote_entry_in_the_browser(server, tmp_path):
     """Chat, Compare (local vs remote) and the refusal of a weight panel, in Chromium."""
-    from tests.test_browser import ARGS, CHROMIUM, _missing
+    from tests.ui.test_browser import ARGS, CHROMIUM, _missing
 
     reason = _missing()
     if reason:

@@ -23,30 +23,11 @@ from qdemo.sampling import SamplingParams
 from tests.conftest import write_registry
 
 
-@pytest.fixture
-def registry(tiny_dir, tmp_path):
-    """Three names for the tiny model (each loads its own copy)."""
-    path = tmp_path / "models.yaml"
-    write_registry(path, tiny_dir)
-    text = path.read_text(encoding="utf-8")
-    body = text[text.index("  - name:"):]
-    extra = "".join(body.replace("name: tiny-qwen2", f"name: tiny-{c}", 1) for c in "bc")
-    path.write_text(text + extra, encoding="utf-8")
-    registry = load_registry(path)
-    assert {"tiny-qwen2", "tiny-b", "tiny-c"} <= set(registry.names())
-    return registry
-
-
-@pytest.fixture
-def one_model_bytes(registry):
-    return load_model(registry.get("tiny-qwen2"), device="cpu").weight_bytes
-
-
-def test_estimate_matches_loaded_size(registry, one_model_bytes):
+def test_estimate_matches_loaded_size(pool_registry, one_model_bytes):
     from qdemo.models.sources import resolve
 
-    assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.float32) == one_model_bytes
-    assert estimate_weight_bytes(resolve(registry.get("tiny-qwen2")), torch.bfloat16) == one_model_bytes // 2
+    assert estimate_weight_bytes(resolve(pool_registry.get("tiny-qwen2")), torch.float32) == one_model_bytes
+    assert estimate_weight_bytes(resolve(pool_registry.get("tiny-qwen2")), torch.bfloat16) == one_model_bytes // 2
 
 
 def test_parse_bytes():
@@ -57,8 +38,8 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
-def test_least_recently_used_idle_model_is_unloaded_and_released(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=int(2.5 * one_model_bytes))
+def test_least_recently_used_idle_model_is_unloaded_and_released(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=int(2.5 * one_model_bytes))
     a = weakref.ref(pool.get("tiny-qwen2").model)
     pool.get("tiny-b")
     pool.get("tiny-qwen2")  # a is now more recent than b
@@ -71,8 +52,8 @@ def test_least_recently_used_idle_model_is_unloaded_and_released(registry, one_m
     assert a() is None  # nothing else kept the weights alive
 
 
-def test_a_generating_model_is_never_unloaded(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=int(1.5 * one_model_bytes))
+def test_a_generating_model_is_never_unloaded(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=int(1.5 * one_model_bytes))
     with leased(pool, "tiny-qwen2") as backend:
         with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* every loaded model is generating: "
                                                     r"tiny-qwen2"):
@@ -84,19 +65,19 @@ def test_a_generating_model_is_never_unloaded(registry, one_model_bytes):
     assert pool.loaded() == ["tiny-b"]
 
 
-def test_a_model_larger_than_the_budget_is_refused_by_name(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=one_model_bytes // 2)
+def test_a_model_larger_than_the_budget_is_refused_by_name(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=one_model_bytes // 2)
     with pytest.raises(MemoryBudgetError, match=r"tiny-b needs about .* budget is .*QDEMO_MAX_MEMORY"):
         pool.get("tiny-b")
 
 
-def test_out_of_memory_while_loading_keeps_the_others(registry, one_model_bytes):
+def test_out_of_memory_while_loading_keeps_the_others(pool_registry, one_model_bytes):
     def loader(spec, **kwargs):
         if spec.name == "tiny-b":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return load_model(spec, **kwargs)
 
-    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes, loader=loader)
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=10 * one_model_bytes, loader=loader)
     lm = pool.get("tiny-qwen2")
     with pytest.raises(MemoryBudgetError, match="tiny-b: out of memory while loading.*keep working"):
         pool.get("tiny-b")
@@ -106,13 +87,13 @@ def test_out_of_memory_while_loading_keeps_the_others(registry, one_model_bytes)
         assert collect(backend.generate(input_ids=[5, 6], params=SamplingParams(max_new_tokens=2)))["done"].error is None
 
 
-def test_unknown_names_fail_with_the_registry_message(registry):
-    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
+def test_unknown_names_fail_with_the_registry_message(pool_registry):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=1 << 30)
     with pytest.raises(ValueError, match="no-such-model"):
         pool.get("no-such-model")
 
 
-def test_concurrent_first_requests_load_once(registry):
+def test_concurrent_first_requests_load_once(pool_registry):
     calls = []
 
     def loader(spec, **kwargs):
@@ -120,7 +101,7 @@ def test_concurrent_first_requests_load_once(registry):
         time.sleep(0.2)
         return load_model(spec, **kwargs)
 
-    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30, loader=loader)
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=1 << 30, loader=loader)
     got = []
     threads = [threading.Thread(target=lambda: got.append(pool.get("tiny-qwen2"))) for _ in range(4)]
     for t in threads:
@@ -182,13 +163,13 @@ def test_gated_generations_interleave_and_match_their_solo_runs(tiny_lm):
     assert switches >= 4  # neither waited for the other to finish
 
 
-def test_every_forward_of_a_pooled_model_holds_its_gate(registry):
+def test_every_forward_of_a_pooled_model_holds_its_gate(pool_registry):
     """The pool's promise, checked instead of trusted: a forward outside the step gate is refused, and every
     forward the backend runs (generation steps, next-token logits, attention) holds the gate."""
     from qdemo.probes.introspect import next_token_logits
     from qdemo.forwards.gate import UngatedForwardError
 
-    pool = ModelPool(registry, "cpu", budget_bytes=1 << 30)
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=1 << 30)
     lm = pool.get("tiny-qwen2")
     with pytest.raises(UngatedForwardError, match="tiny-qwen2: a model forward ran outside its step gate"):
         next_token_logits(lm, [5, 6])

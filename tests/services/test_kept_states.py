@@ -11,7 +11,6 @@ from qdemo.sampling import SamplingParams
 from qdemo.serving.local import leased
 from qdemo.serving.pool import ModelPool
 from qdemo.services.kept_states import KeptStates
-from tests.test_pool import one_model_bytes, registry  # noqa: F401  fixtures
 
 
 def _kept(pool, states, key: str, tokens: int):
@@ -23,8 +22,8 @@ def _kept(pool, states, key: str, tokens: int):
     return state
 
 
-def test_kept_states_count_in_the_budget_and_go_least_recently_used_first(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
+def test_kept_states_count_in_the_budget_and_go_least_recently_used_first(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=10 * one_model_bytes)
     states = KeptStates(pool)
     a = _kept(pool, states, "alice", 40)
     state_bytes = a.kv_bytes()
@@ -37,8 +36,8 @@ def test_kept_states_count_in_the_budget_and_go_least_recently_used_first(regist
     assert set(states.models()) == {"alice", "carol"}
 
 
-def test_kept_states_expire_and_go_with_their_model_and_session(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=10 * one_model_bytes)
+def test_kept_states_expire_and_go_with_their_model_and_session(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=10 * one_model_bytes)
     states = KeptStates(pool)
     state = _kept(pool, states, "tab", 30)
     cache = weakref.ref(state.cache)
@@ -56,8 +55,8 @@ def test_kept_states_expire_and_go_with_their_model_and_session(registry, one_mo
     assert pool.unload("tiny-qwen2") and states.models() == {}
 
 
-def test_a_model_load_makes_room_by_dropping_kept_states_first(registry, one_model_bytes):
-    pool = ModelPool(registry, "cpu", budget_bytes=int(2.2 * one_model_bytes))
+def test_a_model_load_makes_room_by_dropping_kept_states_first(pool_registry, one_model_bytes):
+    pool = ModelPool(pool_registry, "cpu", budget_bytes=int(2.2 * one_model_bytes))
     states = KeptStates(pool)
     state = _kept(pool, states, "tab", 60)
     pool.budget = 2 * one_model_bytes + state.kv_bytes() // 2  # both models fit only without the kept state

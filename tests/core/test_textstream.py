@@ -9,7 +9,7 @@ TEXTS = ["你好，世界！", "emoji 🚀🌍✨ mixed 中文 and English", "ca
 
 @pytest.fixture(scope="module")
 def byte_tokenizer():
-    from conftest import build_tokenizer
+    from tests.conftest import build_tokenizer
 
     return build_tokenizer(merges=False)  # every UTF-8 byte its own token
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qdemo.models.cpu_layout import column_major_tall_linears
-from conftest import write_tiny_qwen2
+from tests.conftest import write_tiny_qwen2
 
 
 def _load(path):

@@ -10,6 +10,7 @@ The primitives, small and single-purpose as in gpt-fast's generate.py:
   prompts of different lengths), a chunk per turn at the step gate; returns the next-token logits of every row.
 - `decode_step(lm, state, tokens, lock)`: one token per row; returns the next logits.
 - `choose(logits, rows, top_n)`: each row's processor chain, seeded generator and stage summaries.
+- `position_logits(lm, ids, lock)`: teacher-forced logits at every position (the one path scoring uses).
 
 The state's invariant, kept by every primitive: the cache holds K/V for `tokens[:, :width]`, nothing else. A forward
 that fails half way leaves the state `broken` (some layers updated, some not); callers drop it then.
@@ -210,33 +211,7 @@ def choose(logits: torch.Tensor, state: DecodeState, choosers: Sequence[RowChoos
     return out
 
 
-# --- scoring --------------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def token_logprobs(lm: LoadedModel, rows: Sequence[Sequence[int]], lock: StepLock, chunk: int = 16
-                   ) -> list[list[float]]:
-    """log p(token_i | tokens before it) for every token after the first of every row: the rows left-padded into
-    one batch, prefilled a chunk per turn at the gate with the logits of every position kept (a chunk at a time:
-    a [rows, length, vocab] tensor would not fit)."""
-    if not rows or any(len(r) < 2 for r in rows):
-        raise ValueError("scoring needs at least two tokens per text")
-    state = new_state(lm, len(rows))
-    longest = max(len(r) for r in rows)
-    block = torch.zeros((len(rows), longest), dtype=torch.long, device=state.tokens.device)
-    for i, row in enumerate(rows):
-        block[i, longest - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        state.pads[i] = longest - len(row)
-    scores = torch.zeros((len(rows), longest), dtype=torch.float64)
-    for start in range(0, longest - 1, chunk):
-        end = min(longest - 1, start + chunk)
-        with lock():
-            logits = _forward(lm, state, block[:, start:end], keep=end - start)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        targets = block[:, start + 1:end + 1]
-        scores[:, start + 1:end + 1] = logprobs.gather(-1, targets[..., None])[..., 0].double().cpu()
-    state.release()
-    return [scores[i, state.pads[i] + 1:].tolist() for i in range(len(rows))]
-
+# --- teacher-forced logits ---------------------------------------------------------------------------------
 
 def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0
                     ) -> Iterator[tuple[int, torch.Tensor]]:

@@ -271,13 +271,7 @@ class _Deadline:
 
 
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
-    ids = [int(t) for t in input_ids]
-    vocab = lm.vocab_size
-    if not ids:
-        raise ValueError("input_ids is empty")
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"input_ids contains {bad[0]}, outside the vocabulary of {lm.spec.name} (0..{vocab - 1})")
+    ids = lm.check_ids(input_ids, "input_ids")
     budget = lm.max_context - params.max_new_tokens
     if len(ids) > budget:
         raise PromptTooLongError(f"{lm.spec.name}: {len(ids)} prompt tokens exceed the {budget} that fit "

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import operator
 import platform
 import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import (
@@ -26,7 +27,7 @@ from qdemo.models.cpu_layout import column_major_tall_linears
 from qdemo.models.families import Family, get_family
 from qdemo.models.progress import reporting
 from qdemo.models.registry import GgufPartsSource, ModelSpec
-from qdemo.models.sources import ProgressFn, resolve
+from qdemo.models.sources import MODEL_LOADS, ProgressFn, resolve
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,6 +65,24 @@ class LoadedModel:
     def key(self) -> str:
         """The pool's name for this copy: the registry name, with the forward when it is not torch."""
         return entry_key(self.spec.name, self.forward)
+
+    def check_ids(self, ids: Sequence[Any], field: str = "token ids", least: int = 1) -> list[int]:
+        """`ids` as ints, each a row of this model's logits: the one check every entry point runs on token ids.
+        ValueError names the field, the model, and the first bad id with its position."""
+        name = self.spec.name
+        try:
+            tokens = [operator.index(t) for t in ids]
+        except TypeError:
+            raise ValueError(f"{field} of {name} must be whole numbers (token ids)") from None
+        if not tokens:
+            raise ValueError(f"{field} of {name} is empty: give at least {least} token(s)")
+        if len(tokens) < least:
+            raise ValueError(f"{field} of {name}: at least {least} tokens are needed, got {len(tokens)}")
+        for position, token in enumerate(tokens):
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"{field} of {name}: token id {token} at position {position} is outside its "
+                                 f"vocabulary (0..{self.vocab_size - 1})")
+        return tokens
 
     @property
     def forward_label(self) -> str:
@@ -188,7 +207,7 @@ def load_model(
         if progress:
             progress("load weights", 0, 1)
         # Remote code runs only for an entry that asks for it with a pinned commit (checked by the registry).
-        with reporting(progress):  # transformers' per-tensor bar moves the user's progress bar
+        with MODEL_LOADS, reporting(progress):  # one load at a time; its per-tensor bar moves the user's bar
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation,
                                                          trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:

@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,6 +423,13 @@ def gguf_file(spec: ModelSpec, progress: ProgressFn | None = None) -> Path:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# transformers' from_pretrained swaps process-wide functions while it loads (PreTrainedModel.tie_weights becomes a
+# no-op, torch's init functions are guarded) and puts them back after: two loads overlapping on two threads leave
+# the no-op in place for good, and every tied model built later (Qwen2.5-0.5B ties its lm_head) comes up untied.
+# Every model load of the process takes this lock.
+MODEL_LOADS = threading.Lock()
+
+
 def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None:
     def step(phase: str, i: int) -> None:
         if progress:
@@ -431,7 +439,7 @@ def _dequantize(gguf_path: Path, out: Path, progress: ProgressFn | None) -> None
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     step("tokenizer from GGUF", 1)
     step("dequantize weights", 0)
-    with reporting(progress):  # transformers' own bars (tensors dequantized) move the user's bar too
+    with MODEL_LOADS, reporting(progress):  # transformers' bars (tensors dequantized) move the user's bar too
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
             quantization_config=GgufConfig(dequantize=True),

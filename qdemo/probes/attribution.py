@@ -80,13 +80,8 @@ def _check(lm: LoadedModel, context: Sequence[int], target: int) -> list[int]:
     if lm.model is None:
         raise ValueError(f"model {lm.spec.name}: attribution needs the torch weights (this copy runs on "
                          f"{lm.forward_label})")
-    ids = [int(t) for t in context]
-    if not ids:
-        raise ValueError(f"model {lm.spec.name}: attribution needs at least one token before the chosen one")
-    bad = [t for t in ids + [int(target)] if not 0 <= t < lm.vocab_size]
-    if bad:
-        raise ValueError(f"model {lm.spec.name}: token id {bad[0]} is outside the vocabulary (0..{lm.vocab_size - 1})")
-    return ids
+    lm.check_ids([target], "the chosen token")
+    return lm.check_ids(context, "the context before the chosen token")
 
 
 def gradient_x_input(lm: LoadedModel, context: Sequence[int], target: int, lock: StepLock = nullcontext

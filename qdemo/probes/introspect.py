@@ -7,7 +7,6 @@ attention weights are recomputed eagerly for one layer on demand instead of swit
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,21 +26,6 @@ class _Captured(Exception):
 def _vocab_rows(lm: LoadedModel) -> int:
     # The embedding table, not the tokenizer or config, bounds what the forward accepts (they can differ).
     return lm.vocab_size
-
-
-def _check_ids(lm: LoadedModel, ids: Sequence[int]) -> list[int]:
-    name = lm.spec.name
-    try:
-        tokens = [operator.index(t) for t in ids]
-    except TypeError:
-        raise ValueError(f"model {name}: token ids must be integers, got {list(ids)!r}") from None
-    if not tokens:
-        raise ValueError(f"model {name}: token ids are empty; give at least one token")
-    vocab = _vocab_rows(lm)
-    bad = [t for t in tokens if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"model {name}: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    return tokens
 
 
 def _decoder_layers(lm: LoadedModel) -> torch.nn.ModuleList:
@@ -65,7 +49,7 @@ def attention_map(lm: LoadedModel, ids: Sequence[int], layer: int) -> np.ndarray
     `apply_rotary_pos_emb` / `repeat_kv`. Covers Llama-like attention (incl. Qwen3's q/k norms and sliding
     windows); logit soft-capping or attention sinks of other families are not modelled.
     """
-    tokens = _check_ids(lm, ids)
+    tokens = lm.check_ids(ids)
     layers = _decoder_layers(lm)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
         raise ValueError(f"model {lm.spec.name}: layer {layer!r} is out of range (0..{len(layers) - 1})")
@@ -102,7 +86,7 @@ def attention_maps(lm: LoadedModel, ids: Sequence[int]) -> np.ndarray:
     [layers, num_heads, q_len, k_len]. Pre-hooks take each layer's attention inputs as the pass goes by; the
     weights are then recomputed eagerly per layer exactly as `attention_map` does for one. Cheap to keep for a
     short context (128 tokens × 24 layers × 14 heads ≈ 11 MB), so layer and head changes need no forward."""
-    tokens = _check_ids(lm, ids)
+    tokens = lm.check_ids(ids)
     layers = _decoder_layers(lm)
     captured: list[dict[str, object]] = [{} for _ in layers]
     handles = []
@@ -316,7 +300,7 @@ def model_card(lm: LoadedModel) -> dict[str, object]:
 
 def next_token_logits(lm: LoadedModel, ids: Sequence[int]) -> torch.Tensor:
     """fp32 [vocab] logits for the token after `ids`, on the CPU (one forward, only the last position's head)."""
-    tokens = _check_ids(lm, ids)
+    tokens = lm.check_ids(ids)
     with torch.inference_mode():
         out = lm.model(input_ids=_input(lm, tokens), use_cache=False, logits_to_keep=1)
         logits = out.logits[0, -1].float().cpu()

@@ -32,14 +32,7 @@ _ROWS = 8  # rows of a chunk turned into fp64 statistics at once (8 × 152k × 8
 
 def _check_ids(lm: LoadedModel, ids: Sequence[int], first: int, label: str = "") -> list[int]:
     name = label or lm.spec.name
-    ids = [int(t) for t in ids]
-    if len(ids) < 2:
-        raise ValueError(f"scoring needs at least 2 tokens (the first is context only), got {len(ids)}")
-    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < lm.vocab_size]
-    if bad:
-        i, t = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ValueError(f"token id {t} at position {i} is outside {name}'s vocabulary of {lm.vocab_size}{more}")
+    ids = lm.check_ids(ids, "the scored text (its first token is context only)", least=2)
     if lm.max_context and len(ids) > lm.max_context:
         raise ValueError(f"{len(ids)} tokens is longer than {name}'s context of {lm.max_context} tokens")
     if not 1 <= first < len(ids):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from qdemo.core.decode import DecodeState, last_logits, new_state, token_logprobs
+from qdemo.core.decode import DecodeState, last_logits, new_state
 from qdemo.core.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.core.events import Event
 from qdemo.forwards.gate import StepGate
@@ -224,7 +224,7 @@ class LocalBackend:
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p of every token after the first of each row, given the tokens before it (teacher-forced)."""
-        return token_logprobs(self._lm, rows, self._gate.step)
+        return [list(scoring.score_ids(self._lm, row, self._gate.step).logprobs) for row in rows]
 
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
         if self._lm.model is None:  # the llama.cpp forward: a throwaway decode state, prefilled in gated chunks

@@ -136,17 +136,3 @@ def test_every_forward_of_the_new_paths_holds_the_gate(tiny_lm):
         handle.remove()
     assert len(held) > 20 and all(held)
     assert gate.steps == len(held)  # exactly one gate turn per forward
-
-
-def test_token_logprobs_equal_a_plain_forward(tiny_lm):
-    from qdemo.core.decode import token_logprobs
-
-    rows = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
-    got = token_logprobs(tiny_lm, rows, StepGate().step, chunk=2)
-    for row, scores in zip(rows, got):
-        with torch.inference_mode():
-            logits = tiny_lm.model(input_ids=torch.tensor([row])).logits[0].float()
-        expected = torch.log_softmax(logits, -1)[torch.arange(len(row) - 1), torch.tensor(row[1:])]
-        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
-    with pytest.raises(ValueError, match="two tokens"):
-        token_logprobs(tiny_lm, [[5]], StepGate().step)

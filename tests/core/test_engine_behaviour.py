@@ -194,7 +194,7 @@ def test_closing_the_stream_early_releases_the_kv_cache(tiny_lm, monkeypatch):
 def test_input_validation(tiny_lm):
     with pytest.raises(ValueError, match="exactly one of messages or input_ids"):
         generate(tiny_lm, messages=HELLO, input_ids=[1, 2])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="token id 1000000 at position 1 is outside its vocabulary"):
         generate(tiny_lm, input_ids=[1, 10**6])
     with pytest.raises(ValueError, match="top_n"):
         generate(tiny_lm, messages=HELLO, top_n=-1)

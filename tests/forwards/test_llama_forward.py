@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from qdemo.forwards import llama_cpp as llama_forward
-from qdemo.core.decode import decode_step, last_logits, new_state, prefill, token_logprobs
+from qdemo.core.decode import decode_step, last_logits, new_state, prefill
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
 from qdemo.forwards.llama_cpp import load_llama_model
 from qdemo.models.loader import load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
+from qdemo.probes.scoring import score_ids
 from qdemo.sampling import SamplingParams
 
 if importlib.util.find_spec("llama_cpp") is None:
@@ -170,12 +171,12 @@ def test_a_state_that_outgrows_its_context_moves_without_recomputing(fast, monke
 
 def test_scoring_reads_logits_at_every_position(fast, exact):
     ids = chat_ids(fast, EN)
-    scored = token_logprobs(fast, [ids], NOLOCK)[0]
+    scored = score_ids(fast, ids, NOLOCK).logprobs
     assert len(scored) == len(ids) - 1
     for i in (3, len(ids) // 2, len(ids) - 2):  # teacher forcing equals the next-token logits of each prefix
         expected = torch.log_softmax(last_logits(fast, ids[:i + 1], NOLOCK), -1)[ids[i + 1]].item()
         assert scored[i] == pytest.approx(expected, abs=0.05)  # batch-size noise only
-    torch_scored = token_logprobs(exact, [ids], NOLOCK)[0]
+    torch_scored = score_ids(exact, ids, NOLOCK).logprobs
     mean_gap = sum(abs(a - b) for a, b in zip(scored, torch_scored)) / len(scored)
     assert mean_gap < 0.25  # nats per token: quantization, not a different model
 

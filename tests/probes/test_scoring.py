@@ -16,9 +16,11 @@ import torch
 
 from qdemo.core import decode
 from qdemo.core.decode import position_logits
+from qdemo.forwards.gate import StepGate
 from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
 from qdemo.probes.scoring import Divergence, TextScore, divergence, same_tokenizer, score_ids
+from qdemo.serving.local import LocalBackend
 from tests.conftest import write_registry, write_tiny_qwen2
 from tests.family_checkpoints import LAYOUTS, load_family_models
 
@@ -221,7 +223,7 @@ def test_score_frame_and_json(tiny_lm):
 def test_score_ids_refuses_bad_input(tiny_lm):
     with pytest.raises(ValueError, match="at least 2 tokens"):
         score_ids(tiny_lm, [5])
-    with pytest.raises(ValueError, match=r"token id 400 at position 1 is outside tiny-qwen2's vocabulary of 400"):
+    with pytest.raises(ValueError, match=r"of tiny-qwen2: token id 400 at position 1 is outside its vocabulary \(0\.\.399\)"):
         score_ids(tiny_lm, [5, 400, 6])
     with pytest.raises(ValueError, match="outside"):
         score_ids(tiny_lm, [5, -1, 6])
@@ -365,3 +367,16 @@ def test_llama_cpp_forward_scores_like_torch_fp32():
     assert 0 < result.mean_kl_ab < 0.2 and 0 < result.mean_kl_ba < 0.2, result.summary()
     assert result.perplexity_a == pytest.approx(a.perplexity, rel=1e-4)
     assert result.perplexity_b == pytest.approx(b.perplexity, rel=1e-4)
+
+
+def test_the_backends_batch_scoring_is_score_ids_and_equals_a_plain_forward(tiny_lm):
+    backend = LocalBackend(tiny_lm, StepGate())
+    rows = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
+    got = backend.token_logprobs(rows)
+    for row, scores in zip(rows, got):
+        with torch.inference_mode():
+            logits = tiny_lm.model(input_ids=torch.tensor([row])).logits[0].float()
+        expected = torch.log_softmax(logits, -1)[torch.arange(len(row) - 1), torch.tensor(row[1:])]
+        assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="at least 2 tokens are needed, got 1"):
+        backend.token_logprobs([[5]])

@@ -18,9 +18,7 @@ from qdemo.models.sources import estimate_weight_bytes
 from qdemo.serving.budget import parse_bytes
 from qdemo.serving.local import leased
 from qdemo.serving.pool import MemoryBudgetError, ModelPool
-from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
-from tests.conftest import write_registry
 
 
 def test_estimate_matches_loaded_size(pool_registry, one_model_bytes):

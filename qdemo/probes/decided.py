@@ -1,8 +1,8 @@
 """Which stage decided: per token of an answer, what each logits-processor stage did to the model's own choice.
 
 Pure functions over recorded `TokenEvent.stages` (no torch, no model): did a stage change the top token, did one
-remove the raw argmax, how much probability each stage removed, and was the chosen token the raw argmax. An
-answer-level summary says it in words; `decided_indices` gives the token positions the token view can filter to.
+remove the raw argmax, how much probability each stage removed, and was the chosen token the raw argmax.
+`decided_indices` gives the token positions the token view can filter to; qdemo.views.decided says it in words.
 
 Stages are read in their recorded order, which is the chain order (qdemo.core.chain.run_chain writes them so).
 """
@@ -17,9 +17,6 @@ from qdemo.core.events import StageTopN, TokenEvent
 RAW = "raw"
 DecisionKind = Literal["changed", "removed_argmax", "not_argmax", "below_final_top"]
 KINDS: tuple[str, ...] = ("changed", "removed_argmax", "not_argmax", "below_final_top")
-# Stage names in words (the names qdemo.sampling.build_stages gives); unknown names are shown as they are.
-STAGE_WORDS: dict[str, str] = {"repetition_penalty": "repetition penalty", "temperature": "temperature",
-                               "top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "beam": "beam search"}
 
 
 @dataclass(frozen=True)
@@ -41,10 +38,6 @@ class TokenDecision:
     @property
     def recorded(self) -> bool:
         return self.raw_top is not None
-
-
-def _words(name: str) -> str:
-    return STAGE_WORDS.get(name, name)
 
 
 def _listed(stage: StageTopN, token_id: int) -> float | None:
@@ -136,89 +129,3 @@ def decided_indices(decisions: Sequence[TokenDecision], kind: DecisionKind | str
         return [d.index for d in decisions if d.changed_by and (stage is None or stage in d.changed_by)]
     return [d.index for d in decisions
             if d.argmax_removed_by is not None and (stage is None or d.argmax_removed_by == stage)]
-
-
-def decision_marks(decisions: Sequence[TokenDecision]) -> dict[int, str]:
-    """{position: short note} for the tokens where a stage decided something, in the form
-    qdemo.views.tokens.token_view_html's `marks` takes."""
-    marks = {}
-    for d in decisions:
-        notes = [f"{_words(name)} changed the top token" for name in d.changed_by]
-        if d.argmax_removed_by is not None:
-            notes.append(f"{_words(d.argmax_removed_by)} removed the raw argmax")
-        if d.not_argmax:
-            notes.append("not the raw argmax")
-        if d.below_final_top:
-            notes.append("drawn below the final top")
-        if notes:
-            marks[d.index] = "; ".join(notes)
-    return marks
-
-
-def _pct(p: float) -> str:
-    if p <= 0:
-        return "0 %"
-    if p < 0.001:
-        return "<0.1 %"
-    return f"{p * 100:.1f} %" if p < 0.1 else f"{p * 100:.0f} %"
-
-
-def _times(n: int) -> str:
-    return f"{n} token" if n == 1 else f"{n} tokens"
-
-
-def _ordered_names(decisions: Sequence[TokenDecision]) -> list[str]:
-    names: dict[str, None] = {}
-    for d in decisions:
-        for name in d.stages[1:]:
-            names.setdefault(name, None)
-    return list(names)
-
-
-def answer_summary(decisions: Sequence[TokenDecision]) -> list[str]:
-    """Human lines about the whole answer; only lines that say something (no "top-k changed 0 tokens")."""
-    if not decisions:
-        return []
-    recorded = [d for d in decisions if d.recorded]
-    n = len(recorded)
-    if not recorded:
-        names = {name for d in decisions for name in d.stages}
-        if names == {"beam"}:
-            return ["beam search: each token carries its beam transition probability, not per-stage distributions"]
-        return [f"no per-stage distributions were recorded for these {_times(len(decisions))}"]
-    lines = []
-    if n < len(decisions):
-        lines.append(f"{len(decisions) - n} of {len(decisions)} tokens have no per-stage distribution; "
-                     f"the lines below count the other {n}")
-    names = _ordered_names(recorded)
-    if not names:
-        lines.append("no processor ran: only the model's own distribution was recorded")
-    for name in names:
-        count = sum(name in d.changed_by for d in recorded)
-        if count:
-            lines.append(f"{_words(name)} changed the top token of {count} of {n} tokens")
-    if names and not any(d.changed_by for d in recorded):
-        active = ", ".join(_words(name) for name in names)
-        lines.append(f"no stage changed the top token at any of the {n} tokens (stages: {active})")
-    for name in names:
-        count = sum(d.argmax_removed_by == name for d in recorded)
-        if count:
-            lines.append(f"{_words(name)} removed the raw argmax at {_times(count)}")
-    measured = [d for d in recorded if all(mass is not None for _, mass in d.removed)]
-    for name in names:
-        masses = [mass for d in measured for stage, mass in d.removed if stage == name and mass is not None]
-        if masses and max(masses) > 0:
-            lines.append(f"{_words(name)} removed {_pct(sum(masses) / len(masses))} of the probability on average "
-                         f"(at most {_pct(max(masses))}, over {_times(len(masses))})")
-    if names and len(measured) < n:
-        lines.append(f"removed probability was not recorded for {len(recorded) - len(measured)} of {n} tokens "
-                     "(a run saved before qdemo measured it)")
-    misses = sum(bool(d.not_argmax) for d in recorded)
-    if misses:
-        lines.append(f"the chosen token was not the raw argmax at {misses} of {n} tokens")
-    else:
-        lines.append(f"the chosen token was the raw argmax at all {n} tokens")
-    drawn = sum(bool(d.below_final_top) for d in recorded)
-    if drawn:
-        lines.append(f"the draw picked a token below the final top at {drawn} of {n} tokens")
-    return lines

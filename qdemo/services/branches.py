@@ -26,7 +26,7 @@ from qdemo.services.chat import (
     answer_view,
     history_messages,
 )
-from qdemo.views.labels import token_label
+from qdemo.views.labels import percent, token_label
 
 
 @dataclass
@@ -112,7 +112,7 @@ def alternatives(view: AnswerView, index: int) -> list[Alternative]:
     out = []
     for token in sorted(candidates, key=lambda t: -raw_p.get(t, 0.0)):
         text = token_label(view.labels.get(token, ""))
-        label = f"{text} · raw {_pct(raw_p.get(token))} · final {_pct(final_p.get(token, 0.0) if token in final_p else None)}"
+        label = f"{text} · raw {percent(raw_p.get(token))} · final {percent(final_p.get(token, 0.0) if token in final_p else None)}"
         removed = _removed_by(event.stages, token)
         if removed:
             label += f" · removed by {removed}"
@@ -130,10 +130,6 @@ def _removed_by(stages: Sequence[StageTopN], token: int) -> str | None:
         if after.name in FILTERS and token in before.token_ids and token not in after.token_ids:
             return after.name
     return None
-
-
-def _pct(p: float | None) -> str:
-    return "?" if p is None else f"{p:.1%}"
 
 
 def _event(view: AnswerView, index: Any) -> TokenEvent:

@@ -22,21 +22,24 @@ from qdemo.core.events import Event, TokenEvent
 from qdemo.core.runs import RunRecord
 from qdemo.models.prompting import keep_last_turns, validate_messages
 from qdemo.models.sources import ProgressFn, readiness
-from qdemo.probes.decided import TokenDecision, answer_summary, token_decisions
+from qdemo.probes.decided import TokenDecision, token_decisions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.serving.limits import Limits, clean_text, cut_text
 from qdemo.serving.local import drafting_pays
 from qdemo.serving.protocol import Backend, same_tokenizer
-from qdemo.views.card import human_bytes
-from qdemo.views.perf import reason_words
+from qdemo.views.answer import (
+    END_MARK,
+    STOPPED_BEFORE_START,
+    end_note,
+    metrics_line,
+    stopped_before_start,
+)
+from qdemo.views.decided import answer_summary
 
 EXPORT_VERSION = 1
 ROLES = ("user", "assistant")
-# An answer that did not end by itself gets a note in its bubble after this invisible separator; the note is
-# never sent back to the model (`message_text` strips it).
-END_MARK = "\u2063"
-_END_NOTE = re.compile(f"(?:\n\n)?{END_MARK}.*\\Z", re.S)
+_END_NOTE = re.compile(f"(?:\n\n)?{END_MARK}.*\\Z", re.S)  # the note views.answer adds; never sent to the model
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,6 @@ class ChatUpdate:
     done: bool = False
 
 
-WAITING = "**waiting** for the model (queued or loading)…"
 UI_INTERVAL_S = 0.05  # at most ~20 updates a second: each re-sends the chat, and a fast model must not wait on it
 
 
@@ -318,7 +320,7 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             if not session.current(epoch, ticket):
                 return
             if stop.is_set():  # Stop came while the request queued or the model loaded
-                yield ChatUpdate(chat=stopped_before_start(chat), metrics="**stopped** before the answer started",
+                yield ChatUpdate(chat=chat + [stopped_before_start()], metrics=STOPPED_BEFORE_START,
                                  done=True)
                 return
             backend, params = admitted.backend, admitted.params[0]
@@ -412,10 +414,6 @@ def _stream(backend: Backend, session: ChatSession, turn_id: tuple[int, int], ch
     yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, view=view, run=run, done=True)
 
 
-def stopped_before_start(chat: list[Any]) -> list[Any]:
-    return chat + [{"role": "assistant", "content": f"{END_MARK}*⏹ stopped before the answer started*"}]
-
-
 # --- what the panels show ----------------------------------------------------------------------------------
 
 def answer_text(run: RunRecord) -> str:
@@ -427,19 +425,6 @@ def answer_text(run: RunRecord) -> str:
     return "".join(t.text for t in run.tokens)
 
 
-def end_note(run: RunRecord) -> str:
-    """The note a stopped, cut or failed answer carries in its bubble ("" when it ended by itself)."""
-    if run.done is None or run.done.reason in ("eos", "stop_token"):
-        return ""
-    reason = run.done.reason
-    count = len(run.tokens)
-    note = {"stopped": f"⏹ stopped by you after {count} tokens",
-            "max_tokens": f"✂ cut at the length limit ({count} tokens; raise max new tokens for more)",
-            "time_limit": f"⏱ cut at this server's time limit per answer, after {count} tokens",
-            "error": "⚠️ the answer broke off: see the message below the chat"}.get(reason, reason_words(reason))
-    return f"\n\n{END_MARK}*{note}*"
-
-
 def answer_view(backend: Backend, run: RunRecord, messages: list[dict[str, str]]) -> AnswerView:
     ids = [t.token_id for t in run.tokens]
     stage_ids = {i for t in run.tokens for s in t.stages for i in s.token_ids}
@@ -449,52 +434,6 @@ def answer_view(backend: Backend, run: RunRecord, messages: list[dict[str, str]]
     dropped = [(messages[i]["role"], messages[i]["content"]) for i in dropped_indices if 0 <= i < len(messages)]
     return AnswerView(run=run, texts=[labels[i] for i in ids], labels=labels,
                       prompt=backend.prompt_pieces(prompt), dropped=dropped, messages=list(messages))
-
-
-def metrics_line(run: RunRecord | None) -> str:
-    """The live metrics strip: what is happening, TTFT, tok/s, tokens, KV cache, memory, seed."""
-    if run is None:
-        return "TTFT – · tok/s – · tokens 0 · KV – · peak –"
-    p = run.progress
-    if p is not None and run.done is None and not run.tokens:
-        return (f"**{p.phase}** · step {p.step} of ≤ {p.total} · {p.seconds:.1f} s · KV {human_bytes(p.kv_cache_bytes)}"
-                " · showing the best beam so far")
-    if run.prefill is None:
-        return "prefill…"
-    last = run.tokens[-1] if run.tokens else None
-    kv = last.kv_cache_bytes if last else run.prefill.kv_cache_bytes
-    if run.done:
-        s = run.done.stats
-        head = f"**{reason_words(run.done.reason)}** · TTFT {s.ttft_seconds:.2f} s · {s.decode_tokens_per_s:.1f} tok/s"
-        head += f" on {run.forward}" if run.forward else ""
-        peak = s.peak_memory_bytes
-    else:
-        steps = [t.step_seconds for t in run.tokens[1:]][-8:]
-        rate = len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0
-        ttft = run.tokens[0].step_seconds if run.tokens else None
-        head = f"generating · TTFT {ttft:.2f} s" if ttft is not None else "prefill done"
-        head += f" · {rate:.1f} tok/s" if rate else ""
-        peak = max([run.prefill.memory.used_bytes] + [t.memory.used_bytes for t in run.tokens])
-    if run.prefill.memory.device == "remote":  # the cache and memory are the server's: not measured here
-        line = f"{head} · tokens {len(run.tokens)} · KV and memory on the server"
-    else:
-        line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
-    drafted = sum(t.drafted for t in run.tokens)
-    if run.done and run.done.stats.draft_proposed:
-        s = run.done.stats
-        line += f" · draft accepted {s.draft_accepted} of {s.draft_proposed} ({s.draft_accepted / s.draft_proposed:.0%})"
-    elif drafted:
-        line += f" · {drafted} drafted tokens accepted"
-    if run.prefill.reused_tokens:
-        line += f" · reused {run.prefill.reused_tokens:,} of {len(run.prefill.prompt_ids):,} prompt tokens"
-    if run.prefill.seed is not None:
-        line += f" · seed {run.prefill.seed}"
-    if run.prefill.dropped_turns:
-        line += f" · dropped {len(run.prefill.dropped_turns)} old message(s) to fit the context"
-    line += f" · run #{run.run_id}"
-    if run.done and run.done.error:
-        line += f"\n\n⚠️ {run.done.error}"
-    return line
 
 
 def token_at(view: AnswerView | None, index: Any) -> TokenEvent | None:

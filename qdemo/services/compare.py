@@ -20,6 +20,7 @@ from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn
 from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.compare import Divergence, first_divergence
+from qdemo.views.labels import percent
 
 
 class CompareSession:
@@ -159,15 +160,12 @@ def describe(report: dict) -> str:
     if report["level"] == "text":
         return f"The models use different tokenizers; their texts first differ at character {report['step']}."
 
-    def pct(p):
-        return "–" if p is None else f"{p:.1%}"
-
     a, b = report.get("a_token_text"), report.get("b_token_text")
     a_shown = "(ended)" if a is None else repr(a)
     b_shown = "(ended)" if b is None else repr(b)
     return (f"The answers first diverge at token {report['step']}: A chose {a_shown}, B chose {b_shown}. "
-            f"A gave B's token {pct(report['a_prob_of_b'])} (raw {pct(report.get('a_raw_prob_of_b'))}); "
-            f"B gave A's token {pct(report['b_prob_of_a'])} (raw {pct(report.get('b_raw_prob_of_a'))}).")
+            f"A gave B's token {percent(report['a_prob_of_b'])} (raw {percent(report.get('a_raw_prob_of_b'))}); "
+            f"B gave A's token {percent(report['b_prob_of_a'])} (raw {percent(report.get('b_raw_prob_of_a'))}).")
 
 
 def compare(services: Services, session: CompareSession | None, client: str | None, prompt: Any,

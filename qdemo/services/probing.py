@@ -16,13 +16,14 @@ from qdemo.forwards.choice import split_ref
 from qdemo.models.prompting import with_system
 from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource
 from qdemo.probes.attribution import Attribution, Unit, token_units, turn_units
-from qdemo.probes.decided import answer_summary, token_decisions
+from qdemo.probes.decided import token_decisions
 from qdemo.probes.lens import LensGrid
 from qdemo.probes.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
 from qdemo.services.chat import AnswerView, history_messages
 from qdemo.serving.protocol import same_tokenizer
 from qdemo.views.bundle import bundle_meta
+from qdemo.views.decided import answer_summary
 
 MAX_TOKENS = 1024  # tokens a lens, attribution or scoring request reads (older ones are cut with a notice)
 MAX_LENS_COLUMNS = 64  # answer tokens in one lens grid

@@ -16,6 +16,7 @@ import gradio as gr
 from qdemo.services import branches, chat, perf, settings
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.zerogpu import on_gpu
+from qdemo.views import answer as answer_views
 from qdemo.views.labels import token_label
 
 HINT = ("Click a token in the token view, pick another token for that position (one a sampling stage removed, "
@@ -72,7 +73,7 @@ def build(ui: UIContext, session: SessionComponents, parts: ChatParts) -> Callab
     def shown(view, data, chat_history, tree) -> dict:
         """The chat, token view and branch list showing `view`."""
         history = chat.without_answer(chat_history) + [{"role": "assistant", "content": _text(tree)}]
-        return {parts.chatbot: history, parts.metrics: chat.metrics_line(view.run),
+        return {parts.chatbot: history, parts.metrics: answer_views.metrics_line(view.run),
                 parts.tokens_view: parts.view_html(view, data[parts.measure], data[parts.decided]),
                 parts.decided_md: parts.summary(view),
                 tree_dd: gr.Dropdown(choices=tree.choices(), value=tree.current)}

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import gradio as gr
 
-from qdemo.probes.decided import decided_indices, decision_marks
+from qdemo.probes.decided import decided_indices
 from qdemo.services import chat, perf, settings
 from qdemo.services.files import scratch_file
 from qdemo.serving.remote import distribution_note
@@ -18,6 +18,8 @@ from qdemo.ui import branch_panel, forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
+from qdemo.views import answer as answer_views
+from qdemo.views.decided import decision_marks
 from qdemo.views.labels import token_label
 from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
@@ -75,7 +77,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
                 clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
             notice = gr.Markdown("", elem_id="chat-notice")
             with gr.Row():
-                metrics = gr.Markdown(chat.metrics_line(None), elem_id="metrics")
+                metrics = gr.Markdown(answer_views.metrics_line(None), elem_id="metrics")
                 pin = gr.Button("Pin this seed", size="sm", scale=0, min_width=120, elem_id="pin-seed")
             decoding_line = gr.Markdown(_decoding(spec.sampling), elem_id="chat-decoding")
             with gr.Accordion("Sampling", open=False, elem_id="chat-sampling"):
@@ -117,7 +119,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     session.model_dropdowns.append(model)
     control_inputs = controls.components()
     views_reset = {tokens_view: TOKENS_HINT, stage_plot: None, notes: "", prompt_view: "",
-                   metrics: chat.metrics_line(None)}
+                   metrics: answer_views.metrics_line(None)}
 
     def conversation(model_name: str, system_text: str, history: list[Any], values: dict[str, Any]) -> dict:
         messages, _ = chat.history_messages(history)
@@ -126,7 +128,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     # --- Send / Regenerate: step 1 (instant) then step 2 (queued, runs the model) ---------------------------
     def begun_updates(begun: chat.Begun) -> dict:
         return {chatbot: begun.chat, notice: begun.notice, ticket: begun.ticket,
-                metrics: chat.WAITING if begun.started else gr.skip()}
+                metrics: answer_views.WAITING if begun.started else gr.skip()}
 
     def begin(data):
         begun = chat.begin_turn(data[chat_state], data[box], data[chatbot], services.limits)

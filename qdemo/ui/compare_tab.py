@@ -10,6 +10,7 @@ from qdemo.ui import forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import build_controls
 from qdemo.ui.zerogpu import on_gpu
+from qdemo.views import answer as answer_views
 from qdemo.views.compare import (
     empty_side_by_side,
     side_by_side_frame,
@@ -47,7 +48,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                     controls = build_controls(spec, prefix=f"compare-{side.lower()}-", decoding=mode,
                                               fields=PANE_FIELDS)
                 output = gr.Markdown("", elem_id=f"compare-out-{side.lower()}", height=320, line_breaks=True)
-                metrics = gr.Markdown(chat.metrics_line(None), elem_id=f"compare-metrics-{side.lower()}")
+                metrics = gr.Markdown(answer_views.metrics_line(None), elem_id=f"compare-metrics-{side.lower()}")
                 panes.append((model, info, summary, controls, output, metrics))
                 forwards.append(forward)
                 session.model_dropdowns.append(model)
@@ -101,7 +102,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
                                       forward_picker.model_ref(data[model_b], data[forward_b]), params_a, params_b, seed_value, perf.next_run_id(runs),
                                       progress_callback(progress)):
             out = {out_a: _pane_text(update.a), out_b: _pane_text(update.b),
-                   metrics_a: chat.metrics_line(update.a), metrics_b: chat.metrics_line(update.b),
+                   metrics_a: answer_views.metrics_line(update.a), metrics_b: answer_views.metrics_line(update.b),
                    verdict: update.status}
             if update.done:
                 runs = runs + [update.a, update.b]
@@ -121,7 +122,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
 
 
 def _pane_text(run) -> str:
-    text = chat.answer_text(run) + chat.end_note(run)
+    text = chat.answer_text(run) + answer_views.end_note(run)
     if run.prefill is None and run.progress is not None:
-        return f"*{chat.metrics_line(run)}*"
+        return f"*{answer_views.metrics_line(run)}*"
     return text

@@ -23,9 +23,10 @@ from typing import Any, Mapping, Sequence
 import qdemo
 from qdemo.core.events import TokenEvent
 from qdemo.core.runs import RunRecord, run_from_json
-from qdemo.probes.decided import answer_summary, decision_marks, token_decisions
+from qdemo.probes.decided import token_decisions
+from qdemo.views.decided import answer_summary, decision_marks
 from qdemo.views.labels import html_text as _e
-from qdemo.views.labels import token_label
+from qdemo.views.labels import percent, stage_words, token_label
 from qdemo.views.tokens import (
     DEFAULT_MEASURE,
     TOKEN_VIEW_CSS,
@@ -38,8 +39,6 @@ META_BLOCK_ID = "qdemo-meta"
 # Distribution name → label; "importable" is read from installed metadata, so nothing heavy is imported here.
 LIBRARIES: tuple[tuple[str, str], ...] = (("torch", "torch"), ("transformers", "transformers"),
                                           ("gradio", "gradio"), ("llama_cpp", "llama-cpp-python"))
-STAGE_WORDS: dict[str, str] = {"raw": "raw", "repetition_penalty": "rep. penalty", "temperature": "temperature",
-                               "top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "beam": "beam"}
 _TIP_MARKER = '<span class="tip" role="tooltip">'
 _HEAD_END = "</span>"  # the tooltip's first row (token i · label · id) holds no other span
 _BLOCK_RE = r'<script type="application/json" id="{}">(.*?)</script>'
@@ -132,14 +131,6 @@ def _kv_table(rows: Sequence[tuple[str, object]]) -> str:
     return f'<table class="kv">{body}</table>'
 
 
-def _pct(p: float | None) -> str:
-    if p is None or p != p:  # None or NaN
-        return "–"
-    if 0 < p < 0.0005:
-        return "<0.1%"
-    return f"{p * 100:.1f}%"
-
-
 def _seed(run: RunRecord) -> str:
     if run.prefill is not None and run.prefill.seed is not None:
         return str(run.prefill.seed)
@@ -181,15 +172,15 @@ def _stage_rows(event: TokenEvent, labels: Mapping[int, str]) -> str:
     """Tooltip rows, one per stage: the chosen token's probability, the stage's top token, what it removed."""
     rows = []
     for stage in event.stages:
-        parts = [f"chosen {_pct(stage.chosen_prob)}"]
+        parts = [f"chosen {percent(stage.chosen_prob)}"]
         if stage.token_ids and stage.token_ids[0] != event.token_id:
             top = token_label(labels[stage.token_ids[0]]) if stage.token_ids[0] in labels else f"#{stage.token_ids[0]}"
-            parts.append(f"top {_e(top)} {_pct(stage.probs[0])}")
+            parts.append(f"top {_e(top)} {percent(stage.probs[0])}")
         if stage.removed > 0:
-            parts.append(f"removed {_pct(stage.removed)}")
+            parts.append(f"removed {percent(stage.removed)}")
         if stage.argmax_prob == 0 and stage.name != "raw":
             parts.append("raw argmax cut")
-        rows.append(f'<span class="tip-row tip-stage"><span class="tip-key">{_e(STAGE_WORDS.get(stage.name, stage.name))}'
+        rows.append(f'<span class="tip-row tip-stage"><span class="tip-key">{_e(stage_words(stage.name))}'
                     f'</span> {" · ".join(parts)}</span>')
     return "".join(rows)
 
@@ -216,9 +207,9 @@ def _stage_table(tokens: Sequence[TokenEvent], texts: Sequence[str], labels: Map
             top = stage.token_ids[0] if stage.token_ids else None
             top_label = "–" if top is None else (token_label(labels[top]) if top in labels else f"#{top}")
             rows.append(f"<tr><td>{i}</td><td>{_e(token_label(text))}</td><td>{_e(stage.name)}</td>"
-                        f'<td class="num">{_pct(stage.chosen_prob)}</td><td>{_e(top_label)}</td>'
-                        f'<td class="num">{_pct(stage.probs[0] if stage.probs else None)}</td>'
-                        f'<td class="num">{_pct(stage.argmax_prob)}</td><td class="num">{_pct(stage.removed)}</td></tr>')
+                        f'<td class="num">{percent(stage.chosen_prob)}</td><td>{_e(top_label)}</td>'
+                        f'<td class="num">{percent(stage.probs[0] if stage.probs else None)}</td>'
+                        f'<td class="num">{percent(stage.argmax_prob)}</td><td class="num">{percent(stage.removed)}</td></tr>')
     return f'<table class="stages">{head}{"".join(rows)}</table>'
 
 

@@ -57,3 +57,26 @@ def plot_text(text: str) -> str:
 def html_text(text: object) -> str:
     """Text made safe inside HTML, attribute values included."""
     return html.escape(str(text), quote=True)
+
+
+# Stage names in words (the names qdemo.sampling.build_stages gives); unknown names are shown as they are.
+STAGE_WORDS: dict[str, str] = {"raw": "raw (model)", "repetition_penalty": "repetition penalty",
+                               "temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
+                               "beam": "beam transition"}
+
+
+def stage_words(name: str) -> str:
+    return STAGE_WORDS.get(name, name)
+
+
+def percent(p: float | None, places: int = 1) -> str:
+    """A probability as people read it, the same everywhere: "12.3%", "0%" for exactly nothing, "<0.1%" for a
+    little that would round to zero, "–" when unknown (None or NaN). `places`: decimals (0 on crowded bars)."""
+    if p is None or p != p:
+        return "–"
+    if p <= 0:
+        return "0%"
+    text = f"{p * 100:.{places}f}"
+    if float(text) == 0:  # a little that rounds to nothing still shows as something
+        return f"<{10.0 ** -places:.{places}f}%"
+    return f"{text}%"

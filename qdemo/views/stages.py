@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from qdemo.core.events import StageTopN
 from qdemo.views._figure import empty_figure, styled, wrap_title
-from qdemo.views.labels import id_labels, plot_text
+from qdemo.views.labels import id_labels, percent, plot_text, stage_words
 
 # The chain order of qdemo.sampling.build_stages (views import no torch or transformers, so it is written out here).
 STAGE_ORDER = ("raw", "repetition_penalty", "temperature", "top_k", "top_p", "min_p")
@@ -78,9 +78,6 @@ def _cells(stages: Sequence[StageTopN], ids: Sequence[int], chosen: int | None) 
     return rows
 
 
-STAGE_WORDS: dict[str, str] = {"raw": "raw (model)", "repetition_penalty": "repetition penalty",
-                               "temperature": "temperature", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p",
-                               "beam": "beam transition"}
 NO_CHANGE = "no change"
 SAME_WITHIN = 1e-6
 TOKEN_ROW_PX = 30
@@ -101,7 +98,7 @@ def setting_text(value: object) -> str:
 
 def stage_title(name: str, settings: Mapping[str, object] | None = None) -> str:
     """A stage in words, with its setting when known: "top-p 0.8", "raw (model)", "beam transition"."""
-    words = STAGE_WORDS.get(name, name)
+    words = stage_words(name)
     if settings and name in _NEUTRAL and settings.get(name) is not None:
         return f"{words} {setting_text(settings[name])}"
     return words
@@ -171,14 +168,6 @@ def _shown_ids(stages: Sequence[StageTopN], chosen: int | None, max_tokens: int)
     return shown
 
 
-def _pct(p: float) -> str:
-    if not math.isfinite(p):
-        return "?"
-    if 0 < p < 0.005:
-        return "<1%"
-    return f"{p * 100:.0f}%"
-
-
 def stage_figure(stages: Sequence[StageTopN], labels: Mapping[int, str], chosen: int | None = None,
                  title: str = "Next-token probabilities through the sampling chain", *,
                  settings: Mapping[str, object] | None = None, max_tokens: int = 12) -> go.Figure:
@@ -210,19 +199,19 @@ def stage_figure(stages: Sequence[StageTopN], labels: Mapping[int, str], chosen:
             if cell.removed_by is not None:
                 kind, x = "removed", cell.p_before
                 text = ""  # the legend and the hover say "removed"; a ghost carries no number
-                hover = f"{name}<br>removed by {STAGE_WORDS.get(cell.removed_by, cell.removed_by)}" \
+                hover = f"{name}<br>removed by {stage_words(cell.removed_by)}" \
                         f"<br>p before: {cell.p_before:.4f}"
             elif cell.p is None:
                 continue
             else:
                 kind, x = ("chosen" if token_id == chosen else "kept"), cell.p
-                text = _pct(cell.p)
+                text = percent(cell.p, places=0)
                 hover = f"{name}<br>p = {cell.p:.4f}" + ("<br>chosen" if kind == "chosen" else "")
             ys, xs, texts, hovers = kinds[kind]
             ys.append(name)
             xs.append(x)
             texts.append(text)
-            hovers.append(f"{hover}<br>{STAGE_WORDS.get(stage.name, stage.name)} · id {token_id}")
+            hovers.append(f"{hover}<br>{stage_words(stage.name)} · id {token_id}")
         for kind, (ys, xs, texts, hovers) in kinds.items():
             if not ys:
                 continue

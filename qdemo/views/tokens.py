@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from qdemo.core.events import StageTopN, TokenEvent
 from qdemo.views.labels import html_text as _e
-from qdemo.views.labels import token_label
+from qdemo.views.labels import percent, token_label
 from qdemo.views.stages import ordered_stages
 
 # Measure key → what it means, in words. The first one is the default.
@@ -111,23 +111,14 @@ def text_colour(value: float | None, measure: str = DEFAULT_MEASURE) -> str:
     return "#ffffff" if value is not None and _position(value, measure) >= _DARK_FROM else "#111111"
 
 
-def _pct(p: float | None) -> str:
-    p = _finite(p)
-    if p is None:
-        return "unknown"
-    if 0 < p < 0.0005:
-        return "<0.1%"
-    return f"{p * 100:.1f}%"
-
-
 def format_value(value: float | None, measure: str) -> str:
     """A measure's value as shown: probabilities in percent, margins in signed percentage points."""
     value = _finite(value)
     if value is None:
-        return "unknown"
+        return percent(None)
     if measure == "margin":
         return f"{value * 100:+.1f} points"
-    return _pct(value)
+    return percent(value)
 
 
 def _label(labels: Mapping[int, str], token_id: int) -> str:
@@ -147,7 +138,7 @@ def _same_top(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
 def _alternatives(title: str, top: list[tuple[int, float]], chosen: int, labels: Mapping[int, str]) -> str:
     items = []
     for token_id, p in top:
-        item = f"{_e(_label(labels, token_id))} {_pct(p)}"
+        item = f"{_e(_label(labels, token_id))} {percent(p)}"
         items.append(f"<b>{item}</b>" if token_id == chosen else item)
     return f'<span class="tip-row alts"><span class="tip-key">{_e(title)}:</span> {" · ".join(items)}</span>'
 
@@ -166,9 +157,9 @@ def _tooltip(i: int, event: TokenEvent, label: str, labels: Mapping[int, str], m
         return f'<span class="tip" role="tooltip">{"".join(rows)}</span>'
     raw, final = _raw_stage(event.stages), _final_stage(event.stages)
     if is_beam(event):
-        rows.append(f'<span class="tip-row">beam transition p {_pct(raw.chosen_prob)}</span>')
+        rows.append(f'<span class="tip-row">beam transition p {percent(raw.chosen_prob)}</span>')
     else:
-        rows.append(f'<span class="tip-row">raw p {_pct(raw.chosen_prob)} · final p {_pct(final.chosen_prob)}</span>')
+        rows.append(f'<span class="tip-row">raw p {percent(raw.chosen_prob)} · final p {percent(final.chosen_prob)}</span>')
     rows.append(f'<span class="tip-row">{_e(MEASURES[measure])}: '
                 f'{_e(format_value(token_value(event, measure), measure))}</span>')
     raw_top, final_top = _top(raw), _top(final)

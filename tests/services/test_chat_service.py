@@ -9,12 +9,13 @@ import threading
 import pytest
 
 from qdemo.core.engine import collect, generate
-from qdemo.serving.limits import Limits
-from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
 from qdemo.services.admission import Services
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
+from qdemo.views.answer import END_MARK
 from tests.conftest import write_registry
 
 
@@ -54,7 +55,7 @@ def test_other_roles_are_left_out_with_a_notice_or_refused_from_the_api():
 
 def test_end_notes_never_reach_the_model():
     history = [{"role": "user", "content": "q"},
-               {"role": "assistant", "content": "half an answer\n\n" + chat.END_MARK + "*⏹ stopped by you after 3*"}]
+               {"role": "assistant", "content": "half an answer\n\n" + END_MARK + "*⏹ stopped by you after 3*"}]
     turn = chat.prepare_turn("go on", history, None)
     assert turn.messages[1] == {"role": "assistant", "content": "half an answer"}
 

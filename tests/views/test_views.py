@@ -10,18 +10,40 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
-from qdemo.core.events import DoneEvent, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
+from qdemo.core.events import (
+    DoneEvent,
+    GenerationStats,
+    MemorySample,
+    PrefillEvent,
+    StageTopN,
+    TokenEvent,
+)
 from qdemo.core.runs import RunRecord
 from qdemo.views.attention import attention_grid, attention_heatmap
 from qdemo.views.card import card_frame
-from qdemo.views.compare import (Divergence, empty_side_by_side, first_divergence, side_by_side_frame,
-                                 tps_overlay_figure)
-from qdemo.views.labels import token_label
+from qdemo.views.compare import (
+    Divergence,
+    empty_side_by_side,
+    first_divergence,
+    side_by_side_frame,
+    tps_overlay_figure,
+)
 from qdemo.views.lab import histogram_figure
-from qdemo.views.perf import (REASON_WORDS, RUN_PALETTE, TABLE_COLUMNS, latency_figure, memory_figure, reason_words,
-                              rolling_tps_figure, run_colour, runs_table, settings_text)
+from qdemo.views.labels import STAGE_WORDS, token_label
+from qdemo.views.perf import (
+    REASON_WORDS,
+    RUN_PALETTE,
+    TABLE_COLUMNS,
+    latency_figure,
+    memory_figure,
+    reason_words,
+    rolling_tps_figure,
+    run_colour,
+    runs_table,
+    settings_text,
+)
 from qdemo.views.rope import alibi_figure, angle_heatmap, decay_figure, frequency_figure
-from qdemo.views.stages import STAGE_WORDS, stage_figure, stage_notes, stage_table, stage_title
+from qdemo.views.stages import stage_figure, stage_notes, stage_table, stage_title
 from qdemo.views.tokens import probability_legend, token_highlights
 
 MIB = 1024 * 1024

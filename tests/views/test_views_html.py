@@ -9,8 +9,14 @@ import pytest
 
 from qdemo.core.events import MemorySample, StageTopN, TokenEvent
 from qdemo.views.prompt import prompt_chips_html
-from qdemo.views.tokens import (MEASURES, TOKEN_VIEW_CSS, measure_colour, token_legend_html, token_value,
-                                token_view_html)
+from qdemo.views.tokens import (
+    MEASURES,
+    TOKEN_VIEW_CSS,
+    measure_colour,
+    token_legend_html,
+    token_value,
+    token_view_html,
+)
 
 CPU = MemorySample(device="cpu", rss_bytes=1)
 VOID = {"br", "img", "hr", "input", "meta", "link"}
@@ -257,3 +263,11 @@ def test_prompt_chips_empty():
     assert prompt_chips_html([]).startswith("<p")
     only_dropped = Tree(prompt_chips_html([], dropped=[("system", "hi")]))
     assert only_dropped.with_class("dropped") and not only_dropped.with_class("chip")
+
+
+def test_one_percentage_format_everywhere():
+    from qdemo.views.labels import percent
+
+    assert [percent(p) for p in (0.1234, 1.0, 0.0, 0.0004, 0.0005, None, float("nan"))] == \
+        ["12.3%", "100.0%", "0%", "<0.1%", "0.1%", "–", "–"]
+    assert [percent(p, places=0) for p in (0.004, 0.006, 0.876)] == ["<1%", "1%", "88%"]

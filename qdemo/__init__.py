@@ -1,6 +1,8 @@
 """qdemo: see how Qwen and Baichuan language models think.
 
-Data flows one way (see DESIGN.md): registry → sources → loader → engine → events → views → ui.
+Wings, each importing only the ones below it (`lint-imports` checks it; see README "Layout"):
+ui → services → views | serving → probes → core → forwards → models, with `errors` and `sampling` shared by all
+and `bench` (the harness) above everything.
 """
 
 __version__ = "0.1.0"

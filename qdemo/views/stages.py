@@ -168,6 +168,30 @@ def _shown_ids(stages: Sequence[StageTopN], chosen: int | None, max_tokens: int)
     return shown
 
 
+def _column_bars(stage: StageTopN, shown: Sequence[tuple[int, str, _Cell]], chosen: int | None
+                 ) -> dict[str, tuple[list[str], list[float], list[str], list[str]]]:
+    """One stage's bars by kind (kept, chosen, removed ghost): y labels, x values, bar texts and hovers."""
+    kinds: dict[str, tuple[list[str], list[float], list[str], list[str]]] = {
+        "kept": ([], [], [], []), "chosen": ([], [], [], []), "removed": ([], [], [], [])}
+    for token_id, name, cell in shown:
+        if cell.removed_by is not None:
+            kind, x = "removed", cell.p_before
+            text = ""  # the legend and the hover say "removed"; a ghost carries no number
+            hover = f"{name}<br>removed by {stage_words(cell.removed_by)}<br>p before: {cell.p_before:.4f}"
+        elif cell.p is None:
+            continue
+        else:
+            kind, x = ("chosen" if token_id == chosen else "kept"), cell.p
+            text = percent(cell.p, places=0)
+            hover = f"{name}<br>p = {cell.p:.4f}" + ("<br>chosen" if kind == "chosen" else "")
+        ys, xs, texts, hovers = kinds[kind]
+        ys.append(name)
+        xs.append(x)
+        texts.append(text)
+        hovers.append(f"{hover}<br>{stage_words(stage.name)} · id {token_id}")
+    return kinds
+
+
 def stage_figure(stages: Sequence[StageTopN], labels: Mapping[int, str], chosen: int | None = None,
                  title: str = "Next-token probabilities through the sampling chain", *,
                  settings: Mapping[str, object] | None = None, max_tokens: int = 12) -> go.Figure:
@@ -182,42 +206,20 @@ def stage_figure(stages: Sequence[StageTopN], labels: Mapping[int, str], chosen:
     ids = _shown_ids(stages, chosen, max_tokens)
     names = [plot_text(name) for name in id_labels(ids, labels)]
     wrapped_title = wrap_title(title)
-    titles = []
-    for i, stage in enumerate(stages):
-        words = column_title(stage.name, settings)
-        titles.append(f"{words}<br><i>{NO_CHANGE}</i>" if i and same_distribution(stages[i - 1], stage) else words)
+    titles = [column_title(stage.name, settings) + (f"<br><i>{NO_CHANGE}</i>" if i and same_distribution(
+        stages[i - 1], stage) else "") for i, stage in enumerate(stages)]
     fig = make_subplots(rows=1, cols=len(stages), shared_yaxes=True, horizontal_spacing=0.025,
                         subplot_titles=titles)
     legend_shown: set[str] = set()
     # _cells over every id keeps the removal logic exact; only the shown ids are drawn.
     position = {token_id: k for k, token_id in enumerate(all_ids)}
     for c, (stage, cells) in enumerate(zip(stages, _cells(stages, all_ids, chosen)), start=1):
-        kinds: dict[str, tuple[list[str], list[float], list[str], list[str]]] = {
-            "kept": ([], [], [], []), "chosen": ([], [], [], []), "removed": ([], [], [], [])}
-        for token_id, name in zip(ids, names):
-            cell = cells[position[token_id]]
-            if cell.removed_by is not None:
-                kind, x = "removed", cell.p_before
-                text = ""  # the legend and the hover say "removed"; a ghost carries no number
-                hover = f"{name}<br>removed by {stage_words(cell.removed_by)}" \
-                        f"<br>p before: {cell.p_before:.4f}"
-            elif cell.p is None:
-                continue
-            else:
-                kind, x = ("chosen" if token_id == chosen else "kept"), cell.p
-                text = percent(cell.p, places=0)
-                hover = f"{name}<br>p = {cell.p:.4f}" + ("<br>chosen" if kind == "chosen" else "")
-            ys, xs, texts, hovers = kinds[kind]
-            ys.append(name)
-            xs.append(x)
-            texts.append(text)
-            hovers.append(f"{hover}<br>{stage_words(stage.name)} · id {token_id}")
-        for kind, (ys, xs, texts, hovers) in kinds.items():
-            if not ys:
-                continue
-            fig.add_trace(_bar(kind, stage.name, ys, xs, texts, hovers, show_legend=kind not in legend_shown),
-                          row=1, col=c)
-            legend_shown.add(kind)
+        shown = [(token_id, name, cells[position[token_id]]) for token_id, name in zip(ids, names)]
+        for kind, (ys, xs, texts, hovers) in _column_bars(stage, shown, chosen).items():
+            if ys:
+                fig.add_trace(_bar(kind, stage.name, ys, xs, texts, hovers, show_legend=kind not in legend_shown),
+                              row=1, col=c)
+                legend_shown.add(kind)
     # One comparable scale: every column 0..1, gridlines at 0, ½ and 1, one tick label so neighbours never
     # collide in a narrow column.
     fig.update_xaxes(range=[0, 1], tickvals=[0, 0.5, 1], ticktext=["", "50%", ""], fixedrange=True)

@@ -19,7 +19,12 @@ from qdemo.core.decode import position_logits
 from qdemo.forwards.gate import StepGate
 from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
-from qdemo.probes.scoring import Divergence, TextScore, divergence, same_tokenizer, score_ids
+from qdemo.probes.scoring import (
+    TextScore,
+    divergence,
+    same_tokenizer,
+    score_ids,
+)
 from qdemo.serving.local import LocalBackend
 from tests.conftest import write_registry, write_tiny_qwen2
 from tests.family_checkpoints import LAYOUTS, load_family_models
@@ -338,7 +343,9 @@ def test_divergence_refuses_bad_input(tiny_lm, other_tiny):
         divergence(tiny_lm, other_tiny, [5, 4000])
     with pytest.raises(ValueError, match="first must be"):
         divergence(tiny_lm, other_tiny, [5, 6], first=2)
-    assert isinstance(divergence(tiny_lm, other_tiny, [5, 6]), Divergence)
+    shortest = divergence(tiny_lm, other_tiny, [5, 6])  # the shortest text that scores: one position
+    assert (shortest.positions, shortest.token_ids, shortest.count) == ((1,), (6,), 1)
+    assert shortest.kl_ab[0] >= 0 and shortest.kl_ba[0] >= 0
 
 
 # --- the llama.cpp forward on the real default ----------------------------------------------------------------

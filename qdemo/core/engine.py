@@ -4,22 +4,25 @@ It knows nothing of Gradio. Contract: `generate(...)` validates its inputs eager
 the field), then returns an iterator that yields one PrefillEvent, a TokenEvent per generated token
 (an ending eos/stop token included, with empty text) and exactly one DoneEvent. Beam search first yields a
 ProgressEvent per search step (its tokens are only known at the end).
+
+The runs here differ only in how they choose tokens (a row chooser per row in lockstep, speculative rounds, beam
+search); every chosen token goes to its row's Emitter (qdemo.core.emit), the one place that turns tokens into
+events and applies the stop rules, the clock and error reporting.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import torch
 
-from qdemo.core.beams import beam_search, transition_probs
+from qdemo.core.beams import Hypothesis, beam_search, step_candidates, transition_probs
 from qdemo.core.decode import (
     DecodeState,
     RowChooser,
@@ -30,10 +33,10 @@ from qdemo.core.decode import (
     new_state,
     prefill,
 )
+from qdemo.core.emit import Deadline, Emitter, end_early, fail, finish, new_emitter
 from qdemo.core.events import (
     DoneEvent,
     Event,
-    GenerationStats,
     PrefillEvent,
     ProgressEvent,
     StageTopN,
@@ -41,7 +44,6 @@ from qdemo.core.events import (
 )
 from qdemo.core.metrics import memory_sample, now
 from qdemo.core.speculative import SpeculativeDecoder
-from qdemo.core.textstream import IncrementalDetokenizer
 from qdemo.errors import PromptTooLongError
 from qdemo.models.loader import LoadedModel, same_tokenizer
 from qdemo.models.prompting import build_prompt
@@ -74,8 +76,9 @@ def generate(
 ) -> Iterator[Event]:
     """Stream a completion of `messages` (via the chat template) or of raw `input_ids`.
 
-    top_n: how many tokens per stage to report (0 turns stage capture off).
-    ignore_eos: keep going past eos/stop tokens (benchmarks that need a fixed length).
+    top_n: how many tokens per stage to report (0 turns stage capture off). Beam search reports one stage, "beam":
+    the top-N of the distribution each answer token was chosen from.
+    ignore_eos: keep going past eos/stop tokens (benchmarks that need a fixed length), beam search included.
     step_lock: held around every model forward (a serving pool's per-model gate), so concurrent generations on
     one model take turns step by step.
     dropped_turns: with input_ids built by a caller, the message indices it left out (reported as is).
@@ -101,9 +104,9 @@ def generate(
         raise ValueError(f"a kept decode state must be one row of {lm.spec.name}")
     prep_s = time.perf_counter() - started
     lock = step_lock or contextlib.nullcontext
-    clock = _Deadline(started, time_limit_s, stop_event)
+    clock = Deadline(started, time_limit_s, stop_event)
     if params.beam_search:
-        return _run_beams(lm, ids, dropped, params, clock, prep_s, lock, chunk)
+        return _run_beams(lm, ids, dropped, params, clock, prep_s, lock, chunk, top_n, ignore_eos)
     return _run(lm, state, [ids], [params], dropped, clock, top_n, ignore_eos, prep_s, lock, chunk, fork=True)
 
 
@@ -125,7 +128,7 @@ def generate_rows(
         raise ValueError("beam search runs alone (num_beams > 1 is not a row of a batch)")
     longest = max(p.max_new_tokens for p, _ in checked)
     ids = _check_ids(lm, input_ids, checked[0][0].replace(max_new_tokens=longest))
-    clock = _Deadline(started, time_limit_s, stop_event)
+    clock = Deadline(started, time_limit_s, stop_event)
     return _run(lm, None, [ids], [p for p, _ in checked], tuple(int(i) for i in dropped_turns), clock, top_n,
                 ignore_eos, time.perf_counter() - started, step_lock or contextlib.nullcontext, chunk, fork=True)
 
@@ -147,7 +150,7 @@ def generate_batch(
     if any(p.beam_search for p, _ in checked):
         raise ValueError("beam search runs alone (num_beams > 1 is not a row of a batch)")
     rows = [_check_ids(lm, prompt, p) for prompt, (p, _) in zip(prompts, checked)]
-    clock = _Deadline(started, time_limit_s, stop_event)
+    clock = Deadline(started, time_limit_s, stop_event)
     return _run(lm, None, rows, [p for p, _ in checked], (), clock, top_n, ignore_eos,
                 time.perf_counter() - started, step_lock or contextlib.nullcontext, checked[0][1], fork=False)
 
@@ -160,7 +163,8 @@ def generate_assisted(
 ) -> Iterator[Event]:
     """Speculative decoding: `draft` proposes `draft_tokens` tokens a round, `target` verifies them in one forward
     (see qdemo.core.speculative). Events as `generate`'s, each TokenEvent marking whether the draft proposed it, and the
-    DoneEvent's stats counting proposed and accepted tokens. Greedy output equals the target's own greedy output."""
+    DoneEvent's stats counting proposed and accepted tokens. Greedy output equals the target's own greedy output.
+    Stop and the time limit act between prefill chunks (both models'), then after each round."""
     started = time.perf_counter()
     params, chunk = _check_common(target, params, top_n, prefill_chunk)
     if params.beam_search:
@@ -170,75 +174,10 @@ def generate_assisted(
     if not same_tokenizer(target, draft):
         raise ValueError(f"{draft.spec.name} cannot draft for {target.spec.name}: their tokenizers differ")
     ids = _check_ids(target, input_ids, params)
-    clock = _Deadline(started, time_limit_s, stop_event)
+    clock = Deadline(started, time_limit_s, stop_event)
     return _run_assisted(target, draft, ids, params, draft_tokens, tuple(int(i) for i in dropped_turns), clock,
                          top_n, ignore_eos, time.perf_counter() - started, target_lock or contextlib.nullcontext,
                          draft_lock or contextlib.nullcontext, chunk)
-
-
-def _run_assisted(
-    target: LoadedModel, draft: LoadedModel, ids: list[int], params: SamplingParams, k: int,
-    dropped: tuple[int, ...], clock: _Deadline, top_n: int, ignore_eos: bool, prep_s: float, target_lock: StepLock,
-    draft_lock: StepLock, chunk: int,
-) -> Iterator[Event]:
-    device = target.device
-    row = _new_row(target, 0, ids, params, top_n)
-    draft_generator = None
-    if row.seed is not None:
-        draft_generator = torch.Generator(device=draft.device)
-        draft_generator.manual_seed(row.seed + 1)
-    decoder = SpeculativeDecoder(target=target, draft=draft, target_state=new_state(target),
-                                 draft_state=new_state(draft), target_lock=target_lock, draft_lock=draft_lock,
-                                 stages=row.chooser.stages, greedy=params.greedy, k=k,
-                                 generator=row.chooser.generator, draft_generator=draft_generator, top_n=top_n)
-    eos, stops = target.eos_token_ids, target.stop_token_ids
-    prefill_s, proposed, accepted = 0.0, 0, 0
-    try:
-        queued = now(device)
-        decoder.start(ids, chunk)
-        prefill_s = now(device) - queued
-        mem = memory_sample(device)
-        row.peak = max(mem.used_bytes, mem.cuda_peak or 0)
-        yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=row.seed,
-                           kv_cache_bytes=decoder.target_state.kv_bytes(), memory=mem)
-        step_start = now(device) - prefill_s
-        ended = False
-        while not ended:
-            result = decoder.step(params.max_new_tokens - len(row.generated))
-            proposed += result.proposed
-            accepted += result.accepted
-            share = (now(device) - step_start) / len(result.emitted)  # the round's time, shared by its tokens
-            mem = memory_sample(device)
-            row.peak = max(row.peak, mem.used_bytes, mem.cuda_peak or 0)
-            for item in result.emitted:
-                row.generated.append(item.token)
-                ends = not ignore_eos and (item.token in eos or item.token in stops)
-                last = len(row.generated) >= params.max_new_tokens
-                text = "" if ends else row.detok.push(item.token)
-                if ends or last:
-                    text += row.detok.flush()
-                row.step_times.append(share)
-                yield TokenEvent(step=len(row.generated) - 1, token_id=item.token, text=text, stages=item.stages,
-                                 step_seconds=share, kv_cache_bytes=decoder.target_state.kv_bytes(), memory=mem,
-                                 drafted=item.drafted)
-                if ends:
-                    row.reason = "eos" if item.token in eos else "stop_token"
-                if ends or last:
-                    ended = True
-                    break
-            if not ended:
-                early = clock.reason()
-                if early:
-                    row.reason, ended = early, True
-            step_start = now(device)
-    except Exception as exc:
-        row.reason, row.error = "error", _describe_error(target, exc)
-    finally:
-        decoder.target_state.release()
-        decoder.draft_state.release()
-    done = _done(row, prep_s, prefill_s)
-    yield dataclasses.replace(done, stats=dataclasses.replace(done.stats, draft_proposed=proposed,
-                                                              draft_accepted=accepted))
 
 
 def _check_common(lm: LoadedModel, params: SamplingParams | None, top_n: int, prefill_chunk: int | None
@@ -254,22 +193,6 @@ def _check_common(lm: LoadedModel, params: SamplingParams | None, top_n: int, pr
     return params, chunk
 
 
-@dataclass
-class _Deadline:
-    """Why a run should end early, if it should: the user's Stop or the server's time limit."""
-
-    started: float
-    limit_s: float | None
-    stop_event: threading.Event | None
-
-    def reason(self) -> str | None:
-        if self.stop_event is not None and self.stop_event.is_set():
-            return "stopped"
-        if self.limit_s is not None and time.perf_counter() - self.started >= self.limit_s:
-            return "time_limit"
-        return None
-
-
 def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams) -> list[int]:
     ids = lm.check_ids(input_ids, "input_ids")
     budget = lm.max_context - params.max_new_tokens
@@ -281,225 +204,248 @@ def _check_ids(lm: LoadedModel, input_ids: Sequence[int], params: SamplingParams
 
 @dataclass
 class _Row:
-    """One row's bookkeeping while the batch decodes."""
+    """One row while the batch decodes: how it chooses its tokens, and the emitter they go to."""
 
-    index: int
-    prompt: tuple[int, ...]
-    params: SamplingParams
     chooser: RowChooser
-    seed: int | None
-    detok: IncrementalDetokenizer
-    generated: list[int] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    reason: str = "max_tokens"
-    error: str | None = None
-    peak: int = 0
+    out: Emitter
 
 
-def _new_row(lm: LoadedModel, index: int, prompt: Sequence[int], params: SamplingParams, top_n: int) -> _Row:
+def _new_row(lm: LoadedModel, index: int, prompt: Sequence[int], params: SamplingParams, top_n: int,
+             ignore_eos: bool, prep_s: float) -> _Row:
     seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(31))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=lm.device)
         generator.manual_seed(seed)
     chooser = RowChooser(stages=build_stages(params), greedy=params.greedy, generator=generator, top_n=top_n)
-    return _Row(index=index, prompt=tuple(prompt), params=params, chooser=chooser, seed=seed,
-                detok=IncrementalDetokenizer(lm.tokenizer))
+    return _Row(chooser=chooser, out=new_emitter(lm, index, prompt, params.max_new_tokens, seed, ignore_eos, prep_s))
 
 
 def _run(
     lm: LoadedModel, kept: DecodeState | None, prompts: list[list[int]], params: list[SamplingParams],
-    dropped: tuple[int, ...], clock: _Deadline, top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock,
+    dropped: tuple[int, ...], clock: Deadline, top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock,
     chunk: int, fork: bool,
 ) -> Iterator[Event]:
     """Prefill, then decode all rows in lockstep until each ends. `fork`: one prompt, one row per params (a kept
     one-row state may supply its prefix); else one row per prompt, left-padded."""
-    device = lm.device
-    rows = [_new_row(lm, i, prompts[0] if fork else prompts[i], p, top_n) for i, p in enumerate(params)]
-    eos, stops = lm.eos_token_ids, lm.stop_token_ids
+    rows = [_new_row(lm, i, prompts[0] if fork else prompts[i], p, top_n, ignore_eos, prep_s)
+            for i, p in enumerate(params)]
+    outs = [row.out for row in rows]
     state = kept if kept is not None and not kept.broken else new_state(lm, 1 if fork else len(rows))
-    prefill_s, reused = 0.0, 0
-    early: str | None = None
-    error: str | None = None
-    live: list[_Row] = []
-    ended: set[int] = set()
-    logits = None
     try:
-        # 1. Prefill, a chunk per turn at the gate. A kept state keeps its longest common prefix with this prompt
-        #    (at least one token is prefilled: its logits choose the first token).
-        queued = now(device)
-        if fork:
-            ids = prompts[0]
-            if state.width:
-                reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1)
-                state.crop(reused)
-            rows_in = [ids[reused:]]
-        else:
-            rows_in = prompts
-        t0 = now(device)
-        logits, early = prefill(lm, state, rows_in, lock, chunk, clock.reason)
-        prefill_s = now(device) - t0  # includes waits at the gate between chunks: what the user waited
-        if fork and len(rows) > 1 and early is None:
-            state.fork(len(rows))
-            logits = logits.expand(len(rows), -1)
-        waited = now(device) - queued
-        mem = memory_sample(device)
-        for row in rows:
-            row.peak = max(mem.used_bytes, mem.cuda_peak or 0)
-            yield PrefillEvent(prompt_ids=row.prompt, prefill_seconds=prefill_s, dropped_turns=dropped,
-                               seed=row.seed, kv_cache_bytes=state.kv_bytes() // max(1, state.rows), memory=mem,
-                               row=row.index, reused_tokens=reused)
-        live = list(rows) if early is None else []
-        for row in rows if early else ():
-            row.reason = early
-        # 2. Decode: every live row chooses, reports, stops or feeds its token back; one forward serves them all.
-        step_start = now(device) - waited  # time the consumer spent on the PrefillEvents is not ours
-        while live:
-            choices = choose(logits, state, [r.chooser for r in live])
-            elapsed = now(device) - step_start
-            mem = memory_sample(device)
-            kv = state.kv_bytes() // max(1, state.rows)
-            keep: list[int] = []
-            finished: list[_Row] = []
-            for position, (row, (token, stages)) in enumerate(zip(live, choices)):
-                row.generated.append(token)
-                ends = not ignore_eos and (token in eos or token in stops)
-                last = len(row.generated) >= row.params.max_new_tokens
-                text = "" if ends else row.detok.push(token)
-                if ends or last:
-                    text += row.detok.flush()
-                row.step_times.append(elapsed)
-                row.peak = max(row.peak, mem.used_bytes, mem.cuda_peak or 0)
-                yield TokenEvent(step=len(row.generated) - 1, token_id=token, text=text, stages=stages,
-                                 step_seconds=elapsed, kv_cache_bytes=kv, memory=mem, row=row.index)
-                if ends:
-                    row.reason = "eos" if token in eos else "stop_token"
-                    finished.append(row)
-                elif last:
-                    finished.append(row)
-                else:
-                    keep.append(position)
-            early = clock.reason() if keep else None
-            if early:
-                for position in keep:
-                    live[position].reason = early
-                    finished.append(live[position])
-                keep = []
-            for row in finished:
-                ended.add(row.index)
-                yield _done(row, prep_s, prefill_s)
-            if not keep:
-                live = []
-                break
-            if len(keep) < len(live):
-                state.select(keep)  # finished rows leave the batch: the rest decode without them
-            tokens = [live[position].generated[-1] for position in keep]
-            live = [live[position] for position in keep]
-            step_start = now(device)  # waiting for the gate counts: it is the latency this user sees
-            logits = decode_step(lm, state, tokens, lock)
+        logits, waited = yield from _prefill_rows(lm, state, prompts, outs, dropped, clock, lock, chunk, fork)
+        if logits is not None:
+            yield from _decode_rows(lm, state, rows, logits, waited, clock, lock)
     except Exception as exc:  # reported to the consumer; every unfinished row still ends with a DoneEvent
-        error = _describe_error(lm, exc)
         state.broken = True
-        for row in rows:
-            if row.index not in ended:
-                row.reason, row.error = "error", error
+        fail(outs, lm, exc)
     finally:
-        logits = None
         if kept is None or state is not kept:
             # Drop the KV cache now rather than when the consumer lets go of this generator.
             state.release()
-    for row in rows:
-        if row.index not in ended:  # stopped during the prefill, or an error
-            yield _done(row, prep_s, prefill_s)
+    yield from finish(outs)  # rows stopped during the prefill, or failed
 
 
-def _done(row: _Row, prep_s: float, prefill_s: float) -> DoneEvent:
-    row.detok.flush()
-    ttft = prep_s + row.step_times[0] if row.step_times else 0.0
-    stats = _stats(len(row.prompt), len(row.generated), ttft, prefill_s, prep_s, row.step_times, row.peak)
-    return DoneEvent(reason=row.reason, stats=stats, text=row.detok.text, token_ids=tuple(row.generated),
-                     error=row.error, row=row.index)
+def _prefill_rows(
+    lm: LoadedModel, state: DecodeState, prompts: list[list[int]], outs: list[Emitter], dropped: tuple[int, ...],
+    clock: Deadline, lock: StepLock, chunk: int, fork: bool,
+) -> Generator[Event, None, tuple[torch.Tensor | None, float]]:
+    """The prompts into the state, a chunk per turn at the gate, then every row's PrefillEvent. A kept state keeps
+    its longest common prefix with a forked prompt (at least one token is prefilled: its logits choose the first
+    token). Returns the first logits, or None when Stop or the time limit came between chunks (the rows have
+    ended), and how long the rows waited for them."""
+    device = lm.device
+    queued = now(device)
+    reused = 0
+    rows_in = prompts
+    if fork:
+        ids = prompts[0]
+        if state.width:
+            reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1)
+            state.crop(reused)
+        rows_in = [ids[reused:]]
+    t0 = now(device)
+    logits, early = prefill(lm, state, rows_in, lock, chunk, clock.reason)
+    prefill_s = now(device) - t0  # includes waits at the gate between chunks: what the user waited
+    if fork and len(outs) > 1 and early is None:
+        state.fork(len(outs))
+        logits = logits.expand(len(outs), -1)
+    waited = now(device) - queued
+    mem = memory_sample(device)
+    kv = state.kv_bytes() // max(1, state.rows)
+    for out in outs:
+        yield out.prefill_event(prefill_s, kv, mem, dropped, reused)
+    if early:
+        for out in outs:
+            out.end(early)
+        return None, waited
+    return logits, waited
+
+
+def _decode_rows(lm: LoadedModel, state: DecodeState, rows: list[_Row], logits: torch.Tensor, waited: float,
+                 clock: Deadline, lock: StepLock) -> Iterator[Event]:
+    """Every live row chooses and emits its token; rows that end leave the batch, the others feed their token
+    back, and one forward serves them all. The clock is read once a step."""
+    device = lm.device
+    live = list(rows)
+    step_start = now(device) - waited  # time the consumer spent on the PrefillEvents is not ours
+    while True:
+        choices = choose(logits, state, [row.chooser for row in live])
+        elapsed = now(device) - step_start
+        mem = memory_sample(device)
+        kv = state.kv_bytes() // max(1, state.rows)
+        keep: list[int] = []  # positions of the rows that go on
+        finished: list[Emitter] = []
+        for position, (row, (token, stages)) in enumerate(zip(live, choices)):
+            event, ended = row.out.emit(token, stages, elapsed, kv, mem)
+            yield event
+            if ended:
+                finished.append(row.out)
+            else:
+                keep.append(position)
+        going = [live[position].out for position in keep]
+        if end_early(clock, going):
+            finished += going
+            keep = []
+        for out in finished:
+            yield out.done()
+        if not keep:
+            return
+        if len(keep) < len(live):
+            state.select(keep)  # finished rows leave the batch: the rest decode without them
+        live = [live[position] for position in keep]
+        tokens = [row.out.generated[-1] for row in live]
+        step_start = now(device)  # waiting for the gate counts: it is the latency this user sees
+        logits = decode_step(lm, state, tokens, lock)
+
+
+def _run_assisted(
+    target: LoadedModel, draft: LoadedModel, ids: list[int], params: SamplingParams, k: int,
+    dropped: tuple[int, ...], clock: Deadline, top_n: int, ignore_eos: bool, prep_s: float, target_lock: StepLock,
+    draft_lock: StepLock, chunk: int,
+) -> Iterator[Event]:
+    """Speculative decoding of one row: the decoder chooses a round of tokens at a time, the emitter reports them."""
+    row = _new_row(target, 0, ids, params, top_n, ignore_eos, prep_s)
+    draft_generator = None
+    if row.out.seed is not None:
+        draft_generator = torch.Generator(device=draft.device)
+        draft_generator.manual_seed(row.out.seed + 1)
+    decoder = SpeculativeDecoder(target=target, draft=draft, target_state=new_state(target),
+                                 draft_state=new_state(draft), target_lock=target_lock, draft_lock=draft_lock,
+                                 stages=row.chooser.stages, greedy=params.greedy, k=k,
+                                 generator=row.chooser.generator, draft_generator=draft_generator, top_n=top_n)
+    try:
+        yield from _assisted_rounds(decoder, row.out, ids, dropped, clock, chunk)
+    except Exception as exc:
+        fail([row.out], target, exc)
+    finally:
+        decoder.target_state.release()
+        decoder.draft_state.release()
+    yield from finish([row.out])
+
+
+def _assisted_rounds(decoder: SpeculativeDecoder, out: Emitter, ids: list[int], dropped: tuple[int, ...],
+                     clock: Deadline, chunk: int) -> Iterator[Event]:
+    """Both models' prefill (Stop and the time limit act between its chunks), the PrefillEvent, then a round at a
+    time: the round's tokens share its time, and the clock is read after each round."""
+    device = decoder.target.device
+    queued = now(device)
+    early = decoder.start(ids, chunk, clock.reason)
+    prefill_s = now(device) - queued
+    yield out.prefill_event(prefill_s, decoder.target_state.kv_bytes(), memory_sample(device), dropped)
+    if early:
+        out.end(early)
+        return
+    step_start = now(device) - prefill_s
+    while True:
+        result = decoder.step(out.max_new_tokens - len(out.generated))
+        out.draft_proposed += result.proposed
+        out.draft_accepted += result.accepted
+        share = (now(device) - step_start) / len(result.emitted)  # the round's time, shared by its tokens
+        mem, kv = memory_sample(device), decoder.target_state.kv_bytes()
+        for item in result.emitted:
+            event, ended = out.emit(item.token, item.stages, share, kv, mem, drafted=item.drafted)
+            yield event
+            if ended:
+                return
+        if end_early(clock, (out,)):
+            return
+        step_start = now(device)
+
+
+@dataclass
+class _Search:
+    """What a beam search leaves for its answer: the best hypothesis, each step's time and the beams' KV cache."""
+
+    best: Hypothesis | None = None
+    steps: list[float] = field(default_factory=list)
+    kv: int = 0
 
 
 def _run_beams(
-    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams, clock: _Deadline,
-    prep_s: float, lock: StepLock, chunk: int,
+    lm: LoadedModel, ids: list[int], dropped: tuple[int, ...], params: SamplingParams, clock: Deadline,
+    prep_s: float, lock: StepLock, chunk: int, top_n: int, ignore_eos: bool,
 ) -> Iterator[Event]:
     """Beam search on the decode state (the beams are its rows): a PrefillEvent, then a ProgressEvent per step
-    carrying the best running beam's text, then the answer's tokens (each with its beam transition probability
-    as its only stage) and a DoneEvent. Stop and the time limit end it within a step, with the best beam so far."""
-    device = lm.device
-    stops = lm.eos_token_ids | lm.stop_token_ids
+    carrying the best running beam's text, then the answer's tokens and a DoneEvent. Stop and the time limit end
+    it within a step, with the best beam so far; so does an error (its tokens so far, then reason "error")."""
+    out = new_emitter(lm, 0, ids, params.max_new_tokens, None, ignore_eos, prep_s)
     state = new_state(lm)
-    reason, error, best, steps = "max_tokens", None, None, []
-    prefill_s, started = 0.0, now(device)
+    search = _Search()
     try:
-        t0 = now(device)
-        logits, early = prefill(lm, state, [ids], lock, chunk, clock.reason)
-        prefill_s = now(device) - t0
-        mem = memory_sample(device)
-        yield PrefillEvent(prompt_ids=tuple(ids), prefill_seconds=prefill_s, dropped_turns=dropped, seed=None,
-                           kv_cache_bytes=state.kv_bytes(), memory=mem)
-        if early:
-            reason = early
-        else:
-            last = now(device)
-            for step in beam_search(lm, state, logits[0:1], params, stops, lock):
-                t = now(device)  # one clock read (a device sync on CUDA) per step
-                steps.append(t - last)
-                last = t
-                best = step.best
-                yield ProgressEvent(phase="beam search", step=step.step, total=params.max_new_tokens,
-                                    seconds=t - started, kv_cache_bytes=state.kv_bytes(),
-                                    text=lm.tokenizer.decode(best.tokens, skip_special_tokens=True))
-                if step.finished:
-                    break
-                early = clock.reason()
-                if early:
-                    reason = early
-                    break
+        yield from _search_beams(lm, state, ids, dropped, params, clock, lock, chunk, top_n, out, search)
     except Exception as exc:
-        reason, error = "error", _describe_error(lm, exc)
-    kv = state.kv_bytes()
-    state.release()
-    new_ids = list(best.tokens) if best is not None else []
+        fail([out], lm, exc)
+    finally:
+        search.kv = state.kv_bytes()
+        state.release()
+    yield from _beam_answer(lm, out, search, top_n)
+    yield out.done()
+
+
+def _search_beams(
+    lm: LoadedModel, state: DecodeState, ids: list[int], dropped: tuple[int, ...], params: SamplingParams,
+    clock: Deadline, lock: StepLock, chunk: int, top_n: int, out: Emitter, search: _Search,
+) -> Iterator[Event]:
+    """The prefill and its PrefillEvent, then the search a step at a time, each step's ProgressEvent showing the best
+    running beam. The answer's end is the emitter's (no stop tokens with ignore_eos: a fixed length)."""
+    device = lm.device
+    started = now(device)
+    logits, early = prefill(lm, state, [ids], lock, chunk, clock.reason)
+    yield out.prefill_event(now(device) - started, state.kv_bytes(), memory_sample(device), dropped)
+    if early:
+        out.end(early)
+        return
+    last = now(device)
+    for step in beam_search(lm, state, logits[0:1], params, out.ending, lock, top_n=top_n):
+        t = now(device)  # one clock read (a device sync on CUDA) per step
+        search.steps.append(t - last)
+        last = t
+        search.best = step.best
+        yield ProgressEvent(phase="beam search", step=step.step, total=params.max_new_tokens, seconds=t - started,
+                            kv_cache_bytes=state.kv_bytes(),
+                            text=lm.tokenizer.decode(step.best.tokens, skip_special_tokens=True))
+        if step.finished or end_early(clock, (out,)):
+            return
+
+
+def _beam_answer(lm: LoadedModel, out: Emitter, search: _Search, top_n: int) -> Iterator[TokenEvent]:
+    """The best hypothesis's tokens, each with a "beam" stage: its transition probability as chosen_prob, and the
+    step's top-N of the processed distribution (no stage with top_n = 0, as for plain runs)."""
+    best = search.best
+    tokens = best.tokens if best is not None else []
     probs = transition_probs(best) if best is not None else []
-    mem = memory_sample(device)
-    detok = IncrementalDetokenizer(lm.tokenizer)
-    for i, token in enumerate(new_ids):
-        ends = token in stops
-        text = "" if ends else detok.push(token)
-        if ends or i == len(new_ids) - 1:
-            text += detok.flush()
-        yield TokenEvent(step=i, token_id=token, text=text,
-                         stages=(StageTopN(name="beam", token_ids=(token,), probs=(probs[i],),
-                                           chosen_prob=probs[i]),),
-                         step_seconds=steps[i] if i < len(steps) else 0.0, kv_cache_bytes=kv, memory=mem)
-        if ends and reason == "max_tokens":
-            reason = "eos" if token in lm.eos_token_ids else "stop_token"
+    tops = step_candidates(best) if best is not None and top_n else []
+    mem = memory_sample(lm.device)
+    for i, token in enumerate(tokens):
+        stages: tuple[StageTopN, ...] = ()
+        if top_n:
+            stages = (StageTopN(name="beam", token_ids=tops[i][0], probs=tops[i][1], chosen_prob=probs[i]),)
+        seconds = search.steps[i] if i < len(search.steps) else 0.0
+        event, _ = out.emit(token, stages, seconds, search.kv, mem, last=i == len(tokens) - 1)
+        yield event
     # Nothing is visible before the search ends, so the first token's time is the whole search.
-    step_times = [prefill_s + (steps[0] if steps else 0.0)] + steps[1:len(new_ids)]
-    stats = _stats(len(ids), len(new_ids), prep_s + sum(steps) + prefill_s, prefill_s, prep_s, step_times,
-                   max(mem.used_bytes, mem.cuda_peak or 0))
-    yield DoneEvent(reason=reason, stats=stats, text=detok.text, token_ids=tuple(new_ids), error=error)
-
-
-def _stats(prompt_len: int, new_tokens: int, ttft: float, prefill_s: float, prep_s: float,
-           step_times: list[float], peak: int) -> GenerationStats:
-    """Stats of a finished run from its step times (step 0 includes the prefill)."""
-    decode = sum(step_times[1:])
-    return GenerationStats(
-        prompt_tokens=prompt_len, new_tokens=new_tokens, ttft_seconds=ttft, prefill_seconds=prefill_s,
-        prefill_tokens_per_s=prompt_len / prefill_s if prefill_s else 0.0,
-        decode_tokens_per_s=(len(step_times) - 1) / decode if decode > 0 else 0.0,
-        total_seconds=prep_s + sum(step_times), peak_memory_bytes=peak)
-
-
-def _describe_error(lm: LoadedModel, exc: Exception) -> str:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"{lm.spec.name}: out of memory on {lm.device}; lower max_new_tokens or shorten the conversation"
-    return f"{lm.spec.name}: {type(exc).__name__}: {exc}"
-
+    out.shown_at_end(out.prefill_s, sum(search.steps), mem)
 
 def collect(events: Iterator[Event]) -> dict[str, Any]:
     """Drain a stream into {prefill, tokens, done}: handy for tests, CLI and benchmarks."""

@@ -14,7 +14,7 @@ goes through its own step gate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -58,13 +58,24 @@ class SpeculativeDecoder:
     target_logits: torch.Tensor | None = None  # [V] for the token after the target's fed tokens, when fresh
     draft_logits: torch.Tensor | None = None  # the same for the draft (only right after the prefill)
 
-    def start(self, prompt: Sequence[int], chunk: int) -> None:
-        """Prefill both models with the prompt."""
+    def start(self, prompt: Sequence[int], chunk: int, should_stop: Callable[[], str | None] | None = None
+              ) -> str | None:
+        """Prefill both models with the prompt, a chunk per turn at each model's gate. `should_stop` is asked
+        between chunks (the target's, then the draft's, and between the two prefills), as a plain run's prefill
+        asks it: a long prompt is two prefills, and Stop must not wait for both. Returns its reason, or None once
+        both models hold the prompt."""
         self.committed = list(prompt)
-        logits, _ = prefill(self.target, self.target_state, [list(prompt)], self.target_lock, chunk)
-        self.target_logits = logits[0]
-        draft_logits, _ = prefill(self.draft, self.draft_state, [list(prompt)], self.draft_lock, chunk)
-        self.draft_logits = draft_logits[0]
+        logits, early = prefill(self.target, self.target_state, [list(prompt)], self.target_lock, chunk, should_stop)
+        if early is None and should_stop is not None:
+            early = should_stop()
+        if early:
+            return early
+        draft_logits, early = prefill(self.draft, self.draft_state, [list(prompt)], self.draft_lock, chunk,
+                                      should_stop)
+        if early:
+            return early
+        self.target_logits, self.draft_logits = logits[0], draft_logits[0]
+        return None
 
     def step(self, limit: int) -> Round:
         """One round: up to min(k, limit - 1) proposals, one verification forward; at most `limit` tokens out."""

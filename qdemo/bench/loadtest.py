@@ -13,14 +13,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 from gradio_client import Client
 from transformers import AutoTokenizer  # noqa: F401  (imported here so the timing below excludes it)
 
 from qdemo.models.loader import load_tokenizer
-from qdemo.models.registry import load_registry
+from qdemo.models.registry import Registry, load_registry
 from qdemo.serving.limits import Limits
 from qdemo.serving.pool import ModelPool
 from qdemo.ui.app import build_app, queue_settings
@@ -85,11 +85,8 @@ def _stream(url: str, prompt: str, settings: dict, deadline: float) -> tuple[str
 def run_loadtest(sessions: int, model: str | None = None, registry_path: str | None = None, tokens: int = 32,
                  concurrency: int | None = None, timeout_s: float = 900.0, device: str | None = None,
                  log=print) -> LoadResult:
-    if not 1 <= sessions <= MAX_SESSIONS:
-        raise ValueError(f"sessions must be from 1 to {MAX_SESSIONS}, got {sessions}")
-    if not 1 <= tokens <= MAX_TOKENS:
-        raise ValueError(f"tokens must be from 1 to {MAX_TOKENS}, got {tokens}")
-
+    """The module's three phases with `sessions` sessions of `tokens` new tokens each, bounded by `timeout_s`."""
+    _check_bounds(sessions, tokens)
     registry = load_registry(registry_path)
     name = model or registry.default
     spec = registry.get(name)
@@ -109,51 +106,80 @@ def run_loadtest(sessions: int, model: str | None = None, registry_path: str | N
         log("model loaded")
         jobs = [(PROMPTS[i % len(PROMPTS)], {**spec.sampling.to_dict(), "seed": 1000 + i, "max_new_tokens": tokens,
                                               "num_beams": 1}) for i in range(sessions)]
-        solo: list[str | None] = []
-        for i, (prompt, settings) in enumerate(jobs):
-            started = time.perf_counter()
-            try:
-                solo.append(_stream(url, prompt, settings, deadline)[0])
-            except Exception as exc:  # noqa: BLE001 - reported, the run goes on
-                solo.append(None)
-                result.errors.append(f"solo {i}: {type(exc).__name__}: {exc}")
-            if i == 0:  # end to end like the concurrent phase: client set-up, queue, prefill and decode
-                elapsed = time.perf_counter() - started
-                result.solo_tok_s = count_tokens(registry, name, solo[-1] or "") / elapsed
-            log(f"solo {i + 1}/{sessions} done")
+        solo = _solo_phase(url, jobs, deadline, result, registry, name, log)
         result.rss_warm_mib = _rss_mib()
-        answers: dict[int, str] = {}
-        ttfts: dict[int, float] = {}
-        barrier = threading.Barrier(sessions)
-
-        def session(i: int) -> None:
-            prompt, settings = jobs[i]
-            barrier.wait()
-            try:
-                answers[i], ttfts[i] = _stream(url, prompt, settings, deadline)
-            except Exception as exc:  # noqa: BLE001
-                result.errors.append(f"session {i}: {type(exc).__name__}: {exc}")
-
-        threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(sessions)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(max(0.0, deadline - time.perf_counter()))
-        result.wall_s = time.perf_counter() - started
+        answers, ttfts = _concurrent_phase(url, jobs, deadline, result)
         result.rss_end_mib = _rss_mib()
-        result.completions = len(answers)
-        result.mismatches = sorted(i for i, text in answers.items() if solo[i] is not None and text != solo[i])
-        if ttfts:
-            values = list(ttfts.values())
-            result.ttft_p50_s, result.ttft_p95_s = percentile(values, 50), percentile(values, 95)
-        result.generated_tokens = sum(count_tokens(registry, name, text) for text in answers.values())
-        result.aggregate_tok_s = result.generated_tokens / result.wall_s if result.wall_s else 0.0
+        _summarise(result, solo, answers, ttfts, registry, name)
     finally:
         demo.close()
         for loaded in pool.loaded():  # free the weights now: the next run in this process starts clean
             pool.unload(loaded)
     return result
+
+
+def _check_bounds(sessions: int, tokens: int) -> None:
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise ValueError(f"sessions must be from 1 to {MAX_SESSIONS}, got {sessions}")
+    if not 1 <= tokens <= MAX_TOKENS:
+        raise ValueError(f"tokens must be from 1 to {MAX_TOKENS}, got {tokens}")
+
+
+def _solo_phase(url: str, jobs: list[tuple[str, dict]], deadline: float, result: LoadResult, registry: Registry,
+                name: str, log: Callable[[str], object]) -> list[str | None]:
+    """Each session's chat alone, in turn: its reference answer (None where it failed, with the error in
+    `result`), and the first one's rate as `result.solo_tok_s`."""
+    solo: list[str | None] = []
+    for i, (prompt, settings) in enumerate(jobs):
+        started = time.perf_counter()
+        try:
+            solo.append(_stream(url, prompt, settings, deadline)[0])
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            solo.append(None)
+            result.errors.append(f"solo {i}: {type(exc).__name__}: {exc}")
+        if i == 0:  # end to end like the concurrent phase: client set-up, queue, prefill and decode
+            elapsed = time.perf_counter() - started
+            result.solo_tok_s = count_tokens(registry, name, solo[-1] or "") / elapsed
+        log(f"solo {i + 1}/{len(jobs)} done")
+    return solo
+
+
+def _concurrent_phase(url: str, jobs: list[tuple[str, dict]], deadline: float, result: LoadResult
+                      ) -> tuple[dict[int, str], dict[int, float]]:
+    """All sessions at once, released together by a barrier: (answers, seconds to first text) by session, what
+    finished before the deadline; `result.wall_s` is the phase's wall time and failures go to `result.errors`."""
+    answers: dict[int, str] = {}
+    ttfts: dict[int, float] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def session(i: int) -> None:
+        prompt, settings = jobs[i]
+        barrier.wait()
+        try:
+            answers[i], ttfts[i] = _stream(url, prompt, settings, deadline)
+        except Exception as exc:  # noqa: BLE001
+            result.errors.append(f"session {i}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(len(jobs))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.perf_counter()))
+    result.wall_s = time.perf_counter() - started
+    return answers, ttfts
+
+
+def _summarise(result: LoadResult, solo: list[str | None], answers: dict[int, str], ttfts: dict[int, float],
+               registry: Registry, name: str) -> None:
+    """The concurrent phase's figures: completions, answers that differ from solo, TTFT percentiles, tokens."""
+    result.completions = len(answers)
+    result.mismatches = sorted(i for i, text in answers.items() if solo[i] is not None and text != solo[i])
+    if ttfts:
+        values = list(ttfts.values())
+        result.ttft_p50_s, result.ttft_p95_s = percentile(values, 50), percentile(values, 95)
+    result.generated_tokens = sum(count_tokens(registry, name, text) for text in answers.values())
+    result.aggregate_tok_s = result.generated_tokens / result.wall_s if result.wall_s else 0.0
 
 
 _TOKENIZERS: dict[str, Any] = {}

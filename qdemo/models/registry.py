@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import yaml
 
@@ -126,6 +126,7 @@ _ENTRY_KEYS = {"name", "display_name", "family", "source", "sampling", "max_cont
                "trust_remote_code", "draft", "draft_tokens"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 _REQUIRED = ("name", "family", "source", "max_context")
+_Fail = Callable[[str, str], RegistryError]  # (field, problem) → the error naming the entry and the field
 
 
 def parse_registry(data: Any, base_dir: Path, path: Path | None = None) -> Registry:
@@ -166,51 +167,22 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
     def fail(field_name: str, problem: str) -> RegistryError:
         return RegistryError(f"{label}: field '{field_name}' {problem}")
 
-    unknown = set(entry) - _ENTRY_KEYS
-    if unknown:
-        raise RegistryError(f"{label}: unknown field(s): {', '.join(sorted(map(str, unknown)))}")
-    for key in _REQUIRED:
-        if key not in entry:
-            raise fail(key, "is missing")
-    name = entry["name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise fail("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+    _check_entry_keys(entry, label, fail)
+    name = _parse_name(entry["name"], fail)
     family = entry["family"]
     if family not in FAMILIES:
         raise fail("family", f"names unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     dtype = entry.get("dtype", "auto")
     if dtype not in DTYPES:
         raise fail("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    max_context = entry["max_context"]
-    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 16:
-        raise fail("max_context", f"must be an integer >= 16, got {max_context!r}")
-    sampling_data = entry.get("sampling", {})
-    if not isinstance(sampling_data, dict):
-        raise fail("sampling", "must be a mapping")
-    if "max_new_tokens" not in sampling_data:  # leave room for a prompt in small contexts
-        sampling_data = {**sampling_data, "max_new_tokens": min(SamplingParams.max_new_tokens, max_context // 2)}
-    try:
-        sampling = SamplingParams.from_dict(sampling_data)
-    except (TypeError, ValueError) as exc:
-        raise fail("sampling", f"is invalid: {exc}") from None
-    if sampling.max_new_tokens >= max_context:
-        raise fail("sampling", f"max_new_tokens {sampling.max_new_tokens} must be below max_context {max_context}")
+    max_context = _parse_max_context(entry["max_context"], fail)
+    sampling = _parse_sampling(entry.get("sampling", {}), max_context, fail)
     for key in ("display_name", "system_prompt", "notes"):
         if key in entry and entry[key] is not None and not isinstance(entry[key], str):
             raise fail(key, "must be text")
     source = _parse_source(entry["source"], fail, base_dir)
-    trust = entry.get("trust_remote_code", False)
-    if not isinstance(trust, bool):
-        raise fail("trust_remote_code", f"must be true or false, got {trust!r}")
-    if trust and not (isinstance(source, HubSource) and _COMMIT_SHA.fullmatch(source.revision)):
-        raise fail("trust_remote_code", "is refused unless the source is a hub repository pinned to a 40-character "
-                                        f"commit sha (source.hub.revision), got {source.describe()}")
-    draft = entry.get("draft")
-    if draft is not None and not isinstance(draft, str):
-        raise fail("draft", f"must be a model name, got {draft!r}")
-    draft_tokens = entry.get("draft_tokens", 4)
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 16:
-        raise fail("draft_tokens", f"must be a whole number from 1 to 16, got {draft_tokens!r}")
+    trust = _parse_trust(entry.get("trust_remote_code", False), source, fail)
+    draft, draft_tokens = _parse_draft(entry.get("draft"), entry.get("draft_tokens", 4), fail)
     return ModelSpec(
         draft=draft,
         draft_tokens=draft_tokens,
@@ -225,6 +197,63 @@ def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:
         notes=entry.get("notes") or "",
         trust_remote_code=trust,
     )
+
+
+def _check_entry_keys(entry: dict, label: str, fail: _Fail) -> None:
+    """No field qdemo does not know (a typo would be ignored silently), and every required one."""
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        raise RegistryError(f"{label}: unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+    for key in _REQUIRED:
+        if key not in entry:
+            raise fail(key, "is missing")
+
+
+def _parse_name(name: Any, fail: _Fail) -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise fail("name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+    return name
+
+
+def _parse_max_context(max_context: Any, fail: _Fail) -> int:
+    if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 16:
+        raise fail("max_context", f"must be an integer >= 16, got {max_context!r}")
+    return max_context
+
+
+def _parse_sampling(data: Any, max_context: int, fail: _Fail) -> SamplingParams:
+    """The entry's default sampling; max_new_tokens, when not given, at most half the context."""
+    if not isinstance(data, dict):
+        raise fail("sampling", "must be a mapping")
+    if "max_new_tokens" not in data:  # leave room for a prompt in small contexts
+        data = {**data, "max_new_tokens": min(SamplingParams.max_new_tokens, max_context // 2)}
+    try:
+        sampling = SamplingParams.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise fail("sampling", f"is invalid: {exc}") from None
+    if sampling.max_new_tokens >= max_context:
+        raise fail("sampling", f"max_new_tokens {sampling.max_new_tokens} must be below max_context {max_context}")
+    return sampling
+
+
+def _parse_trust(trust: Any, source: Source, fail: _Fail) -> bool:
+    """trust_remote_code, allowed only where the code that runs is pinned (a hub commit sha)."""
+    if not isinstance(trust, bool):
+        raise fail("trust_remote_code", f"must be true or false, got {trust!r}")
+    if trust and not (isinstance(source, HubSource) and _COMMIT_SHA.fullmatch(source.revision)):
+        raise fail("trust_remote_code", "is refused unless the source is a hub repository pinned to a 40-character "
+                                        f"commit sha (source.hub.revision), got {source.describe()}")
+    return trust
+
+
+def _parse_draft(draft: Any, draft_tokens: Any, fail: _Fail) -> tuple[str | None, int]:
+    """The speculative-decoding draft's name and tokens per proposal (that the name exists is checked once the
+    whole registry is read)."""
+    if draft is not None and not isinstance(draft, str):
+        raise fail("draft", f"must be a model name, got {draft!r}")
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 16:
+        raise fail("draft_tokens", f"must be a whole number from 1 to 16, got {draft_tokens!r}")
+    return draft, draft_tokens
 
 
 def _parse_source(data: Any, fail, base_dir: Path) -> Source:

@@ -20,6 +20,7 @@ import math
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -388,89 +389,66 @@ class RemoteBackend:
     def _fold(self, stream: Any, kind: str, params: SamplingParams, stop_event: threading.Event | None,
               prompt_ids: tuple[int, ...], dropped_turns: tuple[int, ...], time_limit_s: float | None,
               began: float) -> Iterator[Event]:
-        import openai  # optional for local-only servers (see _client)
-
-        ids: list[int] = []
-        texts: list[str] = []
-        finished = False
+        """The open stream as qdemo events: a prefill event at the first token, one token event per token, and a
+        done event whose reason says how the stream ended."""
+        fold = _Fold(began=began, prompt_ids=prompt_ids, dropped_turns=dropped_turns,
+                     seed=params.seed if params.do_sample else None)
         deadline = began + time_limit_s if time_limit_s is not None else None
         watching = _watch(stream, stop_event, deadline)  # Stop and the time limit also while the server is silent
-        first_at: float | None = None
-        last_at = began
-        step_times: list[float] = []
-        reason, error = "eos", None
-        usage_prompt = None
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across tokens
         try:
             for chunk in stream:
-                if getattr(chunk, "usage", None) is not None:
-                    usage_prompt = getattr(chunk.usage, "prompt_tokens", None)
+                fold.note_usage(chunk)
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
                 for label, token_id, stage, raw in self._tokens(kind, choice):
-                    text = utf8.decode(raw) if raw is not None else label
-                    now = time.perf_counter()
-                    if first_at is None:
-                        first_at = now
-                        yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=now - began,
-                                           dropped_turns=dropped_turns, seed=params.seed if params.do_sample else None,
-                                           kv_cache_bytes=0, memory=NO_MEMORY)
-                    step_times.append(now - last_at)
-                    last_at = now
-                    ids.append(token_id)
-                    texts.append(text)
-                    yield TokenEvent(step=len(ids) - 1, token_id=token_id, text=text,
-                                     stages=(stage,) if stage else (), step_seconds=step_times[-1],
-                                     kv_cache_bytes=0, memory=NO_MEMORY)
-                finish = getattr(choice, "finish_reason", None)
-                if finish:
-                    reason = "max_tokens" if finish == "length" else "eos"
-                    finished = True
-                if stop_event is not None and stop_event.is_set():
-                    reason = "stopped"
+                    yield from fold.token(label, token_id, stage, raw)
+                fold.note_finish(choice)
+                interrupted = _interrupted(stop_event, deadline)
+                if interrupted:
+                    fold.reason = interrupted
                     break
-                if time_limit_s is not None and time.perf_counter() - began > time_limit_s:
-                    reason = "time_limit"
-                    break
-        except openai.APITimeoutError:
-            reason, error = "error", (f"{self.name}: the server at {self.server} stopped sending for "
-                                      f"{self.timeout_s:.0f} s after {len(ids)} tokens")
-        except (openai.APIConnectionError, openai.APIError) as exc:
-            reason, error = "error", (f"{self.name}: the stream from {self.server} broke off after {len(ids)} "
-                                      f"tokens ({_cause(exc)})")
-        except Exception as exc:  # noqa: BLE001 - a malformed stream (bad JSON, cut SSE, odd fields) from the server
-            if type(exc).__module__.startswith(("httpx", "httpcore", "json", "pydantic")) or isinstance(
-                    exc, (ValueError, KeyError, TypeError, AttributeError)):
-                reason, error = "error", (f"{self.name}: the server at {self.server} sent a malformed stream after "
-                                          f"{len(ids)} tokens ({type(exc).__name__})")
-            else:
+        except Exception as exc:  # noqa: BLE001 - sorted by _stream_error: the server's faults end the answer
+            error = self._stream_error(exc, len(fold.ids))
+            if error is None:
                 raise
+            fold.reason, fold.error = "error", error
         finally:
             watching.set()
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+        self._settle(fold, stop_event, deadline)
+        yield from fold.closing()
+
+    def _stream_error(self, exc: Exception, tokens: int) -> str | None:
+        """The message for a stream that failed after `tokens` tokens: a timeout, a broken connection or a
+        malformed stream (bad JSON, cut SSE, odd fields). None for an exception that is not the server's doing
+        (a bug here: it propagates)."""
+        import openai  # optional for local-only servers (see _client)
+
+        if isinstance(exc, openai.APITimeoutError):
+            return (f"{self.name}: the server at {self.server} stopped sending for {self.timeout_s:.0f} s after "
+                    f"{tokens} tokens")
+        if isinstance(exc, (openai.APIConnectionError, openai.APIError)):
+            return f"{self.name}: the stream from {self.server} broke off after {tokens} tokens ({_cause(exc)})"
+        if type(exc).__module__.startswith(("httpx", "httpcore", "json", "pydantic")) or isinstance(
+                exc, (ValueError, KeyError, TypeError, AttributeError)):
+            return (f"{self.name}: the server at {self.server} sent a malformed stream after {tokens} tokens "
+                    f"({type(exc).__name__})")
+        return None
+
+    def _settle(self, fold: _Fold, stop_event: threading.Event | None, deadline: float | None) -> None:
+        """The answer's final reason once the stream is closed: Stop and the time limit win over whatever closing
+        the stream raised, and a stream that ended without a finish reason is an error (the answer may be cut)."""
         if stop_event is not None and stop_event.is_set():
-            reason, error = "stopped", None  # closed on purpose: whatever the closing raised is not an error
-        elif deadline is not None and time.perf_counter() > deadline and not finished:
-            reason, error = "time_limit", None
-        elif error is None and reason == "eos" and not finished:
-            reason, error = "error", (f"{self.name}: the stream from {self.server} ended without saying why after "
-                                      f"{len(ids)} tokens (no finish reason): the answer may be cut")
-        if first_at is None:
-            yield PrefillEvent(prompt_ids=prompt_ids, prefill_seconds=time.perf_counter() - began,
-                               dropped_turns=dropped_turns, seed=None, kv_cache_bytes=0, memory=NO_MEMORY)
-        total = time.perf_counter() - began
-        ttft = (first_at - began) if first_at is not None else total
-        decode = sum(step_times[1:])
-        prompt_count = usage_prompt if usage_prompt is not None else len(prompt_ids)
-        stats = GenerationStats(prompt_tokens=prompt_count, new_tokens=len(ids), ttft_seconds=ttft,
-                                prefill_seconds=ttft, prefill_tokens_per_s=prompt_count / ttft if ttft > 0 else 0.0,
-                                decode_tokens_per_s=(len(ids) - 1) / decode if decode > 0 else 0.0,
-                                total_seconds=total, peak_memory_bytes=0)
-        yield DoneEvent(reason=reason, stats=stats, text="".join(texts) + utf8.decode(b"", final=True),
-                        token_ids=tuple(ids), error=error)
+            fold.reason, fold.error = "stopped", None
+        elif deadline is not None and time.perf_counter() > deadline and not fold.finished:
+            fold.reason, fold.error = "time_limit", None
+        elif fold.error is None and fold.reason == "eos" and not fold.finished:
+            fold.reason, fold.error = "error", (f"{self.name}: the stream from {self.server} ended without saying "
+                                                f"why after {len(fold.ids)} tokens (no finish reason): the answer may "
+                                                f"be cut")
 
     def _tokens(self, kind: str, choice: Any) -> Iterator[tuple[str, int, StageTopN | None, bytes | None]]:
         """(label, id, stage, raw bytes or None) per token of one streamed chunk."""
@@ -535,6 +513,84 @@ class RemoteBackend:
             return self._synthetic[text]
 
 
+@dataclass
+class _Fold:
+    """One answer's stream so far (the tokens, their timings, how it ended) and the events it makes."""
+
+    began: float
+    prompt_ids: tuple[int, ...]
+    dropped_turns: tuple[int, ...]
+    seed: int | None  # the prefill event's: the sampling seed, None when greedy
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    first_at: float | None = None
+    last_at: float = 0.0
+    finished: bool = False  # the server sent a finish reason
+    reason: str = "eos"
+    error: str | None = None
+    usage_prompt: int | None = None  # the server's count of the prompt, when it sends usage
+    # a character split across tokens arrives whole in the text
+    utf8: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+
+    def __post_init__(self) -> None:
+        self.last_at = self.began
+
+    def note_usage(self, chunk: Any) -> None:
+        if getattr(chunk, "usage", None) is not None:
+            self.usage_prompt = getattr(chunk.usage, "prompt_tokens", None)
+
+    def note_finish(self, choice: Any) -> None:
+        finish = getattr(choice, "finish_reason", None)
+        if finish:
+            self.reason = "max_tokens" if finish == "length" else "eos"
+            self.finished = True
+
+    def token(self, label: str, token_id: int, stage: StageTopN | None, raw: bytes | None) -> Iterator[Event]:
+        """The events of one streamed token: the prefill event first when it is the answer's first."""
+        text = self.utf8.decode(raw) if raw is not None else label
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+            yield PrefillEvent(prompt_ids=self.prompt_ids, prefill_seconds=now - self.began,
+                               dropped_turns=self.dropped_turns, seed=self.seed, kv_cache_bytes=0, memory=NO_MEMORY)
+        self.step_times.append(now - self.last_at)
+        self.last_at = now
+        self.ids.append(token_id)
+        self.texts.append(text)
+        yield TokenEvent(step=len(self.ids) - 1, token_id=token_id, text=text, stages=(stage,) if stage else (),
+                         step_seconds=self.step_times[-1], kv_cache_bytes=0, memory=NO_MEMORY)
+
+    def closing(self) -> Iterator[Event]:
+        """The events that end the answer: a prefill event if no token came, then the done event."""
+        if self.first_at is None:
+            yield PrefillEvent(prompt_ids=self.prompt_ids, prefill_seconds=time.perf_counter() - self.began,
+                               dropped_turns=self.dropped_turns, seed=None, kv_cache_bytes=0, memory=NO_MEMORY)
+        yield DoneEvent(reason=self.reason, stats=self.stats(),
+                        text="".join(self.texts) + self.utf8.decode(b"", final=True), token_ids=tuple(self.ids),
+                        error=self.error)
+
+    def stats(self) -> GenerationStats:
+        total = time.perf_counter() - self.began
+        ttft = (self.first_at - self.began) if self.first_at is not None else total
+        decode = sum(self.step_times[1:])
+        prompt_count = self.usage_prompt if self.usage_prompt is not None else len(self.prompt_ids)
+        return GenerationStats(prompt_tokens=prompt_count, new_tokens=len(self.ids), ttft_seconds=ttft,
+                               prefill_seconds=ttft, prefill_tokens_per_s=prompt_count / ttft if ttft > 0 else 0.0,
+                               decode_tokens_per_s=(len(self.ids) - 1) / decode if decode > 0 else 0.0,
+                               total_seconds=total, peak_memory_bytes=0)
+
+
+def _interrupted(stop_event: threading.Event | None, deadline: float | None) -> str | None:
+    """Why the answer must end now: "stopped" (Stop was pressed), "time_limit" (the deadline passed), or None."""
+    if stop_event is not None and stop_event.is_set():
+        return "stopped"
+    if deadline is not None and time.perf_counter() > deadline:
+        return "time_limit"
+    return None
+
+
 def _interruptible(open_stream: Callable[[], Any], stop_event: threading.Event | None, deadline: float | None
                    ) -> Any:
     """`open_stream()` (which blocks until the server starts its answer) in a worker thread, so Stop and the
@@ -554,8 +610,8 @@ def _interruptible(open_stream: Callable[[], Any], stop_event: threading.Event |
 
     threading.Thread(target=call, name="qdemo-remote-open", daemon=True).start()
     while not ready.wait(0.1):
-        stopped = stop_event is not None and stop_event.is_set()
-        if stopped or (deadline is not None and time.perf_counter() > deadline):
+        reason = _interrupted(stop_event, deadline)
+        if reason:
             def close_late() -> None:
                 ready.wait()
                 stream = box.get("stream")
@@ -563,7 +619,7 @@ def _interruptible(open_stream: Callable[[], Any], stop_event: threading.Event |
                     stream.close()
 
             threading.Thread(target=close_late, name="qdemo-remote-close", daemon=True).start()
-            raise _Stopped("stopped" if stopped else "time_limit")
+            raise _Stopped(reason)
     if "error" in box:
         raise box["error"]
     return box["stream"]
@@ -578,8 +634,7 @@ def _watch(stream: Any, stop_event: threading.Event | None, deadline: float | No
 
     def watch() -> None:
         while not done.wait(0.1):
-            if (stop_event is not None and stop_event.is_set()) or (deadline is not None and
-                                                                     time.perf_counter() > deadline):
+            if _interrupted(stop_event, deadline):
                 close = getattr(stream, "close", None)
                 if close is not None:
                     try:

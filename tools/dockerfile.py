@@ -20,8 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_HOME = "/home/user"
@@ -69,55 +72,74 @@ def env_pairs(args: str) -> dict[str, str]:
 
 def lint(text: str, root: Path = ROOT) -> list[str]:
     """Problems found (empty when clean): hadolint-style rules plus what qdemo's image promises."""
-    problems: list[str] = []
     instructions = parse(text)
-    ops = [i.op for i in instructions]
     first = instructions[0] if instructions else None
     if first is None or first.op != "FROM":
         return ["the first instruction must be FROM"]
+    problems = _lint_base(first)
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.op == "ENV":
+            env.update(env_pairs(ins.args))
+        problems += _lint_instruction(ins, env, root)
+    return problems + _lint_promises(instructions, env, root)
+
+
+def _lint_base(first: Instruction) -> list[str]:
     image = first.args.split()[0]
+    problems = []
     if ":" not in image or image.endswith(":latest") or not re.search(r":\d+\.\d+\.\d+", image):
         problems.append(f"line {first.line}: FROM {image} must pin an exact version (DL3006/DL3007)")
     if "slim" not in image:
         problems.append(f"line {first.line}: use a slim Python base image")
-    env: dict[str, str] = {}
-    user_line = None
-    for ins in instructions:
-        if ins.op == "ENV":
-            env.update(env_pairs(ins.args))
-        elif ins.op == "USER":
-            user_line = ins.line
-            if ins.args in ("root", "0"):
-                problems.append(f"line {ins.line}: the image must not run as root")
-        elif ins.op == "RUN":
-            cmd = ins.args
-            if re.search(r"\bsudo\b", cmd):
-                problems.append(f"line {ins.line}: no sudo in RUN (DL3004)")
-            if re.search(r"\bcd\s", cmd):
-                problems.append(f"line {ins.line}: use WORKDIR instead of cd (DL3003)")
-            if "apt-get install" in cmd and ("--no-install-recommends" not in cmd or "rm -rf /var/lib/apt/lists" not in cmd):
-                problems.append(f"line {ins.line}: apt-get install needs --no-install-recommends and list cleanup")
-            for pip in re.findall(r"pip install[^&;|]*", cmd):
-                if "--no-cache-dir" not in pip and env.get("PIP_NO_CACHE_DIR") != "1":
-                    problems.append(f"line {ins.line}: pip install without --no-cache-dir (DL3042)")
-                for name in _pip_requirements(pip):
-                    if "==" not in name:
-                        problems.append(f"line {ins.line}: pip package {name} is not pinned with == (DL3013)")
-            if "useradd" in cmd and "--uid 1000" not in cmd and "-u 1000" not in cmd:
-                problems.append(f"line {ins.line}: the user must have uid 1000 (Spaces)")
-        elif ins.op == "COPY":
-            parts = [p for p in shlex.split(ins.args) if not p.startswith("--")]
-            for source in parts[:-1]:
-                if not (root / source).exists():
-                    problems.append(f"line {ins.line}: COPY source {source} does not exist")
-        elif ins.op == "ADD":
-            problems.append(f"line {ins.line}: use COPY rather than ADD (DL3020)")
-        elif ins.op == "CMD":
-            try:
-                json.loads(ins.args)
-            except ValueError:
-                problems.append(f"line {ins.line}: CMD must use the exec (JSON) form (DL3025)")
-    if user_line is None:
+    return problems
+
+
+def _lint_instruction(ins: Instruction, env: dict[str, str], root: Path) -> list[str]:
+    """One instruction's own problems (`env`: the ENV set so far)."""
+    if ins.op == "USER" and ins.args in ("root", "0"):
+        return [f"line {ins.line}: the image must not run as root"]
+    if ins.op == "RUN":
+        return _lint_run(ins, env)
+    if ins.op == "COPY":
+        parts = [p for p in shlex.split(ins.args) if not p.startswith("--")]
+        return [f"line {ins.line}: COPY source {source} does not exist" for source in parts[:-1]
+                if not (root / source).exists()]
+    if ins.op == "ADD":
+        return [f"line {ins.line}: use COPY rather than ADD (DL3020)"]
+    if ins.op == "CMD":
+        try:
+            json.loads(ins.args)
+        except ValueError:
+            return [f"line {ins.line}: CMD must use the exec (JSON) form (DL3025)"]
+    return []
+
+
+def _lint_run(ins: Instruction, env: dict[str, str]) -> list[str]:
+    cmd, problems = ins.args, []
+    if re.search(r"\bsudo\b", cmd):
+        problems.append(f"line {ins.line}: no sudo in RUN (DL3004)")
+    if re.search(r"\bcd\s", cmd):
+        problems.append(f"line {ins.line}: use WORKDIR instead of cd (DL3003)")
+    if "apt-get install" in cmd and ("--no-install-recommends" not in cmd or "rm -rf /var/lib/apt/lists" not in cmd):
+        problems.append(f"line {ins.line}: apt-get install needs --no-install-recommends and list cleanup")
+    for pip in re.findall(r"pip install[^&;|]*", cmd):
+        if "--no-cache-dir" not in pip and env.get("PIP_NO_CACHE_DIR") != "1":
+            problems.append(f"line {ins.line}: pip install without --no-cache-dir (DL3042)")
+        for name in _pip_requirements(pip):
+            if "==" not in name:
+                problems.append(f"line {ins.line}: pip package {name} is not pinned with == (DL3013)")
+    if "useradd" in cmd and "--uid 1000" not in cmd and "-u 1000" not in cmd:
+        problems.append(f"line {ins.line}: the user must have uid 1000 (Spaces)")
+    return problems
+
+
+def _lint_promises(instructions: list[Instruction], env: dict[str, str], root: Path) -> list[str]:
+    """What qdemo's image promises as a whole: a non-root user 1000, port 7860, a health check, pinned requirements
+    and the default model prepared at build time."""
+    ops = [i.op for i in instructions]
+    problems = []
+    if "USER" not in ops:
         problems.append("no USER: the image must not run as root")
     if not any("useradd" in i.args for i in instructions if i.op == "RUN"):
         problems.append("no user with uid 1000 is created")
@@ -129,8 +151,7 @@ def lint(text: str, root: Path = ROOT) -> list[str]:
         problems.append("HEALTHCHECK is missing")
     if "CMD" not in ops:
         problems.append("CMD is missing")
-    requirements = (root / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    for line in requirements:
+    for line in (root / "requirements.txt").read_text(encoding="utf-8").splitlines():
         spec = line.split("#", 1)[0].strip()
         if spec and "==" not in spec:
             problems.append(f"requirements.txt: {spec} is not pinned with ==")
@@ -157,8 +178,6 @@ def _pip_requirements(command: str) -> list[str]:
 
 
 def _registry_default(root: Path) -> str:
-    import yaml
-
     return yaml.safe_load((root / "models.yaml").read_text(encoding="utf-8"))["default"]
 
 
@@ -166,79 +185,110 @@ def replay(root: Path = ROOT, scratch: Path | None = None, log=print) -> int:
     """Run the build's RUN/COPY steps and then CMD + HEALTHCHECK. Returns 0 when the health check passes."""
     instructions = parse((root / "Dockerfile").read_text(encoding="utf-8"))
     scratch = Path(scratch or tempfile.mkdtemp(prefix="qdemo-docker-"))
-    home = scratch / "home" / "user"
-    home.mkdir(parents=True, exist_ok=True)
-
-    def local(value: str) -> str:
-        return value.replace(IMAGE_HOME, str(home))
-
+    build = _Build(root=root, home=scratch / "home" / "user", log=log)
+    build.home.mkdir(parents=True, exist_ok=True)
     base = instructions[0].args.split()[0]
     wanted = re.search(r":(\d+\.\d+\.\d+)", base)
     have = ".".join(map(str, sys.version_info[:3]))
     log(f"FROM {base}: standing in with python {have}" + ("" if wanted and wanted.group(1) == have
                                                            else f" (the image has {wanted.group(1) if wanted else '?'})"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QDEMO_", "GRADIO_", "HF_", "VIRTUAL_ENV"))}
-    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if ".venv" not in p)
-    workdir = home
-    health: list[str] | None = None
-    cmd: list[str] | None = None
     for ins in instructions:
-        if ins.op == "ARG":
-            name, _, default = ins.args.partition("=")
-            env[name] = "" if name == "TORCH_INDEX" else default
-            if name == "TORCH_INDEX":
-                log("ARG TORCH_INDEX: emptied (the PyTorch index is not reachable here; PyPI's torch is used)")
-        elif ins.op == "ENV":
-            for key, value in env_pairs(ins.args).items():
-                env[key] = local(value.replace("$PATH", env.get("PATH", "")))
-        elif ins.op == "WORKDIR":
-            workdir = Path(local(ins.args))
-            workdir.mkdir(parents=True, exist_ok=True)
-        elif ins.op == "COPY":
-            parts = [p for p in shlex.split(ins.args) if not p.startswith("--")]
-            dest = Path(local(parts[-1])) if parts[-1].startswith("/") else workdir / parts[-1]
-            for source in parts[:-1]:
-                src = root / source
-                target = dest / src.name if (parts[-1].endswith("/") or len(parts) > 2) else dest
-                if src.is_dir():
-                    shutil.copytree(src, target, dirs_exist_ok=True,
-                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, target)
-            log(f"COPY {' '.join(parts[:-1])} → {dest}")
-        elif ins.op == "USER":
-            log(f"USER {ins.args}: skipped (runs as the current user)")
-        elif ins.op == "RUN":
-            if "useradd" in ins.args:
-                log("RUN useradd: skipped (needs root; the scratch HOME stands in for /home/user)")
-                continue
-            log(f"RUN {ins.args}")
-            started = time.perf_counter()
-            done = subprocess.run(["bash", "-c", ins.args], cwd=workdir, env=env)
-            log(f"    → exit {done.returncode} in {time.perf_counter() - started:.0f} s")
-            if done.returncode:
-                return done.returncode
-        elif ins.op == "HEALTHCHECK":
-            health = json.loads(ins.args[ins.args.index("CMD") + 3:].strip())
-        elif ins.op == "CMD":
-            cmd = json.loads(ins.args)
-    if cmd is None or health is None:
+        code = build.step(ins)
+        if code:
+            return code
+    if build.cmd is None or build.health is None:
         log("no CMD or HEALTHCHECK to try")
         return 1
-    log(f"CMD {' '.join(cmd)} (then the HEALTHCHECK until it passes)")
-    app = subprocess.Popen(cmd, cwd=workdir, env=env)
+    return _start_and_check(build)
+
+
+@dataclass
+class _Build:
+    """The replay's state as it walks the instructions: the image's ENV, WORKDIR, CMD and HEALTHCHECK."""
+
+    root: Path
+    home: Path  # stands in for /home/user
+    log: Callable[[str], object]
+    env: dict[str, str] = field(default_factory=lambda: _clean_env())
+    workdir: Path | None = None
+    health: list[str] | None = None
+    cmd: list[str] | None = None
+
+    def local(self, value: str) -> str:
+        return value.replace(IMAGE_HOME, str(self.home))
+
+    def step(self, ins: Instruction) -> int:
+        """Replay one instruction; a failed RUN's exit code, else 0."""
+        if ins.op == "ARG":
+            name, _, default = ins.args.partition("=")
+            self.env[name] = "" if name == "TORCH_INDEX" else default
+            if name == "TORCH_INDEX":
+                self.log("ARG TORCH_INDEX: emptied (the PyTorch index is not reachable here; PyPI's torch is used)")
+        elif ins.op == "ENV":
+            for key, value in env_pairs(ins.args).items():
+                self.env[key] = self.local(value.replace("$PATH", self.env.get("PATH", "")))
+        elif ins.op == "WORKDIR":
+            self.workdir = Path(self.local(ins.args))
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        elif ins.op == "COPY":
+            self.copy(ins)
+        elif ins.op == "USER":
+            self.log(f"USER {ins.args}: skipped (runs as the current user)")
+        elif ins.op == "RUN":
+            return self.run(ins)
+        elif ins.op == "HEALTHCHECK":
+            self.health = json.loads(ins.args[ins.args.index("CMD") + 3:].strip())
+        elif ins.op == "CMD":
+            self.cmd = json.loads(ins.args)
+        return 0
+
+    def copy(self, ins: Instruction) -> None:
+        parts = [p for p in shlex.split(ins.args) if not p.startswith("--")]
+        workdir = self.workdir or self.home
+        dest = Path(self.local(parts[-1])) if parts[-1].startswith("/") else workdir / parts[-1]
+        for source in parts[:-1]:
+            src = self.root / source
+            target = dest / src.name if (parts[-1].endswith("/") or len(parts) > 2) else dest
+            if src.is_dir():
+                shutil.copytree(src, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+        self.log(f"COPY {' '.join(parts[:-1])} → {dest}")
+
+    def run(self, ins: Instruction) -> int:
+        if "useradd" in ins.args:
+            self.log("RUN useradd: skipped (needs root; the scratch HOME stands in for /home/user)")
+            return 0
+        self.log(f"RUN {ins.args}")
+        started = time.perf_counter()
+        done = subprocess.run(["bash", "-c", ins.args], cwd=self.workdir or self.home, env=self.env)
+        self.log(f"    → exit {done.returncode} in {time.perf_counter() - started:.0f} s")
+        return done.returncode
+
+
+def _clean_env() -> dict[str, str]:
+    """This machine's environment without qdemo's, Gradio's, the hub's or a virtualenv's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QDEMO_", "GRADIO_", "HF_", "VIRTUAL_ENV"))}
+    env["PATH"] = ":".join(p for p in env.get("PATH", "").split(":") if ".venv" not in p)
+    return env
+
+
+def _start_and_check(build: _Build, timeout_s: float = 180.0) -> int:
+    """CMD, then the HEALTHCHECK every 2 s until it passes (0) or the app exits or the time is up (1)."""
+    build.log(f"CMD {' '.join(build.cmd)} (then the HEALTHCHECK until it passes)")
+    app = subprocess.Popen(build.cmd, cwd=build.workdir or build.home, env=build.env)
+    started = time.perf_counter()
     try:
-        deadline = time.perf_counter() + 180
-        while time.perf_counter() < deadline:
+        while time.perf_counter() - started < timeout_s:
             if app.poll() is not None:
-                log(f"the app exited with {app.returncode}")
+                build.log(f"the app exited with {app.returncode}")
                 return 1
-            if subprocess.run(health, env=env, capture_output=True).returncode == 0:
-                log(f"HEALTHCHECK passed {time.perf_counter() - deadline + 180:.0f} s after start")
+            if subprocess.run(build.health, env=build.env, capture_output=True).returncode == 0:
+                build.log(f"HEALTHCHECK passed {time.perf_counter() - started:.0f} s after start")
                 return 0
             time.sleep(2)
-        log("HEALTHCHECK did not pass within 180 s")
+        build.log(f"HEALTHCHECK did not pass within {timeout_s:.0f} s")
         return 1
     finally:
         app.terminate()

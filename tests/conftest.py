@@ -176,9 +176,9 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_services(tiny_dir: Path, root: Path, max_context: int = 2048):
     """Services over the tiny model with a generous rate limit (service tests make many requests)."""
+    from qdemo.services.admission import Services
     from qdemo.serving.limits import Limits
     from qdemo.serving.pool import ModelPool
-    from qdemo.services.admission import Services
 
     registry = load_registry(write_registry(root / "models.yaml", tiny_dir, max_context=max_context))
     return Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from qdemo.core.engine import collect, generate
+from qdemo.core.textstream import IncrementalDetokenizer
 from qdemo.models.loader import load_model, pick_dtype
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
-from qdemo.sampling import SamplingParams
 from qdemo.models.sources import resolve
-from qdemo.core.textstream import IncrementalDetokenizer
+from qdemo.sampling import SamplingParams
 
 pytestmark = pytest.mark.real_model
 NAME = "qwen2.5-coder-0.5b-instruct"

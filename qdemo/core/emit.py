@@ -20,14 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from qdemo.core.events import (
-    DoneEvent,
-    GenerationStats,
-    MemorySample,
-    PrefillEvent,
-    StageTopN,
-    TokenEvent,
-)
+from qdemo.core.events import DoneEvent, GenerationStats, MemorySample, PrefillEvent, StageTopN, TokenEvent
 from qdemo.core.textstream import IncrementalDetokenizer
 from qdemo.models.loader import LoadedModel
 

@@ -31,7 +31,6 @@ from qdemo.models.prompting import (
     conversation_prompt_ids,
     raw_text_ids,
 )
-from qdemo.models.registry import ModelSpec
 from qdemo.models.sources import ProgressFn
 from qdemo.probes import attribution, introspect, lens, scoring
 from qdemo.sampling import SamplingParams
@@ -68,49 +67,11 @@ class LocalBackend:
 
     def __init__(self, lm: LoadedModel, gate: StepGate) -> None:
         self._lm, self._gate = lm, gate
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities() if self._lm.model is not None else _WEIGHTLESS
-
-    # --- facts (no forward) -------------------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self._lm.spec.name
-
-    @property
-    def key(self) -> str:
-        """The pool's name of this copy ("name" on torch, "name [llama.cpp]" on llama.cpp)."""
-        return self._lm.key
-
-    @property
-    def forward(self) -> str:
-        return self._lm.forward
-
-    @property
-    def forward_label(self) -> str:
-        """"llama.cpp Q4_K_M", "torch fp32"."""
-        return self._lm.forward_label
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self._lm.spec
-
-    @property
-    def max_context(self) -> int:
-        return self._lm.max_context
-
-    @property
-    def context_note(self) -> str:
-        return self._lm.context_note
-
-    @property
-    def position_encoding(self) -> str:
-        return self._lm.family.position_encoding
-
-    @property
-    def position_note(self) -> str:
-        return self._lm.family.position_note
+        self.name, self.key, self.spec = lm.spec.name, lm.key, lm.spec
+        self.forward, self.forward_label = lm.forward, lm.forward_label
+        self.max_context, self.context_note = lm.max_context, lm.context_note
+        self.position_encoding, self.position_note = lm.family.position_encoding, lm.family.position_note
+        self.capabilities = Capabilities() if lm.model is not None else _WEIGHTLESS
 
     def shape(self) -> tuple[int, int]:
         """(decoder layers, attention heads)."""

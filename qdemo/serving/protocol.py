@@ -50,31 +50,18 @@ def needs_local(backend: "Backend", what: str, needs: str = "full logits") -> Ne
 
 
 class Backend(Protocol):
-    """A model leased for one request."""
+    """A model leased for one request. Its facts are plain attributes, set once when it is made."""
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def key(self) -> str:
-        """Its copy's name: "name" on torch, "name [llama.cpp]", "name [remote]"."""
-    @property
-    def forward(self) -> str:
-        """"torch", "llama.cpp" or "remote"."""
-    @property
-    def forward_label(self) -> str:
-        """How it runs, in a few words ("llama.cpp Q4_K_M", "torch fp32", "remote host:8080")."""
-    @property
-    def spec(self) -> ModelSpec: ...
-    @property
-    def max_context(self) -> int: ...
-    @property
-    def context_note(self) -> str: ...
-    @property
-    def capabilities(self) -> Capabilities: ...
-    @property
-    def position_encoding(self) -> str: ...
-    @property
-    def position_note(self) -> str: ...
+    name: str
+    key: str  # its copy's name: "name" on torch, "name [llama.cpp]", "name [remote]"
+    forward: str  # "torch", "llama.cpp" or "remote"
+    forward_label: str  # how it runs, in a few words: "llama.cpp Q4_K_M", "torch fp32", "remote host:8080"
+    spec: ModelSpec
+    max_context: int  # tokens it may see (models.yaml's, capped by the checkpoint)
+    context_note: str  # why max_context is below what models.yaml asks, when it is
+    capabilities: Capabilities
+    position_encoding: str  # "rope" or "alibi"
+    position_note: str
 
     # --- text and tokens (no forward) ---------------------------------------------------------------------------
     def vocabulary(self) -> str | None:

@@ -103,6 +103,11 @@ class RemoteBackend:
         self._texts: dict[int, str] = {}  # ids seen in streams → their text (ids the server did not number too)
         self._synthetic: dict[str, int] = {}
         self._lock = threading.Lock()
+        family = get_family(spec.family)
+        self.name, self.key, self.max_context = spec.name, f"{spec.name} [remote]", spec.max_context
+        self.server = server_label(self.source.base_url)
+        self.forward_label = f"remote {self.server}"
+        self.position_encoding, self.position_note = family.position_encoding, family.position_note
         # tokens with the server's log-probabilities; nothing that needs the weights or full logits
         self.capabilities = Capabilities(stage_chain=False, attention=False, positions=False, model_card=False,
                                          rows=False, where=f"a remote server ({self.server})",
@@ -110,36 +115,8 @@ class RemoteBackend:
 
     # --- facts -------------------------------------------------------------------------------------------------
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def key(self) -> str:
-        return f"{self.spec.name} [remote]"
-
-    @property
-    def server(self) -> str:
-        return server_label(self.source.base_url)
-
-    @property
-    def forward_label(self) -> str:
-        return f"remote {self.server}"
-
-    @property
     def timeout_s(self) -> float:
-        return self._timeout_s if self._timeout_s is not None else TIMEOUT_S
-
-    @property
-    def max_context(self) -> int:
-        return self.spec.max_context
-
-    @property
-    def position_encoding(self) -> str:
-        return get_family(self.spec.family).position_encoding
-
-    @property
-    def position_note(self) -> str:
-        return get_family(self.spec.family).position_note
+        return self._timeout_s if self._timeout_s is not None else TIMEOUT_S  # read late: tests shorten it
 
     def new_state(self) -> None:
         return None  # the server keeps its own cache (prefix caching)

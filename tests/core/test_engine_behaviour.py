@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from qdemo.core.engine import collect, generate
-from qdemo.errors import PromptTooLongError
 from qdemo.core.events import DoneEvent, PrefillEvent, TokenEvent
+from qdemo.errors import PromptTooLongError
 from qdemo.sampling import SamplingParams
 
 GREEDY = SamplingParams(do_sample=False, max_new_tokens=12)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from qdemo.core.engine import collect, generate, generate_assisted
-from qdemo.models.loader import load_model
+from qdemo.core.speculative import SpeculativeDecoder
 from qdemo.forwards.gate import StepGate
+from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
-from qdemo.core.speculative import SpeculativeDecoder
 from tests.conftest import write_registry, write_tiny_qwen2
 
 PROMPT = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -141,10 +141,10 @@ def test_drafts_that_do_not_share_the_tokenizer_are_refused(tiny_lm, draft_lm, m
 
 
 def test_the_chat_drafts_with_the_registrys_draft_where_asked(tiny_dir, tmp_path, tiny_lm):
-    from qdemo.serving.limits import Limits
-    from qdemo.serving.pool import ModelPool
     from qdemo.services import chat
     from qdemo.services.admission import Services
+    from qdemo.serving.limits import Limits
+    from qdemo.serving.pool import ModelPool
 
     draft_dir = write_tiny_qwen2(tmp_path / "draft", seed=1, num_hidden_layers=1)
     path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024)

@@ -66,9 +66,9 @@ def test_model_refs_round_trip():
 
 
 def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, installed, monkeypatch):
-    from qdemo.serving.pool import ModelPool
     from qdemo.models.registry import parse_registry
     from qdemo.services.admission import Refused, Services
+    from qdemo.serving.pool import ModelPool
 
     data = {"default": "g", "models": [
         {"name": "g", "family": "qwen2", "max_context": 64, "sampling": {"max_new_tokens": 8},
@@ -88,8 +88,8 @@ def test_admission_resolves_the_forward_and_weight_panels_take_torch(tmp_path, i
         services.model_ref("g [gpu]")
     assert services.forward_choices("g") == ["auto", "llama.cpp", "torch"] and services.forward_choices("l") == []
     # the line under the dropdown says which forward runs (the fake entry's packages count as installed)
-    from qdemo.services import admission
     from qdemo.models.sources import Readiness
+    from qdemo.services import admission
 
     monkeypatch.setattr(admission, "readiness", lambda spec: Readiness(True, "embedded"))
     assert "llama.cpp Q4_K_M" in services.model_info("g") and "torch" in services.model_info("g", "torch")

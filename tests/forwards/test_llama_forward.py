@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
-from qdemo.forwards import llama_cpp as llama_forward
 from qdemo.core.decode import decode_step, last_logits, new_state, prefill
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
+from qdemo.forwards import llama_cpp as llama_forward
 from qdemo.forwards.llama_cpp import load_llama_model
 from qdemo.models.loader import load_model
 from qdemo.models.prompting import build_prompt

@@ -7,7 +7,6 @@ state dict with the ORIGINAL bias form slope·(key − last_pos) over the full s
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 

@@ -8,7 +8,14 @@ from transformers import AutoTokenizer
 from qdemo.models.families.baichuan_chat import build_chat_input_ids
 from qdemo.models.families.sp_tokenizer import convert_sp_tokenizer
 from tests.baichuan_fixtures import (
-    ASSISTANT_ID, STYLES, USER_ID, official_build_chat_input, plain_oracle, sp_oracle, write_baichuan_tokenizer)
+    ASSISTANT_ID,
+    STYLES,
+    USER_ID,
+    official_build_chat_input,
+    plain_oracle,
+    sp_oracle,
+    write_baichuan_tokenizer,
+)
 
 CHAT_STYLES = ("baichuan2", "baichuan1")  # Baichuan2-*-Chat, and Baichuan-13B-Chat's dummy-prefix tokenizer
 

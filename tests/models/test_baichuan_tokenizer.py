@@ -12,10 +12,29 @@ import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaConfig
 
 from qdemo.models.families.sp_tokenizer import (
-    BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, convert_sp_tokenizer, encode_plain, parse_model_proto)
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    convert_sp_tokenizer,
+    encode_plain,
+    parse_model_proto,
+)
 from tests.baichuan_fixtures import (
-    ASSISTANT_ID, CHECK_TEXTS, LEADING_MARKER_TEXTS, STYLES, USER_ID, plain_oracle, random_texts, sp_oracle,
-    train_sp_model, user_defined_pieces, with_unused_pieces, write_baichuan_tokenizer)
+    ASSISTANT_ID,
+    CHECK_TEXTS,
+    LEADING_MARKER_TEXTS,
+    STYLES,
+    USER_ID,
+    plain_oracle,
+    random_texts,
+    sp_oracle,
+    train_sp_model,
+    user_defined_pieces,
+    with_unused_pieces,
+    write_baichuan_tokenizer,
+)
 
 
 def _convert(root: Path, style: str, **overrides):

@@ -11,19 +11,27 @@ import numpy as np
 import pytest
 import torch
 
-from qdemo.models import sources
 from qdemo.core.engine import collect, generate
+from qdemo.core.runs import RunRecord
 from qdemo.errors import SourceError
-from qdemo.probes.introspect import attention_map, model_card, rope_info
+from qdemo.forwards.gate import StepGate
+from qdemo.models import sources
 from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
-from qdemo.core.runs import RunRecord
+from qdemo.probes.introspect import attention_map, model_card, rope_info
 from qdemo.sampling import SamplingParams
-from qdemo.serving.local import LocalBackend
-from qdemo.forwards.gate import StepGate
 from qdemo.services import compare, internals
-from tests.family_checkpoints import (LAYOUTS, heads_for, read_state, ref_alibi_slopes, reference_logits,
-                                      registry_entry, write_checkpoint, write_family_registry)
+from qdemo.serving.local import LocalBackend
+from tests.family_checkpoints import (
+    LAYOUTS,
+    heads_for,
+    read_state,
+    ref_alibi_slopes,
+    reference_logits,
+    registry_entry,
+    write_checkpoint,
+    write_family_registry,
+)
 
 FAMILIES = list(LAYOUTS)
 IDS = [5, 17, 42, 99, 7, 250, 3, 64, 120, 33, 8, 77]

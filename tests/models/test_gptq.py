@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from qdemo.models import sources
 from qdemo.errors import SourceError
+from qdemo.models import sources
 from qdemo.models.families.gptq import split_gptq_linear
 from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry

@@ -27,8 +27,15 @@ from tests.baichuan_fixtures import official_build_chat_input
 from tests.conftest import build_tokenizer
 from tests.qwen_v1_fixtures import IM_END, IM_START, QWEN_PAT_STR, official_make_context
 from tests.real_vocab_fixtures import (
-    ASSISTANT_ID, RESERVED_PIECE, USER_ID, baichuan2_plain_sp, baichuan2_sp, baichuan2_tokenizer, qwen_v1_tiktoken,
-    qwen_v1_tokenizer)
+    ASSISTANT_ID,
+    RESERVED_PIECE,
+    USER_ID,
+    baichuan2_plain_sp,
+    baichuan2_sp,
+    baichuan2_tokenizer,
+    qwen_v1_tiktoken,
+    qwen_v1_tokenizer,
+)
 
 GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # Qwen2.5's added tokens that are not marked special

@@ -7,8 +7,16 @@ import unicodedata
 import pytest
 
 from qdemo.models.families.qwen_chat import DEFAULT_SYSTEM, QWEN_V1_STOP_TOKENS, make_context_ids
-from tests.qwen_v1_fixtures import (IM_END, IM_START, as_messages, build_ranks, convert_tiny, official_make_context,
-                                    oracle_encode, tiktoken_oracle)
+from tests.qwen_v1_fixtures import (
+    IM_END,
+    IM_START,
+    as_messages,
+    build_ranks,
+    convert_tiny,
+    official_make_context,
+    oracle_encode,
+    tiktoken_oracle,
+)
 
 
 def oracle_newline(enc):

@@ -18,8 +18,19 @@ from qdemo.models.prompting import PLAIN_TEXT_TOKENS_KEY, build_prompt, encode_u
 from tests.baichuan_fixtures import official_build_chat_input, proto_pieces
 from tests.qwen_v1_fixtures import IM_END, IM_START, QWEN_SPECIALS, as_messages, official_make_context
 from tests.real_vocab_fixtures import (
-    ASSISTANT_ID, ORDINARY_TEXTS, RESERVED_PIECE, TYPED_MARKERS, USER_ID, baichuan2_model_bytes, baichuan2_plain_sp,
-    baichuan2_sp, baichuan2_tokenizer, qwen_v1_ranks, qwen_v1_tiktoken, qwen_v1_tokenizer)
+    ASSISTANT_ID,
+    ORDINARY_TEXTS,
+    RESERVED_PIECE,
+    TYPED_MARKERS,
+    USER_ID,
+    baichuan2_model_bytes,
+    baichuan2_plain_sp,
+    baichuan2_sp,
+    baichuan2_tokenizer,
+    qwen_v1_ranks,
+    qwen_v1_tiktoken,
+    qwen_v1_tokenizer,
+)
 
 USER_DEFINED, NORMAL = 4, 1  # sentencepiece_model.proto piece types
 

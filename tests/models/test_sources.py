@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from qdemo.models import sources
 from qdemo.errors import SourceError
+from qdemo.models import sources
 from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource, ModelSpec
 from qdemo.sampling import SamplingParams
 

@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from qdemo.probes.attribution import (Unit, gradient_x_input, occlusion, token_pieces, token_units, turn_units)
 from qdemo.models.prompting import conversation_prompt_ids
+from qdemo.probes.attribution import Unit, gradient_x_input, occlusion, token_pieces, token_units, turn_units
 from tests.family_checkpoints import load_family_models
 
 MESSAGES = [{"role": "system", "content": "You are terse."},

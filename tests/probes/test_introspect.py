@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from qdemo.probes.introspect import (
-    attention_map, mean_over_heads, model_card, next_token_logits, rope_angles, rope_decay, rope_info,
+    attention_map,
+    mean_over_heads,
+    model_card,
+    next_token_logits,
+    rope_angles,
+    rope_decay,
+    rope_info,
 )
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 7, 120, 64, 11]

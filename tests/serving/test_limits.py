@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.serving.limits import Limits, RateLimiter, clean_text
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
 from qdemo.services.admission import Services
+from qdemo.serving.limits import Limits, RateLimiter, clean_text
 
 
 def test_clean_text_keeps_what_people_type():
@@ -53,8 +53,8 @@ def test_history_is_cleaned_too():
 
 
 def test_max_new_tokens_is_capped_with_a_notice(tiny_registry_path):
-    from qdemo.serving.pool import ModelPool
     from qdemo.models.registry import load_registry
+    from qdemo.serving.pool import ModelPool
 
     registry = load_registry(tiny_registry_path)
     services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from qdemo.core.engine import collect, generate
-from qdemo.models.loader import load_model
 from qdemo.forwards.gate import StepGate
+from qdemo.models.loader import load_model
 from qdemo.models.sources import estimate_weight_bytes
+from qdemo.sampling import SamplingParams
 from qdemo.serving.budget import parse_bytes
 from qdemo.serving.local import leased
 from qdemo.serving.pool import MemoryBudgetError, ModelPool
-from qdemo.sampling import SamplingParams
 
 
 def test_estimate_matches_loaded_size(pool_registry, one_model_bytes):
@@ -164,8 +164,8 @@ def test_gated_generations_interleave_and_match_their_solo_runs(tiny_lm):
 def test_every_forward_of_a_pooled_model_holds_its_gate(pool_registry):
     """The pool's promise, checked instead of trusted: a forward outside the step gate is refused, and every
     forward the backend runs (generation steps, next-token logits, attention) holds the gate."""
-    from qdemo.probes.introspect import next_token_logits
     from qdemo.forwards.gate import UngatedForwardError
+    from qdemo.probes.introspect import next_token_logits
 
     pool = ModelPool(pool_registry, "cpu", budget_bytes=1 << 30)
     lm = pool.get("tiny-qwen2")

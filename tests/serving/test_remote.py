@@ -17,13 +17,14 @@ import threading
 import pytest
 import yaml
 
-from qdemo.serving.limits import Limits
 from qdemo.bench.llama_server import LlamaServer, free_port, server_binary
-from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import load_registry, parse_registry
 from qdemo.sampling import SamplingParams
-from qdemo.services import chat, compare, probing as inspect
+from qdemo.services import chat, compare
+from qdemo.services import probing as inspect
 from qdemo.services.admission import Refused, Services
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 DEFAULT = "qwen2.5-coder-0.5b-instruct"

@@ -128,7 +128,8 @@ class Services:
         if not ready.ready:
             return f"✗ **not ready here**: {ready.hint}"
         if picked.forward == "llama.cpp":
-            return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU ({llama_cpp.default_threads()} threads) · "
+            return (f"runs as **llama.cpp {gguf_quant(spec) or 'GGUF'}** on this CPU "
+                    f"({llama_cpp.default_threads()} threads) · "
                     f"{ready.state} · attention and RoPE panels load the torch copy")
         line = f"runs as **{describe_run(spec, self.pool.device)}** · {ready.state}"
         return f"{line} · {picked.note}" if picked.note else line
@@ -153,7 +154,8 @@ class Services:
         source = self.registry.get(name).source
         if isinstance(source, OpenAISource):
             if weights:
-                local = f" {source.tokenizer} is this model locally: pick it for this panel." if source.tokenizer else ""
+                local = (f" {source.tokenizer} is this model locally: pick it for this panel." if source.tokenizer
+                         else "")
                 raise Refused(f"{name} runs on a remote server ({server_label(source.base_url)}): this panel reads the "
                               f"weights and activations, which need a local model.{local}")
             return name, "remote"

@@ -12,7 +12,7 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 from qdemo.core.events import DoneEvent, StageTopN, TokenEvent
 from qdemo.core.runs import RunRecord
@@ -112,7 +112,8 @@ def alternatives(view: AnswerView, index: int) -> list[Alternative]:
     out = []
     for token in sorted(candidates, key=lambda t: -raw_p.get(t, 0.0)):
         text = token_label(view.labels.get(token, ""))
-        label = f"{text} · raw {percent(raw_p.get(token))} · final {percent(final_p.get(token, 0.0) if token in final_p else None)}"
+        final_share = percent(final_p.get(token, 0.0) if token in final_p else None)
+        label = f"{text} · raw {percent(raw_p.get(token))} · final {final_share}"
         removed = _removed_by(event.stages, token)
         if removed:
             label += f" · removed by {removed}"
@@ -156,55 +157,17 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
          progress: ProgressFn | None = None) -> Iterator[BranchUpdate]:
     """Generate a new branch of `tree`: the parent's answer up to `at`, then `token`, then the model's own
     continuation under `params` (its max_new_tokens counts the whole answer)."""
-    parent = tree.branches.get(parent_id)
-    if parent is None:
-        raise Refused(f"there is no branch #{parent_id} to branch from")
-    _event(parent.view, at)
-    if token == parent.ids[at]:
-        raise Refused("that is the token the answer already has there: pick another one")
-    prefix = parent.ids[:at]
+    parent = _branch_point(tree, parent_id, at, token)
+    head = parent.ids[:at] + [token]  # the answer the continuation follows
     remaining = max(1, params.max_new_tokens - at - 1)
     with services.admit(client, ModelRequest(tree.model, params.replace(max_new_tokens=remaining)),
                         progress=progress) as admitted:
         backend, run_params = admitted.backend, admitted.params[0]
         services.need_logits(backend, "branching from a token")
-        state = services.states.take(session.key, backend.key) or backend.new_state()
-        ids = tree.prompt_ids + prefix + [token]
-        texts = backend.token_texts(prefix + [token])
-        forced = _forced_event(parent, at, token, texts[token])
-        base = parent.view.run
-        run = RunRecord(run_id=run_id, model=backend.name, settings={**run_params.to_dict(), "branch_of": parent_id,
-                                                                     "branch_at": at, "branch_token": token},
-                        label=f"branch of #{base.run_id}", forward=backend.forward_label)
-        run.tokens = [dataclasses.replace(t) for t in base.tokens[:at]] + [forced]
-        reused = 0
-        new: list[TokenEvent] = []
-        done: DoneEvent | None = None
-        try:
-            events = backend.generate(input_ids=ids, params=run_params, state=state, stop_event=stop, top_n=20,
-                                      time_limit_s=services.limits.max_generation_seconds)
-        except ValueError as exc:  # a token outside the vocabulary, an answer past the context
-            services.states.keep(session.key, state)
-            raise Refused(str(exc)) from None
-        shown_at = 0.0
-        try:
-            for event in events:
-                if type(event).__name__ == "PrefillEvent":
-                    run.prefill, reused = event, event.reused_tokens
-                elif isinstance(event, TokenEvent):
-                    new.append(dataclasses.replace(event, step=at + 1 + event.step))
-                    run.tokens.append(new[-1])
-                    if time.perf_counter() - shown_at >= UI_INTERVAL_S:  # as the chat streams: not every token
-                        shown_at = time.perf_counter()
-                        yield BranchUpdate(text=backend.decode(prefix + [token] + [t.token_id for t in new],
-                                                               skip_special_tokens=True), reused_tokens=reused)
-                elif isinstance(event, DoneEvent):
-                    done = event
-        finally:
-            events.close()
-            if state is not None and not state.broken:
-                services.states.keep(session.key, state)
-        all_ids = prefix + [token] + [t.token_id for t in new]
+        run = _branch_run(backend, parent, at, token, run_params, run_id)
+        ids = tree.prompt_ids + head
+        reused, new, done = yield from _continue(services, session, backend, ids, head, run, run_params, stop)
+        all_ids = head + [t.token_id for t in new]
         text = backend.decode(all_ids, skip_special_tokens=True)
         if done is not None:
             run.done = dataclasses.replace(done, text=text, token_ids=tuple(all_ids))
@@ -217,6 +180,63 @@ def grow(services: Services, session: ChatSession, tree: BranchTree, client: str
     yield BranchUpdate(text=text, done=True, branch=branch, reused_tokens=reused,
                        notice=f"Branch #{branch.id}: reused {reused} of {len(ids)} tokens from the cache, "
                               f"wrote {len(new)} new ones.")
+
+
+def _branch_point(tree: BranchTree, parent_id: int, at: int, token: int) -> Branch:
+    """The branch to part from, checked: `at` is one of its tokens and `token` is not the one written there."""
+    parent = tree.branches.get(parent_id)
+    if parent is None:
+        raise Refused(f"there is no branch #{parent_id} to branch from")
+    _event(parent.view, at)
+    if token == parent.ids[at]:
+        raise Refused("that is the token the answer already has there: pick another one")
+    return parent
+
+
+def _branch_run(backend: Any, parent: Branch, at: int, token: int, params: SamplingParams, run_id: int
+                ) -> RunRecord:
+    """The branch's record, holding the parent's tokens before `at` and the forced one (the rest follows)."""
+    base = parent.view.run
+    run = RunRecord(run_id=run_id, model=backend.name, settings={**params.to_dict(), "branch_of": parent.id,
+                                                                 "branch_at": at, "branch_token": token},
+                    label=f"branch of #{base.run_id}", forward=backend.forward_label)
+    texts = backend.token_texts(parent.ids[:at] + [token])
+    run.tokens = [dataclasses.replace(t) for t in base.tokens[:at]] + [_forced_event(parent, at, token, texts[token])]
+    return run
+
+
+def _continue(services: Services, session: ChatSession, backend: Any, ids: list[int], head: list[int],
+              run: RunRecord, params: SamplingParams, stop: threading.Event | None
+              ) -> Generator[BranchUpdate, None, tuple[int, list[TokenEvent], DoneEvent | None]]:
+    """The model's continuation of `ids` from the session's kept decode state (kept again afterwards: it holds the
+    shared start), streamed as the chat streams: not every token. Returns (tokens reused, new tokens, the end)."""
+    at = len(head) - 1
+    state = services.states.take(session.key, backend.key) or backend.new_state()
+    try:
+        events = backend.generate(input_ids=ids, params=params, state=state, stop_event=stop, top_n=20,
+                                  time_limit_s=services.limits.max_generation_seconds)
+    except ValueError as exc:  # a token outside the vocabulary, an answer past the context
+        services.states.keep(session.key, state)
+        raise Refused(str(exc)) from None
+    reused, new, done, shown_at = 0, [], None, 0.0
+    try:
+        for event in events:
+            if type(event).__name__ == "PrefillEvent":
+                run.prefill, reused = event, event.reused_tokens
+            elif isinstance(event, TokenEvent):
+                new.append(dataclasses.replace(event, step=at + 1 + event.step))
+                run.tokens.append(new[-1])
+                if time.perf_counter() - shown_at >= UI_INTERVAL_S:
+                    shown_at = time.perf_counter()
+                    text = backend.decode(head + [t.token_id for t in new], skip_special_tokens=True)
+                    yield BranchUpdate(text=text, reused_tokens=reused)
+            elif isinstance(event, DoneEvent):
+                done = event
+    finally:
+        events.close()
+        if state is not None and not state.broken:
+            services.states.keep(session.key, state)
+    return reused, new, done
 
 
 def _forced_event(parent: Branch, at: int, token: int, text: str) -> TokenEvent:

@@ -182,7 +182,8 @@ def history_messages(history: Sequence[Any] | None, system: str | None = None,
             skipped += 1
             continue
         messages.append({"role": m["role"], "content": message_text(m, f"history message {i}")})
-    notices = [f"{skipped} message(s) that are neither the user's nor the assistant's were left out."] if skipped else []
+    notices = ([f"{skipped} message(s) that are neither the user's nor the assistant's were left out."] if skipped
+               else [])
     return messages, notices
 
 
@@ -345,6 +346,53 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
 
 
+def api_turn(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
+             system: Any, top_n: int = 0) -> Iterator[RunRecord]:
+    """One stateless turn for a named endpoint, through the page answer's own steps: the turn fitted (`_fit`), the
+    same admission, `chat_events` (prompt limit, time limit) and run record. Yields the run after each event, the
+    last one finished; a bad field or a failed answer is a Refused saying what."""
+    turn = _api_turn_messages(message, history, system, services.limits)
+    with services.admit(client, ModelRequest(model, settings)) as admitted:
+        backend, params = admitted.backend, admitted.params[0]
+        run = run_record(backend, params, 0, "api")
+        events = chat_events(services, backend, turn.messages, params, top_n=top_n)
+        try:
+            for event in events:
+                run.add(event)
+                yield run
+        finally:
+            events.close()  # a caller that goes away stops the generation
+    if run.done and run.done.error:
+        raise Refused(run.done.error)
+
+
+def api_answer(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
+               system: Any, top_n: int = 0) -> RunRecord:
+    """`api_turn` run to its end: the finished run."""
+    run = None
+    for run in api_turn(services, client, message, history, model, settings, system, top_n):
+        pass
+    return run
+
+
+def _api_turn_messages(message: Any, history: Any, system: Any, limits: Limits) -> Turn:
+    """A caller's turn, read strictly: every field that is not what it should be is named."""
+    if history is not None and not isinstance(history, list):
+        raise Refused(f"history must be a list of {{role, content}} messages, got {type(history).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise Refused(f"system must be text, got {type(system).__name__}")
+    turn = prepare_turn(message, history or [], system, limits, strict=True)
+    if turn is None:
+        raise Refused("message is empty")
+    return turn
+
+
+def run_record(backend: Backend, params: SamplingParams, run_id: int, label: str) -> RunRecord:
+    """The record an answer fills: the model and forward it runs on and the settings it runs with."""
+    return RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label=label,
+                     forward=backend.forward_label)
+
+
 def chat_events(services: Services, backend: Backend, messages: list[dict[str, str]], params: SamplingParams,
                 stop_event: threading.Event | None = None, top_n: int = 20, state=None) -> Iterator[Event]:
     """The events of a chat on this server: the prompt fitted into the model's context and the server's
@@ -381,8 +429,7 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
 def _stream(backend: Backend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
             params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]],
             model_ref: str = "") -> Iterator[ChatUpdate]:
-    run = RunRecord(run_id=run_id, model=backend.name, settings=params.to_dict(), label="chat",
-                    forward=backend.forward_label)
+    run = run_record(backend, params, run_id, "chat")
     shown = chat + [{"role": "assistant", "content": ""}]
     if params.beam_search:
         notice = (notice + " " if notice else "") + ("Beam search shows its best beam so far; it can change until "

@@ -17,7 +17,7 @@ from qdemo.models.sources import ProgressFn
 from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn
+from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn, run_record
 from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.compare import Divergence, first_divergence
 from qdemo.views.labels import percent
@@ -185,10 +185,8 @@ def compare(services: Services, session: CompareSession | None, client: str | No
             seed = secrets.randbits(31)
         params_a, params_b = params_a.replace(seed=seed), params_b.replace(seed=seed)
         notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
-        run_a = RunRecord(run_id=first_run_id, model=backend_a.name, settings=params_a.to_dict(), label="A",
-                          forward=backend_a.forward_label)
-        run_b = RunRecord(run_id=first_run_id + 1, model=backend_b.name, settings=params_b.to_dict(), label="B",
-                          forward=backend_b.forward_label)
+        run_a = run_record(backend_a, params_a, first_run_id, "A")
+        run_b = run_record(backend_b, params_b, first_run_id + 1, "B")
         shown_at = 0.0
         try:
             pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,
@@ -203,3 +201,17 @@ def compare(services: Services, session: CompareSession | None, client: str | No
         report = divergence_report(backend_a, backend_b, run_a, run_b, params_a, params_b)
         verdict = describe(report) + (f"\n\n{notice}" if notice else "")
         yield CompareUpdate(a=run_a, b=run_b, status=verdict, report=report, done=True)
+
+
+def api_compare(services: Services, client: str | None, prompt: Any, model_a: Any, model_b: Any, settings_a: Any,
+                settings_b: Any, seed: Any) -> CompareUpdate:
+    """A named endpoint's comparison: the page's `compare` run to its end, with its fields read strictly."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise Refused(f"seed must be a whole number from 0 to 2**63 - 1, got {str(seed)[:40]}")
+    if not all(s is None or isinstance(s, dict) for s in (settings_a, settings_b)):
+        raise Refused("settings_a and settings_b must be JSON objects of sampling fields")
+    final = None
+    for final in compare(services, None, client, prompt, model_a, model_b, settings_a, settings_b, seed, 1,
+                         top_n=0):
+        pass
+    return final

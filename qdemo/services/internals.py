@@ -108,6 +108,14 @@ def compute_attention(services: Services, session: InternalsSession, client: str
     return cache
 
 
+def conversation_sinks(services: Services, client: str | None, model: str, history: Sequence[Any] | None,
+                       system: str | None) -> tuple[AttentionCache, SinkView]:
+    """A caller's attention sinks: the conversation's attention (as `compute_attention`, kept in no session) and
+    its sinks."""
+    cache = compute_attention(services, InternalsSession(), client, model or services.default_model, history, system)
+    return cache, attention_sinks(cache)
+
+
 def without_special(weights: np.ndarray, special: Sequence[bool]) -> np.ndarray:
     """[..., q, k] attention with the special tokens' columns removed and each row renormalised over what is
     left (a row that attended only to special tokens stays zero): where the rest of the attention goes."""

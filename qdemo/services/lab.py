@@ -192,7 +192,8 @@ def sample(session: LabSession, params: SamplingParams, n: Any, seed: Any = 0,
     if context is None:
         raise Refused("Compute the next-token logits first.")
     counts = sample_counts(context.logits, context.ids, params, count, seed=whole_number(seed or 0, "seed"))
-    final = stage_distributions(context.logits, context.ids, params, top_n=min(int(top_n), context.logits.shape[-1]))[-1]
+    shown = min(int(top_n), context.logits.shape[-1])
+    final = stage_distributions(context.logits, context.ids, params, top_n=shown)[-1]
     expected = {i: p for i, p in zip(final.token_ids, final.probs) if p > 0}
     title = f"{count:,} samples ({'greedy: always the argmax' if params.greedy else 'from the final stage'})"
     texts = context.decode(set(counts) | set(expected))

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from qdemo.core.runs import run_from_json
 from qdemo.forwards.choice import split_ref
 from qdemo.models.prompting import with_system
 from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource
@@ -22,7 +23,7 @@ from qdemo.probes.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
 from qdemo.services.chat import AnswerView, history_messages
 from qdemo.serving.protocol import same_tokenizer
-from qdemo.views.bundle import bundle_meta
+from qdemo.views.bundle import bundle_html, bundle_meta, read_bundle
 from qdemo.views.decided import answer_summary
 
 MAX_TOKENS = 1024  # tokens a lens, attribution or scoring request reads (older ones are cut with a notice)
@@ -318,6 +319,18 @@ def weights_fingerprint(services: Services, model: str) -> str:
             digest.update(f"{path.name}\t{path.stat().st_size}\n".encode())
         return f"local checkpoint {digest.hexdigest()[:16]} (file names and sizes)"
     return f"{type(source).__name__} of {name}"
+
+
+def run_bundle(services: Services, client: str | None, run: Any) -> str:
+    """A caller's evidence bundle: one offline HTML page of a run's JSON (as /decisions returns it) or of a bundle,
+    its listed tokens decoded by the model it ran on."""
+    if not isinstance(run, str) or not run.strip():
+        raise Refused("run must be a run's JSON text (the 'run' field of /decisions)")
+    record = run_from_json(run) if run.lstrip().startswith("{") else read_bundle(run)
+    fingerprint = weights_fingerprint(services, record.model)
+    with services.admit(client, ModelRequest(record.model, sampling=False)) as admitted:
+        labels = admitted.backend.token_texts(listed_ids(record))
+    return bundle_html(record, fingerprint, labels)
 
 
 def bundle_meta_or_empty(raw: bytes) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import gradio as gr
 
 from qdemo.models.registry import Registry
@@ -68,37 +70,37 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
                 with gr.Tab(title, id=title.lower().replace(" ", "-")) as tab:
                     module.build(ui, session, tab)
         api.register(ui)
-        _restore(demo, ui, session)
+        _wire_restore(demo, ui, session)
     return demo
 
 
-def _restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None:
+def _wire_restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None:
     """On page load: the saved conversation and runs come back, and the model lists say what is ready now."""
-    services = ui.services
-    controls = session.chat_controls
-
-    def restore(data):
-        choices = services.choices()
-        out = {d: gr.Dropdown(choices=choices) for d in session.model_dropdowns}
-        out[session.runs] = perf.restored(data[session.saved_runs])
-        saved = data[session.conversation] if isinstance(data[session.conversation], dict) else {}
-        messages = saved.get("messages") or []
-        if messages or saved.get("system") is not None:
-            model = saved.get("model") if saved.get("model") in services.registry.models else services.default_model
-            out[session.chat_model] = gr.Dropdown(choices=choices, value=model)
-            if isinstance(saved.get("system"), str):
-                out[session.chat_system] = saved["system"]
-            out[session.chatbot] = messages
-            try:
-                out.update(controls.update(settings.values_of(settings.to_params(saved.get("settings") or {}))))
-            except ValueError:
-                pass  # settings from an older page: the model's defaults stay
-        return out
-
     outputs = [*session.model_dropdowns, session.runs, session.chat_model, session.chat_system, session.chatbot,
-               *controls.components()]
-    ui.on(demo.load, restore, {session.saved_runs, session.conversation}, list(dict.fromkeys(outputs)),
-          notice=session.chat_notice)
+               *session.chat_controls.components()]
+    ui.on(demo.load, partial(restore, session, ui), {session.saved_runs, session.conversation},
+          list(dict.fromkeys(outputs)), notice=session.chat_notice)
+
+
+def restore(session: SessionComponents, ui: UIContext, data: dict) -> dict:
+    services = ui.services
+    choices = services.choices()
+    out = {d: gr.Dropdown(choices=choices) for d in session.model_dropdowns}
+    out[session.runs] = perf.restored(data[session.saved_runs])
+    saved = data[session.conversation] if isinstance(data[session.conversation], dict) else {}
+    messages = saved.get("messages") or []
+    if messages or saved.get("system") is not None:
+        model = saved.get("model") if saved.get("model") in services.registry.models else services.default_model
+        out[session.chat_model] = gr.Dropdown(choices=choices, value=model)
+        if isinstance(saved.get("system"), str):
+            out[session.chat_system] = saved["system"]
+        out[session.chatbot] = messages
+        try:
+            values = settings.values_of(settings.to_params(saved.get("settings") or {}))
+        except ValueError:
+            values = {}  # settings from an older page: the model's defaults stay
+        out.update(session.chat_controls.update(values))
+    return out
 
 
 def _optional_tabs():

@@ -1,5 +1,10 @@
-"""What every tab builder receives: the app-wide services, the one way to register a page event, and the
-session-scoped components shared by tabs."""
+"""What every tab builder receives: the app-wide services, the one way to register an event (a page event or a
+named endpoint, both behind one guard), and the session-scoped components shared by tabs.
+
+Handlers are module-level functions over the services, bound to a tab's parts with functools.partial. The guard
+gives Gradio a plain function whose signature it can read: the handler's own parameters (what the partial left
+open, its gr.Request, gr.Progress and gr.EventData ones included) plus a gr.Request where it has none.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,160 @@ import inspect
 import logging
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn, Sequence
 
 import gradio as gr
 
 from qdemo.services.admission import Refused, Services
 from qdemo.serving.limits import Client, RateLimiter, client_from_headers
+from qdemo.ui.zerogpu import on_gpu
 
 GENERATION = "generation"  # the concurrency id shared by every event that runs a model
+CRASHED = "Something went wrong on the server (it is logged); please try again."
 log = logging.getLogger("qdemo")
 
+
+# --- how a refusal reaches the user ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NoticeLine:
+    """Page events: a refusal becomes a line in the event's notice component."""
+
+    notice: Any
+
+    def refused(self, message: str) -> dict:
+        return {self.notice: f"⚠️ {message}"}
+
+    def result(self, value: Any) -> Any:
+        """A handler that changes nothing returns None; Gradio needs an update for the outputs it names."""
+        return {self.notice: gr.skip()} if value is None else value
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """Named endpoints: a refusal becomes a gr.Error, which the caller's client raises with the message (no
+    traceback on the server: it is not a crash)."""
+
+    def refused(self, message: str) -> NoReturn:
+        raise gr.Error(message, print_exception=False)
+
+    def result(self, value: Any) -> Any:
+        return value
+
+
+Delivery = NoticeLine | ErrorReply
+Admission = Callable[[gr.Request | None], str | None]  # "" or None: admitted; else why not
+
+
+# --- the guard ---------------------------------------------------------------------------------------------------
+
+def guarded(fn: Callable, delivery: Delivery, admission: Admission | None = None) -> Callable:
+    """`fn` behind the one guard of every event. `admission` comes first (page events that run no model: the
+    page-event rate limit; model requests pass the services' admission inside `fn`). A Refused or ValueError is the
+    user's message, delivered as `delivery` says, with one log line; anything else is a crash: logged with its
+    traceback and answered with CRASHED. Plain and generator functions alike."""
+    shape = _Shape.of(fn)
+
+    def admitted(args: tuple) -> tuple[tuple, str | None]:
+        args, request = shape.split(args)
+        refusal = admission(request) if admission else None
+        return args, (_refused(shape.name, refusal) if refusal else None)
+
+    if inspect.isgeneratorfunction(fn):
+        def wrapper(*args: Any):
+            args, message = admitted(args)
+            if message is None:
+                try:
+                    yield from fn(*args)
+                    return
+                except gr.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a crash must not kill the page; it is logged
+                    message = _failure(shape.name, exc)
+            yield delivery.refused(message)  # outside the except: a refusal carries no traceback along
+    else:
+        def wrapper(*args: Any):
+            args, message = admitted(args)
+            if message is None:
+                try:
+                    return delivery.result(fn(*args))
+                except gr.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    message = _failure(shape.name, exc)
+            return delivery.refused(message)
+
+    return shape.dress(wrapper)
+
+
+def _refused(name: str, message: str) -> str:
+    log.info("refused %s: %s", name, message)
+    return message
+
+
+def _failure(name: str, exc: Exception) -> str:
+    """The user's message for what a handler raised: its own for a refusal or a bad value (the field it names),
+    CRASHED for anything else, whose traceback goes to the log."""
+    if isinstance(exc, (Refused, ValueError)):
+        return _refused(name, str(exc))
+    log.error("%s failed", name, exc_info=exc)
+    return CRASHED
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How Gradio calls a guarded handler. Gradio fills only parameters it can see, so the wrapper shows the
+    handler's open ones (a partial's bound ones gone) with their resolved type hints, and a gr.Request where the
+    handler has none: without it every user would count in one rate-limit bucket."""
+
+    name: str
+    doc: str | None
+    signature: inspect.Signature
+    hints: dict[str, Any]
+    request_at: int
+    added: bool  # the request is the wrapper's own: it is not passed on
+
+    @classmethod
+    def of(cls, fn: Callable) -> "_Shape":
+        target = _unwrapped(fn)
+        signature = inspect.signature(fn)
+        params = list(signature.parameters.values())
+        hints = {k: v for k, v in typing.get_type_hints(target).items() if k in signature.parameters}
+        at = next((i for i, p in enumerate(params) if hints.get(p.name) is gr.Request), None)
+        added = at is None
+        if added:
+            at = 1 if params else 0
+            params.insert(at, inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD))
+            hints["request"] = gr.Request
+        return cls(target.__name__, target.__doc__, signature.replace(parameters=params), hints, at, added)
+
+    def split(self, args: tuple) -> tuple[tuple, gr.Request | None]:
+        request = args[self.request_at] if len(args) > self.request_at else None
+        if self.added:
+            args = args[:self.request_at] + args[self.request_at + 1:]
+        return args, request
+
+    def dress(self, wrapper: Callable) -> Callable:
+        wrapper.__name__ = wrapper.__qualname__ = self.name  # Gradio names the event (and its API page) by it
+        wrapper.__doc__ = self.doc  # a named endpoint's description
+        wrapper.__signature__ = self.signature
+        wrapper.__annotations__ = self.hints
+        wrapper.qdemo_guarded = True
+        return wrapper
+
+
+def _unwrapped(fn: Callable) -> Callable:
+    """The function under partials and decorators: its name, docstring and type hints are the handler's."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        else:
+            return fn
+
+
+# --- registering events ------------------------------------------------------------------------------------------
 
 @dataclass
 class UIContext:
@@ -43,84 +192,37 @@ class UIContext:
         return client_from_headers(getattr(request, "session_hash", None), peer, headers.get("x-forwarded-for"),
                                    self.trusted_proxies)
 
-    def on(self, trigger: Callable, fn: Callable, inputs: Any, outputs: Any, *, notice: Any,
+    def page_admission(self, request: gr.Request | None) -> str | None:
+        return self.events.check(self.client(request))
+
+    def on(self, triggers: Any | Sequence[Any], fn: Callable, inputs: Any, outputs: Any, *, notice: Any,
            runs_model: bool = False, **kwargs: Any):
-        """Register a page event. Its handler passes admission first — a model request through the services'
-        admission (which the handler calls), anything else through the page-event rate limit — and a refusal or
-        a crash becomes a readable line in `notice` (one log line for a refusal, a traceback for a crash).
-        Page events are never API endpoints; model events share the generation concurrency group."""
-        queue = self.queue_kwargs() if runs_model else {}
-        return trigger(admitted(fn, self, notice, runs_model), inputs, _with(outputs, notice),
-                       api_visibility="private", **{**queue, **kwargs})
+        """A page event on one trigger or several (one Gradio event either way). Its handler passes admission first
+        — a model request through the services' admission (which the handler calls), anything else through the
+        page-event rate limit — and a refusal or a crash becomes a readable line in `notice`. Page events are
+        never API endpoints; model events share the generation concurrency group."""
+        listed = list(triggers) if isinstance(triggers, (list, tuple)) else [triggers]
+        return gr.on(triggers=listed, fn=self._page(fn, notice, runs_model), inputs=inputs,
+                     outputs=_with(outputs, notice), **self._options(runs_model, kwargs))
 
+    def after(self, event: Any, fn: Callable, inputs: Any, outputs: Any, *, notice: Any, runs_model: bool = False,
+              **kwargs: Any):
+        """A page event that runs when `event` has run (Gradio chains a `.then` to one event; gr.on cannot)."""
+        return event.then(self._page(fn, notice, runs_model), inputs, _with(outputs, notice),
+                          **self._options(runs_model, kwargs))
 
-def admitted(fn: Callable, ui: UIContext, notice: Any, runs_model: bool) -> Callable:
-    """`fn` with admission in front and readable failures. The wrapper always receives the gr.Request (it adds the
-    parameter when `fn` has none: Gradio fills only declared positional parameters, so a handler without one
-    would have counted every user in one bucket)."""
-    signature = inspect.signature(fn)
-    params = list(signature.parameters.values())
-    hints = _hints(fn)
-    request_at = next((i for i, p in enumerate(params) if hints.get(p.name) is gr.Request), None)
-    added = request_at is None
-    if added:
-        params.insert(1 if params else 0, inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD))
-        request_at = 1 if len(params) > 1 else 0
-    name = getattr(fn, "__name__", "event")
+    def endpoint(self, fn: Callable, name: str) -> None:
+        """A named endpoint for gradio_client: the same guard, a refusal answered as a gr.Error naming the field;
+        it runs models, so it waits in the generation group."""
+        gr.api(on_gpu(guarded(fn, ErrorReply())), api_name=name, **self.queue_kwargs())
 
-    def split(args: tuple) -> tuple[tuple, gr.Request | None]:
-        request = args[request_at] if len(args) > request_at else None
-        if added:
-            args = args[:request_at] + args[request_at + 1:]
-        return args, request
-
-    def refusal(request: gr.Request | None) -> str | None:
+    def _page(self, fn: Callable, notice: Any, runs_model: bool) -> Callable:
         if runs_model:
-            return None  # the handler's services.admit() checks the request rate limit
-        return ui.events.check(ui.client(request))
+            return on_gpu(guarded(fn, NoticeLine(notice)))  # the services' admission runs inside `fn`
+        return guarded(fn, NoticeLine(notice), self.page_admission)
 
-    def refused(message: str) -> dict:
-        log.info("refused %s: %s", name, message)
-        return {notice: f"⚠️ {message}"}
-
-    def crashed() -> dict:
-        log.exception("%s failed", name)
-        return {notice: "⚠️ Something went wrong on the server (it is logged); please try again."}
-
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def wrapper(*args: Any):
-            args, request = split(args)
-            denied = refusal(request)
-            if denied:
-                yield refused(denied)
-                return
-            try:
-                yield from fn(*args)
-            except Refused as exc:
-                yield refused(str(exc))
-            except Exception:  # noqa: BLE001 - a crash must not kill the page; it is logged with its traceback
-                yield crashed()
-    else:
-        @functools.wraps(fn)
-        def wrapper(*args: Any):
-            args, request = split(args)
-            denied = refusal(request)
-            if denied:
-                return refused(denied)
-            try:
-                result = fn(*args)
-                return {notice: gr.skip()} if result is None else result
-            except Refused as exc:
-                return refused(str(exc))
-            except Exception:  # noqa: BLE001
-                return crashed()
-
-    wrapper.__signature__ = signature.replace(parameters=params)
-    wrapper.__annotations__ = {**hints, params[request_at].name: gr.Request}
-    del wrapper.__wrapped__  # Gradio must read the wrapper's own signature, with the request in it
-    wrapper.qdemo_admitted = True
-    return wrapper
+    def _options(self, runs_model: bool, kwargs: dict) -> dict:
+        return {"api_visibility": "private", **(self.queue_kwargs() if runs_model else {}), **kwargs}
 
 
 def _with(outputs: Any, notice: Any) -> list:
@@ -134,19 +236,6 @@ def _with(outputs: Any, notice: Any) -> list:
     return items if notice in items else items + [notice]
 
 
-def _hints(fn: Callable) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - lambdas and partials without resolvable hints
-        return {}
-
-
-def refuse_api(message: str) -> gr.Error:
-    """A named endpoint's refusal: one log line, no traceback (it is not a crash)."""
-    log.info("refused api call: %s", message)
-    return gr.Error(message, print_exception=False)
-
-
 def progress_callback(progress: gr.Progress | None) -> Callable[[str, float, float], None] | None:
     """A ProgressFn that moves Gradio's progress bar."""
     if progress is None:
@@ -156,6 +245,12 @@ def progress_callback(progress: gr.Progress | None) -> Callable[[str, float, flo
         progress(done / total if total else 0, desc=phase)
 
     return report
+
+
+def event_index(evt: gr.EventData, key: str = "index") -> Any:
+    """What a custom `trigger('select', {...})` in the page sent under `key` (None when it sent nothing)."""
+    picked = evt._data if isinstance(evt._data, dict) else {}
+    return picked.get(key)
 
 
 @dataclass

@@ -7,6 +7,7 @@ sliders they ignore.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -54,13 +55,14 @@ class SamplingControls:
         """Show only what the decoding mode uses: greedy and beam search ignore the sampling sliders."""
         return {self.by_field[name]: gr.update(visible=v) for name, v in self._visible(mode).items()}
 
-    def wire_visibility(self, ui, notice) -> None:
+    def wire_visibility(self, ui: Any, notice: Any) -> None:
         """Greedy and beam search hide what they ignore, as the mode changes (refusals show in `notice`)."""
-        def show(data):
-            return self.visibility(data[self.mode])
+        ui.on(self.mode.change, functools.partial(show_used, self), {self.mode},
+              list(self.visibility("sample").keys()), notice=notice, queue=False, show_progress="hidden")
 
-        ui.on(self.mode.change, show, {self.mode}, list(self.visibility("sample").keys()), notice=notice,
-              queue=False, show_progress="hidden")
+
+def show_used(controls: SamplingControls, data: dict) -> dict:
+    return controls.visibility(data[controls.mode])
 
 
 def _seed_text(seed: Any) -> str:

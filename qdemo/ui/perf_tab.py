@@ -1,7 +1,10 @@
-"""Performance tab: wiring only (logic in qdemo.services.perf). This session's runs from Chat and Compare —
+"""Performance tab: layout and wiring (logic in qdemo.services.perf). This session's runs from Chat and Compare —
 they survive a page reload in the browser's storage — as latency, decode speed, memory and a table with CSV."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
 
 import gradio as gr
 
@@ -10,7 +13,30 @@ from qdemo.services.files import scratch_dir
 from qdemo.ui.context import SessionComponents, UIContext
 
 
+@dataclass(frozen=True)
+class PerfParts:
+    session: SessionComponents
+    refresh: gr.Button
+    clear: gr.Button
+    csv: gr.DownloadButton
+    summary: gr.Markdown  # one line about the runs; refusals show here too
+    latency: gr.Plot
+    tps: gr.Plot
+    memory: gr.Plot
+    table: gr.Dataframe
+
+
 def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
+    parts = _layout(session)
+    outputs = [parts.latency, parts.tps, parts.memory, parts.table, parts.csv]
+    ui.on(parts.refresh.click, partial(show, parts), {session.runs}, outputs, notice=parts.summary)
+    ui.on(session.runs.change, partial(show, parts), {session.runs}, outputs, notice=parts.summary,
+          show_progress="hidden")
+    ui.on(parts.clear.click, partial(clear_runs, parts), {session.runs}, [session.runs, session.saved_runs],
+          notice=parts.summary)
+
+
+def _layout(session: SessionComponents) -> PerfParts:
     with gr.Row():
         refresh = gr.Button("Refresh", elem_id="perf-refresh")
         clear = gr.Button("Clear runs", variant="stop", elem_id="perf-clear")
@@ -22,18 +48,17 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
         tps = gr.Plot(empty.tps, label="decode speed", show_label=False, elem_id="perf-tps")
     memory = gr.Plot(empty.memory, label="memory", show_label=False, elem_id="perf-memory")
     table = gr.Dataframe(empty.table, label="runs", interactive=False, elem_id="perf-table")
+    return PerfParts(session=session, refresh=refresh, clear=clear, csv=csv, summary=summary, latency=latency,
+                     tps=tps, memory=memory, table=table)
 
-    def show(data):
-        runs = data[session.runs]
-        views = perf.perf_views(runs)
-        return {latency: views.latency, tps: views.tps, memory: views.memory, table: views.table,
-                summary: perf.summary_line(runs), csv: str(perf.write_csv(runs, scratch_dir())) if runs else None}
 
-    outputs = [latency, tps, memory, table, csv]
-    ui.on(refresh.click, show, {session.runs}, outputs, notice=summary)
-    ui.on(session.runs.change, show, {session.runs}, outputs, notice=summary, show_progress="hidden")
+def show(parts: PerfParts, data: dict) -> dict:
+    runs = data[parts.session.runs]
+    views = perf.perf_views(runs)
+    return {parts.latency: views.latency, parts.tps: views.tps, parts.memory: views.memory,
+            parts.table: views.table, parts.summary: perf.summary_line(runs),
+            parts.csv: str(perf.write_csv(runs, scratch_dir())) if runs else None}
 
-    def clear_runs(data):
-        return {session.runs: [], session.saved_runs: []}
 
-    ui.on(clear.click, clear_runs, {session.runs}, [session.runs, session.saved_runs], notice=summary)
+def clear_runs(parts: PerfParts, data: dict) -> dict:
+    return {parts.session.runs: [], parts.session.saved_runs: []}

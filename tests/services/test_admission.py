@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.serving.limits import Client, Limits, RateLimiter, client_from_headers
-from qdemo.serving.pool import MemoryBudgetError, ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.services.admission import ModelRequest, Refused, Services, without_paths
+from qdemo.serving.limits import Client, Limits, RateLimiter, client_from_headers
+from qdemo.serving.pool import MemoryBudgetError, ModelPool
 from tests.conftest import write_registry
 
 HUB_ENTRY = """
@@ -76,8 +76,8 @@ def test_models_not_ready_here_are_refused_unless_downloads_are_allowed(registry
 
 
 def test_a_download_that_could_never_fit_is_refused_before_it_starts(registry, monkeypatch):
-    import qdemo.serving.pool as pool_module
     import qdemo.models.sources as sources
+    import qdemo.serving.pool as pool_module
 
     monkeypatch.setattr(pool_module, "hub_weight_bytes", lambda spec: 30 * 1024 ** 3)  # the hub's file list
 

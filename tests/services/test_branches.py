@@ -24,7 +24,7 @@ def answered(services, params=GREEDY):
     session = chat.ChatSession()
     begun = chat.begin_turn(session, "hello 你好", [], services.limits)
     final = list(chat.answer(services, session, "c", begun.chat, services.default_model, "", params, 1))[-1]
-    assert final.done and session.view is not None
+    assert final.done and session.view is final.view and len(final.view.run.tokens) > 0
     return session, final
 
 
@@ -38,7 +38,7 @@ def test_a_branch_continues_as_a_fresh_run_from_the_same_tokens_and_reuses_the_p
     token = options[0].token_id
     updates = list(branches.grow(services, session, tree, "c", 0, at, token, GREEDY, run_id=2))
     done = updates[-1]
-    assert done.done and done.branch is not None and tree.current == done.branch.id == 1
+    assert done.done and tree.current == done.branch.id == 1 and tree.branches[1] is done.branch
     prompt = list(view.run.prefill.prompt_ids)
     prefix = [t.token_id for t in view.run.tokens[:at]]
     # the oracle: a fresh greedy run (no kept state) from the prompt, the answer's first tokens and the new token

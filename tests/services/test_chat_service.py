@@ -4,7 +4,7 @@ fresh seeds, end notes, export/import. No Gradio: these are the functions the ta
 from __future__ import annotations
 
 import json
-import threading
+import re
 
 import pytest
 
@@ -12,7 +12,7 @@ from qdemo.core.engine import collect, generate
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
-from qdemo.services.admission import Services
+from qdemo.services.admission import Refused, Services
 from qdemo.serving.limits import Limits
 from qdemo.serving.pool import ModelPool
 from qdemo.views.answer import END_MARK
@@ -93,7 +93,8 @@ def test_a_turn_is_two_steps_and_records_the_run(services, tiny_lm):
     params = SamplingParams(do_sample=True, temperature=0.9, seed=5, max_new_tokens=6)
     updates = _answer(services, session, begun.chat, params)
     final = updates[-1]
-    assert final.done and final.view is not None and session.pending is None and session.running is None
+    assert final.done and final.view.run is final.run and session.view is final.view
+    assert session.pending is None and session.running is None
     run = final.view.run
     expected = collect(generate(tiny_lm, messages=[{"role": "system", "content": "You are a tiny test model."},
                                                    {"role": "user", "content": "hello 你好"}], params=params))
@@ -213,9 +214,13 @@ def test_sessions_are_independent_copies():
 
     a = chat.ChatSession()
     b = copy.deepcopy(a)
-    a.arm(), b.arm()
+    assert b.key != a.key  # each session keeps its own decode state in the pool
+    assert (a.arm(), b.arm()) == (1, 1)
     a.stop.set()
-    assert not b.stop.is_set() and isinstance(b.stop, threading.Event)
+    assert not b.stop.is_set() and b.busy() == "Your last message is still waiting for the model: wait for it, " \
+                                               "or press Stop."
+    b.stop.set()  # b's own Stop works, and frees it for a new turn
+    assert b.stop.is_set() and b.busy() == ""
 
 
 def test_beam_metrics_show_progress_and_the_kv_cache(services, monkeypatch):
@@ -279,3 +284,32 @@ def test_the_next_turn_reuses_the_kept_state_and_says_so(services, tiny_lm):
     assert second.view.run.done.token_ids == fresh["done"].token_ids  # the oracle: a full re-prefill
     services.states.drop(key=session.key)
     assert session.key not in services.states.models()
+
+
+def test_an_api_turn_records_the_run_the_page_would(services):
+    """/chat and /decisions go through the page answer's own steps: the same prompt, admission and events give the
+    same tokens under the same settings; the record is one run growing with each event."""
+    params = services.registry.get(services.default_model).sampling.replace(do_sample=False, max_new_tokens=5)
+    runs = list(chat.api_turn(services, "api-client", "hello 你好", [], "", {"do_sample": False,
+                                                                             "max_new_tokens": 5}, None))
+    final = runs[-1]
+    assert all(run is final for run in runs) and len(runs) == len(final.tokens) + 2  # prefill, tokens, done
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "hello 你好", [], services.limits)
+    page = _answer(services, session, begun.chat, params)[-1].view.run
+    assert final.done.token_ids == page.done.token_ids and final.settings == page.settings
+    assert (final.label, final.run_id, page.label) == ("api", 0, "chat")
+    assert chat.api_answer(services, "api-client", "hello 你好", None, "", {"do_sample": False,
+                                                                            "max_new_tokens": 5},
+                           None).done.token_ids == page.done.token_ids
+
+
+@pytest.mark.parametrize("message,history,system,match", [
+    ("hi", "not a list", None, "history must be a list of {role, content} messages, got str"),
+    ("hi", [], 5, "system must be text, got int"),
+    ("  \n", [], None, "message is empty"),
+    ("hi", [{"role": "tool", "content": "x"}], None, "history message 0 has role 'tool'"),
+])
+def test_an_api_turn_names_the_field_it_refuses(services, message, history, system, match):
+    with pytest.raises((Refused, ValueError), match=re.escape(match)):  # both name the field
+        list(chat.api_turn(services, "api-client", message, history, "", None, system))

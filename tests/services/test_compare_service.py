@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from qdemo.core.engine import collect, generate
-from qdemo.serving.limits import Limits
-from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import compare
 from qdemo.services.admission import Services
+from qdemo.serving.limits import Limits
+from qdemo.serving.pool import ModelPool
 from tests.conftest import write_registry
 
 

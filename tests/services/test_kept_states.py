@@ -8,9 +8,9 @@ import weakref
 
 from qdemo.core.engine import collect
 from qdemo.sampling import SamplingParams
+from qdemo.services.kept_states import KeptStates
 from qdemo.serving.local import leased
 from qdemo.serving.pool import ModelPool
-from qdemo.services.kept_states import KeptStates
 
 
 def _kept(pool, states, key: str, tokens: int):

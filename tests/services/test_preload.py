@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from qdemo.serving.pool import ModelPool
 from qdemo.models.registry import load_registry
 from qdemo.services.preload import Preload
+from qdemo.serving.pool import ModelPool
 
 
 def test_preload_loads_once_through_the_gate(tiny_registry_path):

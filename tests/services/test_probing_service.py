@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qdemo.sampling import SamplingParams
-from qdemo.services import chat, probing as inspect
+from qdemo.services import chat
+from qdemo.services import probing as inspect
 from qdemo.services.admission import Refused
 from qdemo.views.bundle import bundle_html, read_bundle
 from tests.conftest import tiny_services
@@ -26,7 +27,7 @@ def session(services):
     begun = chat.begin_turn(s, "hello 你好, name a prime", [], services.limits)
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.8, seed=3)
     final = list(chat.answer(services, s, "c", begun.chat, services.default_model, "", params, 1))[-1]
-    assert final.done and s.view is not None
+    assert final.done and s.view is final.view and len(final.view.run.tokens) > 0
     return s
 
 

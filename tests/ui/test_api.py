@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qdemo.serving.local import LocalBackend
 from qdemo.core.engine import collect, generate
-from qdemo.probes.introspect import next_token_logits
-from qdemo.probes.stages import stage_distributions
 from qdemo.forwards.gate import StepGate
 from qdemo.models.registry import load_registry
+from qdemo.probes.introspect import next_token_logits
+from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.lab import context_ids
+from qdemo.serving.local import LocalBackend
 from tests.conftest import serve, write_registry
 
 pytestmark = pytest.mark.slow  # launches the app on loopback
@@ -54,11 +54,15 @@ def test_chat_with_history_and_system(served, tiny_lm):
     (("hi", [], "", {"temperature": -1}, None), "temperature"),
     (("hi", [], "", {"bogus": 1}, None), "bogus"),
 ])
-def test_bad_chat_requests_are_explained(served, args, match):
-    _, client = served
+def test_bad_chat_requests_are_explained(served, args, match, tiny_lm):
+    registry, client = served
     with pytest.raises(Exception, match=match):
         client.predict(*args, api_name="/chat")
-    assert client.predict("still serving?", [], "", {"max_new_tokens": 2}, None, api_name="/chat") is not None
+    settings = {"do_sample": False, "max_new_tokens": 2}
+    params = registry.get(registry.default).sampling.replace(**settings)
+    expected = collect(generate(tiny_lm, messages=[{"role": "user", "content": "still serving?"}], params=params,
+                                top_n=0))["done"].text
+    assert client.predict("still serving?", [], "", settings, None, api_name="/chat") == expected  # still serving
 
 
 def test_compare_reports_divergence_and_each_sides_probability_of_the_other(served, tiny_lm, cycle_dir):

@@ -8,9 +8,9 @@ import io
 import pandas as pd
 import pytest
 
-from qdemo.probes.lens import logit_lens
-from qdemo.models.registry import load_registry
 from qdemo.core.runs import run_from_json
+from qdemo.models.registry import load_registry
+from qdemo.probes.lens import logit_lens
 from qdemo.views.bundle import read_bundle
 from tests.conftest import serve, write_registry
 
@@ -28,8 +28,8 @@ def served(tiny_dir, tmp_path_factory):
 def subject_ids(lm, history):
     """The prompt the chat would send for the question (the model's default system prompt first) and the answer
     as plain text."""
-    from qdemo.serving.local import LocalBackend
     from qdemo.forwards.gate import StepGate
+    from qdemo.serving.local import LocalBackend
 
     backend = LocalBackend(lm, StepGate())
     return list(backend.chat_prompt([history[0]], 1).ids), backend.raw_text_ids(history[1]["content"])

@@ -76,8 +76,8 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
             pytest.fail(reason)
         pytest.skip(reason)
     from qdemo.models.loader import load_model
-    from qdemo.serving.pool import ModelPool
     from qdemo.models.registry import load_registry
+    from qdemo.serving.pool import ModelPool
     from qdemo.ui.app import build_app
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -103,8 +103,9 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(app):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=TIMEOUT_MS)  # waiting assertions wait as long as the page's own waits
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
@@ -119,10 +120,45 @@ def _open(app, browser, width: int = 1400, height: int = 1000):
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(demo.local_url)
-    page.get_by_role("tab", name="Chat").wait_for()
-    page.wait_for_timeout(300)  # the page's load event restores the saved conversation
+    _loaded(page)
     page.shots = shots
     return page
+
+
+def _expect(target, what: str):
+    """Playwright's waiting assertions (expect), failing with `what` was expected when the wait times out."""
+    from playwright.sync_api import expect  # optional package: without it this module skips instead of failing
+
+    return expect(target, f"timed out waiting for {what}")  # the call log below it says how long
+
+
+def _until(page, what: str, js: str, arg=None) -> None:
+    """Wait for the page function `js` to hold, then assert it; a timeout fails saying `what` was expected."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout  # optional package, as above
+
+    try:
+        page.wait_for_function(js, arg=arg)
+    except PlaywrightTimeout:
+        raise AssertionError(f"timed out after {TIMEOUT_MS // 1000} s waiting for {what}") from None
+    assert page.evaluate(js, arg), what
+
+
+def _holds(page, what: str, check, seconds: float) -> None:
+    """Assert `check()` throughout `seconds`: a late update (a stream's last words) must not break it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert check(), what
+        if time.monotonic() >= deadline:
+            return
+        page.wait_for_timeout(100)
+
+
+def _loaded(page) -> None:
+    """The page is up and its load event (it restores the saved conversation and runs) has answered: the model
+    picker's progress, shown from the first render until then, is gone."""
+    _expect(page.get_by_role("tab", name="Chat"), "the Chat tab").to_be_visible()
+    _expect(page.locator("#chat-model .wrap.default").first,
+            "the page's load event to finish restoring").to_have_class(re.compile(r"\bhide\b"))
 
 
 @pytest.fixture
@@ -139,7 +175,8 @@ def _tab(page, name: str) -> None:
 
 
 def _plot_rendered(page, elem_id: str) -> None:
-    page.locator(f"#{elem_id} .js-plotly-plot, #{elem_id} .plotly").first.wait_for(state="visible")
+    _expect(page.locator(f"#{elem_id} .js-plotly-plot, #{elem_id} .plotly").first,
+            f"a plot drawn in #{elem_id}").to_be_visible()
 
 
 def _pick(page, elem_id: str, name: str) -> None:
@@ -148,6 +185,7 @@ def _pick(page, elem_id: str, name: str) -> None:
     box.click()
     box.fill(name)
     page.get_by_role("option", name=re.compile(re.escape(name))).first.click()
+    _expect(box, f"#{elem_id} to show {name}").to_have_value(re.compile(re.escape(name)))
 
 
 def _send(page, text: str) -> None:
@@ -159,29 +197,52 @@ def _send(page, text: str) -> None:
 def _done(page) -> str:
     """Wait for the page's next run to end (each run's metrics line names its run number)."""
     page.runs_done = getattr(page, "runs_done", 0) + 1
-    page.locator("#metrics").get_by_text(re.compile(
-        rf"(finished|length limit|stopped|error).*run #{page.runs_done}\b")).wait_for()
-    return page.locator("#metrics").inner_text()
+    ended = re.compile(rf"(finished|length limit|stopped|error).*run #{page.runs_done}\b")
+    _expect(page.locator("#metrics"), f"run #{page.runs_done} to end in the metrics line").to_contain_text(ended)
+    metrics = page.locator("#metrics").inner_text()
+    assert ended.search(metrics), metrics
+    return metrics
 
 
 def _stopped_cycle_answer(page, text: str) -> None:
     """Ask the scripted cycle model (it never ends by itself) and stop it once it streams."""
     _pick(page, "chat-model", "Scripted cycle model")
-    page.locator("#chat-model-info").get_by_text("runs as").wait_for()
+    _expect(page.locator("#chat-model-info"), "the cycle model's forward line").to_contain_text("runs as")
     _send(page, text)
-    page.locator("#metrics").get_by_text("generating").wait_for()
+    _generating(page, "#metrics")
     page.locator("#stop").click()
-    _done(page)
+    assert "stopped" in _done(page)
+
+
+def _generating(page, selector: str) -> None:
+    _expect(page.locator(selector), f"an answer streaming ({selector} says generating)").to_contain_text("generating")
 
 
 def _reload(page) -> None:
     page.reload()
-    page.get_by_role("tab", name="Chat").wait_for()
-    page.wait_for_timeout(1000)  # the load event restores the saved conversation
+    _loaded(page)
+
+
+def _restored_model(page, name: str) -> None:
+    """After a reload: the saved conversation came back with its model (so what the chat lacks, it really lacks)."""
+    _expect(page.locator("#chat-model input"), f"the saved conversation's model {name} restored").to_have_value(
+        re.compile(re.escape(name)))
+
+
+def _shows(page, selector: str, text, what: str | None = None) -> None:
+    """Wait until the element at `selector` contains `text` (a string or a pattern): the assertion itself."""
+    shown = text if isinstance(text, str) else f"/{text.pattern}/"
+    _expect(page.locator(selector).first, what or f"{shown!r} in {selector}").to_contain_text(text)
+
+
+def _appears(page, selector: str, what: str) -> None:
+    """Wait until the first element at `selector` is visible: the assertion itself."""
+    _expect(page.locator(selector).first, what).to_be_visible()
 
 
 def _wait_for_text(page, selector: str, text: str) -> None:
-    page.wait_for_function("([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)", arg=[selector, text])
+    _expect(page.locator(selector), f"{text!r} in {selector}").to_contain_text(text, use_inner_text=True)
+    assert text in page.locator(selector).inner_text()
 
 
 def _chat_text(page) -> str:
@@ -190,19 +251,19 @@ def _chat_text(page) -> str:
 
 def test_chat_streams_and_the_token_view_shows_numbers_on_hover(page):
     _send(page, "hello 你好")
-    page.locator("#chatbot").get_by_text("hello 你好").wait_for()
+    _shows(page, "#chatbot", "hello 你好")
     metrics = _done(page)
     assert re.search(r"seed \d+", metrics)
     tokens = page.locator("#token-view .tok")
     assert tokens.count() > 0
     tokens.first.hover()
     tip = page.locator("#token-view .tok").first.locator(".tip")
-    tip.wait_for(state="visible")  # no server round trip: the numbers are in the page
+    _expect(tip, "the hovered token's numbers").to_be_visible()  # no server round trip: they are in the page
     assert re.search(r"raw.*\d+(\.\d+)?%", tip.inner_text(), re.S)
     tokens.nth(1).click()
     _plot_rendered(page, "stage-plot")
     page.get_by_text("Prompt inspector").click()
-    page.locator("#prompt-view .chip.special").first.wait_for()
+    _appears(page, "#prompt-view .chip.special", "the prompt's special-token chips")
     assert page.locator("#prompt-view .chip.special").count() >= 2  # <|im_start|> … chips with their ids
     page.screenshot(path=str(page.shots / "chat.png"), full_page=True)
 
@@ -210,16 +271,16 @@ def test_chat_streams_and_the_token_view_shows_numbers_on_hover(page):
 def test_empty_message_and_unready_model_are_explained_where_the_user_looks(page):
     _send(page, "   ")
     notice = page.locator("#chat-notice")
-    notice.get_by_text("Empty message ignored").wait_for()
+    _shows(page, "#chat-notice", "Empty message ignored")
     assert notice.is_visible()
     page.locator("#chat-model input").click()
     options = page.get_by_role("option")
     labels = [options.nth(i).inner_text() for i in range(options.count())]
     assert any("needs the hub" in label for label in labels) and any("✓" in label for label in labels)
     page.get_by_role("option", name=re.compile("A hub model")).click()
-    page.locator("#chat-model-info").get_by_text("not ready here").wait_for()
+    _shows(page, "#chat-model-info", "not ready here")
     _send(page, "hello")
-    notice.get_by_text(re.compile("hub-model is not available on this server")).wait_for()
+    _shows(page, "#chat-notice", "hub-model is not available on this server")
     assert notice.is_visible() and "/tmp" not in notice.inner_text()
     page.screenshot(path=str(page.shots / "chat-errors.png"), full_page=True)
 
@@ -228,20 +289,29 @@ def test_clear_while_an_answer_streams_keeps_the_chat_empty(page):
     """Bug 1: Clear during an answer brought the whole conversation back when the answer ended."""
     _stopped_cycle_answer(page, "first turn")
     _send(page, "second turn")
-    page.locator("#metrics").get_by_text("generating").wait_for()
+    _generating(page, "#metrics")
     page.locator("#clear").click()
-    page.wait_for_timeout(2500)  # longer than the stream would need to deliver its last update
-    assert "first turn" not in _chat_text(page) and "quick brown" not in _chat_text(page)
+    _cleared(page)
+    _holds(page, "the cleared chat to stay empty while the stopped answer winds down",
+           lambda: "first turn" not in _chat_text(page) and "quick brown" not in _chat_text(page),
+           seconds=2.5)  # longer than the stream would need to deliver its last update
     _reload(page)
+    _restored_model(page, "Scripted cycle model")
     assert "first turn" not in _chat_text(page)
+
+
+def _cleared(page) -> None:
+    """Clear has run on the server: the panels about the last answer are empty again."""
+    _shows(page, "#metrics", "TTFT – · tok/s –", "the metrics line reset by Clear")
 
 
 def test_the_chatbots_trash_icon_also_forgets_the_saved_conversation(page):
     """Bug 2: the chatbot's own trash icon emptied the view, but the conversation came back on reload."""
     _stopped_cycle_answer(page, "remember me?")
     page.locator("#chatbot").get_by_role("button", name=re.compile("clear", re.I)).click()
-    page.wait_for_timeout(800)
+    _cleared(page)  # and so the emptied conversation is saved in the browser
     _reload(page)
+    _restored_model(page, "Scripted cycle model")
     assert "remember me?" not in _chat_text(page)
 
 
@@ -249,10 +319,10 @@ def test_stop_while_the_model_loads_is_honoured(page):
     """Bug 3: Stop pressed during the first load was ignored and the answer ran to max new tokens."""
     _pick(page, "chat-model", "slow to load")
     _send(page, "a story")
-    page.locator("#chatbot").get_by_text("a story").wait_for()  # the message shows while the model loads
+    _shows(page, "#chatbot", "a story")  # the message shows while the model loads
     page.locator("#stop").click()
-    page.locator("#chatbot").get_by_text("stopped before the answer started").wait_for(
-        timeout=int(SLOW_LOAD_S * 1000) + TIMEOUT_MS)
+    _expect(page.locator("#chatbot"), "the answer stopped before it started").to_contain_text(
+        "stopped before the answer started", timeout=int(SLOW_LOAD_S * 1000) + TIMEOUT_MS)
     assert "quick brown" not in _chat_text(page)
 
 
@@ -261,7 +331,6 @@ def test_regenerate_samples_a_fresh_answer_and_a_seed_can_be_pinned(page):
     _send(page, "hello")
     first = _done(page)
     page.locator("#regenerate").click()
-    page.wait_for_timeout(300)
     second = _done(page)
     seeds = [re.search(r"seed (\d+)", m).group(1) for m in (first, second)]
     assert seeds[0] != seeds[1]
@@ -279,9 +348,9 @@ def test_compare_keeps_line_breaks_and_shows_each_sides_decoding(page):
     assert "sample" in page.locator("#compare-decoding-b").inner_text()
     page.locator("#compare-prompt textarea").fill("Write a haiku.")
     page.locator("#compare-run").click()
-    page.locator("#compare-metrics-a").get_by_text("generating").wait_for()
+    _generating(page, "#compare-metrics-a")
     page.locator("#compare-stop").click()
-    page.locator("#compare-verdict").get_by_text(re.compile(r"diverge|identical")).wait_for()
+    _shows(page, "#compare-verdict", re.compile(r"diverge|identical"))
     lines = page.locator("#compare-out-a").inner_text().splitlines()
     assert lines.count("The quick brown fox") >= 2
     assert "TTFT" in page.locator("#compare-table").inner_text()
@@ -296,13 +365,13 @@ def test_undo_clear_and_import_reset_every_panel(page, tmp_path):
     _done(page)
     assert page.locator("#token-view .tok").count() > 0
     page.locator("#undo").click()
-    page.locator("#token-view").get_by_text("appear here").wait_for()
+    _shows(page, "#token-view", "appear here")
     assert "TTFT –" in page.locator("#metrics").inner_text()
     assert page.locator("#chat-input textarea").input_value() == "hello"
     _send(page, "hello again")
     _done(page)
     page.locator("#clear").click()
-    page.locator("#token-view").get_by_text("appear here").wait_for()
+    _shows(page, "#token-view", "appear here")
     assert page.locator("#prompt-view .chip").count() == 0
     saved = tmp_path / "chat.json"
     saved.write_text(json.dumps({"qdemo_conversation": 1, "model": "tiny-qwen2", "system": "imported system",
@@ -314,7 +383,7 @@ def test_undo_clear_and_import_reset_every_panel(page, tmp_path):
     with page.expect_file_chooser() as chooser:
         page.locator("#import").click()
     chooser.value.set_files(str(saved))
-    page.locator("#chatbot").get_by_text("imported answer").wait_for()
+    _shows(page, "#chatbot", "imported answer")
     page.get_by_text("Sampling", exact=True).click()
     assert page.locator("#chat-temperature input[type=number]").input_value() == "0.35"
     assert page.locator("#chat-top-k input[type=number]").input_value() == "7"
@@ -346,13 +415,12 @@ def test_internals_layer_changes_redraw_without_recomputing(page):
     assert "layers" in page.locator("#model-card").inner_text()
     page.locator("#attn-head input").click()
     page.get_by_role("option", name="all heads (grid)").click()
-    page.locator("#attn-caption").get_by_text("redraws").wait_for()
+    _shows(page, "#attn-caption", "redraws")
     page.locator("#sinks").get_by_text("Attention sinks").first.click()
     _wait_for_text(page, "#sink-summary", "heads")
     _plot_rendered(page, "sink-plot")
     page.locator("#attn-hide-special input").check()
-    page.wait_for_function("() => (document.querySelector('#attn-plot')?.textContent || '')"
-                           ".replace(/\\s+/g, ' ').includes('special tokens hidden')")
+    _shows(page, "#attn-plot", "special tokens hidden")
     page.screenshot(path=str(page.shots / "internals.png"), full_page=True)
 
 
@@ -390,19 +458,20 @@ def test_an_empty_seed_box_means_a_fresh_seed_in_compare_too(page):
     _tab(page, "Compare")
     page.locator("#compare-prompt textarea").fill("hello")
     page.locator("#compare-run").click()
-    page.locator("#compare-verdict").get_by_text(re.compile(r"diverge|identical")).wait_for()
+    _shows(page, "#compare-verdict", re.compile(r"diverge|identical"))
     first = re.search(r"seed (\d+)", page.locator("#compare-metrics-b").inner_text()).group(1)
     page.locator("#compare-run").click()
-    page.wait_for_function("(old) => { const m = (document.querySelector('#compare-metrics-b')?.innerText || '')"
-                           ".match(/seed (\\d+)/); return m && m[1] !== old; }", arg=first)
+    _until(page, f"pane B to run again with a seed other than {first}",
+           "(old) => { const m = (document.querySelector('#compare-metrics-b')?.innerText || '')"
+           ".match(/seed (\\d+)/); return m && m[1] !== old; }", arg=first)
 
 
 @pytest.fixture(scope="module")
 def limited_app(tiny_dir, cycle_dir, tmp_path_factory):
     """A second app with a rate limit of 2 model requests a minute per session."""
+    from qdemo.models.registry import load_registry
     from qdemo.serving.limits import Limits
     from qdemo.serving.pool import ModelPool
-    from qdemo.models.registry import load_registry
     from qdemo.ui.app import build_app
 
     path = tmp_path_factory.mktemp("limited") / "models.yaml"
@@ -426,10 +495,10 @@ def test_the_rate_limit_counts_each_page_user_apart_and_covers_internals(limited
             _send(alice, text)
             _done(alice)
         _send(alice, "three")
-        alice.locator("#chat-notice").get_by_text("Too many requests").wait_for()
+        _shows(alice, "#chat-notice", "Too many requests")
         _tab(alice, "Internals")
         alice.locator("#attn-run").click()
-        alice.locator("#attn-caption").get_by_text("Too many requests").wait_for()
+        _shows(alice, "#attn-caption", "Too many requests")
         _send(bob, "my first")  # another user still has the whole minute's allowance
         metrics = _done(bob)
         assert "finished" in metrics or "length limit" in metrics
@@ -451,7 +520,7 @@ def test_which_stage_decided_filters_the_token_view(page):
     assert "Which stage decided" in summary
     page.locator("#decided-filter input").click()
     page.get_by_role("option", name="not the raw argmax").click()
-    page.locator("#token-view .decided-count").wait_for()
+    _appears(page, "#token-view .decided-count", "the count of the tokens shown")
     shown, total = map(int, re.match(r"(\d+) of (\d+) tokens", page.locator(".decided-count").inner_text()).groups())
     assert total == page.locator("#token-view .tok").count()
     assert shown == page.locator("#token-view .only-marked .tok.marked").count()
@@ -466,15 +535,15 @@ def test_branch_from_a_token_reuses_the_start_and_switches_back(page):
     first = _done(page)
     page.get_by_text("Branch from a token").click()
     page.locator("#token-view .tok").first.click()  # sampled answers can be one token long
-    page.locator("#branch-hint").get_by_text("pick what to write there instead").wait_for()
+    _shows(page, "#branch-hint", "pick what to write there instead")
     page.locator("#branch-run").click()
-    page.locator("#branch-compare").get_by_text(re.compile(r"\S")).first.wait_for()
-    page.locator("#branch-hint").get_by_text(re.compile(r"reused \d+ of \d+ tokens")).wait_for()
+    _shows(page, "#branch-compare", re.compile(r"\S"), "where the branch parts from the answer")
+    _shows(page, "#branch-hint", re.compile(r"reused \d+ of \d+ tokens"))
     page.locator("#branch-tree input").click()
     options = page.get_by_role("option")
     assert options.count() == 2  # the answer and its branch
     options.first.click()
-    page.locator("#branch-hint").get_by_text("The chat now shows").wait_for()
+    _shows(page, "#branch-hint", "The chat now shows")
     assert page.locator("#metrics").inner_text().split(" · ")[0] == first.split(" · ")[0]
     page.screenshot(path=str(page.shots / "branch.png"), full_page=True)
 
@@ -485,7 +554,7 @@ def test_inspect_lens_attribution_scoring_and_bundle(page, tmp_path):
     answer_tokens = page.locator("#token-view .tok").count()
     _tab(page, "Inspect")
     page.locator("#lens-run").click()
-    page.locator("#lens-grid td.cell").first.wait_for()
+    _appears(page, "#lens-grid td.cell", "the lens grid's cells")
     assert page.locator("#lens-grid thead th").count() == answer_tokens + 1  # a column per answer token
     assert page.locator("#lens-grid tbody tr").count() == 3  # embed, L0, L1 of the tiny model
     page.locator("#lens-grid td.cell").nth(1).click()
@@ -493,29 +562,29 @@ def test_inspect_lens_attribution_scoring_and_bundle(page, tmp_path):
     cell = page.locator("#lens-cell").inner_text()
     probs = [float(p) for p in re.findall(r"^(0\.\d+|1\.0+)$", cell, re.M)]
     assert len(probs) == 10 and probs == sorted(probs, reverse=True)  # the clicked cell's top-10, best first
-    page.locator("#lens-csv").wait_for(state="visible")
+    _appears(page, "#lens-csv", "the lens's CSV download")
     _open_accordion(page, "attribution", "Prompt attribution")
     pick = min(2, answer_tokens - 1)  # sampled answers differ in length
     page.locator("#attr-pick .tok").nth(pick).click()
-    page.wait_for_function("(i) => document.querySelector('#attr-token input').value === String(i)", arg=pick)
+    _expect(page.locator("#attr-token input"), f"answer token {pick} picked").to_have_value(str(pick))
     page.locator("#attr-run").click()
-    page.locator("#attr-text .attr").first.wait_for()
+    _appears(page, "#attr-text .attr", "the attribution drawn")
     _plot_rendered(page, "attr-turns")
     assert f"answer token {pick}" in page.locator("#attr-status").inner_text()
     page.locator("#attr-method").get_by_text("occlusion").click()
     page.locator("#attr-run").click()
-    page.locator("#attr-status").get_by_text("occlusion over").wait_for()
+    _shows(page, "#attr-status", "occlusion over")
     _open_accordion(page, "scoring", "Score any text")
     page.locator("#score-reuse").click()
-    page.locator("#score-view .sc").first.wait_for()
+    _appears(page, "#score-view .sc", "the scored tokens")
     assert page.locator("#score-view .sc").count() == answer_tokens
     page.locator("#score-text textarea").fill("plain text 纯文本 here")
     _pick(page, "score-model-b", "Tiny random Qwen2")
     page.locator("#div-run").click()
-    page.locator("#score-status").get_by_text("top-1 agreement 100%").wait_for()
+    _shows(page, "#score-status", "top-1 agreement 100%")
     _open_accordion(page, "bundle", "Evidence bundle")
     page.locator("#bundle-make").click()
-    page.locator("#bundle-status").get_by_text("is ready").wait_for()
+    _shows(page, "#bundle-status", "is ready")
     with page.expect_download() as download:
         page.locator("#bundle-download").click()
     saved = tmp_path / "bundle.html"
@@ -524,7 +593,7 @@ def test_inspect_lens_attribution_scoring_and_bundle(page, tmp_path):
     with page.expect_file_chooser() as chooser:
         page.locator("#bundle-open").click()
     chooser.value.set_files(str(saved))
-    page.locator("#bundle-view .tok").first.wait_for()
+    _appears(page, "#bundle-view .tok", "the opened bundle's tokens")
     assert page.locator("#bundle-view .tok").count() == answer_tokens
     page.screenshot(path=str(page.shots / "inspect.png"), full_page=True)
 
@@ -538,7 +607,7 @@ def test_inspect_at_phone_width_keeps_the_lens_inside_the_screen(app, browser):
         tab.scroll_into_view_if_needed()
         tab.click()
         page.locator("#lens-run").click()
-        page.locator("#lens-grid td.cell").first.wait_for()
+        _appears(page, "#lens-grid td.cell", "the lens grid's cells")
         grid = page.locator("#lens-grid .lensgrid").bounding_box()
         assert grid["x"] >= 0 and grid["x"] + grid["width"] <= 390  # the table scrolls inside its box
         assert page.evaluate("document.documentElement.scrollWidth") <= 390

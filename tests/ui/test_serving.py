@@ -16,9 +16,9 @@ import pytest
 from gradio_client import Client
 
 from qdemo.core.engine import collect, generate
+from qdemo.models.registry import load_registry
 from qdemo.serving.limits import Limits
 from qdemo.serving.pool import ModelPool
-from qdemo.models.registry import load_registry
 from qdemo.ui.app import build_app, launch_settings, queue_settings
 from tests.conftest import write_registry
 
@@ -68,6 +68,12 @@ def count_steps(pool: ModelPool, name: str = "tiny-qwen2"):
         yield calls
     finally:
         handle.remove()
+
+
+def greedy_answer(lm, message: str, max_new_tokens: int) -> str:
+    """What the served model answers `message` greedily: the engine's own run of the same checkpoint."""
+    params = lm.spec.sampling.replace(do_sample=False, max_new_tokens=max_new_tokens)
+    return collect(generate(lm, messages=[{"role": "user", "content": message}], params=params, top_n=0))["done"].text
 
 
 def wait_idle(pool: ModelPool, seconds: float = 60.0) -> float:
@@ -162,12 +168,13 @@ def test_invalid_utf8_through_the_api(served, oracle_lm):
     (("hi", [], "", [1, 2], None), "settings must be a JSON object"),
     (("hi", "not a list", "", None, None), "history must be a list"),
 ])
-def test_bad_requests_are_refused_readably(served, args, match):
+def test_bad_requests_are_refused_readably(served, args, match, oracle_lm):
     _, pool, client = served
     with pytest.raises(Exception, match=match):
         client.predict(*args, api_name="/chat")
     # …and the worker is fine afterwards.
-    assert client.predict("ok?", [], "", {"do_sample": False, "max_new_tokens": 2}, None, api_name="/chat")
+    assert client.predict("ok?", [], "", {"do_sample": False, "max_new_tokens": 2}, None,
+                          api_name="/chat") == greedy_answer(oracle_lm, "ok?", 2)
 
 
 def test_next_token_endpoint_refuses_bad_values(served):
@@ -220,15 +227,16 @@ def test_max_new_tokens_beyond_the_limit_is_lowered_not_refused(limited, tiny_lm
     assert answer == expected["done"].text
 
 
-def test_rate_limit_refuses_with_a_readable_message(limited):
+def test_rate_limit_refuses_with_a_readable_message(limited, oracle_lm):
     client = Client(limited.local_url, verbose=False)
     settings = {"do_sample": False, "max_new_tokens": 2}
+    expected = greedy_answer(oracle_lm, "hi", 2)
     for _ in range(2):
-        client.predict("hi", [], "", settings, None, api_name="/chat")
+        assert client.predict("hi", [], "", settings, None, api_name="/chat") == expected
     with pytest.raises(Exception, match=r"Too many requests: this server allows 2 per minute per session"):
         client.predict("hi", [], "", settings, None, api_name="/chat")
     other = Client(limited.local_url, verbose=False)  # another session is not affected
-    assert other.predict("hi", [], "", settings, None, api_name="/chat") is not None
+    assert other.predict("hi", [], "", settings, None, api_name="/chat") == expected
 
 
 def run_app(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

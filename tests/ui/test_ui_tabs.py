@@ -4,7 +4,6 @@ call agree with the core functions they wrap (no Gradio in these services)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import gradio as gr
 import numpy as np
@@ -12,20 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from qdemo.serving.local import LocalBackend
 from qdemo.core.engine import generate
+from qdemo.core.runs import RunRecord
+from qdemo.forwards.gate import StepGate
+from qdemo.models.registry import load_registry
 from qdemo.probes.introspect import attention_map, mean_over_heads, next_token_logits
 from qdemo.probes.stages import stage_distributions
-from qdemo.serving.limits import Limits
-from qdemo.forwards.gate import StepGate
-from qdemo.serving.pool import ModelPool
-from qdemo.models.registry import load_registry
-from qdemo.core.runs import RunRecord
 from qdemo.sampling import SamplingParams
 from qdemo.services import internals, lab, perf
 from qdemo.services.admission import Refused, Services
+from qdemo.serving.limits import Limits
+from qdemo.serving.local import LocalBackend
+from qdemo.serving.pool import ModelPool
 from qdemo.ui.app import build_app
-from qdemo.views.perf import run_name, runs_table, runs_table_for_people
+from qdemo.views.perf import run_name, runs_table
 
 ELEM_IDS = {
     "lab-model", "lab-context", "lab-mode", "lab-compute", "lab-stages", "lab-table", "lab-sample", "lab-histogram",
@@ -71,14 +70,45 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
     assert public == ["attribution", "batch", "branch", "bundle", "chat", "compare", "decisions", "divergence",
                       "lens", "next_token", "score", "sinks"]
-    # Every page event passes admission. The exceptions are Gradio's own: the examples' loaders (they copy an
-    # example into a box) and the functions `cancels=` adds; the endpoints call the services' admission.
-    unadmitted = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_admitted", False)]
-    assert {fn.name for fn in unadmitted} == {"load_example", None, "chat_endpoint", "compare_endpoint",
-                                              "next_token_endpoint", "batch_endpoint", "lens", "attribution",
-                                              "decisions", "branch", "score", "divergence", "sinks", "bundle"}
-    assert all(fn.fn is None for fn in unadmitted if fn.name is None)
-    assert sum(getattr(fn.fn, "qdemo_admitted", False) for fn in demo.fns.values()) >= 80
+    # Every event passes the one guard, page events and named endpoints alike. The exceptions are Gradio's own: the
+    # examples' loaders (they copy an example into a box) and the functions `cancels=` adds.
+    unguarded = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_guarded", False)]
+    assert {fn.name for fn in unguarded} == {"load_example", None}
+    assert all(fn.fn is None for fn in unguarded if fn.name is None)
+
+
+def _event(demo, name: str):
+    """The first page event whose handler is `name`."""
+    matches = [fn for fn in demo.fns.values() if fn.name == name and fn.api_visibility == "private"]
+    assert matches, f"no page event runs {name}"
+    return matches[0]
+
+
+def _targets(demo, fn) -> set[tuple[str | None, str]]:
+    return {(getattr(demo.blocks.get(block_id), "elem_id", None), event) for block_id, event in fn.targets}
+
+
+def test_send_is_one_instant_step_then_one_queued_answer(tiny_registry_path):
+    """Enter and the Send button are one event: it shows the message at once, unqueued; the answer follows it in
+    the generation group, with its progress on the chat. Clear and the chatbot's trash icon are one event too,
+    and it cancels the answers."""
+    demo = build_app(load_registry(tiny_registry_path))
+    begin, answer = _event(demo, "begin"), _event(demo, "answer")
+    assert _targets(demo, begin) == {("chat-input", "submit"), ("send", "click")} and not begin.queue
+    assert answer.trigger_after == begin._id and answer.queue and answer.concurrency_id == "generation"
+    assert answer.tracks_progress and [c.elem_id for c in answer.show_progress_on] == ["chatbot"]
+    assert {c.elem_id for c in answer.outputs} >= {"chatbot", "chat-notice", "metrics", "token-view", "export",
+                                                   "branch-tree", "branch-hint"}
+    clear = _event(demo, "clear_chat")
+    assert _targets(demo, clear) == {("clear", "click"), ("chatbot", "clear")} and not clear.queue
+    cancelling = [fn for fn in demo.fns.values() if fn.fn is None and fn.targets == clear.targets]
+    assert cancelling, "Clear cancels the running answer"
+    describe = _event(demo, "describe_settings")
+    assert {elem for elem, _ in _targets(demo, describe)} == {
+        "chat-mode", "chat-num-beams", "chat-seed", "chat-temperature", "chat-top-k", "chat-top-p", "chat-min-p",
+        "chat-repetition-penalty", "chat-max-new-tokens"}
+    model_events = [fn for fn in demo.fns.values() if fn.tracks_progress]
+    assert model_events and all(fn.concurrency_id == "generation" for fn in model_events)
 
 
 # --- sampling lab -------------------------------------------------------------------------------------------
@@ -149,6 +179,14 @@ def test_sample_pressed_while_compute_runs_waits_and_draws_from_the_new_logits(s
     session = lab.LabSession()
     old, _ = lab.compute(services, session, "c", services.default_model, "one two", "raw text")
     session.expect_change()  # Compute clicked: it waits in the queue…
+    waiting = threading.Event()
+    settled_context = session.settled_context
+
+    def announced_wait(timeout=None):
+        waiting.set()
+        return settled_context(timeout)
+
+    session.settled_context = announced_wait
     result = {}
 
     def press_sample():
@@ -156,12 +194,13 @@ def test_sample_pressed_while_compute_runs_waits_and_draws_from_the_new_logits(s
 
     sampler = threading.Thread(target=press_sample)
     sampler.start()
-    time.sleep(0.2)
-    assert sampler.is_alive()  # …and Sample N waits for it instead of drawing from the old logits
+    assert waiting.wait(10), "Sample N never asked for the logits"
+    assert "counts" not in result  # …and Sample N waits for it instead of drawing from the old logits
     new, _ = lab.compute(services, session, "c", services.default_model, "你好，世界！今天", "raw text")
     sampler.join(10)
+    assert not sampler.is_alive(), "Sample N still waits after Compute settled"
     assert result["counts"] == {int(torch.argmax(new.logits)): 5}
-    assert int(torch.argmax(new.logits)) != int(torch.argmax(old.logits))
+    assert int(torch.argmax(new.logits)) != int(torch.argmax(old.logits))  # so the draw shows which logits it used
 
 
 def test_append_grows_the_context_by_one_forward(services, tiny_lm):
@@ -268,11 +307,19 @@ def test_perf_views_and_csv_from_real_runs(tiny_lm, tmp_path):
     assert list(views.table["run"]) == [1, 2]
     path = perf.write_csv(runs, tmp_path)
     loaded = pd.read_csv(path, keep_default_na=False)
-    expected = runs_table_for_people(runs)
-    assert list(loaded.columns) == list(expected.columns) and "decode tok/s" in loaded.columns
-    assert loaded["run"].tolist() == [1, 2] and loaded["label"].tolist() == ["A", "B"]
-    assert loaded["new tokens"].tolist() == runs_table(runs)["new_tokens"].tolist()
-    assert loaded["settings"].tolist() == expected["settings"].tolist()
+    assert list(loaded.columns) == ["run", "label", "model", "reason", "prompt tokens", "new tokens",
+                                    "first token (s)", "prefill tok/s", "decode tok/s", "peak memory (MiB)",
+                                    "settings"]
+    ended = {"max_tokens": "length limit", "eos": "finished", "stop_token": "finished (stop token)"}
+    expected = [{"run": run.run_id, "label": run.label, "model": "tiny-qwen2", "reason": ended[run.done.reason],
+                 "prompt tokens": run.done.stats.prompt_tokens, "new tokens": run.done.stats.new_tokens,
+                 "first token (s)": round(run.done.stats.ttft_seconds, 3),
+                 "prefill tok/s": round(run.done.stats.prefill_tokens_per_s, 1),
+                 "decode tok/s": round(run.done.stats.decode_tokens_per_s, 1),
+                 "peak memory (MiB)": round(run.done.stats.peak_memory_bytes / 2 ** 20, 1), "settings": settings}
+                for run, settings in zip(runs, ["greedy", "T=0.9 seed=3"])]
+    assert loaded.to_dict(orient="records") == expected
+    assert [row["new tokens"] for row in expected] == [len(run.tokens) for run in runs]
     assert "2** run(s)" in perf.summary_line(runs)
 
 

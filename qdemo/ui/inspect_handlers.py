@@ -1,0 +1,238 @@
+"""The Inspect tab's components and handlers: module-level functions over qdemo.services.probing, bound to the
+parts with functools.partial. Each reads its keyed inputs and returns a dict naming what it changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from qdemo.services import probing as service
+from qdemo.services.admission import Refused
+from qdemo.services.files import scratch_file
+from qdemo.ui.context import UIContext, event_index, progress_callback
+from qdemo.views import probes as views
+from qdemo.views.bundle import bundle_html, read_bundle
+from qdemo.views.export import csv_text
+from qdemo.views.labels import token_label
+from qdemo.views.tokens import token_view_html
+
+
+@dataclass
+class InspectState:
+    """The session's last result of each view (their cells and downloads read it)."""
+
+    lens: Any = None  # service.LensResult
+    attribution: Any = None
+    score: Any = None
+    divergence: Any = None
+
+    def __deepcopy__(self, memo: dict) -> "InspectState":
+        return type(self)()
+
+
+@dataclass(frozen=True)
+class InspectParts:
+    state: gr.State  # InspectState
+    chat_state: gr.State  # the Chat tab's ChatSession: its last answer is what the lens and attribution read
+    sublayers: gr.Checkbox
+    lens_run: gr.Button
+    lens_md: gr.Markdown
+    lens_grid: gr.HTML
+    lens_cell: gr.Dataframe
+    lens_csv: gr.DownloadButton
+    lens_json: gr.DownloadButton
+    attr_pick: gr.HTML
+    attr_token: gr.Number
+    method: gr.Radio
+    unit: gr.Radio
+    attr_run: gr.Button
+    attr_md: gr.Markdown
+    attr_html: gr.HTML
+    attr_plot: gr.Plot
+    attr_csv: gr.DownloadButton
+    attr_json: gr.DownloadButton
+    model_a: gr.Dropdown
+    model_b: gr.Dropdown
+    text: gr.Textbox
+    question: gr.Textbox
+    template: gr.Checkbox
+    reuse: gr.Button
+    score_run: gr.Button
+    div_run: gr.Button
+    score_md: gr.Markdown
+    score_html: gr.HTML
+    score_plot: gr.Plot
+    div_table: gr.Dataframe
+    score_csv: gr.DownloadButton
+    score_json: gr.DownloadButton
+    bundle_make: gr.Button
+    bundle_file: gr.DownloadButton
+    bundle_open: gr.UploadButton
+    bundle_md: gr.Markdown
+    bundle_view: gr.HTML
+
+
+def _download(name: str, text: str) -> gr.DownloadButton:
+    path = scratch_file(name)
+    path.write_text(text, encoding="utf-8")
+    return gr.DownloadButton(value=str(path), visible=True)
+
+
+# --- logit lens -----------------------------------------------------------------------------------------------------
+
+def run_lens(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
+             progress: gr.Progress = gr.Progress()) -> dict:
+    view = data[p.chat_state].view
+    result = service.lens_view(ui.services, ui.client(request), service.chat_subject(view),
+                               sublayers=bool(data[p.sublayers]), progress=progress_callback(progress))
+    data[p.state].lens = result
+    grid = result.grid
+    committed = sum(1 for c in result.commitment if c)
+    lines = [f"**{grid.model}** ({result.forward}) · {len(grid.rows)} rows × {len(grid.positions)} tokens in "
+             f"{result.seconds:.2f} s · the token that followed became top-1 by the last layer at {committed} of "
+             f"{len(grid.positions)} tokens (red underline: its first layer)."]
+    if result.notice:
+        lines.append(f"_{result.notice}_")
+    return {p.lens_md: " ".join(lines), p.state: data[p.state],
+            p.attr_pick: token_view_html(view.run.tokens, view.texts, view.labels),
+            p.lens_grid: views.lens_grid_html(grid.rows, result.columns, grid.top1, grid.top_probs[:, :, 0],
+                                              grid.target_probs, result.texts, result.commitment),
+            p.lens_csv: _download("qdemo-logit-lens.csv", csv_text(grid.to_frame(result.texts))),
+            p.lens_json: _download("qdemo-logit-lens.json", grid.to_json())}
+
+
+def show_cell(p: InspectParts, data: dict, evt: gr.EventData) -> dict:
+    result = data[p.state].lens
+    row, col = event_index(evt, "row"), event_index(evt, "col")
+    if result is None or row is None:
+        return {p.lens_cell: gr.skip()}
+    r, c = int(row), int(col)
+    grid = result.grid
+    if not (0 <= r < len(grid.rows) and 0 <= c < len(grid.positions)):
+        return {p.lens_cell: gr.skip()}
+    rows = [[x["rank"], token_label(x["token"]), round(x["prob"], 4)] for x in grid.cell(r, c, result.texts)]
+    return {p.lens_cell: gr.Dataframe(value=rows, label=f"{grid.rows[r]} → token {c} "
+                                                        f"({token_label(result.columns[c])}): top-10")}
+
+
+# --- attribution ----------------------------------------------------------------------------------------------------
+
+def show_pick(p: InspectParts, data: dict) -> dict:
+    view = data[p.chat_state].view
+    if view is None:
+        return {p.attr_pick: "", p.attr_md: "Send a message in the Chat tab first."}
+    return {p.attr_pick: token_view_html(view.run.tokens, view.texts, view.labels), p.attr_md: ""}
+
+
+def pick_token(p: InspectParts, evt: gr.EventData) -> dict:
+    index = event_index(evt)
+    return {p.attr_token: int(index) if index is not None else gr.skip()}
+
+
+def attribute(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
+              progress: gr.Progress = gr.Progress()) -> dict:
+    token = data[p.attr_token]
+    token = int(token) if isinstance(token, (int, float)) and float(token).is_integer() else token
+    result = service.attribution_view(ui.services, ui.client(request), service.chat_subject(data[p.chat_state].view),
+                                      token, data[p.method], per_token=data[p.unit] == "per token",
+                                      progress=progress_callback(progress))
+    data[p.state].attribution = result
+    att = result.attribution
+    line = (f"**{token_label(result.target_text)}** (answer token {token}) had log p {att.logprob:.3f}; "
+            f"{att.method} over {len(att.context)} tokens in {result.seconds:.2f} s.")
+    if result.notice:
+        line += f" _{result.notice}_"
+    labels = [u.label for u, _ in result.per_turn]
+    return {p.attr_md: line, p.state: data[p.state],
+            p.attr_html: views.attribution_html(result.pieces, result.token_scores, result.target_text, att.method),
+            p.attr_plot: views.per_turn_figure(labels, [s for _, s in result.per_turn], att.method),
+            p.attr_csv: _download("qdemo-attribution.csv", csv_text(att.to_frame(dict(enumerate(result.pieces))))),
+            p.attr_json: _download("qdemo-attribution.json", att.to_json())}
+
+
+# --- scoring and divergence -----------------------------------------------------------------------------------------
+# Page handlers' names are Gradio's private api names: none may be /score's or /divergence's.
+
+def score_pasted(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
+                 progress: gr.Progress = gr.Progress()) -> dict:
+    return _score(p, ui, data, request, progress, subject=None)
+
+
+def score_answer(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
+                 progress: gr.Progress = gr.Progress()) -> dict:
+    # The answer's own token ids, not its text re-tokenized (which can split differently).
+    return _score(p, ui, data, request, progress, subject=service.chat_subject(data[p.chat_state].view))
+
+
+def _score(p: InspectParts, ui: UIContext, data: dict, request: gr.Request, progress: gr.Progress,
+           subject: service.Subject | None) -> dict:
+    result = service.score_view(ui.services, ui.client(request), data[p.model_a], data[p.text],
+                                data[p.question] or "", bool(data[p.template]), progress_callback(progress),
+                                subject=subject)
+    data[p.state].score = result
+    s = result.score
+    pieces = [result.texts.get(t, "") for t in s.token_ids]
+    line = (f"**{s.model}** ({s.forward}): {s.count} tokens scored in {result.seconds:.2f} s · perplexity "
+            f"**{s.perplexity:.2f}** · mean surprisal {s.mean_surprisal_bits:.2f} bits · the model's top choice at "
+            f"{s.top1_share:.0%} of tokens.")
+    if result.notice:
+        line += f" _{result.notice}_"
+    return {p.score_md: line, p.state: data[p.state], p.div_table: gr.Dataframe(visible=False),
+            p.score_html: views.score_html(pieces, s.probs, s.ranks, s.surprisal_bits),
+            p.score_plot: views.surprisal_figure(pieces, s.surprisal_bits),
+            p.score_csv: _download("qdemo-score.csv", csv_text(s.to_frame(result.texts))),
+            p.score_json: _download("qdemo-score.json", s.to_json())}
+
+
+def diverge(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
+            progress: gr.Progress = gr.Progress()) -> dict:
+    result = service.divergence_view(ui.services, ui.client(request), data[p.model_a], data[p.model_b],
+                                     data[p.text], data[p.question] or "", bool(data[p.template]),
+                                     progress_callback(progress))
+    data[p.state].divergence = result
+    d = result.divergence
+    pieces = [result.texts.get(t, "") for t in d.token_ids]
+    kl, at = d.max_kl_ab
+    line = (f"**A** {d.model_a} ({d.forward_a}) vs **B** {d.model_b} ({d.forward_b}) on {d.count} tokens in "
+            f"{result.seconds:.2f} s: mean KL(A‖B) **{d.mean_kl_ab:.4f}** nats (KL(B‖A) {d.mean_kl_ba:.4f}), "
+            f"largest {kl:.4f} at token {at}; top-1 agreement **{d.agreement:.0%}**; perplexity A "
+            f"{d.perplexity_a:.2f}, B {d.perplexity_b:.2f}.")
+    notes = " ".join(n for n in (d.note, result.notice) if n)
+    if notes:
+        line += f" _{notes}_"
+    worst = d.to_frame(result.texts)
+    worst = worst.sort_values("kl_ab", ascending=False).head(10) if "kl_ab" in worst else worst.head(10)
+    return {p.score_md: line, p.state: data[p.state], p.div_table: gr.Dataframe(value=worst, visible=True),
+            p.score_html: views.divergence_html(pieces, d.kl_ab, d.agree),
+            p.score_plot: views.divergence_figure(pieces, d.kl_ab, d.kl_ba, d.agree, "A", "B"),
+            p.score_csv: _download("qdemo-divergence.csv", csv_text(d.to_frame(result.texts))),
+            p.score_json: _download("qdemo-divergence.json", d.to_json())}
+
+
+# --- evidence bundle ------------------------------------------------------------------------------------------------
+
+def make_bundle(p: InspectParts, ui: UIContext, data: dict) -> dict:
+    view = data[p.chat_state].view
+    if view is None:
+        raise Refused("No answer yet: send a message in the Chat tab first.")
+    fingerprint = service.weights_fingerprint(ui.services, view.run.model)
+    page = bundle_html(view.run, fingerprint, view.labels, prompt="".join(piece[1] for piece in view.prompt))
+    return {p.bundle_file: _download(f"qdemo-run-{view.run.run_id}.html", page),
+            p.bundle_md: f"Bundle of run {view.run.run_id} ({view.run.model}, weights {fingerprint}) is ready."}
+
+
+def open_bundle(p: InspectParts, data: dict) -> dict:
+    path = data[p.bundle_open]
+    try:
+        with open(path if isinstance(path, str) else path.name, "rb") as file:
+            raw = file.read()
+        run = read_bundle(raw)
+    except ValueError as exc:
+        raise Refused(f"Could not open that file: {exc}") from None
+    meta = service.bundle_meta_or_empty(raw)
+    labels = {int(k): v for k, v in (meta.get("texts") or {}).items()} if meta else {}
+    return {p.bundle_md: f"Opened run {run.run_id} of **{run.model}** ({len(run.tokens)} tokens). "
+                         f"{service.run_summary(run)}",
+            p.bundle_view: token_view_html(run.tokens, [t.text for t in run.tokens], labels)}

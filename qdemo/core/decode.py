@@ -31,6 +31,9 @@ from qdemo.forwards.torch_runner import runner_for
 from qdemo.models.loader import LoadedModel
 
 StepLock = Callable[[], ContextManager[Any]]
+# A run's clock, read between chunks, units or layers: "stopped" (the user's Stop, a caller gone), "time_limit", or
+# None to go on (qdemo.core.emit.Deadline.reason is one).
+ShouldStop = Callable[[], str | None]
 _GROW = 256  # token columns added when the buffers fill up
 
 
@@ -54,7 +57,12 @@ class DecodeState:
         return self.tokens[row, self.pads[row]:self.width].tolist()
 
     def kv_bytes(self) -> int:
+        """Keys and values in use: the rows' tokens × a token's bytes (see Runner.kv_bytes)."""
         return self.runner.kv_bytes(self) if self.cache is not None else 0
+
+    def kv_allocated(self) -> int:
+        """Bytes the cache occupies in memory, in use or not (what a kept state costs the pool's budget)."""
+        return self.runner.kv_allocated(self) if self.cache is not None else 0
 
     def release(self) -> None:
         """Free the cache now (the state is done with)."""

@@ -65,17 +65,20 @@ class Emitter:
     closed: bool = False  # the DoneEvent is out: nothing changes the row any more
     ttft_s: float | None = None  # set when the first token was visible later than after its own step
     lead_s: float = 0.0  # time before the first step that step 0's stats include but its event does not
+    reused: int = 0  # prompt tokens a kept cache already held: not prefilled, so not in the prefill rate
 
     def prefill_event(self, prefill_s: float, kv: int, memory: MemorySample, dropped: tuple[int, ...] = (),
-                      reused: int = 0) -> PrefillEvent:
-        """The row's PrefillEvent; the prefill's time and memory count towards its stats."""
-        self.prefill_s = prefill_s
+                      reused: int = 0, allocated: int = 0) -> PrefillEvent:
+        """The row's PrefillEvent; the prefill's time and memory count towards its stats. `kv`: the row's keys and
+        values in use; `allocated`: the cache's memory, in use or not."""
+        self.prefill_s, self.reused = prefill_s, reused
         self.peak = max(memory.used_bytes, memory.cuda_peak or 0)
         return PrefillEvent(prompt_ids=self.prompt, prefill_seconds=prefill_s, dropped_turns=dropped, seed=self.seed,
-                            kv_cache_bytes=kv, memory=memory, row=self.index, reused_tokens=reused)
+                            kv_cache_bytes=kv, memory=memory, row=self.index, reused_tokens=reused,
+                            kv_allocated_bytes=allocated)
 
     def emit(self, token: int, stages: tuple[StageTopN, ...], seconds: float, kv: int, memory: MemorySample,
-             drafted: bool = False, last: bool = False) -> tuple[TokenEvent, bool]:
+             drafted: bool = False, last: bool = False, allocated: int = 0) -> tuple[TokenEvent, bool]:
         """A chosen token's TokenEvent, and whether the row has ended with it (a stop token or its length).
         An ending token shows no text; the text held back for an incomplete character goes out with the row's
         last token. `last`: the caller knows no token follows (beam search's answer ends here)."""
@@ -90,7 +93,8 @@ class Emitter:
         self.step_times.append(seconds)
         self.peak = max(self.peak, memory.used_bytes, memory.cuda_peak or 0)
         event = TokenEvent(step=len(self.generated) - 1, token_id=token, text=text, stages=stages,
-                           step_seconds=seconds, kv_cache_bytes=kv, memory=memory, row=self.index, drafted=drafted)
+                           step_seconds=seconds, kv_cache_bytes=kv, memory=memory, row=self.index, drafted=drafted,
+                           kv_allocated_bytes=allocated)
         return event, ended
 
     def end(self, reason: str) -> None:
@@ -119,7 +123,7 @@ class Emitter:
             times = [(times[0] if times else 0.0) + self.lead_s] + times[1:]
         ttft = self.ttft_s if self.ttft_s is not None else (self.prep_s + times[0] if times else 0.0)
         stats = _stats(len(self.prompt), len(self.generated), ttft, self.prefill_s, self.prep_s, times, self.peak,
-                       self.draft_proposed, self.draft_accepted)
+                       self.draft_proposed, self.draft_accepted, self.reused)
         return DoneEvent(reason=self.reason or "max_tokens", stats=stats, text=self.detok.text,
                          token_ids=tuple(self.generated), error=self.error, row=self.index)
 
@@ -162,12 +166,14 @@ def describe_error(lm: LoadedModel, exc: Exception) -> str:
 
 
 def _stats(prompt_len: int, new_tokens: int, ttft: float, prefill_s: float, prep_s: float,
-           step_times: list[float], peak: int, proposed: int = 0, accepted: int = 0) -> GenerationStats:
-    """Stats of a finished run from its step times (step 0 includes the prefill)."""
+           step_times: list[float], peak: int, proposed: int = 0, accepted: int = 0, reused: int = 0
+           ) -> GenerationStats:
+    """Stats of a finished run from its step times (step 0 includes the prefill). The prefill rate counts the tokens
+    prefilled: a kept cache's `reused` ones took no time."""
     decode = sum(step_times[1:])
     return GenerationStats(
         prompt_tokens=prompt_len, new_tokens=new_tokens, ttft_seconds=ttft, prefill_seconds=prefill_s,
-        prefill_tokens_per_s=prompt_len / prefill_s if prefill_s else 0.0,
+        prefill_tokens_per_s=(prompt_len - reused) / prefill_s if prefill_s else 0.0, reused_tokens=reused,
         decode_tokens_per_s=(len(step_times) - 1) / decode if decode > 0 else 0.0,
         total_seconds=prep_s + sum(step_times), peak_memory_bytes=peak, draft_proposed=proposed,
         draft_accepted=accepted)

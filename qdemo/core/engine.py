@@ -272,9 +272,9 @@ def _prefill_rows(
         logits = logits.expand(len(outs), -1)
     waited = now(device) - queued
     mem = memory_sample(device)
-    kv = state.kv_bytes() // max(1, state.rows)
+    kv = state.kv_bytes() // max(1, state.rows)  # one row's keys and values (a shared prefix counts in each row)
     for out in outs:
-        yield out.prefill_event(prefill_s, kv, mem, dropped, reused)
+        yield out.prefill_event(prefill_s, kv, mem, dropped, reused, state.kv_allocated())
     if early:
         for out in outs:
             out.end(early)
@@ -293,11 +293,11 @@ def _decode_rows(lm: LoadedModel, state: DecodeState, rows: list[_Row], logits: 
         choices = choose(logits, state, [row.chooser for row in live])
         elapsed = now(device) - step_start
         mem = memory_sample(device)
-        kv = state.kv_bytes() // max(1, state.rows)
+        kv, allocated = state.kv_bytes() // max(1, state.rows), state.kv_allocated()
         keep: list[int] = []  # positions of the rows that go on
         finished: list[Emitter] = []
         for position, (row, (token, stages)) in enumerate(zip(live, choices)):
-            event, ended = row.out.emit(token, stages, elapsed, kv, mem)
+            event, ended = row.out.emit(token, stages, elapsed, kv, mem, allocated=allocated)
             yield event
             if ended:
                 finished.append(row.out)
@@ -352,7 +352,9 @@ def _assisted_rounds(decoder: SpeculativeDecoder, out: Emitter, ids: list[int], 
     queued = now(device)
     early = decoder.start(ids, chunk, clock.reason)
     prefill_s = now(device) - queued
-    yield out.prefill_event(prefill_s, decoder.target_state.kv_bytes(), memory_sample(device), dropped)
+    target = decoder.target_state
+    yield out.prefill_event(prefill_s, target.kv_bytes(), memory_sample(device), dropped,
+                            allocated=target.kv_allocated())
     if early:
         out.end(early)
         return
@@ -362,9 +364,9 @@ def _assisted_rounds(decoder: SpeculativeDecoder, out: Emitter, ids: list[int], 
         out.draft_proposed += result.proposed
         out.draft_accepted += result.accepted
         share = (now(device) - step_start) / len(result.emitted)  # the round's time, shared by its tokens
-        mem, kv = memory_sample(device), decoder.target_state.kv_bytes()
+        mem, kv, allocated = memory_sample(device), target.kv_bytes(), target.kv_allocated()
         for item in result.emitted:
-            event, ended = out.emit(item.token, item.stages, share, kv, mem, drafted=item.drafted)
+            event, ended = out.emit(item.token, item.stages, share, kv, mem, drafted=item.drafted, allocated=allocated)
             yield event
             if ended:
                 return
@@ -380,6 +382,7 @@ class _Search:
     best: Hypothesis | None = None
     steps: list[float] = field(default_factory=list)
     kv: int = 0
+    allocated: int = 0
 
 
 def _run_beams(
@@ -397,7 +400,7 @@ def _run_beams(
     except Exception as exc:
         fail([out], lm, exc)
     finally:
-        search.kv = state.kv_bytes()
+        search.kv, search.allocated = state.kv_bytes(), state.kv_allocated()
         state.release()
     yield from _beam_answer(lm, out, search, top_n)
     yield out.done()
@@ -412,7 +415,8 @@ def _search_beams(
     device = lm.device
     started = now(device)
     logits, early = prefill(lm, state, [ids], lock, chunk, clock.reason)
-    yield out.prefill_event(now(device) - started, state.kv_bytes(), memory_sample(device), dropped)
+    yield out.prefill_event(now(device) - started, state.kv_bytes(), memory_sample(device), dropped,
+                            allocated=state.kv_allocated())
     if early:
         out.end(early)
         return
@@ -442,7 +446,8 @@ def _beam_answer(lm: LoadedModel, out: Emitter, search: _Search, top_n: int) -> 
         if top_n:
             stages = (StageTopN(name="beam", token_ids=tops[i][0], probs=tops[i][1], chosen_prob=probs[i]),)
         seconds = search.steps[i] if i < len(search.steps) else 0.0
-        event, _ = out.emit(token, stages, seconds, search.kv, mem, last=i == len(tokens) - 1)
+        event, _ = out.emit(token, stages, seconds, search.kv, mem, last=i == len(tokens) - 1,
+                            allocated=search.allocated)
         yield event
     # Nothing is visible before the search ends, so the first token's time is the whole search.
     out.shown_at_end(out.prefill_s, sum(search.steps), mem)

@@ -49,6 +49,7 @@ class PrefillEvent:
     memory: MemorySample
     row: int = 0  # which row of a batched generation (Compare's sides share one prefill)
     reused_tokens: int = 0  # prompt tokens whose KV cache was kept from an earlier turn (not prefilled again)
+    kv_allocated_bytes: int = 0  # the cache's memory, in use or not (llama.cpp allocates its context up front)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TokenEvent:
     memory: MemorySample
     row: int = 0
     drafted: bool = False  # speculative decoding: the draft model proposed it and the target accepted it
+    kv_allocated_bytes: int = 0  # the cache's memory, in use or not; kv_cache_bytes is this row's keys and values
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,18 @@ class GenerationStats:
     new_tokens: int
     ttft_seconds: float
     prefill_seconds: float
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float  # the tokens prefilled (not those reused from a kept cache) over prefill_seconds
     decode_tokens_per_s: float  # tokens after the first, over their step time
     total_seconds: float
     peak_memory_bytes: int
     draft_proposed: int = 0  # speculative decoding: tokens the draft model proposed …
     draft_accepted: int = 0  # … and how many the target kept
+    reused_tokens: int = 0  # prompt tokens whose cache was kept from an earlier turn: not prefilled, not timed
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens this run computed."""
+        return self.prompt_tokens - self.reused_tokens
 
 
 @dataclass(frozen=True)

@@ -73,13 +73,14 @@ def prefill_from_dict(d: dict[str, Any]) -> PrefillEvent:
     return PrefillEvent(prompt_ids=tuple(d["prompt_ids"]), prefill_seconds=d["prefill_seconds"],
                         dropped_turns=tuple(d["dropped_turns"]), seed=d["seed"],
                         kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]), row=d.get("row", 0),
-                        reused_tokens=d.get("reused_tokens", 0))
+                        reused_tokens=d.get("reused_tokens", 0), kv_allocated_bytes=d.get("kv_allocated_bytes", 0))
 
 
 def token_from_dict(d: dict[str, Any]) -> TokenEvent:
     return TokenEvent(step=d["step"], token_id=d["token_id"], text=d["text"], stages=_stages(d["stages"]),
                       step_seconds=d["step_seconds"], kv_cache_bytes=d["kv_cache_bytes"], memory=_memory(d["memory"]),
-                      row=d.get("row", 0), drafted=d.get("drafted", False))
+                      row=d.get("row", 0), drafted=d.get("drafted", False),
+                      kv_allocated_bytes=d.get("kv_allocated_bytes", 0))
 
 
 def done_from_dict(d: dict[str, Any]) -> DoneEvent:

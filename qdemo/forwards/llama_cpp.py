@@ -270,7 +270,14 @@ class LlamaCppRunner:
         cache.seqs = list(new_seqs)
 
     def kv_bytes(self, state: RunnerState) -> int:
-        """Bytes the state's context holds for keys and values: its whole allocated cache, used or not."""
+        """Keys and values in use: each row's tokens (its padding is never fed) × a token's bytes. Forked rows share
+        their prefix's cells (kv_unified), yet each row counts it: a row's figure is the cache it reads, and does not
+        change when another row leaves; the memory actually held is `kv_allocated`."""
+        held = sum(max(state.width - pad, 0) for pad in state.pads)
+        return held * self.weights.kv_bytes_per_token
+
+    def kv_allocated(self, state: RunnerState) -> int:
+        """The context's whole cache, allocated up front for FIRST_CONTEXT tokens or more, used or not."""
         return state.cache.n_ctx * self.weights.kv_bytes_per_token
 
 

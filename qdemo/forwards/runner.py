@@ -49,7 +49,12 @@ class Runner(Protocol):
         """Keep these rows, in this order (a row chosen twice is copied)."""
 
     def kv_bytes(self, state: RunnerState) -> int:
-        """Bytes of keys and values the state's cache holds."""
+        """Bytes of keys and values in use: each row's tokens × the bytes one token's keys and values take, summed
+        over the rows (a prefix forked rows share counts in each row that reads it, so a row's share of the figure
+        does not change when another row leaves)."""
+
+    def kv_allocated(self, state: RunnerState) -> int:
+        """Bytes the cache occupies in memory, in use or not (llama.cpp: its whole context)."""
 
     def release(self, state: RunnerState) -> None:
         """Free the cache now."""

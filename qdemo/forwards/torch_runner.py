@@ -47,6 +47,9 @@ class TorchRunner:
         state.cache.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=state.tokens.device))
 
     def kv_bytes(self, state: RunnerState) -> int:
+        return kv_cache_bytes(state.cache)  # the tensors hold exactly the rows' columns (forks are copies)
+
+    def kv_allocated(self, state: RunnerState) -> int:
         return kv_cache_bytes(state.cache)
 
     def release(self, state: RunnerState) -> None:

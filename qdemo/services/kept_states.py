@@ -23,7 +23,7 @@ IDLE_S = 900.0  # a kept decode state unused this long is dropped
 class _Kept:
     state: DecodeState
     used: float
-    bytes: int  # counted once at keep time: a kept state does not change while kept
+    bytes: int  # its cache's memory (the allocation, not the tokens in use), counted once: a kept state does not change
 
 
 class KeptStates:
@@ -46,7 +46,7 @@ class KeptStates:
             self._items.pop(key, None)
             if state is None or state.broken or state.model not in loaded:
                 return False
-            self._items[key] = _Kept(state, time.monotonic(), state.kv_bytes())
+            self._items[key] = _Kept(state, time.monotonic(), state.kv_allocated())
             self._shed(allowed)
             return key in self._items
 

@@ -26,6 +26,7 @@ def metrics_line(run: RunRecord | None) -> str:
         return "prefill…"
     last = run.tokens[-1] if run.tokens else None
     kv = last.kv_cache_bytes if last else run.prefill.kv_cache_bytes
+    allocated = last.kv_allocated_bytes if last else run.prefill.kv_allocated_bytes  # llama.cpp: its whole context
     if run.done:
         s = run.done.stats
         head = f"**{reason_words(run.done.reason)}** · TTFT {s.ttft_seconds:.2f} s · {s.decode_tokens_per_s:.1f} tok/s"
@@ -41,7 +42,8 @@ def metrics_line(run: RunRecord | None) -> str:
     if run.prefill.memory.device == "remote":  # the cache and memory are the server's: not measured here
         line = f"{head} · tokens {len(run.tokens)} · KV and memory on the server"
     else:
-        line = f"{head} · tokens {len(run.tokens)} · KV {human_bytes(kv)} · peak {human_bytes(peak)}"
+        kv_text = f"{human_bytes(kv)} ({human_bytes(allocated)} allocated)" if allocated > kv else human_bytes(kv)
+        line = f"{head} · tokens {len(run.tokens)} · KV {kv_text} · peak {human_bytes(peak)}"
     drafted = sum(t.drafted for t in run.tokens)
     if run.done and run.done.stats.draft_proposed:
         s = run.done.stats

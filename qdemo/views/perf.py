@@ -15,8 +15,8 @@ from qdemo.core.runs import RunRecord
 from qdemo.views._figure import MIB, empty_figure, styled
 
 NO_RUNS = "no runs yet"
-TABLE_COLUMNS = ("run", "label", "model", "reason", "prompt_tokens", "new_tokens", "ttft_s", "prefill_tok_s",
-                 "decode_tok_s", "peak_mib", "settings")
+TABLE_COLUMNS = ("run", "label", "model", "reason", "prompt_tokens", "new_tokens", "ttft_s", "prefilled_tokens",
+                 "reused_tokens", "prefill_tok_s", "decode_tok_s", "peak_mib", "settings")
 
 
 def run_name(run: RunRecord) -> str:
@@ -203,12 +203,16 @@ def reason_words(reason: str | None) -> str:
 
 
 def run_row(run: RunRecord) -> dict[str, Any]:
-    """One table row. A running run has no stats yet: its counts come from the events seen so far."""
+    """One table row. A running run has no stats yet: its counts come from the events seen so far. Beside the
+    prefill rate: the prompt tokens it prefilled and those a kept cache held (a follow-up turn prefills only what is
+    new, and the rate is over those)."""
+    reused = run.prefill.reused_tokens if run.prefill else 0
+    prompt = len(run.prefill.prompt_ids) if run.prefill else math.nan
     row: dict[str, Any] = {"run": run.run_id, "label": run.label, "model": run.model, "forward": run.forward,
-                           "settings": settings_text(run.settings)}
+                           "settings": settings_text(run.settings), "prefilled_tokens": prompt - reused,
+                           "reused_tokens": reused if run.prefill else math.nan}
     if run.done is None:
-        return {**row, "reason": "running",
-                "prompt_tokens": len(run.prefill.prompt_ids) if run.prefill else math.nan,
+        return {**row, "reason": "running", "prompt_tokens": prompt,
                 "new_tokens": len(run.tokens), "ttft_s": math.nan, "prefill_tok_s": math.nan,
                 "decode_tok_s": math.nan, "peak_mib": math.nan}
     stats = run.done.stats
@@ -224,6 +228,7 @@ def runs_table(runs: Sequence[RunRecord]) -> pd.DataFrame:
 
 # Column names for people (the table on the page and its CSV); runs_table keeps the short keys code uses.
 TABLE_HEADERS = {"prompt_tokens": "prompt tokens", "new_tokens": "new tokens", "ttft_s": "first token (s)",
+                 "prefilled_tokens": "prefilled tokens", "reused_tokens": "reused tokens",
                  "prefill_tok_s": "prefill tok/s", "decode_tok_s": "decode tok/s", "peak_mib": "peak memory (MiB)"}
 
 

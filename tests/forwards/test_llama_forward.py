@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
 from qdemo.probes.scoring import score_ids
 from qdemo.sampling import SamplingParams
+from qdemo.services.kept_states import KeptStates
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("QDEMO_REQUIRE_LLAMA") == "1":
@@ -205,3 +207,36 @@ def test_beam_search_equals_the_torch_fp32_path(fast, exact):
     a = collect(generate(fast, input_ids=ids, params=params))["done"]
     b = collect(generate(exact, input_ids=ids, params=params))["done"]
     assert a.token_ids == b.token_ids and a.reason == b.reason
+
+
+def test_the_kv_reported_is_the_cache_in_use_and_a_side_keeps_its_own(fast):
+    """Issue 19, item 7: the llama.cpp forward reported its whole allocated context as the KV cache ("KV 24.0 MiB"
+    for ~40 tokens), and a Compare side's figure doubled when the other side ended. Every forward reports the
+    tokens its row holds × the bytes a token's keys and values take (f16, worked out here from the config); the
+    allocated context is reported apart."""
+    config = fast.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
+        config.hidden_size // config.num_attention_heads) * 2
+    assert per_token == 12 * 1024  # Qwen2.5-0.5B: 12 KiB a token
+    ids = chat_ids(fast, EN)
+    sides = [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=9)]
+    events = list(generate_rows(fast, ids, sides, ignore_eos=True))
+    prefills = [e for e in events if type(e).__name__ == "PrefillEvent"]
+    assert [e.kv_cache_bytes for e in prefills] == [len(ids) * per_token] * 2
+    for row in (0, 1):
+        tokens = [e for e in events if type(e).__name__ == "TokenEvent" and e.row == row]
+        assert [e.kv_cache_bytes for e in tokens] == [(len(ids) + k) * per_token for k in range(len(tokens))], row
+        assert all(e.kv_allocated_bytes >= 2048 * per_token > e.kv_cache_bytes for e in tokens)
+
+
+def test_a_kept_state_costs_the_budget_its_whole_context(fast):
+    """The memory a kept llama.cpp state holds is its allocated context, not the tokens in use: the pool's budget
+    counts that."""
+    pool = SimpleNamespace(budget=10 ** 12, weight_bytes=lambda: 0, loaded=lambda: [fast.key],
+                           admit_tenant=lambda tenant: None)
+    state = new_state(fast)
+    prefill(fast, state, [chat_ids(fast, EN)], NOLOCK, 64)
+    kept = KeptStates(pool)
+    assert kept.keep("session", state)
+    assert kept.held_bytes() == state.cache.n_ctx * fast.runner.weights.kv_bytes_per_token > state.kv_bytes()
+    state.release()

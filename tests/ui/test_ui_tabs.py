@@ -308,12 +308,13 @@ def test_perf_views_and_csv_from_real_runs(tiny_lm, tmp_path):
     path = perf.write_csv(runs, tmp_path)
     loaded = pd.read_csv(path, keep_default_na=False)
     assert list(loaded.columns) == ["run", "label", "model", "reason", "prompt tokens", "new tokens",
-                                    "first token (s)", "prefill tok/s", "decode tok/s", "peak memory (MiB)",
-                                    "settings"]
+                                    "first token (s)", "prefilled tokens", "reused tokens", "prefill tok/s",
+                                    "decode tok/s", "peak memory (MiB)", "settings"]
     ended = {"max_tokens": "length limit", "eos": "finished", "stop_token": "finished (stop token)"}
     expected = [{"run": run.run_id, "label": run.label, "model": "tiny-qwen2", "reason": ended[run.done.reason],
                  "prompt tokens": run.done.stats.prompt_tokens, "new tokens": run.done.stats.new_tokens,
                  "first token (s)": round(run.done.stats.ttft_seconds, 3),
+                 "prefilled tokens": run.done.stats.prompt_tokens, "reused tokens": 0,
                  "prefill tok/s": round(run.done.stats.prefill_tokens_per_s, 1),
                  "decode tok/s": round(run.done.stats.decode_tokens_per_s, 1),
                  "peak memory (MiB)": round(run.done.stats.peak_memory_bytes / 2 ** 20, 1), "settings": settings}

@@ -169,9 +169,9 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def cmd_faults(args: argparse.Namespace) -> int:
     log = (lambda *_: None) if args.json else (lambda msg: print(f"  {msg}", file=sys.stderr))
     result = faults.run_faults(model=args.model, registry_path=args.registry, device=args.device,
-                        long_prompt_chars=args.long_prompt_chars, log=log)
+                               long_prompt_chars=args.long_prompt_chars, time_limit_s=args.time_limit, log=log)
     print(faults.to_json(result) if args.json else faults.format_result(result), flush=True)
-    return 0 if result.crashed == 0 and result.still_serving else 1
+    return 0 if result.crashed == 0 and result.wrong == 0 and result.still_serving else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,9 +253,12 @@ def _add_serve_llama(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_faults(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("faults", help="the app on loopback, replayed with bad inputs and abuse; and fairness")
+    p = sub.add_parser("faults", help="the app on loopback, replayed with bad inputs, abuse and clients that leave; "
+                                      "and fairness")
     p.add_argument("--model", help="registry name (default: the registry's default)")
     p.add_argument("--long-prompt-chars", type=int, default=4000, help="the long prompt of the fairness figure")
+    p.add_argument("--time-limit", type=int, default=8, help="the app's time limit per answer or view, in seconds "
+                                                             "(default 8: the time-limit cases meet it)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_faults)

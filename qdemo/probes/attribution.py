@@ -15,14 +15,16 @@ from __future__ import annotations
 import gc
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import pandas as pd
 import torch
 
-from qdemo.core.decode import _forward, new_state
+from qdemo.core.decode import ShouldStop, _forward, new_state
+from qdemo.errors import Cut, Interrupted
 from qdemo.models.loader import LoadedModel
+from qdemo.probes.clock import check_clock, layer_clock
 
 StepLock = Callable[[], ContextManager[None]]
 MAX_TOKEN_OCCLUSION = 160  # per-token occlusion costs ≈ n²/2 token forwards: above this, units must be turns
@@ -48,6 +50,7 @@ class Attribution:
     logprob: float  # log p(target | context) from the full context
     scores: tuple[float | None, ...]  # per token (gradient×input) or per unit (occlusion; None: nothing left)
     units: tuple[Unit, ...] = ()  # occlusion: what each score left out
+    cut: Cut | None = None  # occlusion ended early (Stop, the time limit): the units not reached score None
 
     def per_unit(self, units: Sequence[Unit]) -> list[tuple[Unit, float]]:
         """Token scores summed per unit (gradient × input shown per turn)."""
@@ -70,7 +73,8 @@ class Attribution:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "method": self.method, "context": list(self.context), "target": self.target,
                 "logprob": self.logprob, "scores": list(self.scores),
-                "units": [{"label": u.label, "kind": u.kind, "indices": list(u.indices)} for u in self.units]}
+                "units": [{"label": u.label, "kind": u.kind, "indices": list(u.indices)} for u in self.units],
+                "cut": asdict(self.cut) if self.cut else None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -84,18 +88,23 @@ def _check(lm: LoadedModel, context: Sequence[int], target: int) -> list[int]:
     return lm.check_ids(context, "the context before the chosen token")
 
 
-def gradient_x_input(lm: LoadedModel, context: Sequence[int], target: int, lock: StepLock = nullcontext
-                     ) -> Attribution:
+def gradient_x_input(lm: LoadedModel, context: Sequence[int], target: int, lock: StepLock = nullcontext, *,
+                     should_stop: ShouldStop | None = None) -> Attribution:
     """∂ log p(target | context) / ∂ e_i · e_i for every context token i: one forward and one backward, in one
-    turn at the gate."""
+    turn at the gate. `should_stop` is read before the forward, before each decoder layer and before the backward;
+    when it says stop, Interrupted is raised (one gradient is all or nothing)."""
     ids = _check(lm, context, target)
     model = lm.model
     embed = model.get_input_embeddings()
+    layers = _layers(model)
+    what = f"model {lm.spec.name}: gradient × input"
+    check_clock(should_stop, Cut("", 0, len(layers), "layers"), what)
     try:
-        with lock(), torch.inference_mode(False), torch.enable_grad():
+        with lock(), torch.inference_mode(False), torch.enable_grad(), layer_clock(layers, should_stop, what):
             inputs = embed(torch.tensor([ids], device=lm.device)).detach().requires_grad_(True)
             out = model(inputs_embeds=inputs, use_cache=False, logits_to_keep=1)
             logprob = torch.log_softmax(_wide(out.logits[0, -1]), dim=-1)[int(target)]
+            check_clock(should_stop, Cut("", len(layers), len(layers), "layers"), what)
             (grad,) = torch.autograd.grad(logprob, inputs)
             scores = (_wide(grad) * _wide(inputs.detach())).sum(-1)[0]
             value = float(logprob.detach())
@@ -105,6 +114,11 @@ def gradient_x_input(lm: LoadedModel, context: Sequence[int], target: int, lock:
         gc.collect()
     return Attribution(model=lm.spec.name, method="gradient×input", context=tuple(ids), target=int(target),
                        logprob=value, scores=tuple(result))
+
+
+def _layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if layers is not None else ()
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +132,12 @@ def _logprob(logits: torch.Tensor, target: int) -> float:
 
 @torch.inference_mode()
 def occlusion(lm: LoadedModel, context: Sequence[int], target: int, units: Sequence[Unit],
-              lock: StepLock = nullcontext, chunk: int = 256) -> Attribution:
+              lock: StepLock = nullcontext, chunk: int = 256, *, should_stop: ShouldStop | None = None
+              ) -> Attribution:
     """The drop in log p(target) when each unit is left out (positive: the unit made the token likelier). One
     decode state: the full context once, then per unit (last first) a crop to the unit's first token and a
-    prefill of what follows it without the unit."""
+    prefill of what follows it without the unit. `should_stop` is read before every forward chunk: when it says
+    stop, the units not finished score None and `cut` says how many were (Interrupted before the first)."""
     ids = _check(lm, context, target)
     for u in units:
         if not u.indices or min(u.indices) < 0 or max(u.indices) >= len(ids):
@@ -131,32 +147,57 @@ def occlusion(lm: LoadedModel, context: Sequence[int], target: int, units: Seque
                          "would recompute the text hundreds of times: occlude per turn, or use gradient × input")
     state = new_state(lm)
     scores: list[float | None] = [None] * len(units)
+    feed = _Feeder(lm, state, lock, chunk, should_stop)
+    done, cut = 0, None
     try:
-        base = _feed(lm, state, ids, lock, chunk)
+        base = feed(ids)
+        if base is None:
+            raise Interrupted(Cut(feed.reason, 0, len(units), "units"), f"model {lm.spec.name}: occlusion")
         full = _logprob(base, target)
         for u in sorted(range(len(units)), key=lambda k: min(units[k].indices), reverse=True):
             left_out = set(units[u].indices)
             start = min(left_out)
             rest = [t for i, t in enumerate(ids) if i >= start and i not in left_out]
             if start == 0 and not rest:
+                done += 1
                 continue  # nothing left to condition on
             if not rest:  # the unit is the tail: read the logits after the token before it
                 start, rest = start - 1, [ids[start - 1]]
             state.crop(start)
-            scores[u] = full - _logprob(_feed(lm, state, rest, lock, chunk), target)
+            logits = feed(rest)
+            if logits is None:
+                cut = Cut(feed.reason, done, len(units), "units")
+                break
+            scores[u] = full - _logprob(logits, target)
+            done += 1
     finally:
         state.release()
     return Attribution(model=lm.spec.name, method="occlusion", context=tuple(ids), target=int(target),
-                       logprob=full, scores=tuple(scores), units=tuple(units))
+                       logprob=full, scores=tuple(scores), units=tuple(units), cut=cut)
 
 
-def _feed(lm: LoadedModel, state: Any, ids: list[int], lock: StepLock, chunk: int) -> torch.Tensor:
-    block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
-    logits = None
-    for begin in range(0, len(ids), chunk):
-        with lock():
-            logits = _forward(lm, state, block[:, begin:begin + chunk], keep=1)[0, -1]
-    return logits
+@dataclass
+class _Feeder:
+    """Tokens after the state's width, a chunk per turn at the gate; the clock is read before every chunk."""
+
+    lm: LoadedModel
+    state: Any
+    lock: StepLock
+    chunk: int
+    should_stop: ShouldStop | None
+    reason: str = ""  # why the last call returned None
+
+    def __call__(self, ids: list[int]) -> torch.Tensor | None:
+        """The logits after the last of `ids`, or None when the clock said stop (the state then holds a part)."""
+        block = torch.tensor([ids], dtype=torch.long, device=self.state.tokens.device)
+        logits = None
+        for begin in range(0, len(ids), self.chunk):
+            self.reason = (self.should_stop() if self.should_stop is not None else None) or ""
+            if self.reason:
+                return None
+            with self.lock():
+                logits = _forward(self.lm, self.state, block[:, begin:begin + self.chunk], keep=1)[0, -1]
+        return logits
 
 
 def token_pieces(decode: Callable[[list[int]], str], ids: Sequence[int]) -> list[str]:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from qdemo.core.decode import ShouldStop, StepLock
+from qdemo.errors import Cut
 from qdemo.models.loader import LoadedModel
+from qdemo.probes.clock import check_clock, layer_clock
 
 
 class _Captured(Exception):
@@ -81,15 +85,18 @@ def attention_map(lm: LoadedModel, ids: Sequence[int], layer: int) -> np.ndarray
     return probs[0].float().cpu().numpy()
 
 
-def attention_maps(lm: LoadedModel, ids: Sequence[int]) -> np.ndarray:
+def attention_maps(lm: LoadedModel, ids: Sequence[int], lock: StepLock = nullcontext, *,
+                   should_stop: ShouldStop | None = None) -> np.ndarray:
     """Attention probabilities of every decoder layer over `ids` from ONE forward: float16
     [layers, num_heads, q_len, k_len]. Pre-hooks take each layer's attention inputs as the pass goes by; the
     weights are then recomputed eagerly per layer exactly as `attention_map` does for one. Cheap to keep for a
-    short context (128 tokens × 24 layers × 14 heads ≈ 11 MB), so layer and head changes need no forward."""
+    short context (128 tokens × 24 layers × 14 heads ≈ 11 MB), so layer and head changes need no forward.
+    `should_stop` is read before the forward and before each layer (of the pass and of the recomputation); a stop
+    raises Interrupted (the maps are all or nothing). The forward and the recomputation are one turn at `lock`."""
     tokens = lm.check_ids(ids)
     layers = _decoder_layers(lm)
+    what = f"model {lm.spec.name}: attention maps"
     captured: list[dict[str, object]] = [{} for _ in layers]
-    handles = []
 
     def grabber(index: int):
         def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -97,19 +104,28 @@ def attention_maps(lm: LoadedModel, ids: Sequence[int]) -> np.ndarray:
             captured[index]["position_embeddings"] = kwargs.get("position_embeddings")
         return grab
 
-    for index, layer in enumerate(layers):
-        handles.append(layer.self_attn.register_forward_pre_hook(grabber(index), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            lm.model.model(input_ids=_input(lm, tokens), use_cache=False)  # no lm_head: only attention is wanted
-    finally:
-        for handle in handles:
-            handle.remove()
+    check_clock(should_stop, Cut("", 0, len(layers), "layers"), what)
+    with lock():  # the hooks exist only inside this turn: other users' steps on the model never see them
+        handles = [layer.self_attn.register_forward_pre_hook(grabber(i), with_kwargs=True)
+                   for i, layer in enumerate(layers)]
+        try:
+            with torch.inference_mode(), layer_clock(layers, should_stop, what):
+                lm.model.model(input_ids=_input(lm, tokens), use_cache=False)  # no lm_head: only attention
+        finally:
+            for handle in handles:
+                handle.remove()
+        return _recomputed(lm, layers, captured, should_stop, what)
+
+
+def _recomputed(lm: LoadedModel, layers: torch.nn.ModuleList, captured: list[dict[str, object]],
+                should_stop: ShouldStop | None, what: str) -> np.ndarray:
+    """Every layer's attention probabilities, recomputed eagerly from the inputs its pre-hook took."""
     maps = []
     with torch.inference_mode():
         for index, layer in enumerate(layers):
             if "hidden_states" not in captured[index]:
                 raise RuntimeError(f"model {lm.spec.name}: layer {index} attention was never called")
+            check_clock(should_stop, Cut("", index, len(layers), "layers"), what)
             attn = layer.self_attn
             own = getattr(attn, "eager_attention_probs", None)
             if own is not None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from qdemo.core.decode import _forward, new_state
+from qdemo.core.decode import ShouldStop, _forward, new_state
+from qdemo.errors import Cut, Interrupted
 from qdemo.models.loader import LoadedModel
 
 StepLock = Callable[[], ContextManager[None]]
@@ -40,6 +41,7 @@ class LensGrid:
     top_probs: np.ndarray  # float32 [rows, columns, k]
     target_probs: np.ndarray  # float32 [rows, columns]: the lens probability of the token that followed
     layer_rows: tuple[int, ...]  # indices of the rows that are whole-layer outputs (commitment is read there)
+    cut: Cut | None = None  # the lens ended early (Stop, the time limit): the columns it finished
 
     @property
     def top1(self) -> np.ndarray:
@@ -96,7 +98,8 @@ class LensGrid:
                 "commitment": [self.rows[c] if (c := self.commitment(i)) is not None else None
                                for i in range(len(self.positions))],
                 "stays_from": [self.rows[c] if (c := self.stays_from(i)) is not None else None
-                               for i in range(len(self.positions))]}
+                               for i in range(len(self.positions))],
+                "cut": asdict(self.cut) if self.cut else None}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -151,13 +154,18 @@ PROJECT_BLOCK = 512  # vectors per lm_head GEMM: big enough to read the head's w
 
 
 def _project(kept: dict[str, torch.Tensor], names: Sequence[str], head: torch.nn.Module, norm: torch.nn.Module,
-             targets: torch.Tensor, out: tuple[np.ndarray, np.ndarray, np.ndarray], cols: slice, k: int) -> None:
+             targets: torch.Tensor, out: tuple[np.ndarray, np.ndarray, np.ndarray], cols: slice, k: int,
+             should_stop: ShouldStop | None = None) -> str | None:
     """Every row's kept residuals through norm and lm_head, rows stacked into blocks of PROJECT_BLOCK vectors (the
-    head is the size of several layers: one pass per row would read it once per row)."""
+    head is the size of several layers: one pass per row would read it once per row). Returns why it stopped
+    before the last block (`should_stop` is read between blocks), or None when every row is projected."""
     top_ids, top_probs, target_probs = out
     per_row = cols.stop - cols.start
     rows_per_block = max(1, PROJECT_BLOCK // per_row)
     for first in range(0, len(names), rows_per_block):
+        reason = should_stop() if should_stop is not None and first else None
+        if reason:
+            return reason
         block = names[first:first + rows_per_block]
         stacked = torch.cat([kept[name] for name in block]).to(head.weight.dtype)
         probs = torch.softmax(head(norm(stacked)).float(), dim=-1)
@@ -168,6 +176,7 @@ def _project(kept: dict[str, torch.Tensor], names: Sequence[str], head: torch.nn
         top_probs[first:first + len(block), cols] = values.cpu().numpy().reshape(*shape, k)
         target_probs[first:first + len(block), cols] = hit.cpu().numpy().reshape(shape)
         del probs
+    return None
 
 
 def row_names(layers: int, sublayers: bool) -> tuple[str, ...]:
@@ -179,10 +188,13 @@ def row_names(layers: int, sublayers: bool) -> tuple[str, ...]:
 
 @torch.inference_mode()
 def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lock: StepLock = nullcontext,
-               sublayers: bool = False, top: int = 10, chunk: int = 256) -> LensGrid:
+               sublayers: bool = False, top: int = 10, chunk: int = 256, *, should_stop: ShouldStop | None = None
+               ) -> LensGrid:
     """The lens grid of `ids` at `positions` (sequence indices; each column shows what follows that token).
     One forward of the sequence (chunked at the gate); each row is projected right after its chunk, so memory
-    holds [rows, columns, hidden] and one [columns, vocab] block at a time."""
+    holds [rows, columns, hidden] and one [columns, vocab] block at a time. `should_stop` is read before every
+    chunk and projection block: when it says stop, the grid holds the columns of the chunks finished (`cut` says
+    how many), or Interrupted is raised when there are none."""
     ids = [int(t) for t in ids]
     wanted = sorted({int(p) for p in positions})
     if not ids:
@@ -193,38 +205,75 @@ def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lo
         raise ValueError(f"model {lm.spec.name}: lens positions must be in 0..{len(ids) - 1}, got {wanted[-1]}")
     embed, layers, norm, head = _parts(lm)
     names = row_names(len(layers), sublayers)
-    recorder = _Recorder(embed, layers, sublayers)
     targets = [ids[p + 1] if p + 1 < len(ids) else -1 for p in wanted]
     k = max(1, min(int(top), lm.vocab_size))
-    top_ids = np.zeros((len(names), len(wanted), k), dtype=np.int64)
-    top_probs = np.zeros((len(names), len(wanted), k), dtype=np.float32)
-    target_probs = np.zeros((len(names), len(wanted)), dtype=np.float32)
-    target_index = torch.tensor([max(t, 0) for t in targets], dtype=torch.long)
-    state = new_state(lm)
-    try:
-        block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
-        end_at = wanted[-1] + 1  # nothing after the last wanted position is needed
-        done = 0
-        for begin in range(0, end_at, chunk):
-            end = min(end_at, begin + chunk)
-            here = [p for p in wanted if begin <= p < end]
-            recorder.columns = torch.tensor([p - begin for p in here] or [0], dtype=torch.long,
-                                            device=state.tokens.device)
-            recorder.kept = {}
-            with lock():
-                handles = recorder.attach()
-                try:
-                    _forward(lm, state, block[:, begin:end], keep=1)
-                finally:
-                    for h in handles:
-                        h.remove()
-                if here:  # project while holding the turn: it reads the same weights as a step
-                    _project(recorder.kept, names, head, norm, target_index[done:done + len(here)],
-                             (top_ids, top_probs, target_probs), slice(done, done + len(here)), k)
-                    done += len(here)
-    finally:
-        state.release()
+    out = (np.zeros((len(names), len(wanted), k), dtype=np.int64),
+           np.zeros((len(names), len(wanted), k), dtype=np.float32),
+           np.zeros((len(names), len(wanted)), dtype=np.float32))
+    run = _LensRun(lm, _Recorder(embed, layers, sublayers), names, (head, norm), out, k, lock, should_stop)
+    done, reason = run.chunks(ids, wanted, targets, chunk)
+    cut = Cut(reason, done, len(wanted), "columns") if reason else None
+    if cut and not done:
+        raise Interrupted(cut, f"model {lm.spec.name}: the logit lens")
+    top_ids, top_probs, target_probs = (a[:, :done] for a in out)
+    wanted, targets = wanted[:done], targets[:done]
     target_probs[:, [i for i, t in enumerate(targets) if t < 0]] = np.nan
     layer_rows = tuple(i for i, n in enumerate(names) if n != EMBED and not n.endswith(" attn"))
     return LensGrid(model=lm.spec.name, rows=names, positions=tuple(wanted), targets=tuple(targets),
-                    top_ids=top_ids, top_probs=top_probs, target_probs=target_probs, layer_rows=layer_rows)
+                    top_ids=top_ids, top_probs=top_probs, target_probs=target_probs, layer_rows=layer_rows,
+                    cut=cut)
+
+
+@dataclass
+class _LensRun:
+    """One lens pass: chunked forwards of a throwaway decode state, each chunk's columns projected in its turn."""
+
+    lm: LoadedModel
+    recorder: _Recorder
+    names: tuple[str, ...]
+    modules: tuple[torch.nn.Module, torch.nn.Module]  # lm_head, final norm
+    out: tuple[np.ndarray, np.ndarray, np.ndarray]
+    k: int
+    lock: StepLock
+    should_stop: ShouldStop | None
+
+    def chunks(self, ids: list[int], wanted: list[int], targets: list[int], chunk: int) -> tuple[int, str | None]:
+        """(columns finished, why it ended early or None)."""
+        target_index = torch.tensor([max(t, 0) for t in targets], dtype=torch.long)
+        state = new_state(self.lm)
+        done = 0
+        try:
+            block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
+            end_at = wanted[-1] + 1  # nothing after the last wanted position is needed
+            for begin in range(0, end_at, chunk):
+                reason = self.should_stop() if self.should_stop is not None else None
+                if reason:
+                    return done, reason
+                end = min(end_at, begin + chunk)
+                here = [p for p in wanted if begin <= p < end]
+                reason = self._chunk(state, block[:, begin:end], [p - begin for p in here],
+                                     target_index[done:done + len(here)], slice(done, done + len(here)))
+                if reason:  # stopped inside the chunk's projection: its columns are incomplete
+                    return done, reason
+                done += len(here)
+        finally:
+            state.release()
+        return done, None
+
+    def _chunk(self, state: Any, columns: torch.Tensor, here: list[int], targets: torch.Tensor, cols: slice
+               ) -> str | None:
+        recorder = self.recorder
+        recorder.columns = torch.tensor(here or [0], dtype=torch.long, device=state.tokens.device)
+        recorder.kept = {}
+        with self.lock():
+            handles = recorder.attach()
+            try:
+                _forward(self.lm, state, columns, keep=1)
+            finally:
+                for h in handles:
+                    h.remove()
+            if here:  # project while holding the turn: it reads the same weights as a step
+                head, norm = self.modules
+                return _project(recorder.kept, self.names, head, norm, targets, self.out, cols, self.k,
+                                self.should_stop)
+        return None

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
-from qdemo.core.decode import StepLock, position_logits
+from qdemo.core.decode import ShouldStop, StepLock, position_logits
+from qdemo.errors import Cut, Interrupted
 from qdemo.models.loader import LoadedModel, same_tokenizer
 
 LN2 = math.log(2.0)
@@ -91,6 +92,26 @@ def _scored_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, first: int, 
             yield start + 1, logits, targets[start + 1:start + 1 + n]
 
 
+def _clocked(should_stop: ShouldStop | None, cut: list[str]) -> Iterator[None]:
+    """One step per chunk wanted: ends (noting why in `cut`) once the clock says stop. Zipped before a chunk
+    generator, it is read before each chunk is asked for, so no forward starts after a stop."""
+    while True:
+        reason = should_stop() if should_stop is not None else None
+        if reason:
+            cut.append(reason)
+            return
+        yield None
+
+
+def _cut_of(cut: list[str], done: int, total: int, what: str) -> Cut | None:
+    """The Cut of a scoring run that ended early after `done` of `total` positions (Interrupted when none)."""
+    if not cut:
+        return None
+    if not done:
+        raise Interrupted(Cut(cut[0], 0, total, "tokens"), what)
+    return Cut(cut[0], done, total, "tokens")
+
+
 # --- scoring one text -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ class TextScore:
     surprisal_bits: tuple[float, ...]
     entropy_bits: tuple[float, ...]
     top1_ids: tuple[int, ...]
+    cut: Cut | None = None  # scoring ended early (Stop, the time limit): the positions it reached
 
     @property
     def count(self) -> int:
@@ -158,19 +180,25 @@ class TextScore:
 
 @torch.inference_mode()
 def score_ids(lm: LoadedModel, ids: Sequence[int], lock: StepLock = nullcontext, first: int = 1, *,
-              chunk: int = 32) -> TextScore:
+              chunk: int = 32, should_stop: ShouldStop | None = None) -> TextScore:
     """Score every token of `ids` from position `first` on (earlier tokens are context only) under `lm`,
-    teacher-forced, `chunk` tokens per turn at the lock."""
+    teacher-forced, `chunk` tokens per turn at the lock. `should_stop` is read before every chunk: when it says
+    stop, the score holds the positions scored so far (`cut` says how many; Interrupted when none)."""
     ids = _check_ids(lm, ids, first)
     parts: dict[str, list] = {"logprob": [], "rank": [], "entropy": [], "top1": []}
-    for _, logits, targets in _scored_chunks(lm, ids, lock, first, chunk):
-        stats = _token_stats(logits, targets)
-        for key in parts:
-            parts[key].extend(stats[key].tolist())
+    cut: list[str] = []
+    chunks = _scored_chunks(lm, ids, lock, first, chunk)
+    with closing(chunks):
+        for _, (_, logits, targets) in zip(_clocked(should_stop, cut), chunks):
+            stats = _token_stats(logits, targets)
+            for key in parts:
+                parts[key].extend(stats[key].tolist())
     logprobs = tuple(parts["logprob"])
+    end = first + len(logprobs)
     return TextScore(
         model=lm.key, forward=lm.forward_label, ids=tuple(ids), first=first,
-        positions=tuple(range(first, len(ids))), token_ids=tuple(ids[first:]), logprobs=logprobs,
+        cut=_cut_of(cut, len(logprobs), len(ids) - first, f"{lm.spec.name}: scoring"),
+        positions=tuple(range(first, end)), token_ids=tuple(ids[first:end]), logprobs=logprobs,
         probs=tuple(math.exp(x) for x in logprobs), ranks=tuple(int(r) for r in parts["rank"]),
         surprisal_bits=tuple(-x / LN2 for x in logprobs), entropy_bits=tuple(e / LN2 for e in parts["entropy"]),
         top1_ids=tuple(int(t) for t in parts["top1"]))
@@ -213,6 +241,7 @@ class Divergence:
     top: int = 10  # most_different's default
     note: str = ""  # how the distributions were compared, when not over one identical vocabulary
     compared_vocab: int = 0  # logits rows the KL covers
+    cut: Cut | None = None  # ended early (Stop, the time limit): the positions both models reached
 
     @property
     def count(self) -> int:
@@ -307,11 +336,13 @@ class Divergence:
 
 @torch.inference_mode()
 def divergence(lm_a: LoadedModel, lm_b: LoadedModel, ids: Sequence[int], lock_a: StepLock = nullcontext,
-               lock_b: StepLock = nullcontext, first: int = 1, top: int = 10, *, chunk: int = 32) -> Divergence:
+               lock_b: StepLock = nullcontext, first: int = 1, top: int = 10, *, chunk: int = 32,
+               should_stop: ShouldStop | None = None) -> Divergence:
     """Both models teacher-forced on the same ids, chunk by chunk in turn (each under its own lock), so memory
     stays one chunk of logits per model. They must share a tokenizer. Where their logits have different widths
     (padded embedding tables), the KL compares the first min(V_a, V_b) rows, each renormalised (`note` says so);
-    each model's probability of the text's tokens and its top-1 come from its own full distribution."""
+    each model's probability of the text's tokens and its top-1 come from its own full distribution.
+    `should_stop` is read before every pair of chunks, as in `score_ids`."""
     label_a, label_b = _label(lm_a), _label(lm_b)
     if label_a == label_b and lm_a is not lm_b:
         label_a, label_b = f"{label_a} (a)", f"{label_b} (b)"
@@ -328,8 +359,9 @@ def divergence(lm_a: LoadedModel, lm_b: LoadedModel, ids: Sequence[int], lock_a:
     parts: dict[str, list] = {k: [] for k in ("kl_ab", "kl_ba", "top1_a", "top1_b", "logprob_a", "logprob_b")}
     chunks_a = _scored_chunks(lm_a, ids, lock_a, first, chunk)
     chunks_b = _scored_chunks(lm_b, ids, lock_b, first, chunk)
+    cut: list[str] = []
     with closing(chunks_a), closing(chunks_b):
-        for (pos_a, la, targets), (pos_b, lb, _) in zip(chunks_a, chunks_b):
+        for _, (pos_a, la, targets), (pos_b, lb, _) in zip(_clocked(should_stop, cut), chunks_a, chunks_b):
             assert pos_a == pos_b and la.shape[0] == lb.shape[0], (pos_a, pos_b, la.shape, lb.shape)
             sa, sb = _token_stats(la, targets), _token_stats(lb, targets)
             kl_ab, kl_ba = _kl_both(la[:, :width], lb[:, :width])
@@ -340,10 +372,13 @@ def divergence(lm_a: LoadedModel, lm_b: LoadedModel, ids: Sequence[int], lock_a:
             parts["logprob_a"].extend(sa["logprob"].tolist())
             parts["logprob_b"].extend(sb["logprob"].tolist())
             del la, lb
+    end = first + len(parts["kl_ab"])
     return Divergence(model_a=lm_a.key, model_b=lm_b.key, forward_a=lm_a.forward_label,
                       forward_b=lm_b.forward_label, ids=tuple(ids), first=first,
-                      positions=tuple(range(first, len(ids))), token_ids=tuple(ids[first:]),
-                      top=top, note=note, compared_vocab=width, **{k: tuple(v) for k, v in parts.items()})
+                      positions=tuple(range(first, end)), token_ids=tuple(ids[first:end]),
+                      top=top, note=note, compared_vocab=width,
+                      cut=_cut_of(cut, end - first, len(ids) - first, f"{label_a} and {label_b}: a divergence"),
+                      **{k: tuple(v) for k, v in parts.items()})
 
 
 def _label(lm: LoadedModel) -> str:

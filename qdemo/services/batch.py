@@ -5,40 +5,34 @@ No Gradio here; the named endpoint /batch wires it."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
-from qdemo.services.lab import CONTEXT_MODES, context_ids
-from qdemo.serving.limits import Client, clean_text, cut_text
+from qdemo.services.lab import context_ids
+from qdemo.serving.limits import Client
 
 MAX_PROMPTS = 8
 TASKS = ("generate", "score")
 
 
-def batch(services: Services, client: Client | str | None, prompts: Any, model: Any = None,
-          settings: SamplingParams | Mapping | None = None, mode: str = "chat", task: str = "generate"
-          ) -> list[dict[str, Any]]:
+def batch(services: Services, client: Client | str | None, texts: list[str], model: str | None = None,
+          settings: SamplingParams | Mapping | None = None, mode: str = "chat", task: str = "generate",
+          stop: threading.Event | None = None) -> list[dict[str, Any]]:
     """One result per prompt. "generate": the answer of each (chat mode: each prompt is a user message), decoded
-    together. "score": each text's tokens with their log-probability, the mean and the perplexity."""
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise Refused("prompts must be a non-empty list of texts")
-    if len(prompts) > MAX_PROMPTS:
-        raise Refused(f"a batch takes at most {MAX_PROMPTS} prompts, got {len(prompts)}")
-    if task not in TASKS:
-        raise Refused(f"task must be one of {', '.join(TASKS)}, got {str(task)[:40]!r}")
-    if mode not in CONTEXT_MODES:
-        raise Refused(f"mode must be one of {', '.join(CONTEXT_MODES)}, got {str(mode)[:40]!r}")
-    texts = [cut_text(clean_text(p), services.limits.max_input_chars)[0] for p in prompts]
+    together, until `stop` (the caller left) or the time limit. "score": each text's tokens with their
+    log-probability, the mean and the perplexity. `texts` (at most MAX_PROMPTS), `mode` (CONTEXT_MODES) and `task`
+    (TASKS) as the endpoint read them (qdemo.services.arguments)."""
     with services.admit(client, ModelRequest(model, settings, sampling=task == "generate")) as admitted:
         backend, params = admitted.backend, admitted.params[0]
         if not backend.capabilities.rows:  # a remote server: one request per prompt, sent at once
             if task == "score":
                 services.need_logits(backend, "scoring a batch")
             return _generate_remote(backend, texts, params, mode, services.limits.max_generation_seconds,
-                                    services.limits.max_prompt_tokens)
+                                    services.limits.max_prompt_tokens, stop)
         try:
             rows = [context_ids(backend, text, mode) for text in texts]
         except ValueError as exc:
@@ -49,11 +43,11 @@ def batch(services: Services, client: Client | str | None, prompts: Any, model: 
                           f"{services.limits.max_prompt_tokens}")
         if task == "score":
             return _score(backend, rows)
-        return _generate(backend, rows, params, services.limits.max_generation_seconds)
+        return _generate(backend, rows, params, services.limits.max_generation_seconds, stop)
 
 
 def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: str, time_limit_s: float,
-                     max_prompt_tokens: int) -> list[dict[str, Any]]:
+                     max_prompt_tokens: int, stop: threading.Event | None = None) -> list[dict[str, Any]]:
     """A remote server's answers: the prompts sent at once (the server batches them in its slots) under one
     deadline for the whole batch; chat mode through /v1/chat/completions, raw text through /v1/completions. The
     token ids are the server's own (one log-probability per token is asked for: without it a server sends text
@@ -77,10 +71,10 @@ def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: st
         try:
             if mode == "chat":
                 messages = [{"role": "user", "content": text}]
-                events = backend.chat(messages, backend.chat_prompt(messages, params.max_new_tokens), params,
+                events = backend.chat(messages, backend.chat_prompt(messages, params.max_new_tokens), params, stop,
                                       top_n=1, time_limit_s=left)
             else:
-                events = backend.complete(text, params, top_n=1, time_limit_s=left)
+                events = backend.complete(text, params, stop, top_n=1, time_limit_s=left)
             done = [e for e in events if type(e).__name__ == "DoneEvent"][-1]
         except ValueError as exc:  # the server could not be reached or refused this prompt
             return {"text": "", "tokens": [], "reason": "error", "error": str(exc), "prompt_tokens": None}
@@ -95,11 +89,12 @@ def _which(exc: Exception, texts: Sequence[str]) -> int:
     return next((i for i, t in enumerate(texts) if not t.strip()), 0)
 
 
-def _generate(backend, rows: list[list[int]], params: SamplingParams, time_limit_s: float) -> list[dict[str, Any]]:
+def _generate(backend, rows: list[list[int]], params: SamplingParams, time_limit_s: float,
+              stop: threading.Event | None = None) -> list[dict[str, Any]]:
     if params.beam_search:
         raise Refused("beam search runs alone, not in a batch: set num_beams to 1")
     results: list[dict[str, Any]] = [{} for _ in rows]
-    for event in backend.generate_batch(rows, params, time_limit_s=time_limit_s):
+    for event in backend.generate_batch(rows, params, stop_event=stop, time_limit_s=time_limit_s):
         if type(event).__name__ == "DoneEvent":
             results[event.row] = {"text": event.text, "tokens": list(event.token_ids), "reason": event.reason,
                                   "error": event.error, "prompt_tokens": len(rows[event.row])}

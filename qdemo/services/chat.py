@@ -347,30 +347,39 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
 
 
 def api_turn(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
-             system: Any, top_n: int = 0) -> Iterator[RunRecord]:
+             system: Any, top_n: int = 0, stop: threading.Event | None = None, notices: list[str] | None = None
+             ) -> Iterator[RunRecord]:
     """One stateless turn for a named endpoint, through the page answer's own steps: the turn fitted (`_fit`), the
     same admission, `chat_events` (prompt limit, time limit) and run record. Yields the run after each event, the
-    last one finished; a bad field or a failed answer is a Refused saying what."""
+    last one finished; a bad field or a failed answer is a Refused saying what. `stop` (the caller left) ends the
+    answer within a prefill chunk or a step, as the page's Stop does. `notices` collects what the page's notice line
+    would say about the request: turns left out, max new tokens lowered, old messages dropped to fit the prompt."""
     turn = _api_turn_messages(message, history, system, services.limits)
+    notes = notices if notices is not None else []
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
+        notes.extend(n for n in (turn.notice, admitted.notice) if n)
         run = run_record(backend, params, 0, "api")
-        events = chat_events(services, backend, turn.messages, params, top_n=top_n)
+        events = chat_events(services, backend, turn.messages, params, stop, top_n=top_n)
         try:
             for event in events:
                 run.add(event)
                 yield run
         finally:
             events.close()  # a caller that goes away stops the generation
+    if run.prefill is not None and run.prefill.dropped_turns:
+        notes.append(f"{len(run.prefill.dropped_turns)} older message(s) were left out to fit this server's prompt "
+                     "limit.")
     if run.done and run.done.error:
         raise Refused(run.done.error)
 
 
 def api_answer(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
-               system: Any, top_n: int = 0) -> RunRecord:
+               system: Any, top_n: int = 0, stop: threading.Event | None = None, notices: list[str] | None = None
+               ) -> RunRecord:
     """`api_turn` run to its end: the finished run."""
     run = None
-    for run in api_turn(services, client, message, history, model, settings, system, top_n):
+    for run in api_turn(services, client, message, history, model, settings, system, top_n, stop, notices):
         pass
     return run
 

@@ -8,6 +8,7 @@ cache without touching the model.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -15,10 +16,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from qdemo.errors import Interrupted
 from qdemo.models.prompting import with_system
 from qdemo.models.sources import ProgressFn
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import history_messages
+from qdemo.services.probing import view_clock
 from qdemo.serving.protocol import Backend
 from qdemo.views.attention import attention_grid, attention_heatmap, sink_figure
 from qdemo.views.card import card_frame
@@ -89,15 +92,19 @@ def conversation_ids(backend: Backend, history: Sequence[Any] | None, system: st
 
 def compute_attention(services: Services, session: InternalsSession, client: str | None, model: str,
                       history: Sequence[Any] | None, system: str | None,
-                      progress: ProgressFn | None = None) -> AttentionCache:
+                      progress: ProgressFn | None = None, *, stop: threading.Event | None = None) -> AttentionCache:
     """One gated forward for every layer's attention over the conversation's last 128 tokens, kept in the
-    session."""
+    session. It runs under a chat answer's rule (`probing.view_clock`: the time limit and `stop`), read before
+    each layer; a cut forward has nothing to show and is refused saying so."""
     with services.admit(client, ModelRequest(model, sampling=False, weights=True), progress=progress) as admitted:
+        clock = view_clock(services, stop)
         backend = admitted.backend
         all_ids, source = conversation_ids(backend, history, system)
         ids = all_ids[-MAX_ATTENTION_TOKENS:]
         try:
-            maps = backend.attention(ids)
+            maps = backend.attention(ids, should_stop=clock.reason)
+        except Interrupted as exc:
+            raise Refused(exc.words(clock.limit_s)) from None
         except ValueError as exc:
             raise Refused(str(exc)) from None
         texts = backend.token_texts(ids)
@@ -109,10 +116,11 @@ def compute_attention(services: Services, session: InternalsSession, client: str
 
 
 def conversation_sinks(services: Services, client: str | None, model: str, history: Sequence[Any] | None,
-                       system: str | None) -> tuple[AttentionCache, SinkView]:
+                       system: str | None, *, stop: threading.Event | None = None) -> tuple[AttentionCache, SinkView]:
     """A caller's attention sinks: the conversation's attention (as `compute_attention`, kept in no session) and
     its sinks."""
-    cache = compute_attention(services, InternalsSession(), client, model or services.default_model, history, system)
+    cache = compute_attention(services, InternalsSession(), client, model or services.default_model, history, system,
+                              stop=stop)
     return cache, attention_sinks(cache)
 
 

@@ -33,6 +33,7 @@ from qdemo.views.stages import stage_figure, stage_table
 CONTEXT_MODES = ("chat", "raw text")
 DECODING = ("sample", "greedy")
 TOP_TEXTS = 400  # raw top tokens decoded at Compute, so slider moves label tokens without the tokenizer
+MAX_TOP_N = 200  # candidates per stage the named API lists
 
 
 @dataclass(frozen=True)
@@ -204,14 +205,10 @@ def status_line(context: LabContext) -> str:
     return f"**{context.model}** · context {len(context.ids)} tokens · logits ready (the sliders reuse them)"
 
 
-def next_token_report(services: Services, client: str | None, context: Any, model: Any, settings: Any, mode: str,
+def next_token_report(services: Services, client: str | None, text: str, model: str, settings: Any, mode: str,
                       top_n: int) -> dict[str, Any]:
-    """The named API's answer: each stage's top-N for the token after `context`, with decoded texts."""
-    if not isinstance(context, str):
-        raise Refused(f"context must be text, got {type(context).__name__}")
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= 200:
-        raise Refused(f"top_n must be a whole number from 1 to 200, got {top_n!r}")
-    text, _ = cut_text(clean_text(context), services.limits.max_input_chars)
+    """The named API's answer: each stage's top-N (1..MAX_TOP_N) for the token after `text` (read by the endpoint:
+    qdemo.services.arguments), with decoded texts."""
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
         services.need_logits(backend, "the next-token distribution stage by stage")

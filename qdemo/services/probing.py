@@ -2,17 +2,23 @@
 divergence between two models. No Gradio: the tab and the named endpoints call these.
 
 Every model runs through admission and its backend's gated path. Long inputs are cut with a notice (the newest
-tokens kept), never run to a hang.
+tokens kept), never run to a hang. Every view runs under a chat answer's rule (`view_clock`): the time limit
+(`limits.max_generation_seconds`, from when the model is admitted) and the caller's `stop` event (the Inspect tab's
+Stop; a named endpoint's caller that went away); a view cut short shows what it finished and says so in its notice,
+or, with nothing to show, is refused saying so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from qdemo.core.runs import run_from_json
+from qdemo.core.emit import Deadline
+from qdemo.core.runs import RunRecord, run_from_json
+from qdemo.errors import Cut, Interrupted
 from qdemo.forwards.choice import split_ref
 from qdemo.models.prompting import with_system
 from qdemo.models.registry import GgufPartsSource, HubSource, LocalSource
@@ -22,6 +28,7 @@ from qdemo.probes.lens import LensGrid
 from qdemo.probes.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
 from qdemo.services.chat import AnswerView, history_messages
+from qdemo.serving.limits import clean_text
 from qdemo.serving.protocol import same_tokenizer
 from qdemo.views.bundle import bundle_html, bundle_meta, read_bundle
 from qdemo.views.decided import answer_summary
@@ -57,7 +64,7 @@ class Subject:
         answer = backend.raw_text_ids(self.answer_text)
         return Subject(model=self.model, ids=tuple(prompt) + tuple(answer), answer_from=len(prompt),
                        messages=tuple(messages) + ({"role": "assistant", "content": self.answer_text},),
-                       source="the given conversation")
+                       source=self.source)
 
 
 def history_subject(model: str, history: Any, system: str | None = None) -> Subject:
@@ -74,13 +81,61 @@ def history_subject(model: str, history: Any, system: str | None = None) -> Subj
                    answer_text=messages[-1]["content"], source="the given conversation")
 
 
+NO_ANSWER = "No answer to inspect yet: send a message in Chat first (or paste a text)."
+
+
 def chat_subject(view: AnswerView | None) -> Subject:
     if view is None or not view.run.tokens:
-        raise Refused("No answer to inspect yet: send a message in Chat first (or paste a text).")
+        raise Refused(NO_ANSWER)
     prompt = [p[0] for p in view.prompt]
     answer = [t.token_id for t in view.run.tokens]  # a RunRecord holds one row's tokens
     return Subject(model=view.model or view.run.model, ids=tuple(prompt + answer), answer_from=len(prompt),
                    messages=tuple(view.messages))
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What the Chat tab shows, which a page reload keeps: the chatbot's messages, its model and system prompt, the
+    session's runs (after a reload, the browser's compact copies), and the last answer's view (gone after a
+    reload)."""
+
+    view: AnswerView | None
+    history: Sequence[Any] = ()
+    model: str = ""
+    system: str | None = None
+    runs: Sequence[RunRecord] = ()
+
+    def answer(self) -> tuple[list[dict[str, str]], str]:
+        """(the messages before the last answer, that answer's text); Refused when the chat ends with none."""
+        messages, _ = history_messages(list(self.history or []), self.system)
+        if not messages or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            raise Refused(NO_ANSWER)
+        return messages[:-1], messages[-1]["content"]
+
+    def saved_run(self) -> RunRecord | None:
+        """The chat run whose answer the chat ends with (newest first), with its prompt and answer ids."""
+        _, text = self.answer()
+        for run in reversed(list(self.runs or [])):
+            if (run.label == "chat" and run.done is not None and run.prefill is not None and run.tokens
+                    and clean_text(run.done.text).strip() == text.strip()):
+                return run
+        return None
+
+
+def conversation_subject(conversation: Conversation) -> Subject:
+    """The Inspect views' subject: the last answer's view while the page has it; after a reload, the restored chat's
+    last answer — token for token from its saved run when the browser kept it, else its text, tokenized by the model
+    that reads it."""
+    if conversation.view is not None:
+        return chat_subject(conversation.view)
+    messages, text = conversation.answer()
+    run = conversation.saved_run()
+    if run is None:
+        return Subject(model=conversation.model, ids=(), answer_from=0, messages=tuple(messages), answer_text=text,
+                       source="the restored conversation's last answer")
+    prompt = list(run.prefill.prompt_ids)
+    return Subject(model=run.model, ids=tuple(prompt + [t.token_id for t in run.tokens]), answer_from=len(prompt),
+                   messages=tuple(messages), source="the restored conversation's last answer")
 
 
 def _cut(ids: Sequence[int], limit: int = MAX_TOKENS) -> tuple[list[int], int, str]:
@@ -90,6 +145,26 @@ def _cut(ids: Sequence[int], limit: int = MAX_TOKENS) -> tuple[list[int], int, s
     dropped = len(ids) - limit
     return ids[dropped:], dropped, (f"the text has {len(ids)} tokens: the first {dropped} were left out, the "
                                     f"newest {limit} are read")
+
+
+def view_clock(services: Services, stop: threading.Event | None) -> Deadline:
+    """The clock a view runs under, from now: the caller's Stop and the time limit a chat answer has. Its `reason`
+    is the `should_stop` every probe reads between chunks, units or layers."""
+    return Deadline(time.perf_counter(), services.limits.max_generation_seconds, stop)
+
+
+def cut_notice(cut: Cut | None, clock: Deadline, shown: str) -> str:
+    """"cut at this server's time limit (180 s) after 3 of 8 units: the view shows those" ("" when not cut)."""
+    return f"{cut.words(clock.limit_s)}: {shown}" if cut is not None else ""
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _refusal(exc: ValueError, clock: Deadline) -> Refused:
+    """A probe's ValueError as the user's message; a view cut before it had anything names the time limit."""
+    return Refused(exc.words(clock.limit_s) if isinstance(exc, Interrupted) else str(exc))
 
 
 # --- logit lens -------------------------------------------------------------------------------------------
@@ -106,10 +181,12 @@ class LensResult:
 
 
 def lens_view(services: Services, client: str | None, subject: Subject, model: str | None = None,
-              sublayers: bool = False, progress: ProgressFn | None = None) -> LensResult:
+              sublayers: bool = False, progress: ProgressFn | None = None, *, stop: threading.Event | None = None
+              ) -> LensResult:
     """The lens over the answer's tokens (the first MAX_LENS_COLUMNS), or over a pasted text's last tokens."""
     with services.admit(client, ModelRequest(model or subject.model, sampling=False, weights=True),
                         progress=progress) as admitted:
+        clock = view_clock(services, stop)
         backend = admitted.backend
         subject = subject.resolved(backend)
         # Nothing after the last column is read: cut to it first, so the context kept is the newest before it.
@@ -129,14 +206,15 @@ def lens_view(services: Services, client: str | None, subject: Subject, model: s
             notice = "; ".join(n for n in (notice, notes) if n)
         began = time.perf_counter()
         try:
-            grid = backend.logit_lens(ids, positions, sublayers=sublayers)
+            grid = backend.logit_lens(ids, positions, sublayers=sublayers, should_stop=clock.reason)
         except ValueError as exc:
-            raise Refused(str(exc)) from None
+            raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began
+        notice = _joined(notice, cut_notice(grid.cut, clock, "the grid shows the columns before it"))
         texts = backend.token_texts(list(grid.top_ids.ravel()) + [t for t in grid.targets if t >= 0] + ids)
         forward = backend.forward_label
     columns = [texts.get(t, "(end)") if t >= 0 else "(end)" for t in grid.targets]
-    commitment = [grid.rows[c] if (c := grid.commitment(i)) is not None else "" for i in range(len(positions))]
+    commitment = [grid.rows[c] if (c := grid.commitment(i)) is not None else "" for i in range(len(grid.positions))]
     return LensResult(grid=grid, texts=texts, columns=columns, commitment=commitment, notice=notice,
                       forward=forward, seconds=seconds)
 
@@ -155,13 +233,14 @@ class AttributionResult:
 
 
 def attribution_view(services: Services, client: str | None, subject: Subject, token: int, method: str,
-                     per_token: bool = False, model: str | None = None, progress: ProgressFn | None = None
-                     ) -> AttributionResult:
+                     per_token: bool = False, model: str | None = None, progress: ProgressFn | None = None, *,
+                     stop: threading.Event | None = None) -> AttributionResult:
     """How much each earlier token (and each turn) drove answer token `token` (0-based in the answer)."""
     if method not in METHODS:
         raise Refused(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     with services.admit(client, ModelRequest(model or subject.model, sampling=False, weights=True),
                         progress=progress) as admitted:
+        clock = view_clock(services, stop)
         backend = admitted.backend
         subject = subject.resolved(backend)
         answer = subject.answer_ids
@@ -180,7 +259,7 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
         began = time.perf_counter()
         try:
             if method == "gradient×input":
-                result = backend.gradient_x_input(context, subject.ids[at])
+                result = backend.gradient_x_input(context, subject.ids[at], should_stop=clock.reason)
             else:
                 if per_token:
                     first = max(0, len(context) - MAX_TOKEN_UNITS)
@@ -190,10 +269,11 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
                     chosen = token_units(pieces, range(first, len(context)))
                 else:
                     chosen = units
-                result = backend.occlusion(context, subject.ids[at], chosen)
+                result = backend.occlusion(context, subject.ids[at], chosen, should_stop=clock.reason)
         except ValueError as exc:
-            raise Refused(str(exc)) from None
+            raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began
+        notice = _joined(notice, cut_notice(result.cut, clock, "the units not reached have no score"))
         target_text = backend.token_texts([subject.ids[at]])[subject.ids[at]]
     if result.method == "gradient×input":
         per_turn: list[tuple[Unit, float | None]] = list(result.per_unit(units))
@@ -216,6 +296,14 @@ class ScoreResult:
     texts: dict[int, str]
     notice: str
     seconds: float
+    pieces: list[str] = field(default_factory=list)  # each scored token's share of the text (see scored_pieces)
+
+
+def scored_pieces(backend: Any, ids: Sequence[int], first: int, count: int) -> list[str]:
+    """Each scored token's share of the text: a character split across tokens shows once, at the token that
+    completes it (the others get ""), never as "\ufffd" per token. The tokens before `first` are decoded as
+    context, so a character split across the boundary still reads whole."""
+    return backend.token_pieces(list(ids[:first + count]))[first:]
 
 
 def _text_ids(backend: Any, text: str, question: str, template: bool) -> tuple[list[int], int]:
@@ -235,12 +323,13 @@ def _checked_text(text: Any, what: str = "text") -> str:
 
 
 def score_view(services: Services, client: str | None, model: str, text: str, question: str = "",
-               template: bool = False, progress: ProgressFn | None = None, subject: Subject | None = None
-               ) -> ScoreResult:
+               template: bool = False, progress: ProgressFn | None = None, subject: Subject | None = None, *,
+               stop: threading.Event | None = None) -> ScoreResult:
     """Score a pasted text, or (given `subject`) the chat's answer exactly as its tokens were generated."""
     if subject is None:
         text = _checked_text(text)
     with services.admit(client, ModelRequest(model, sampling=False), progress=progress) as admitted:
+        clock = view_clock(services, stop)
         backend = admitted.backend
         services.need_logits(backend, "scoring a text")
         if subject is not None:
@@ -254,12 +343,14 @@ def score_view(services: Services, client: str | None, model: str, text: str, qu
             raise Refused(f"model {backend.name}: the text is one token; scoring needs at least two")
         began = time.perf_counter()
         try:
-            score = backend.score(ids, first)
+            score = backend.score(ids, first, should_stop=clock.reason)
         except ValueError as exc:
-            raise Refused(str(exc)) from None
+            raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began
+        notice = _joined(notice, cut_notice(score.cut, clock, "the tokens before it are scored"))
         texts = backend.token_texts(list(score.ids) + list(score.top1_ids))
-    return ScoreResult(score=score, texts=texts, notice=notice, seconds=seconds)
+        pieces = scored_pieces(backend, score.ids, score.first, score.count)
+    return ScoreResult(score=score, texts=texts, notice=notice, seconds=seconds, pieces=pieces)
 
 
 @dataclass
@@ -268,16 +359,18 @@ class DivergenceResult:
     texts: dict[int, str]
     notice: str
     seconds: float
+    pieces: list[str] = field(default_factory=list)  # each compared token's share of the text
 
 
 def divergence_view(services: Services, client: str | None, model_a: str, model_b: str, text: str,
-                    question: str = "", template: bool = False, progress: ProgressFn | None = None
-                    ) -> DivergenceResult:
+                    question: str = "", template: bool = False, progress: ProgressFn | None = None, *,
+                    stop: threading.Event | None = None) -> DivergenceResult:
     text = _checked_text(text)
     if not model_a or not model_b:
         raise Refused("pick two models to compare on the text")
     requests = [ModelRequest(model_a, sampling=False), ModelRequest(model_b, sampling=False)]
     with services.admit(client, *requests, progress=progress) as admitted:
+        clock = view_clock(services, stop)
         a, b = admitted.backends
         for backend in (a, b):
             services.need_logits(backend, "a divergence")
@@ -291,12 +384,14 @@ def divergence_view(services: Services, client: str | None, model_a: str, model_
             raise Refused("the text is one token; a divergence needs at least two")
         began = time.perf_counter()
         try:
-            result = a.divergence(b, ids, first)
+            result = a.divergence(b, ids, first, should_stop=clock.reason)
         except ValueError as exc:
-            raise Refused(str(exc)) from None
+            raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began
+        notice = _joined(notice, cut_notice(result.cut, clock, "the tokens before it are compared"))
         texts = a.token_texts(list(result.ids) + list(result.top1_a) + list(result.top1_b))
-    return DivergenceResult(divergence=result, texts=texts, notice=notice, seconds=seconds)
+        pieces = scored_pieces(a, result.ids, result.first, result.count)
+    return DivergenceResult(divergence=result, texts=texts, notice=notice, seconds=seconds, pieces=pieces)
 
 
 # --- evidence bundles -------------------------------------------------------------------------------------
@@ -331,6 +426,35 @@ def run_bundle(services: Services, client: str | None, run: Any) -> str:
     with services.admit(client, ModelRequest(record.model, sampling=False)) as admitted:
         labels = admitted.backend.token_texts(listed_ids(record))
     return bundle_html(record, fingerprint, labels)
+
+
+@dataclass(frozen=True)
+class AnswerBundle:
+    page: str  # the bundle's HTML
+    run: RunRecord
+    fingerprint: str
+    restored: bool  # made from the browser's compact copy of the run (no per-stage probabilities)
+
+
+def answer_bundle(services: Services, client: str | None, conversation: Conversation) -> AnswerBundle:
+    """The evidence bundle of the chat's last answer: from its view while the page has it, else (after a reload)
+    from the run the browser kept, its tokens decoded by the model it ran on."""
+    view = conversation.view
+    if view is not None:
+        services.check_rate(client)
+        fingerprint = weights_fingerprint(services, view.run.model)
+        page = bundle_html(view.run, fingerprint, view.labels, prompt="".join(piece[1] for piece in view.prompt))
+        return AnswerBundle(page=page, run=view.run, fingerprint=fingerprint, restored=False)
+    run = conversation.saved_run()
+    if run is None:
+        raise Refused("The chat's last answer has no run kept in this browser (an imported conversation, or runs "
+                      "older than the last 30): send a message to make an answer to bundle.")
+    fingerprint = weights_fingerprint(services, run.model)
+    prompt = list(run.prefill.prompt_ids)
+    with services.admit(client, ModelRequest(run.model, sampling=False)) as admitted:
+        labels = admitted.backend.token_texts(listed_ids(run) + prompt)
+    page = bundle_html(run, fingerprint, labels, prompt="".join(labels[i] for i in prompt))
+    return AnswerBundle(page=page, run=run, fingerprint=fingerprint, restored=True)
 
 
 def bundle_meta_or_empty(raw: bytes) -> dict[str, Any]:

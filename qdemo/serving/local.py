@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from qdemo.core.decode import DecodeState, last_logits, new_state
+from qdemo.core.decode import DecodeState, ShouldStop, last_logits, new_state
 from qdemo.core.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.core.events import Event
 from qdemo.forwards.gate import StepGate
@@ -193,32 +193,36 @@ class LocalBackend:
         with self._gate.step():
             return introspect.next_token_logits(self._lm, ids)
 
-    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10
-                   ) -> lens.LensGrid:
+    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10, *,
+                   should_stop: ShouldStop | None = None) -> lens.LensGrid:
         """The lens grid over `ids` at `positions`: chunked forwards, each chunk (and its projection) a turn."""
-        return lens.logit_lens(self._lm, ids, positions, self._gate.step, sublayers=sublayers, top=top)
+        return lens.logit_lens(self._lm, ids, positions, self._gate.step, sublayers=sublayers, top=top,
+                               should_stop=should_stop)
 
-    def gradient_x_input(self, context: Sequence[int], target: int) -> attribution.Attribution:
+    def gradient_x_input(self, context: Sequence[int], target: int, *, should_stop: ShouldStop | None = None
+                         ) -> attribution.Attribution:
         """One forward and backward in one turn at the gate."""
-        return attribution.gradient_x_input(self._lm, context, target, self._gate.step)
+        return attribution.gradient_x_input(self._lm, context, target, self._gate.step, should_stop=should_stop)
 
-    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit]
-                  ) -> attribution.Attribution:
-        return attribution.occlusion(self._lm, context, target, units, self._gate.step)
+    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit], *,
+                  should_stop: ShouldStop | None = None) -> attribution.Attribution:
+        return attribution.occlusion(self._lm, context, target, units, self._gate.step, should_stop=should_stop)
 
-    def score(self, ids: Sequence[int], first: int = 1) -> scoring.TextScore:
+    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None
+              ) -> scoring.TextScore:
         """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position)."""
-        return scoring.score_ids(self._lm, ids, self._gate.step, first)
+        return scoring.score_ids(self._lm, ids, self._gate.step, first, should_stop=should_stop)
 
-    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1, *,
+                   should_stop: ShouldStop | None = None) -> scoring.Divergence:
         """Both models on the same ids, chunk by chunk, each at its own gate."""
         other = _local(other, "a divergence")
-        return scoring.divergence(self._lm, other._lm, ids, self._gate.step, other._gate.step, first)
+        return scoring.divergence(self._lm, other._lm, ids, self._gate.step, other._gate.step, first,
+                                  should_stop=should_stop)
 
-    def attention(self, ids: Sequence[int]) -> np.ndarray:
+    def attention(self, ids: Sequence[int], *, should_stop: ShouldStop | None = None) -> np.ndarray:
         """float16 [layers, heads, q, k] for `ids`, one forward."""
-        with self._gate.step():
-            return introspect.attention_maps(self._lm, ids)
+        return introspect.attention_maps(self._lm, ids, self._gate.step, should_stop=should_stop)
 
     # --- read from the model's modules (no forward) -------------------------------------------------------------
     def rope_info(self) -> introspect.RopeInfo:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from qdemo.core.decode import DecodeState
+from qdemo.core.decode import DecodeState, ShouldStop
 from qdemo.core.events import (
     DoneEvent,
     Event,
@@ -204,24 +204,27 @@ class RemoteBackend:
     def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
         raise needs_local(self, "the next-token distribution")
 
-    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10
-                   ) -> lens.LensGrid:
+    def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10, *,
+                   should_stop: ShouldStop | None = None) -> lens.LensGrid:
         raise needs_local(self, "the logit lens", "weights and activations")
 
-    def gradient_x_input(self, context: Sequence[int], target: int) -> attribution.Attribution:
+    def gradient_x_input(self, context: Sequence[int], target: int, *, should_stop: ShouldStop | None = None
+                         ) -> attribution.Attribution:
         raise needs_local(self, "gradient × input", "weights and activations")
 
-    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit]
-                  ) -> attribution.Attribution:
+    def occlusion(self, context: Sequence[int], target: int, units: Sequence[attribution.Unit], *,
+                  should_stop: ShouldStop | None = None) -> attribution.Attribution:
         raise needs_local(self, "occlusion")
 
-    def score(self, ids: Sequence[int], first: int = 1) -> scoring.TextScore:
+    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None
+              ) -> scoring.TextScore:
         raise needs_local(self, "scoring a text")
 
-    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1) -> scoring.Divergence:
+    def divergence(self, other: Backend, ids: Sequence[int], first: int = 1, *,
+                   should_stop: ShouldStop | None = None) -> scoring.Divergence:
         raise needs_local(self, "a divergence")
 
-    def attention(self, ids: Sequence[int]) -> np.ndarray:
+    def attention(self, ids: Sequence[int], *, should_stop: ShouldStop | None = None) -> np.ndarray:
         raise needs_local(self, "attention maps", "weights and activations")
 
     def rope_info(self) -> introspect.RopeInfo:

@@ -1,10 +1,13 @@
 """Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token, /batch (and the
-Inspect views' endpoints, qdemo.ui.api_probes). Each converts its arguments for the same services the page calls
-and their results into JSON; the flow (admission, the turn, its run) is the services'. Refusals name the field and
-reach the caller as a gr.Error (the one guard in qdemo.ui.context), never a crashed worker."""
+Inspect views' endpoints, qdemo.ui.api_probes). Each reads its arguments at the boundary through one strict reader
+(qdemo.services.arguments), calls the same services the page calls and converts their results into JSON; the flow
+(admission, the turn, its run) is the services'. Refusals name the field and reach the caller as a gr.Error (the
+one guard in qdemo.ui.context), never a crashed worker. A caller who cancels or goes away sets the request's
+`stop`, which the engine reads between prefill chunks and steps (qdemo.ui.context.stoppable)."""
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from typing import Any, Iterator
 
@@ -14,8 +17,12 @@ from qdemo.core.runs import RunRecord
 from qdemo.services import batch as batch_service
 from qdemo.services import chat, lab
 from qdemo.services import compare as compare_service
+from qdemo.services.arguments import Arguments
 from qdemo.ui import api_probes
 from qdemo.ui.context import UIContext
+from qdemo.views.answer import END_MARK, end_note
+
+MAX_SEED = 2 ** 63 - 1
 
 
 def register(ui: UIContext) -> None:
@@ -26,36 +33,81 @@ def register(ui: UIContext) -> None:
 
 
 def chat_endpoint(ui: UIContext, message: str, history: list[dict] | None = None, model: str = "",
-                  settings: dict | None = None, system: str | None = None, request: gr.Request = None
-                  ) -> Iterator[str]:
+                  settings: dict | None = None, system: str | None = None, request: gr.Request = None,
+                  stop: threading.Event | None = None) -> Iterator[str]:
     """Stream the answer to `message` after `history` ([{role, content}]). Yields the text so far."""
+    args = Arguments(ui.services.limits)
+    text, past = args.text(message, "message", required=True), args.history(history)
+    notices = list(args.notices)
     run = None
-    for run in chat.api_turn(ui.services, ui.client(request), message, history, model, settings, system):
+    for run in chat.api_turn(ui.services, ui.client(request), text, past, args.model(model), args.settings(settings),
+                             args.optional_text(system, "system"), stop=stop, notices=notices):
         if run.done is None and run.tokens:
             yield chat.answer_text(run)
-    yield chat.answer_text(run)
+    yield final_text(run, notices)
+
+
+def final_text(run: RunRecord, notices: list[str]) -> str:
+    """The answer as the page's bubble ends it when the server ended it (cut at the time limit, stopped) — not at
+    the length the caller asked for, which it knows — then what the page's notice line would say about the request
+    (a cut message, turns left out, max new tokens lowered). Both sit behind the page's invisible end mark, so a
+    caller who sends the answer back in a history never sends them to the model."""
+    asked = run.done is not None and run.done.reason == "max_tokens"
+    text = chat.answer_text(run) + ("" if asked else end_note(run))
+    notice = " ".join(dict.fromkeys(n for n in notices if n))
+    if notice:
+        text += ("\n\n" if END_MARK in text else f"\n\n{END_MARK}") + notice
+    return text
 
 
 def compare_endpoint(ui: UIContext, prompt: str, model_a: str = "", model_b: str = "", settings_a: dict | None = None,
-                     settings_b: dict | None = None, seed: int = 1234, request: gr.Request = None
-                     ) -> dict[str, Any]:
+                     settings_b: dict | None = None, seed: int = 1234, request: gr.Request = None,
+                     stop: threading.Event | None = None) -> dict[str, Any]:
     """Both answers to one prompt with one seed, and where they diverge."""
-    final = compare_service.api_compare(ui.services, ui.client(request), prompt, model_a, model_b, settings_a,
-                                        settings_b, seed)
-    return {"a": _summary(final.a), "b": _summary(final.b), "divergence": final.report}
+    args = Arguments(ui.services.limits)
+    text = args.text(prompt, "prompt", required=True)
+    final = None
+    for final in compare_service.compare(ui.services, _CallerStop(stop), ui.client(request), text,
+                                         args.model(model_a, "model_a"), args.model(model_b, "model_b"),
+                                         args.settings(settings_a, "settings_a"), args.settings(settings_b, "settings_b"),
+                                         args.whole(seed, "seed", 0, MAX_SEED, default=1234), 1, top_n=0):
+        pass
+    return {"a": _summary(final.a), "b": _summary(final.b), "divergence": final.report, "notice": args.notice}
+
+
+class _CallerStop(compare_service.CompareSession):
+    """A Compare session whose stop signal is the API caller's own (set when it goes), not a fresh one per run."""
+
+    def __init__(self, stop: threading.Event | None) -> None:
+        super().__init__()
+        self.stop = stop if stop is not None else self.stop
+
+    def arm(self) -> threading.Event:
+        return self.stop
 
 
 def next_token_endpoint(ui: UIContext, context: str, model: str = "", settings: dict | None = None,
                         mode: str = "chat", top_n: int = 20, request: gr.Request = None) -> dict[str, Any]:
     """The next-token distribution after `context`, stage by stage (no generation)."""
-    return lab.next_token_report(ui.services, ui.client(request), context, model, settings, mode, top_n)
+    args = Arguments(ui.services.limits)
+    text = args.text(context, "context")
+    report = lab.next_token_report(ui.services, ui.client(request), text, args.model(model), args.settings(settings),
+                                   args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"),
+                                   args.whole(top_n, "top_n", 1, lab.MAX_TOP_N, default=20))
+    return {**report, "notice": args.notice}
 
 
 def batch_endpoint(ui: UIContext, prompts: list[str], model: str = "", settings: dict | None = None,
-                   mode: str = "chat", task: str = "generate", request: gr.Request = None) -> list[dict[str, Any]]:
+                   mode: str = "chat", task: str = "generate", request: gr.Request = None,
+                   stop: threading.Event | None = None) -> list[dict[str, Any]]:
     """Up to 8 prompts in one left-padded batch: "generate" answers each, "score" gives each text's tokens
     with their log-probability and its perplexity."""
-    return batch_service.batch(ui.services, ui.client(request), prompts, model, settings, mode, task)
+    args = Arguments(ui.services.limits)
+    texts = args.texts(prompts, "prompts", batch_service.MAX_PROMPTS)
+    how = args.choice(task, "task", batch_service.TASKS, default="generate")
+    rows = batch_service.batch(ui.services, ui.client(request), texts, args.model(model), args.settings(settings),
+                               args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"), how, stop)
+    return [{**row, "notice": args.cuts.get(f"prompts {i}", "")} for i, row in enumerate(rows)]
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:

@@ -8,20 +8,27 @@ open, its gr.Request, gr.Progress and gr.EventData ones included) plus a gr.Requ
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
 import logging
+import threading
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, AsyncIterator, Callable, NoReturn, Sequence
 
 import gradio as gr
+from gradio.context import LocalContext
 
 from qdemo.services.admission import Refused, Services
 from qdemo.serving.limits import Client, RateLimiter, client_from_headers
 from qdemo.ui.zerogpu import on_gpu
 
 GENERATION = "generation"  # the concurrency id shared by every event that runs a model
+STOP = "stop"  # an endpoint handler's keyword for its request's stop event: the wrapper fills it, never a caller
+POLL_S = 0.05  # how often a running endpoint looks whether its caller is still there
 CRASHED = "Something went wrong on the server (it is logged); please try again."
 log = logging.getLogger("qdemo")
 
@@ -73,11 +80,11 @@ def guarded(fn: Callable, delivery: Delivery, admission: Admission | None = None
         return args, (_refused(shape.name, refusal) if refusal else None)
 
     if inspect.isgeneratorfunction(fn):
-        def wrapper(*args: Any):
+        def wrapper(*args: Any, **kwargs: Any):
             args, message = admitted(args)
             if message is None:
                 try:
-                    yield from fn(*args)
+                    yield from fn(*args, **kwargs)
                     return
                 except gr.Error:
                     raise
@@ -85,11 +92,11 @@ def guarded(fn: Callable, delivery: Delivery, admission: Admission | None = None
                     message = _failure(shape.name, exc)
             yield delivery.refused(message)  # outside the except: a refusal carries no traceback along
     else:
-        def wrapper(*args: Any):
+        def wrapper(*args: Any, **kwargs: Any):
             args, message = admitted(args)
             if message is None:
                 try:
-                    return delivery.result(fn(*args))
+                    return delivery.result(fn(*args, **kwargs))
                 except gr.Error:
                     raise
                 except Exception as exc:  # noqa: BLE001
@@ -166,6 +173,121 @@ def _unwrapped(fn: Callable) -> Callable:
             return fn
 
 
+# --- endpoints that stop when their caller leaves ----------------------------------------------------------------
+
+_END = object()
+
+
+def stoppable(fn: Callable) -> Callable:
+    """A named endpoint that stops when its caller goes. Gradio runs a sync handler on a worker thread and looks at
+    its client only between the handler's yields: a handler blocked in a prefill, or a view that never yields,
+    ran on after the caller closed its event stream or cancelled (a cancel even left a generator that had not
+    yielded yet unclosed, holding its model lease). This runs `fn` on a thread of its own with a threading.Event as
+    its `stop` keyword, and sets the event when Gradio cancels the awaiting task (gradio_client's cancel) or marks
+    the event's job dead (a closed stream: Gradio's `Queue.clean_events`), looked at every POLL_S. The engine reads
+    it between prefill chunks and steps. The signature Gradio reads is `fn`'s without `stop`."""
+    shown = inspect.signature(fn)
+    shown = shown.replace(parameters=[p for p in shown.parameters.values() if p.name != STOP])
+    hints = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != STOP}
+    name = getattr(fn, "__name__", "endpoint")
+    wants = {STOP: None} if STOP in inspect.signature(fn).parameters else {}
+
+    if inspect.isgeneratorfunction(_unwrapped(fn)):
+        async def endpoint(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            call = _Call.start(name)
+            items = fn(*args, **{k: call.stop for k in wants}, **kwargs)  # a generator: none of it runs yet
+            try:
+                while True:
+                    item = await call.run(next, items, _END)
+                    if item is _END or call.left:
+                        return
+                    yield item
+            finally:
+                await call.end(items.close)
+    else:
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            call = _Call.start(name)
+            try:
+                return await call.run(fn, *args, **{k: call.stop for k in wants}, **kwargs)
+            finally:
+                await call.end()
+
+    endpoint.__name__ = endpoint.__qualname__ = name
+    endpoint.__doc__ = fn.__doc__
+    endpoint.__signature__ = shown
+    endpoint.__annotations__ = hints
+    endpoint.qdemo_guarded = getattr(fn, "qdemo_guarded", False)
+    return endpoint
+
+
+@dataclass
+class _Call:
+    """One endpoint call: its stop event, the thread its handler runs on (in order, in the request's context
+    variables), and whether its caller is still there."""
+
+    name: str
+    stop: threading.Event
+    alive: Callable[[], bool]
+    worker: ThreadPoolExecutor
+    context: contextvars.Context
+    left: bool = False
+
+    @classmethod
+    def start(cls, name: str) -> "_Call":
+        return cls(name, threading.Event(), _caller_alive(), ThreadPoolExecutor(1, thread_name_prefix=f"qdemo-{name}"),
+                   contextvars.copy_context())
+
+    async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`fn` on the call's thread; the stop event is set the moment the caller cancels or is gone."""
+        future = asyncio.wrap_future(self.worker.submit(self.context.run, fn, *args, **kwargs))
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=POLL_S)
+                if done:
+                    return future.result()
+                if not self.left and not self.alive():
+                    self.halt("left")
+        except asyncio.CancelledError:
+            self.halt("cancelled")
+            # The work in flight ends within a step now; the concurrency slot is free once it has, as Gradio's own
+            # (shielded) worker call would keep it.
+            await asyncio.wait({future})
+            raise
+
+    def halt(self, why: str) -> None:
+        if not self.left:
+            self.left = True
+            self.stop.set()
+            log.info("%s stopped: its client %s", self.name, why)
+
+    async def end(self, close: Callable[[], Any] | None = None) -> None:
+        """The handler's generator closed on its own thread (after whatever still runs there), and the thread let
+        go."""
+        self.stop.set()
+        try:
+            if close is not None:
+                await asyncio.wrap_future(self.worker.submit(self.context.run, close))
+        finally:
+            self.worker.shutdown(wait=False)
+
+
+def _caller_alive() -> Callable[[], bool]:
+    """Whether the caller of the running event still listens. Gradio marks a queued event's job dead when its event
+    stream closes, and tells the handler nothing; it is read here from the queue through the request's context, as
+    gradio.helpers reads it for progress and log messages. Outside a queued event: always."""
+    blocks = LocalContext.blocks.get(None)
+    event_id = LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    if events is None or event_id is None:
+        return lambda: True
+
+    def alive() -> bool:
+        event = events.get(event_id)
+        return event is None or bool(event.alive)
+
+    return alive
+
+
 # --- registering events ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -213,8 +335,9 @@ class UIContext:
 
     def endpoint(self, fn: Callable, name: str) -> None:
         """A named endpoint for gradio_client: the same guard, a refusal answered as a gr.Error naming the field;
-        it runs models, so it waits in the generation group."""
-        gr.api(on_gpu(guarded(fn, ErrorReply())), api_name=name, **self.queue_kwargs())
+        it runs models, so it waits in the generation group. A handler with a `stop` keyword gets its request's
+        stop event, set when the caller cancels or goes away (`stoppable`)."""
+        gr.api(stoppable(on_gpu(guarded(fn, ErrorReply()))), api_name=name, **self.queue_kwargs())
 
     def _page(self, fn: Callable, notice: Any, runs_model: bool) -> Callable:
         if runs_model:

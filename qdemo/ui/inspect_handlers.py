@@ -1,10 +1,17 @@
 """The Inspect tab's components and handlers: module-level functions over qdemo.services.probing, bound to the
-parts with functools.partial. Each reads its keyed inputs and returns a dict naming what it changes."""
+parts with functools.partial. Each reads its keyed inputs and returns a dict naming what it changes.
+
+Every view reads the chat as the page shows it (`_conversation`): the last answer's view while the page has it,
+the restored conversation after a reload. Every view that runs a model is armed first by an instant step (`arm`: a
+fresh stop event for this session), so the tab's Stop reaches a view still waiting in the queue, and never another
+session's or a later view."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import gradio as gr
 
@@ -13,29 +20,52 @@ from qdemo.services.admission import Refused
 from qdemo.services.files import scratch_file
 from qdemo.ui.context import UIContext, event_index, progress_callback
 from qdemo.views import probes as views
-from qdemo.views.bundle import bundle_html, read_bundle
+from qdemo.views.bundle import read_bundle
 from qdemo.views.export import csv_text
 from qdemo.views.labels import token_label
 from qdemo.views.tokens import token_view_html
 
 
-@dataclass
 class InspectState:
-    """The session's last result of each view (their cells and downloads read it)."""
+    """The session's last result of each view (their cells and downloads read it), and the stop event of the view
+    armed last (the tab's Stop sets it). A plain class, not a dataclass: Gradio turns a dataclass State's value
+    into a dict for the page's config, and an Event cannot be copied."""
 
-    lens: Any = None  # service.LensResult
-    attribution: Any = None
-    score: Any = None
-    divergence: Any = None
+    def __init__(self) -> None:
+        self.lens: Any = None  # service.LensResult
+        self.attribution: Any = None
+        self.score: Any = None
+        self.divergence: Any = None
+        self.stop = threading.Event()
+        self.active = False  # a view is armed or running
 
     def __deepcopy__(self, memo: dict) -> "InspectState":
-        return type(self)()
+        return type(self)()  # Gradio copies the initial value per session: each gets its own stop event
+
+    def arm(self) -> None:
+        """A view is about to run: a fresh stop event, so a Stop pressed before never ends it."""
+        self.stop = threading.Event()
+        self.active = True
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[threading.Event]:
+        """The armed view's stop event while it runs."""
+        try:
+            yield self.stop
+        finally:
+            self.active = False
 
 
 @dataclass(frozen=True)
 class InspectParts:
     state: gr.State  # InspectState
     chat_state: gr.State  # the Chat tab's ChatSession: its last answer is what the lens and attribution read
+    chatbot: gr.Chatbot  # the chat as shown (restored after a reload) …
+    chat_model: gr.Dropdown  # … its model …
+    chat_system: gr.Textbox  # … and system prompt
+    runs: gr.State  # the session's runs (after a reload, the browser's compact copies)
+    stop: gr.Button
+    stop_md: gr.Markdown
     sublayers: gr.Checkbox
     lens_run: gr.Button
     lens_md: gr.Markdown
@@ -80,13 +110,44 @@ def _download(name: str, text: str) -> gr.DownloadButton:
     return gr.DownloadButton(value=str(path), visible=True)
 
 
+def _conversation(p: InspectParts, ui: UIContext, data: dict) -> service.Conversation:
+    return service.Conversation(view=data[p.chat_state].view, history=data[p.chatbot] or [],
+                                model=data[p.chat_model] or ui.services.default_model, system=data[p.chat_system],
+                                runs=data[p.runs] or [])
+
+
+def _pick_html(conversation: service.Conversation) -> str | None:
+    """The last answer's tokens to click (None: after a reload without its saved run, there are none to show)."""
+    view = conversation.view
+    if view is not None:
+        return token_view_html(view.run.tokens, view.texts, view.labels)
+    run = conversation.saved_run()
+    return token_view_html(run.tokens, [t.text for t in run.tokens], {}) if run is not None else None
+
+
+# --- Stop -----------------------------------------------------------------------------------------------------------
+
+def arm(p: InspectParts, data: dict) -> None:
+    data[p.state].arm()
+
+
+def stop(p: InspectParts, data: dict) -> dict:
+    state: InspectState = data[p.state]
+    if not state.active:
+        return {p.stop_md: "Nothing is running in this tab."}
+    state.stop.set()
+    return {p.stop_md: "Stopping: the view ends at its next chunk and shows what it finished."}
+
+
 # --- logit lens -----------------------------------------------------------------------------------------------------
 
 def run_lens(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
              progress: gr.Progress = gr.Progress()) -> dict:
-    view = data[p.chat_state].view
-    result = service.lens_view(ui.services, ui.client(request), service.chat_subject(view),
-                               sublayers=bool(data[p.sublayers]), progress=progress_callback(progress))
+    conversation = _conversation(p, ui, data)
+    with data[p.state].running() as halt:
+        result = service.lens_view(ui.services, ui.client(request), service.conversation_subject(conversation),
+                                   sublayers=bool(data[p.sublayers]), progress=progress_callback(progress),
+                                   stop=halt)
     data[p.state].lens = result
     grid = result.grid
     committed = sum(1 for c in result.commitment if c)
@@ -95,8 +156,8 @@ def run_lens(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
              f"{len(grid.positions)} tokens (red underline: its first layer)."]
     if result.notice:
         lines.append(f"_{result.notice}_")
-    return {p.lens_md: " ".join(lines), p.state: data[p.state],
-            p.attr_pick: token_view_html(view.run.tokens, view.texts, view.labels),
+    pick = _pick_html(conversation)
+    return {p.lens_md: " ".join(lines), p.state: data[p.state], p.attr_pick: gr.skip() if pick is None else pick,
             p.lens_grid: views.lens_grid_html(grid.rows, result.columns, grid.top1, grid.top_probs[:, :, 0],
                                               grid.target_probs, result.texts, result.commitment),
             p.lens_csv: _download("qdemo-logit-lens.csv", csv_text(grid.to_frame(result.texts))),
@@ -119,11 +180,16 @@ def show_cell(p: InspectParts, data: dict, evt: gr.EventData) -> dict:
 
 # --- attribution ----------------------------------------------------------------------------------------------------
 
-def show_pick(p: InspectParts, data: dict) -> dict:
-    view = data[p.chat_state].view
-    if view is None:
+def show_pick(p: InspectParts, ui: UIContext, data: dict) -> dict:
+    conversation = _conversation(p, ui, data)
+    try:
+        pick = _pick_html(conversation)
+    except Refused:
         return {p.attr_pick: "", p.attr_md: "Send a message in the Chat tab first."}
-    return {p.attr_pick: token_view_html(view.run.tokens, view.texts, view.labels), p.attr_md: ""}
+    if pick is None:
+        return {p.attr_pick: "", p.attr_md: "The restored answer's tokens are not kept in this browser: type the "
+                                             "number of the answer token to explain (0 is the first)."}
+    return {p.attr_pick: pick, p.attr_md: ""}
 
 
 def pick_token(p: InspectParts, evt: gr.EventData) -> dict:
@@ -135,9 +201,11 @@ def attribute(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
               progress: gr.Progress = gr.Progress()) -> dict:
     token = data[p.attr_token]
     token = int(token) if isinstance(token, (int, float)) and float(token).is_integer() else token
-    result = service.attribution_view(ui.services, ui.client(request), service.chat_subject(data[p.chat_state].view),
-                                      token, data[p.method], per_token=data[p.unit] == "per token",
-                                      progress=progress_callback(progress))
+    subject = service.conversation_subject(_conversation(p, ui, data))
+    with data[p.state].running() as halt:
+        result = service.attribution_view(ui.services, ui.client(request), subject, token, data[p.method],
+                                          per_token=data[p.unit] == "per token", progress=progress_callback(progress),
+                                          stop=halt)
     data[p.state].attribution = result
     att = result.attribution
     line = (f"**{token_label(result.target_text)}** (answer token {token}) had log p {att.logprob:.3f}; "
@@ -163,17 +231,18 @@ def score_pasted(p: InspectParts, ui: UIContext, data: dict, request: gr.Request
 def score_answer(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
                  progress: gr.Progress = gr.Progress()) -> dict:
     # The answer's own token ids, not its text re-tokenized (which can split differently).
-    return _score(p, ui, data, request, progress, subject=service.chat_subject(data[p.chat_state].view))
+    return _score(p, ui, data, request, progress, subject=service.conversation_subject(_conversation(p, ui, data)))
 
 
 def _score(p: InspectParts, ui: UIContext, data: dict, request: gr.Request, progress: gr.Progress,
            subject: service.Subject | None) -> dict:
-    result = service.score_view(ui.services, ui.client(request), data[p.model_a], data[p.text],
-                                data[p.question] or "", bool(data[p.template]), progress_callback(progress),
-                                subject=subject)
+    with data[p.state].running() as halt:
+        result = service.score_view(ui.services, ui.client(request), data[p.model_a], data[p.text],
+                                    data[p.question] or "", bool(data[p.template]), progress_callback(progress),
+                                    subject=subject, stop=halt)
     data[p.state].score = result
     s = result.score
-    pieces = [result.texts.get(t, "") for t in s.token_ids]
+    pieces = result.pieces
     line = (f"**{s.model}** ({s.forward}): {s.count} tokens scored in {result.seconds:.2f} s · perplexity "
             f"**{s.perplexity:.2f}** · mean surprisal {s.mean_surprisal_bits:.2f} bits · the model's top choice at "
             f"{s.top1_share:.0%} of tokens.")
@@ -188,12 +257,13 @@ def _score(p: InspectParts, ui: UIContext, data: dict, request: gr.Request, prog
 
 def diverge(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
             progress: gr.Progress = gr.Progress()) -> dict:
-    result = service.divergence_view(ui.services, ui.client(request), data[p.model_a], data[p.model_b],
-                                     data[p.text], data[p.question] or "", bool(data[p.template]),
-                                     progress_callback(progress))
+    with data[p.state].running() as halt:
+        result = service.divergence_view(ui.services, ui.client(request), data[p.model_a], data[p.model_b],
+                                         data[p.text], data[p.question] or "", bool(data[p.template]),
+                                         progress_callback(progress), stop=halt)
     data[p.state].divergence = result
     d = result.divergence
-    pieces = [result.texts.get(t, "") for t in d.token_ids]
+    pieces = result.pieces
     kl, at = d.max_kl_ab
     line = (f"**A** {d.model_a} ({d.forward_a}) vs **B** {d.model_b} ({d.forward_b}) on {d.count} tokens in "
             f"{result.seconds:.2f} s: mean KL(A‖B) **{d.mean_kl_ab:.4f}** nats (KL(B‖A) {d.mean_kl_ba:.4f}), "
@@ -213,14 +283,14 @@ def diverge(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
 
 # --- evidence bundle ------------------------------------------------------------------------------------------------
 
-def make_bundle(p: InspectParts, ui: UIContext, data: dict) -> dict:
-    view = data[p.chat_state].view
-    if view is None:
-        raise Refused("No answer yet: send a message in the Chat tab first.")
-    fingerprint = service.weights_fingerprint(ui.services, view.run.model)
-    page = bundle_html(view.run, fingerprint, view.labels, prompt="".join(piece[1] for piece in view.prompt))
-    return {p.bundle_file: _download(f"qdemo-run-{view.run.run_id}.html", page),
-            p.bundle_md: f"Bundle of run {view.run.run_id} ({view.run.model}, weights {fingerprint}) is ready."}
+def make_bundle(p: InspectParts, ui: UIContext, data: dict, request: gr.Request) -> dict:
+    made = service.answer_bundle(ui.services, ui.client(request), _conversation(p, ui, data))
+    run = made.run
+    line = f"Bundle of run {run.run_id} ({run.model}, weights {made.fingerprint}) is ready."
+    if made.restored:
+        line += (" It was made from the run this browser kept across the reload, which holds no per-stage "
+                 "probabilities: its tokens have no stage numbers.")
+    return {p.bundle_file: _download(f"qdemo-run-{run.run_id}.html", made.page), p.bundle_md: line}
 
 
 def open_bundle(p: InspectParts, data: dict) -> dict:

@@ -1,10 +1,11 @@
 """Inspect tab: layout and wiring (handlers in inspect_handlers, logic in qdemo.services.probing). Logit lens and
-prompt attribution on the Chat tab's last answer, score any text, the divergence of two models on one text, and
-evidence bundles (export / open)."""
+prompt attribution on the Chat tab's last answer (restored after a reload), score any text, the divergence of two
+models on one text, and evidence bundles (export / open); a Stop for the view that runs."""
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -31,25 +32,35 @@ CSS = views.LENS_CSS + """
 def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     p = _layout(ui, session)
     on = partial(ui.on, queue=False)
-    model = partial(ui.on, runs_model=True)
-    model(p.lens_run.click, partial(on_inspect.run_lens, p, ui), {p.chat_state, p.sublayers, p.state},
-          [p.lens_md, p.lens_grid, p.lens_csv, p.lens_json, p.state, p.attr_pick], notice=p.lens_md)
+    view = partial(_view, ui, p)
+    conversation = {p.chat_state, p.chatbot, p.chat_model, p.chat_system, p.runs}
+    view(p.lens_run.click, on_inspect.run_lens, {*conversation, p.sublayers, p.state},
+         [p.lens_md, p.lens_grid, p.lens_csv, p.lens_json, p.state, p.attr_pick], p.lens_md)
     on(p.lens_grid.select, partial(on_inspect.show_cell, p), {p.state}, [p.lens_cell], notice=p.lens_md)
-    on(tab.select, partial(on_inspect.show_pick, p), {p.chat_state}, [p.attr_pick, p.attr_md], notice=p.attr_md)
+    on(tab.select, partial(on_inspect.show_pick, p, ui), conversation, [p.attr_pick, p.attr_md], notice=p.attr_md)
     on(p.attr_pick.select, partial(on_inspect.pick_token, p), None, [p.attr_token], notice=p.attr_md)
-    model(p.attr_run.click, partial(on_inspect.attribute, p, ui), {p.chat_state, p.attr_token, p.method, p.unit,
-                                                                   p.state},
-          [p.attr_md, p.attr_html, p.attr_plot, p.attr_csv, p.attr_json, p.state], notice=p.attr_md)
+    view(p.attr_run.click, on_inspect.attribute, {*conversation, p.attr_token, p.method, p.unit, p.state},
+         [p.attr_md, p.attr_html, p.attr_plot, p.attr_csv, p.attr_json, p.state], p.attr_md)
     scored = [p.score_md, p.score_html, p.score_plot, p.div_table, p.score_csv, p.score_json, p.state]
-    scoring = {p.model_a, p.text, p.question, p.template, p.state, p.chat_state}
-    model(p.score_run.click, partial(on_inspect.score_pasted, p, ui), scoring, scored, notice=p.score_md)
-    model(p.reuse.click, partial(on_inspect.score_answer, p, ui), scoring, scored, notice=p.score_md)
-    model(p.div_run.click, partial(on_inspect.diverge, p, ui),
-          {p.model_a, p.model_b, p.text, p.question, p.template, p.state}, scored, notice=p.score_md)
-    on(p.bundle_make.click, partial(on_inspect.make_bundle, p, ui), {p.chat_state}, [p.bundle_file, p.bundle_md],
-       notice=p.bundle_md)
+    scoring = {p.model_a, p.text, p.question, p.template, p.state, *conversation}
+    view(p.score_run.click, on_inspect.score_pasted, scoring, scored, p.score_md)
+    view(p.reuse.click, on_inspect.score_answer, scoring, scored, p.score_md)
+    view(p.div_run.click, on_inspect.diverge, {p.model_a, p.model_b, p.text, p.question, p.template, p.state},
+         scored, p.score_md)
+    on(p.stop.click, partial(on_inspect.stop, p), {p.state}, [p.stop_md], notice=p.stop_md)
+    # The bundle of a restored answer decodes its tokens with the model: it waits its turn like a view.
+    ui.on(p.bundle_make.click, partial(on_inspect.make_bundle, p, ui), conversation, [p.bundle_file, p.bundle_md],
+          notice=p.bundle_md, runs_model=True)
     on(p.bundle_open.upload, partial(on_inspect.open_bundle, p), {p.bundle_open}, [p.bundle_md, p.bundle_view],
        notice=p.bundle_md)
+
+
+def _view(ui: UIContext, p: InspectParts, trigger: Any, handler: Callable, inputs: set, outputs: list,
+          notice: Any) -> None:
+    """A view that runs a model, in two steps as a chat answer: an instant one arms the session's stop event (so
+    Stop reaches the view while it still waits in the queue), then the queued one runs it."""
+    armed = ui.on(trigger, partial(on_inspect.arm, p), {p.state}, None, notice=notice, queue=False)
+    ui.after(armed, partial(handler, p, ui), inputs, outputs, notice=notice, runs_model=True)
 
 
 def _layout(ui: UIContext, session: SessionComponents) -> InspectParts:
@@ -57,7 +68,9 @@ def _layout(ui: UIContext, session: SessionComponents) -> InspectParts:
     gr.HTML("", head=f"<style>{CSS}{TOKEN_VIEW_CSS}</style>", elem_id="inspect-css")
     gr.Markdown("Look inside the **Chat tab's last answer** (the lens and attribution use the torch weights of the "
                 "model it ran on), or score any text. Every view has a CSV and JSON download; the same views are "
-                "named API endpoints.", elem_id="inspect-intro")
+                "named API endpoints. A view runs under the same time limit as a chat answer; Stop ends it early, "
+                "and it shows what it finished.", elem_id="inspect-intro")
+    stop = _stop()
     with gr.Accordion("Logit lens", open=True, elem_id="lens"):
         lens = _lens()
     with gr.Accordion("Prompt attribution", open=False, elem_id="attribution"):
@@ -66,7 +79,16 @@ def _layout(ui: UIContext, session: SessionComponents) -> InspectParts:
         scoring = _scoring(ui.services)
     with gr.Accordion("Evidence bundle", open=False, elem_id="bundle"):
         bundle = _bundle()
-    return InspectParts(state=state, chat_state=session.chat_state, **lens, **attribution, **scoring, **bundle)
+    return InspectParts(state=state, chat_state=session.chat_state, chatbot=session.chatbot,
+                        chat_model=session.chat_model, chat_system=session.chat_system, runs=session.runs,
+                        **stop, **lens, **attribution, **scoring, **bundle)
+
+
+def _stop() -> dict:
+    with gr.Row():
+        stop = gr.Button("Stop", variant="stop", elem_id="inspect-stop", scale=0, min_width=100)
+        stop_md = gr.Markdown("", elem_id="inspect-stop-status")
+    return {"stop": stop, "stop_md": stop_md}
 
 
 def _lens() -> dict:

@@ -6,11 +6,15 @@ decided what (qdemo.probes.decided), and the token view with every stage's numbe
 own pure-CSS tooltip and the "only decided tokens" switch is a CSS checkbox: no script runs, nothing is fetched.
 
 The run itself rides along as JSON (qdemo.core.runs serialisation) in `<script type="application/json" id="qdemo-run">`;
-`read_bundle` takes it back out (or reads a plain run JSON file) without executing anything.
+`read_bundle` takes it back out (or reads a plain run JSON file) without executing anything. The provenance block
+holds the sha256 of the run's canonical JSON: a bundle whose run no longer matches it (one digit changed by a
+damaged copy or an edit) is refused, never read as another run. Bundles of version 1 were written without it and
+read as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -18,7 +22,7 @@ import re
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import qdemo
 from qdemo.core.events import TokenEvent
@@ -36,6 +40,8 @@ from qdemo.views.tokens import (
 
 RUN_BLOCK_ID = "qdemo-run"
 META_BLOCK_ID = "qdemo-meta"
+BUNDLE_VERSION = 2  # 2: the provenance holds run_sha256
+MAX_TOKEN_ID = 2 ** 31 - 1  # above any tokenizer's ids: a larger one is damage, not a token
 # Distribution name → label; "importable" is read from installed metadata, so nothing heavy is imported here.
 LIBRARIES: tuple[tuple[str, str], ...] = (("torch", "torch"), ("transformers", "transformers"),
                                           ("gradio", "gradio"), ("llama_cpp", "llama-cpp-python"))
@@ -260,7 +266,8 @@ def bundle_html(run: RunRecord, fingerprint: str, texts: Mapping[int, str] | Non
                   ("qdemo", version), *versions.items(), ("exported", exported)]
     settings = sorted(run.settings.items())
     summary = "".join(f"<li>{_e(line)}</li>" for line in answer_summary(decisions)) or "<li>no tokens</li>"
-    meta = {"format": "qdemo evidence bundle", "version": 1, "fingerprint": fingerprint.strip(), "qdemo": version,
+    meta = {"format": "qdemo evidence bundle", "version": BUNDLE_VERSION, "run_sha256": run_digest(run.to_dict()),
+            "fingerprint": fingerprint.strip(), "qdemo": version,
             "libraries": versions, "exported": exported, "title": title, "prompt": prompt,
             "texts": {str(k): v for k, v in sorted(labels.items())}}
     return "".join([
@@ -315,23 +322,80 @@ def _block(text: str, block_id: str) -> str | None:
 
 def read_bundle(text: str | bytes) -> RunRecord:
     """The run in an evidence bundle's HTML, or in a plain run JSON file (RunRecord.to_dict). A ValueError says what
-    the text is instead: empty, cut short, damaged JSON (with where), or neither kind of file."""
+    the text is instead: empty, cut short, damaged JSON (with where), a run that does not match the bundle's digest,
+    a field of the wrong kind (the model, a token id), or neither kind of file."""
     body = _text(text).lstrip("\ufeff \t\r\n")
     if not body:
         raise ValueError("the file is empty: expected a qdemo evidence bundle (.html) or a run's JSON")
     if body.startswith(("{", "[")):
-        return run_from_json(body)
+        return checked_run(run_from_json(body))
     if body.startswith("<"):
         block = _block(body, RUN_BLOCK_ID)
         if block is None:
             raise ValueError(f'this HTML is not a qdemo evidence bundle: it has no <script id="{RUN_BLOCK_ID}"> '
                              "block with the run")
         try:
-            return run_from_json(block)
+            record = run_from_json(block)
         except ValueError as exc:
             raise ValueError(f"the bundle's embedded run is damaged: {exc}") from None
+        _check_digest(body, block)
+        return checked_run(record)
     raise ValueError(f"expected a qdemo evidence bundle (.html) or a run's JSON, but the text starts with "
                      f"{body[:20]!r}")
+
+
+def run_digest(data: Any) -> str:
+    """The sha256 of a run's canonical JSON (keys sorted, no spaces, UTF-8): the same for the dict a bundle is
+    written from and for the JSON read back out of it, however the page escaped it."""
+    text = json.dumps(data, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _check_digest(page: str, block: str) -> None:
+    """Refuse a bundle whose run is not the run it was exported with."""
+    meta = bundle_meta(page)
+    written = meta.get("run_sha256")
+    if written is None:
+        if meta.get("version", 1) == 1:
+            return  # exported before bundles carried a digest: nothing to check against
+        raise ValueError("the bundle has no digest of its run (run_sha256 is missing from its provenance): it was "
+                         "edited or damaged after export")
+    actual = run_digest(json.loads(block))
+    if written != actual:
+        raise ValueError(f"the bundle's run does not match its digest: the bundle records sha256 {str(written)[:12]}…, "
+                         f"the run in it hashes to {actual[:12]}…; it was changed after export (a damaged copy or "
+                         "an edit), so its numbers cannot be trusted")
+
+
+def run_ids(run: RunRecord) -> Iterator[tuple[str, Any]]:
+    """Every token id a run holds, each with where it sits ("token 3's id", "prompt token 0", …)."""
+    for i, token in enumerate(run.prefill.prompt_ids if run.prefill else ()):
+        yield f"prompt token {i}", token
+    for i, event in enumerate(run.tokens):
+        yield f"token {i}'s id", event.token_id
+        for stage in event.stages:
+            for j, token in enumerate(stage.token_ids):
+                yield f"token {i}'s {stage.name} stage candidate {j}", token
+    for i, token in enumerate(run.done.token_ids if run.done else ()):
+        yield f"the answer's token {i}", token
+
+
+def checked_run(run: RunRecord) -> RunRecord:
+    """`run` when its model is a name and every token id a whole number from 0 to MAX_TOKEN_ID; else a ValueError
+    naming the first field that is not (a run read from a file may say anything)."""
+    if not isinstance(run.model, str):
+        raise ValueError(f"the run's model must be a model name (text), got {_shown(run.model)}")
+    for where, token in run_ids(run):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN_ID:
+            raise ValueError(f"{where} is {_shown(token)}: not a token id (a whole number from 0 to {MAX_TOKEN_ID})")
+    return run
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def bundle_meta(text: str | bytes) -> dict[str, Any]:

@@ -100,12 +100,22 @@ def _prob_colour(p: float) -> str:
     return f"rgba(44,160,44,{0.1 + 0.75 * max(0.0, min(1.0, p)):.3f})"
 
 
+PART_OF_NEXT = "first bytes of a character the next token completes"
+
+
+def _piece_label(piece: str) -> str:
+    """A token's share of the text, for a tooltip: a token holding only the first bytes of a character has none."""
+    return token_label(piece) if piece else PART_OF_NEXT
+
+
 def score_html(pieces: Sequence[str], probs: Sequence[float], ranks: Sequence[int],
                surprisal: Sequence[float]) -> str:
-    """The scored text, one span per token coloured by its probability (no stages: a teacher-forced text)."""
+    """The scored text, one span per token coloured by its probability (no stages: a teacher-forced text).
+    `pieces` are each token's share of the text (qdemo.probes.attribution.token_pieces): a character split across
+    tokens shows once, at the token that completes it, as in the attribution view."""
     spans = []
     for i, (piece, p, r, s) in enumerate(zip(pieces, probs, ranks, surprisal)):
-        spans.append(f'<span class="sc" data-i="{i}" title="{_e(token_label(piece))} · p {p:.3f} · rank {r} · '
+        spans.append(f'<span class="sc" data-i="{i}" title="{_e(_piece_label(piece))} · p {p:.3f} · rank {r} · '
                      f'{s:.2f} bits" style="background:{_prob_colour(p)}">{_e(piece) or "∅"}</span>')
     return f'<div class="scoreview">{"".join(spans)}</div>'
 
@@ -118,7 +128,7 @@ def divergence_html(pieces: Sequence[str], kl: Sequence[float], agree: Sequence[
     for i, (piece, k, same) in enumerate(zip(pieces, kl, agree)):
         a = 0.05 + 0.8 * max(0.0, min(1.0, k / top)) if math.isfinite(k) else 0.0
         outline = "" if same else ";outline:2px solid #d62728"
-        spans.append(f'<span class="sc" data-i="{i}" title="{_e(token_label(piece))} · KL(A‖B) {k:.4f} · '
+        spans.append(f'<span class="sc" data-i="{i}" title="{_e(_piece_label(piece))} · KL(A‖B) {k:.4f} · '
                      f'{"same top-1" if same else "top-1 differs"}" style="background:rgba(148,103,189,{a:.3f})'
                      f'{outline}">{_e(piece) or "∅"}</span>')
     return f'<div class="scoreview">{"".join(spans)}</div>'

@@ -3,13 +3,17 @@ through admission and the pooled model's gate, and agrees with the core it wraps
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import threading
+import time
 
 import pytest
 import torch
 
 from qdemo.sampling import SamplingParams
-from qdemo.services import chat
+from qdemo.services import chat, internals
 from qdemo.services import probing as inspect
 from qdemo.services.admission import Refused
 from qdemo.views.bundle import bundle_html, read_bundle
@@ -145,3 +149,111 @@ def test_the_lens_keeps_the_start_of_the_prompt_when_it_cuts(services, session, 
     assert "left out" not in result.notice and "first 4 of 10 answer tokens" in result.notice
     raw = [t.stages[0].token_ids[0] for t in session.view.run.tokens[:4]]
     assert result.grid.top1[-1].tolist() == raw
+
+
+# --- issue 19, item 5: every view runs under the chat's time limit and Stop, and says so when cut -----------------
+
+class StopAfter(threading.Event):
+    """A stop event that reads as set once the model's gate has run `steps` more forwards (the user pressing Stop
+    while the view runs, at a known point)."""
+
+    def __init__(self, gate, steps: int) -> None:
+        super().__init__()
+        self.gate, self.at = gate, gate.steps + steps
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.gate.steps >= self.at
+
+
+def _pressed() -> threading.Event:
+    stop = threading.Event()
+    stop.set()
+    return stop
+
+
+def test_every_view_with_stop_pressed_runs_no_forward_and_says_stopped(services, session):
+    subject = inspect.chat_subject(session.view)
+    name = services.default_model
+    views = {
+        "lens": lambda stop: inspect.lens_view(services, "c", subject, stop=stop),
+        "gradient": lambda stop: inspect.attribution_view(services, "c", subject, 2, "gradient×input", stop=stop),
+        "occlusion": lambda stop: inspect.attribution_view(services, "c", subject, 2, "occlusion", stop=stop),
+        "score": lambda stop: inspect.score_view(services, "c", name, "plain text 纯文本", stop=stop),
+        "divergence": lambda stop: inspect.divergence_view(services, "c", name, name, "some text", stop=stop),
+        "attention": lambda stop: internals.compute_attention(services, internals.InternalsSession(), "c", name,
+                                                              [], None, stop=stop),
+        "sinks": lambda stop: internals.conversation_sinks(services, "c", name, [], None, stop=stop),
+    }
+    for what, run in views.items():
+        before = gate_steps(services)
+        with pytest.raises(Refused, match="stopped by you") as caught:
+            run(_pressed())
+        assert gate_steps(services) == before, what
+        assert "time limit" not in str(caught.value), what
+
+
+def test_per_token_occlusion_stopped_half_way_keeps_the_units_it_scored(services, session):
+    subject = inspect.chat_subject(session.view)
+    full = inspect.attribution_view(services, "c", subject, 4, "occlusion", per_token=True)
+    stop = StopAfter(services.pool.gate(services.default_model), 4)  # the whole context, then three units
+    cut = inspect.attribution_view(services, "c", subject, 4, "occlusion", per_token=True, stop=stop)
+    units = len(full.attribution.units)
+    assert f"stopped by you after 3 of {units} units" in cut.notice
+    scored = [i for i, s in enumerate(cut.attribution.scores) if s is not None]
+    assert len(scored) == 3 and all(full.attribution.scores[i] == pytest.approx(cut.attribution.scores[i])
+                                    for i in scored)
+    assert cut.attribution.cut.done == 3 and full.attribution.cut is None and "stopped" not in full.notice
+
+
+def test_the_time_limit_cuts_a_view_and_says_so(tiny_dir, tmp_path, monkeypatch):
+    """A 1-second limit and forwards slowed to 0.3 s each: per-token occlusion over the context (dozens of
+    forwards) ends after a few, with the limit named; gradient × input, one forward, ends inside it."""
+    services = tiny_services(tiny_dir, tmp_path)
+    services.limits = dataclasses.replace(services.limits, max_generation_seconds=1)
+    gate = services.pool.gate(services.default_model)
+    step = gate.step
+
+    @contextlib.contextmanager
+    def slow():
+        with step():
+            time.sleep(0.3)
+            yield
+
+    s = chat.ChatSession()
+    begun = chat.begin_turn(s, "hello 你好, name a prime and say why", [], services.limits)
+    list(chat.answer(services, s, "c", begun.chat, services.default_model, "",
+                     SamplingParams(max_new_tokens=12, do_sample=False), 1))
+    subject = inspect.chat_subject(s.view)
+    monkeypatch.setattr(gate, "step", slow)
+    before = gate.steps
+    cut = inspect.attribution_view(services, "c", subject, 8, "occlusion", per_token=True)
+    units = len(cut.attribution.units)
+    assert units > 20 and gate.steps - before < units / 2  # not one forward per unit: it stopped early
+    assert "cut at this server's time limit (1 s) after" in cut.notice and f"of {units} units" in cut.notice
+    assert cut.attribution.cut.reason == "time_limit"
+
+    @contextlib.contextmanager
+    def slower():
+        with step():
+            time.sleep(1.2)
+            yield
+
+    monkeypatch.setattr(gate, "step", slower)
+    before = gate.steps
+    with pytest.raises(Refused, match=r"time limit \(1 s\) after 0 of 2 layers"):  # one forward: all or nothing
+        inspect.attribution_view(services, "c", subject, 8, "gradient×input")
+    assert gate.steps - before == 1
+
+
+# --- issue 19, item 13: a character split across tokens shows once, at the token that completes it -------------
+
+def test_the_score_view_joins_a_split_character_into_the_token_that_completes_it(services):
+    text = "x 龍龍 y"  # 龍 is in no merge of the tiny tokenizer: three byte tokens each
+    result = inspect.score_view(services, "c", services.default_model, text)
+    with services.admit("c", inspect.ModelRequest(services.default_model, sampling=False)) as admitted:
+        singles = [admitted.backend.token_texts([t])[t] for t in result.score.token_ids]
+    assert sum("\ufffd" in s for s in singles) >= 4  # decoded one by one, the split bytes read as "�"
+    assert len(result.pieces) == result.score.count and not any("\ufffd" in p for p in result.pieces)
+    assert "".join(result.pieces).endswith("龍龍 y") and result.pieces.count("龍") == 2
+    d = inspect.divergence_view(services, "c", services.default_model, services.default_model, text)
+    assert d.pieces == result.pieces

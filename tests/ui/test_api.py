@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradio_client import Client
 
 from qdemo.core.engine import collect, generate
 from qdemo.forwards.gate import StepGate
@@ -11,8 +12,12 @@ from qdemo.models.registry import load_registry
 from qdemo.probes.introspect import next_token_logits
 from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
+from qdemo.services.chat import message_text
 from qdemo.services.lab import context_ids
+from qdemo.serving.limits import Limits
 from qdemo.serving.local import LocalBackend
+from qdemo.ui.app import build_app, launch_settings, queue_settings
+from qdemo.views.answer import END_MARK
 from tests.conftest import serve, write_registry
 
 pytestmark = pytest.mark.slow  # launches the app on loopback
@@ -126,3 +131,30 @@ def test_batch_generates_each_prompt_as_alone_and_scores_teacher_forced(served, 
         client.predict(["x"] * 9, "", None, "chat", "generate", api_name="/batch")
     with pytest.raises(Exception, match="task must be one of generate, score"):
         client.predict(["x"], "", None, "chat", "summarise", api_name="/batch")
+
+
+# --- issue 19 item 15: an answer cut at the time limit says so in the API's answer too ---------------------------
+
+@pytest.fixture(scope="module")
+def one_second(tiny_dir, cycle_dir, tmp_path_factory):
+    """The app with a time limit of one second per answer, serving the scripted model, whose answer never ends."""
+    registry = load_registry(write_registry(tmp_path_factory.mktemp("api-limit") / "models.yaml", tiny_dir,
+                                            max_context=8192, cycle_dir=cycle_dir))
+    limits = Limits(max_generation_seconds=1, max_new_tokens=100_000)
+    demo = build_app(registry, limits=limits)
+    demo.queue(**queue_settings(limits)).launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True,
+                                                quiet=True, **launch_settings(limits))
+    try:
+        yield Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def test_an_answer_cut_at_the_time_limit_says_so_as_the_page_does(one_second):
+    final = one_second.predict("go on", [], "cycle", {"max_new_tokens": 4000}, None, api_name="/chat")
+    answer, _, note = final.partition(END_MARK)
+    assert answer.startswith("The quick brown fox") and "time limit" in note
+    # Sent back as history, the note (after a blank line) stays out of what the model reads.
+    assert message_text({"role": "assistant", "content": final}) == answer.removesuffix("\n\n")
+    decided = one_second.predict("go on", [], "cycle", {"max_new_tokens": 4000}, None, api_name="/decisions")
+    assert decided["reason"] == "time_limit"

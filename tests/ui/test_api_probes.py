@@ -4,6 +4,7 @@ answers JSON with a CSV of the same table, agrees with the core it wraps, and re
 from __future__ import annotations
 
 import io
+import json
 
 import pandas as pd
 import pytest
@@ -21,7 +22,8 @@ HISTORY = [{"role": "user", "content": "name a prime 请"}, {"role": "assistant"
 
 @pytest.fixture(scope="module")
 def served(tiny_dir, tmp_path_factory):
-    registry = load_registry(write_registry(tmp_path_factory.mktemp("api-inspect") / "models.yaml", tiny_dir))
+    registry = load_registry(write_registry(tmp_path_factory.mktemp("api-inspect") / "models.yaml", tiny_dir,
+                                            max_context=8192))
     yield from serve(registry)
 
 
@@ -92,3 +94,75 @@ def test_every_view_is_a_named_endpoint(served):
     _, client = served
     named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/lens", "/attribution", "/decisions", "/branch", "/score", "/divergence", "/sinks", "/bundle"} <= named
+
+
+# --- issue 19 items 14 and 16: one strict reader for every endpoint's inputs ---------------------------------------
+
+TOOL = {"role": "tool", "content": "x"}
+
+
+@pytest.mark.parametrize("endpoint,args,match", [
+    ("/lens", ([TOOL, *HISTORY], "", None, False), "history message 0 has role 'tool'; expected user or assistant"),
+    ("/attribution", ([HISTORY[0], TOOL, HISTORY[1]], 0, "occlusion", False, "", None),
+     "history message 1 has role 'tool'"),
+    ("/sinks", ([TOOL, *HISTORY], "", None), "history message 0 has role 'tool'"),
+    ("/branch", ([TOOL, *HISTORY], 0, 5, "", None, None), "history message 0 has role 'tool'"),
+    ("/sinks", ("abc", "", None), r"history must be a list of \{role, content\} messages, got text: 'abc'"),
+    ("/sinks", (7, "", None), r"history must be a list of \{role, content\} messages, got a number: 7"),
+    ("/lens", (HISTORY, "", None, "false"), "sublayers must be true or false .*got text: 'false'"),
+    ("/score", ("plain text", "", "", "false"), "template must be true or false .*got text: 'false'"),
+    ("/divergence", ("plain text", "tiny-qwen2", "tiny-qwen2", "", 0), "template must be true or false .*got a number"),
+    ("/attribution", (HISTORY, 0, "occlusion", "no", "", None), "per_token must be true or false .*got text: 'no'"),
+    ("/score", (12345, "", "", False), "text must be text, got a number: 12345"),
+    ("/decisions", ("hi", [], "", None, ["x"]), r"system must be text, got a list: \['x'\]"),
+    ("/lens", (HISTORY, "", {"x": 1}, False), "system must be text, got an object"),
+    ("/branch", (HISTORY, "0", 5, "", None, None), "at must be a whole number from 0 .*got text: '0'"),
+])
+def test_every_endpoint_reads_its_arguments_strictly(served, endpoint, args, match):
+    _, client = served
+    with pytest.raises(Exception, match=match):
+        client.predict(*args, api_name=endpoint)
+
+
+@pytest.mark.parametrize("endpoint,args", [
+    ("/attribution", (HISTORY, "7" * 100_000, "occlusion", False, "", None)),
+    ("/attribution", (HISTORY, 0, "m" * 100_000, False, "", None)),
+    ("/next_token", ("hello", "", None, "chat", "9" * 100_000)),
+    ("/next_token", ("hello", "", None, "p" * 100_000, 5)),
+    ("/batch", (["x"], "", None, "chat", "t" * 100_000)),
+    ("/score", ("plain text", "m" * 100_000, "", False)),
+])
+def test_a_huge_value_is_never_echoed_whole(served, endpoint, args, caplog):
+    import logging
+
+    _, client = served
+    caplog.set_level(logging.INFO, logger="qdemo")
+    with pytest.raises(Exception) as refused:
+        client.predict(*args, api_name=endpoint)
+    assert 10 < len(str(refused.value)) < 400 and "Something went wrong" not in str(refused.value)
+    assert max(len(r.getMessage()) for r in caplog.records if r.name == "qdemo") < 400
+
+
+def test_a_damaged_run_and_an_unknown_token_id_are_refused_by_bundle(served):
+    _, client = served
+    out = client.predict("hello", [], "", {"seed": 5, "max_new_tokens": 4}, None, api_name="/decisions")
+    data = json.loads(out["run"])
+    with pytest.raises(Exception, match=r"run: the run's model must be a model name \(text\), got 5"):
+        client.predict(json.dumps({**data, "model": 5}), api_name="/bundle")
+    data["tokens"][0]["token_id"] = 10 ** 9
+    with pytest.raises(Exception, match="run: token 0's id is 1000000000, outside the vocabulary of tiny-qwen2"):
+        client.predict(json.dumps(data), api_name="/bundle")
+    page = client.predict(out["run"], api_name="/bundle")
+    start = page.index('"token_id": ', page.index('id="qdemo-run">')) + len('"token_id": ')
+    damaged = page[:start] + str((int(page[start]) + 1) % 10) + page[start + 1:]
+    with pytest.raises(Exception, match="the bundle's run does not match its digest"):
+        client.predict(damaged, api_name="/bundle")
+
+
+@pytest.mark.parametrize("endpoint,tail", [("/lens", ("", None, False)),
+                                           ("/attribution", (0, "gradient×input", False, "", None))])
+def test_a_long_message_is_cut_with_a_notice_not_refused(served, endpoint, tail):
+    _, client = served
+    history = [{"role": "user", "content": "hello " * 40_000}, {"role": "assistant", "content": "seven 七"}]
+    out = client.predict(history, *tail, api_name=endpoint)
+    assert "history message 0 had 240,000 characters; only the first 16,000 were" in out["notice"]

@@ -4,17 +4,20 @@ log line, crashes keep their traceback in the log, and the page-event rate limit
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import threading
 from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+from gradio.context import LocalContext
 from gradio.helpers import special_args
 
 from qdemo.services.admission import Refused
-from qdemo.ui.context import CRASHED, ErrorReply, NoticeLine, guarded
+from qdemo.ui.context import CRASHED, ErrorReply, NoticeLine, guarded, stoppable
 
 NOTICE = "notice-component"  # any hashable stands in for the notice component: the guard only keys a dict by it
 
@@ -113,3 +116,79 @@ def test_an_endpoint_keeps_its_signature_and_refuses_with_a_gr_error(caplog):
     with pytest.raises(gr.Error) as crashed:
         guarded(failing, ErrorReply())({}, None)
     assert crashed.value.message == CRASHED
+
+
+# --- issue 19 item 4: an endpoint stops when its caller leaves (qdemo.ui.context.stoppable) -----------------------
+
+class FakeJob:
+    alive = True
+
+
+def slow_stream(message: str, request: gr.Request = None, stop: threading.Event | None = None):
+    """A handler blocked in its 'prefill' (no yield) until its stop event is set; it records what it saw."""
+    slow_stream.seen = {"stop": stop, "closed": False}
+    try:
+        if not stop.wait(30):
+            raise AssertionError("never stopped")
+        yield "stopped"
+    finally:
+        slow_stream.seen["closed"] = True
+
+
+def slow_view(text: str, request: gr.Request = None, stop: threading.Event | None = None) -> dict:
+    """A plain handler (no yields at all) that runs until its stop event is set."""
+    slow_view.seen = {"stop": stop}
+    return {"stopped": stop.wait(30)}
+
+
+def test_the_stop_keyword_is_hidden_from_gradio_and_filled_per_call():
+    wrapped = stoppable(guarded(slow_view, ErrorReply()))
+    assert list(inspect.signature(wrapped).parameters) == ["text", "request"]
+    assert "stop" not in wrapped.__annotations__ and wrapped.__name__ == "slow_view"
+    assert inspect.iscoroutinefunction(stoppable(guarded(slow_view, ErrorReply())))
+    assert inspect.isasyncgenfunction(stoppable(guarded(slow_stream, ErrorReply())))
+
+
+def test_a_caller_whose_stream_closed_stops_a_handler_that_has_not_yielded(monkeypatch):
+    """Gradio marks the job dead (Queue.clean_events) and tells the handler nothing: the wrapper sees it and sets
+    the handler's stop event; the handler's generator is closed on its own thread."""
+    job = FakeJob()
+    blocks = SimpleNamespace(_queue=SimpleNamespace(event_ids_to_events={"e1": job}))
+
+    async def call():
+        LocalContext.blocks.set(blocks)
+        LocalContext.event_id.set("e1")
+        items = stoppable(guarded(slow_stream, ErrorReply()))("hi", None)
+        waiter = asyncio.ensure_future(anext(items, "ended"))
+        await asyncio.sleep(0.2)
+        assert not waiter.done() and not slow_stream.seen["stop"].is_set()  # still 'prefilling'
+        job.alive = False  # the caller's event stream closed
+        return await asyncio.wait_for(waiter, 10)
+
+    assert asyncio.run(call()) == "ended"  # nobody listens: nothing more is yielded
+    assert slow_stream.seen["stop"].is_set() and slow_stream.seen["closed"]
+
+
+def test_a_cancel_sets_the_stop_and_waits_for_the_work_in_flight():
+    """gradio_client's cancel cancels the task awaiting the handler: the stop is set at once, and the task ends
+    only when the handler has (the concurrency slot is not freed under work that still runs)."""
+
+    async def call():
+        task = asyncio.ensure_future(stoppable(guarded(slow_view, ErrorReply()))("hi", None))
+        await asyncio.sleep(0.2)
+        assert not slow_view.seen["stop"].is_set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return slow_view.seen["stop"].is_set()
+
+    assert asyncio.run(call())
+
+
+def test_a_refusal_and_a_result_pass_through_the_wrapper():
+    async def call(message):
+        return await stoppable(guarded(endpoint, ErrorReply()))(message, None, SimpleNamespace())
+
+    assert asyncio.run(call("hi")) == "HI"
+    with pytest.raises(gr.Error, match="message is empty"):
+        asyncio.run(call(""))

@@ -226,3 +226,71 @@ def test_old_records_and_beam_runs_still_bundle(sampled):
     page = bundle_html(old, FINGERPRINT, texts)
     assert "removed probability was not recorded" in page
     assert read_bundle(page).to_dict() == old.to_dict()
+
+
+# --- issue 19 item 17: a damaged bundle is refused, never read as another run ------------------------------------
+
+def _run_block(page: str) -> tuple[int, int]:
+    start = page.index('id="qdemo-run">') + len('id="qdemo-run">')
+    return start, page.index("</script>", start)
+
+
+def test_one_changed_digit_in_the_embedded_run_is_refused_naming_the_digest(sampled):
+    run, texts = sampled
+    page = bundle_html(run, FINGERPRINT, texts)
+    start, end = _run_block(page)
+    original = json.loads(page[start:end])
+    digits = [i for i in range(start, end) if page[i].isdigit()]
+    changed = 0
+    for i in digits[::max(1, len(digits) // 60)]:
+        flipped = page[:i] + str((int(page[i]) + 1) % 10) + page[i + 1:]
+        try:
+            data = json.loads(flipped[start:end])
+        except ValueError:
+            continue  # no longer JSON ("01"): refused as damaged JSON, tested elsewhere
+        if data == original:
+            continue  # a digit past a float's precision: the same run, nothing to refuse
+        changed += 1
+        with pytest.raises(ValueError, match="the bundle's run does not match its digest"):
+            read_bundle(flipped)
+    assert changed >= 40
+    assert read_bundle(page).to_dict() == run.to_dict()
+
+
+def test_a_changed_digest_or_a_missing_one_is_refused(sampled):
+    run, texts = sampled
+    page = bundle_html(run, FINGERPRINT, texts)
+    meta = bundle_meta(page)
+    digest = meta["run_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    other = ("0" if digest[0] != "0" else "1") + digest[1:]
+    with pytest.raises(ValueError, match=f"records sha256 {other[:12]}.* the run in it hashes to {digest[:12]}"):
+        read_bundle(page.replace(digest, other, 1))
+    without = page.replace(f'"run_sha256": "{digest}", ', "", 1)
+    assert without != page
+    with pytest.raises(ValueError, match="has no digest of its run"):
+        read_bundle(without)
+
+
+def test_a_bundle_from_before_the_digest_still_reads(sampled):
+    """Version 1 bundles were written without a digest: they read as they always did."""
+    run, texts = sampled
+    page = bundle_html(run, FINGERPRINT, texts)
+    digest = bundle_meta(page)["run_sha256"]
+    old = page.replace(f'"run_sha256": "{digest}", ', "", 1).replace('"version": 2', '"version": 1', 1)
+    assert read_bundle(old).to_dict() == run.to_dict()
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(model=5), "the run's model must be a model name"),
+    (lambda d: d["tokens"][0].update(token_id=-1), r"token 0's id is -1: not a token id"),
+    (lambda d: d["tokens"][1].update(token_id=2 ** 40), r"token 1's id is 1099511627776: not a token id"),
+    (lambda d: d["tokens"][0]["stages"][0].update(token_ids=[True]), r"token 0's raw stage candidate 0 is true: not a token id"),
+    (lambda d: d["prefill"].update(prompt_ids=[1, "x"]), r"prompt token 1 is 'x'"),
+])
+def test_a_run_with_a_field_of_the_wrong_kind_is_refused_naming_it(sampled, change, match):
+    run, _ = sampled
+    data = json.loads(run_to_json(run))
+    change(data)
+    with pytest.raises(ValueError, match=match):
+        read_bundle(json.dumps(data))

@@ -24,8 +24,9 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 
-from qdemo.core.chain import run_chain, summarise
 from qdemo.core.events import StageTopN
+from qdemo.core.support import draw, run_on_support
+from qdemo.core.support_summary import summarise_chained
 from qdemo.forwards.runner import Runner
 from qdemo.forwards.torch_runner import runner_for
 from qdemo.models.loader import LoadedModel
@@ -189,33 +190,37 @@ def verify(lm: LoadedModel, state: DecodeState, tokens: Sequence[int], lock: Ste
 @dataclass
 class RowChooser:
     """How one row picks its next token: its processor chain (transformers' classes, by name) and its seeded
-    generator; greedy rows take the argmax after the chain, as generate(do_sample=False) does."""
+    generator; greedy rows take the argmax after the chain, as generate(do_sample=False) does. `exact_draw`: draw
+    as transformers does (multinomial over the full vocabulary, token for token the same under the same seed)
+    instead of among the surviving tokens."""
 
     stages: list
     greedy: bool
     generator: torch.Generator | None = None
     top_n: int = 20
+    exact_draw: bool = False
 
 
 @torch.inference_mode()
 def choose(logits: torch.Tensor, state: DecodeState, choosers: Sequence[RowChooser]
            ) -> list[tuple[int, tuple[StageTopN, ...]]]:
-    """Each row's token and stage summaries, from logits [B, V]. The repetition penalty sees the row's own tokens.
-    Only each stage's top-N and the chosen token's probabilities leave the device."""
+    """Each row's token and stage summaries, from logits [B, V]. The repetition penalty sees the row's own tokens;
+    the filters narrow the tokens later stages and the draw look at (qdemo.core.support). Only each stage's top-N
+    and the chosen token's probabilities leave the device."""
     out = []
     for row, chooser in enumerate(choosers):
         seq = state.tokens[row:row + 1, state.pads[row]:state.width]
         keep = chooser.top_n > 0
-        scores, names, stage_probs = run_chain(logits[row:row + 1], seq, chooser.stages, keep=keep)
+        chained = run_on_support(logits[row:row + 1], seq, chooser.stages, keep=keep)
         if chooser.greedy:
-            token = torch.argmax(scores, dim=-1)
+            index = torch.argmax(chained.scores, dim=-1)
+            token = index if chained.support is None else chained.support[index]
         else:
-            probs = stage_probs[-1] if keep else torch.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, num_samples=1, generator=chooser.generator).squeeze(1)
+            token = draw(chained, chooser.generator, exact=chooser.exact_draw)
         if not keep:
             out.append((int(token.item()), ()))
         else:
-            out.append(summarise(names, stage_probs, token, chooser.top_n))
+            out.append(summarise_chained(chained, token, chooser.top_n))
     return out
 
 

@@ -73,6 +73,7 @@ def generate(
     prefill_chunk: int | None = None,
     time_limit_s: float | None = None,
     state: DecodeState | None = None,
+    exact_draw: bool = False,
 ) -> Iterator[Event]:
     """Stream a completion of `messages` (via the chat template) or of raw `input_ids`.
 
@@ -89,6 +90,8 @@ def generate(
     longest common prefix with the new prompt are prefilled (the rest is cropped away); the PrefillEvent says how
     many were reused. The state then holds this run's prompt and answer for the next call (unless it is
     `broken`, when a forward failed). Without one, a fresh state is used and dropped.
+    exact_draw: sample as transformers' generate does (multinomial over the full vocabulary: the same tokens under
+    the same seed, for oracle tests) instead of the fast draw among the tokens the filters left.
     """
     started = time.perf_counter()
     params, chunk = _check_common(lm, params, top_n, prefill_chunk)
@@ -107,14 +110,15 @@ def generate(
     clock = Deadline(started, time_limit_s, stop_event)
     if params.beam_search:
         return _run_beams(lm, ids, dropped, params, clock, prep_s, lock, chunk, top_n, ignore_eos)
-    return _run(lm, state, [ids], [params], dropped, clock, top_n, ignore_eos, prep_s, lock, chunk, fork=True)
+    return _run(lm, state, [ids], [params], dropped, clock, top_n, ignore_eos, prep_s, lock, chunk, fork=True,
+                exact_draw=exact_draw)
 
 
 def generate_rows(
     lm: LoadedModel, input_ids: Sequence[int], params: Sequence[SamplingParams],
     stop_event: threading.Event | None = None, top_n: int = 20, ignore_eos: bool = False,
     step_lock: StepLock | None = None, dropped_turns: Sequence[int] = (), prefill_chunk: int | None = None,
-    time_limit_s: float | None = None,
+    time_limit_s: float | None = None, exact_draw: bool = False,
 ) -> Iterator[Event]:
     """One prompt, several continuations: the prompt is prefilled once and forked into one row per SamplingParams,
     and the rows decode as one batch (one forward per step for all of them). Each row's tokens equal its solo run
@@ -130,7 +134,8 @@ def generate_rows(
     ids = _check_ids(lm, input_ids, checked[0][0].replace(max_new_tokens=longest))
     clock = Deadline(started, time_limit_s, stop_event)
     return _run(lm, None, [ids], [p for p, _ in checked], tuple(int(i) for i in dropped_turns), clock, top_n,
-                ignore_eos, time.perf_counter() - started, step_lock or contextlib.nullcontext, chunk, fork=True)
+                ignore_eos, time.perf_counter() - started, step_lock or contextlib.nullcontext, chunk, fork=True,
+                exact_draw=exact_draw)
 
 
 def generate_batch(
@@ -211,24 +216,25 @@ class _Row:
 
 
 def _new_row(lm: LoadedModel, index: int, prompt: Sequence[int], params: SamplingParams, top_n: int,
-             ignore_eos: bool, prep_s: float) -> _Row:
+             ignore_eos: bool, prep_s: float, exact_draw: bool = False) -> _Row:
     seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(31))
     generator = None
     if seed is not None:
         generator = torch.Generator(device=lm.device)
         generator.manual_seed(seed)
-    chooser = RowChooser(stages=build_stages(params), greedy=params.greedy, generator=generator, top_n=top_n)
+    chooser = RowChooser(stages=build_stages(params), greedy=params.greedy, generator=generator, top_n=top_n,
+                         exact_draw=exact_draw)
     return _Row(chooser=chooser, out=new_emitter(lm, index, prompt, params.max_new_tokens, seed, ignore_eos, prep_s))
 
 
 def _run(
     lm: LoadedModel, kept: DecodeState | None, prompts: list[list[int]], params: list[SamplingParams],
     dropped: tuple[int, ...], clock: Deadline, top_n: int, ignore_eos: bool, prep_s: float, lock: StepLock,
-    chunk: int, fork: bool,
+    chunk: int, fork: bool, exact_draw: bool = False,
 ) -> Iterator[Event]:
     """Prefill, then decode all rows in lockstep until each ends. `fork`: one prompt, one row per params (a kept
     one-row state may supply its prefix); else one row per prompt, left-padded."""
-    rows = [_new_row(lm, i, prompts[0] if fork else prompts[i], p, top_n, ignore_eos, prep_s)
+    rows = [_new_row(lm, i, prompts[0] if fork else prompts[i], p, top_n, ignore_eos, prep_s, exact_draw)
             for i, p in enumerate(params)]
     outs = [row.out for row in rows]
     state = kept if kept is not None and not kept.broken else new_state(lm, 1 if fork else len(rows))

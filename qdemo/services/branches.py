@@ -125,10 +125,12 @@ FILTERS = ("top_k", "top_p", "min_p")  # stages that only zero tokens out: the s
 
 
 def _removed_by(stages: Sequence[StageTopN], token: int) -> str | None:
-    """The filtering stage that zeroed `token`: it was in the stage's input top-N and is not in its output (a
-    filter keeps the survivors' order, so a survivor from the top-N stays in it)."""
+    """The filtering stage that zeroed `token`: it was in the stage's input top-N and is not in its output, or is
+    listed there at 0 (a filter keeps the survivors' order, so a survivor from the top-N stays in it; a stage with
+    fewer survivors than N lists tokens it cut at 0)."""
     for before, after in zip(stages, stages[1:]):
-        if after.name in FILTERS and token in before.token_ids and token not in after.token_ids:
+        kept = dict(zip(after.token_ids, after.probs)).get(token)
+        if after.name in FILTERS and token in before.token_ids and not kept:
             return after.name
     return None
 

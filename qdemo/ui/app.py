@@ -22,17 +22,28 @@ from qdemo.ui import (
 )
 from qdemo.ui.context import SessionComponents, UIContext
 
-# Phone widths: the chat first, shorter; tabs scroll sideways instead of hiding behind a menu.
+# The Chat's message box, Stop and notice on the first screen of a laptop (1366×900) and a phone (390×844): the
+# title and its sentence share a line, the style block takes no room. Gradio's timer ("0.1s") is hidden inside
+# text blocks (notices, captions, metrics lines, Markdown answers) and the message box, where it read as part of
+# the text: every event writes the notice, so every event would show it there. A dropdown's text stops before
+# its arrow. Phone widths: the chat first, shorter; tabs scroll sideways instead of hiding behind a menu.
 CSS = """
+#qdemo-css {display: none}
+#qdemo-intro h1 {display: inline; font-size: 1.5em; margin: 0 .5em 0 0}
+#qdemo-intro p {display: inline; margin: 0}
 #metrics {font-variant-numeric: tabular-nums}
 #chat-notice:empty {display: none}
 .only-marked .tok:not(.marked) {opacity: .22}
 .decided-count {margin: 0 0 4px; font-size: 13px; color: #555}
+.block:has(> [data-testid="markdown-wrapper"]) > [data-testid="status-tracker"] .progress-text,
+#chat-input > [data-testid="status-tracker"] .progress-text {display: none}
+input[role="combobox"] {padding-right: 32px; text-overflow: ellipsis}
+#chat-input textarea::placeholder {white-space: nowrap; overflow: hidden; text-overflow: ellipsis}
 @media (max-width: 640px) {
   .gradio-container .app.main {padding-left: 6px !important; padding-right: 6px !important}
   #qdemo-intro p {display: none}
   #qdemo-intro h1 {margin: 0 !important; font-size: 1.3em !important}
-  #chatbot {height: 36vh !important; min-height: 220px}
+  #chatbot {height: clamp(180px, calc(100vh - 620px), 360px) !important}
   #chat-forward .info-text, #compare-forward-a .info-text, #compare-forward-b .info-text,
   #lab-forward .info-text {display: none}
   #chat-model-info p {font-size: 12px; margin: 0}

@@ -15,7 +15,7 @@ from qdemo.ui import forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import SamplingControls, build_controls
 from qdemo.views import answer as answer_views
-from qdemo.views.compare import empty_side_by_side, side_by_side_frame, tps_overlay_figure
+from qdemo.views.compare import empty_side_by_side, side_by_side_frame, tps_pair_figure
 
 EXAMPLES = ["Write a haiku about the sea.", "用三句话解释什么是注意力机制。"]
 PANE_FIELDS = ("mode", "num_beams", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens")
@@ -86,9 +86,10 @@ def _layout(ui: UIContext, session: SessionComponents) -> CompareParts:
     with gr.Row(equal_height=False):
         a, b = _pane(ui, "A", "greedy"), _pane(ui, "B", "sample")
     verdict = gr.Markdown("", elem_id="compare-verdict")
-    with gr.Row(equal_height=False):
-        table = gr.Dataframe(empty_side_by_side(), label="side by side", interactive=False, elem_id="compare-table")
-        chart = gr.Plot(label="decode speed", show_label=False, elem_id="compare-chart")
+    with gr.Row(equal_height=False):  # side by side on a laptop, stacked on a phone
+        table = gr.Dataframe(empty_side_by_side(), label="side by side", interactive=False, elem_id="compare-table",
+                             min_width=340)
+        chart = gr.Plot(label="decode speed", show_label=False, elem_id="compare-chart", min_width=340)
     return CompareParts(session=session, state=state, prompt=prompt, seed=seed, run=run, stop=stop_btn, a=a, b=b,
                         verdict=verdict, table=table, chart=chart)
 
@@ -155,7 +156,7 @@ def run_both(parts: CompareParts, ui: UIContext, data: dict, request: gr.Request
         if update.done:
             runs = runs + [update.a, update.b]
             out.update({parts.table: side_by_side_frame(update.a, update.b),
-                        parts.chart: tps_overlay_figure([update.a, update.b]), session.runs: runs,
+                        parts.chart: tps_pair_figure([update.a, update.b]), session.runs: runs,
                         session.saved_runs: perf.saved(runs)})
         yield out
 

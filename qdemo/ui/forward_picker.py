@@ -12,10 +12,11 @@ from qdemo.services.admission import Services
 INFO = "auto: llama.cpp on a CPU when installed · torch: the dequantized checkpoint (exactness oracles)"
 
 
-def build(services: Services, name: str, elem_id: str) -> gr.Radio:
+def build(services: Services, name: str, elem_id: str, scale: int | None = None) -> gr.Radio:
+    """The picker; `scale` shares a row's width with the model dropdown beside it."""
     options = services.forward_choices(name)
     return gr.Radio(options or ["auto"], value="auto", label="forward", info=INFO, visible=bool(options),
-                    elem_id=elem_id, min_width=200)
+                    elem_id=elem_id, min_width=200, scale=scale)
 
 
 def reset(services: Services, name: str) -> Any:

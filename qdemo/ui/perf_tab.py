@@ -43,9 +43,10 @@ def _layout(session: SessionComponents) -> PerfParts:
         csv = gr.DownloadButton("Download CSV", value=None, elem_id="perf-csv")
     summary = gr.Markdown(perf.summary_line([]), elem_id="perf-summary")
     empty = perf.perf_views([])
+    # Side by side where both have room (about 700 px), stacked on a phone.
     with gr.Row(equal_height=False):
-        latency = gr.Plot(empty.latency, label="latency", show_label=False, elem_id="perf-latency")
-        tps = gr.Plot(empty.tps, label="decode speed", show_label=False, elem_id="perf-tps")
+        latency = gr.Plot(empty.latency, label="latency", show_label=False, elem_id="perf-latency", min_width=340)
+        tps = gr.Plot(empty.tps, label="decode speed", show_label=False, elem_id="perf-tps", min_width=340)
     memory = gr.Plot(empty.memory, label="memory", show_label=False, elem_id="perf-memory")
     table = gr.Dataframe(empty.table, label="runs", interactive=False, elem_id="perf-table")
     return PerfParts(session=session, refresh=refresh, clear=clear, csv=csv, summary=summary, latency=latency,

@@ -7,9 +7,11 @@ from typing import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from qdemo.core.runs import RunRecord
-from qdemo.views.perf import rolling_tps_figure, run_row
+from qdemo.views._figure import styled, wrap_title
+from qdemo.views.perf import decode_steps, rolling_tps, rolling_tps_figure, run_colour, run_name, run_row
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,22 @@ def first_divergence(a_ids: Sequence[int], b_ids: Sequence[int]) -> Divergence:
     return Divergence(step, a_ids[step] if step < len(a_ids) else None, b_ids[step] if step < len(b_ids) else None)
 
 
-def tps_overlay_figure(runs: Sequence[RunRecord], window: int = 8) -> go.Figure:
-    """Both runs' decode speed (from step 1, as on the Performance tab), each in its run colour."""
-    return rolling_tps_figure(runs, window, title=f"Decode speed compared (rolling over {window} tokens, from step 1)")
+def tps_pair_figure(runs: Sequence[RunRecord], window: int = 8) -> go.Figure:
+    """Each run's decode speed (from step 1, as on the Performance tab) in a row of its own, A on top, in its run
+    colour, on one shared tokens/s scale: A and B decode in one batch, step for step, so overlaid lines would
+    coincide and A's would lie hidden under B's."""
+    title = f"Decode speed compared (rolling over {window} tokens, from step 1)"
+    if not runs:
+        return rolling_tps_figure(runs, window, title=title)
+    fig = make_subplots(rows=len(runs), cols=1, shared_xaxes=True, vertical_spacing=0.12)
+    for row, run in enumerate(runs, start=1):
+        decode = decode_steps(run)
+        fig.add_trace(go.Scatter(x=[t.step for t in decode], y=rolling_tps([t.step_seconds for t in decode], window),
+                                 mode="lines", name=run_name(run), legendgroup=run_name(run),
+                                 line={"color": run_colour(run)}), row=row, col=1)
+    fig.update_yaxes(matches="y", title_text="tokens / s")
+    fig.update_xaxes(title_text="step", row=len(runs), col=1)
+    return styled(fig, wrap_title(title), hovermode="x unified", legend={"orientation": "h", "y": -0.25})
 
 
 # Table label → runs_table column: the same numbers, rounded the same way, as the Performance tab.

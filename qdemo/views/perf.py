@@ -90,8 +90,7 @@ def latency_figure(runs: Sequence[RunRecord]) -> go.Figure:
     fig.update_xaxes(rangemode="tozero", ticksuffix=" s", row=1, col=1)  # the unit on the ticks: no title to collide
     fig.update_yaxes(title_text="ms per token", rangemode="tozero", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return styled(fig, title, height=480 + 24 * len(runs), hovermode="closest",
-                  legend={"orientation": "h", "yanchor": "top", "y": -0.12, "x": 0})
+    return styled(fig, title, height=480 + 24 * len(runs), hovermode="closest", legend=legend_below(-0.12))
 
 
 def rolling_tps_figure(runs: Sequence[RunRecord], window: int = 8,
@@ -111,7 +110,7 @@ def rolling_tps_figure(runs: Sequence[RunRecord], window: int = 8,
                                  mode="lines", name=run_name(run), legendgroup=run_name(run),
                                  line={"color": run_colour(run)}))
     fig = go.Figure(traces)
-    return styled(fig, title, x_title, y_title, hovermode="x unified")
+    return styled(fig, title, x_title, y_title, hovermode="x unified", legend=legend_below(-0.25))
 
 
 def _mib(value: int | None) -> float | None:
@@ -156,7 +155,12 @@ def memory_figure(runs: Sequence[RunRecord]) -> go.Figure:
     fig.update_yaxes(title_text=axis, row=1, col=1)
     fig.update_yaxes(title_text="KV cache (MiB)", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    return styled(fig, title, height=560)
+    return styled(fig, title, height=560 + 20 * len(runs), legend=legend_below(-0.12))
+
+
+def legend_below(y: float) -> dict[str, object]:
+    """A horizontal legend under the plot: beside it, the run names squeeze a phone's 380 px plot to a sliver."""
+    return {"orientation": "h", "yanchor": "top", "y": y, "x": 0}
 
 
 def settings_text(settings: Mapping[str, Any]) -> str:

@@ -148,8 +148,10 @@ def _slug(text: str) -> str:
 
 
 def _tooltip(i: int, event: TokenEvent, label: str, labels: Mapping[int, str], measure: str,
-             mark: str | None) -> str:
+             mark: str | None, split: bool = False) -> str:
     rows = [f'<span class="tip-row tip-head">token {i} · <b>{_e(label)}</b> · id {event.token_id}</span>']
+    if split:
+        rows.append(f'<span class="tip-row">{_e(SPLIT_NOTE)}</span>')
     if mark:
         rows.append(f'<span class="tip-row tip-mark">{_e(mark)}</span>')
     if not event.stages:
@@ -175,12 +177,44 @@ TOKEN_CLICK_JS = ("element.addEventListener('click', (e) => { const t = e.target
                   "if (t) trigger('select', {index: Number(t.dataset.i)}); });")
 
 
+SPLIT = "\ufffd"  # what the bytes of an incomplete character decode to
+SPLIT_NOTE = "part of a character split across tokens: it shows at the token that completes it"
+
+
+def token_shares(alone: Sequence[str], streamed: Sequence[str]) -> list[str]:
+    """Each token's share of the answer's text, a character split across tokens counted once, at the token that
+    completes it (the others keep what they hold before its first byte, or ""): the join
+    qdemo.probes.attribution.token_pieces makes with the tokenizer, made here from what a run records.
+
+    `alone[i]` is token i decoded on its own ("\ufffd" for an incomplete character's bytes); `streamed[i]` is
+    what the stream wrote at it (TokenEvent.text: "" while such bytes are held back, then the whole character
+    at the token that completes it). Tokens holding no split bytes keep their own text."""
+    shares, done, settled, held, split = [], "", "", [], ""
+    for i, (own, wrote) in enumerate(zip(alone, streamed)):
+        if SPLIT in own or held:  # a split character is open: the stream settles it once it is whole
+            held.append(own)
+            split += wrote
+            if wrote:
+                settled, held, split = settled + split, [], ""
+        else:
+            settled += own
+        text = settled + "".join(held)
+        stable = text.rstrip(SPLIT) if i + 1 < len(alone) else text
+        if stable.startswith(done):
+            shares.append(stable[len(done):])
+            done = stable
+        else:  # the stream rewrote earlier text: keep the shares in order
+            shares.append("")
+    return shares
+
+
 def token_view_html(tokens: Sequence[TokenEvent], texts: Sequence[str], labels: Mapping[int, str],
                     measure: str = DEFAULT_MEASURE, marks: Mapping[int, str] | None = None) -> str:
     """The answer as one coloured span per token, each with a CSS hover/focus tooltip of its numbers.
 
-    `texts[i]` is token i decoded on its own (TokenEvent.text can be "" while bytes are held back); `labels`
-    maps token ids (the alternatives' too) to their decoded text. `marks` {index: short text} adds a note to a
+    `texts[i]` is token i decoded on its own (TokenEvent.text can be "" while bytes are held back); a character
+    split across tokens shows once, at the token that completes it (`token_shares`). `labels` maps token ids (the
+    alternatives' too) to their decoded text. `marks` {index: short text} adds a note to a
     token's tooltip and a CSS class ("marked" and "mark-<slug>"). A token whose text holds a newline is
     followed by a line break, so the view reads like the text."""
     _check_measure(measure)
@@ -190,14 +224,15 @@ def token_view_html(tokens: Sequence[TokenEvent], texts: Sequence[str], labels: 
         return EMPTY_VIEW
     marks = marks or {}
     parts = []
-    for i, (event, text) in enumerate(zip(tokens, texts)):
+    shares = token_shares(texts, [t.text for t in tokens])
+    for i, (event, own, text) in enumerate(zip(tokens, texts, shares)):
         value = token_value(event, measure)
         label = token_label(text)
         mark = marks.get(i)
         classes = "tok" + (f" marked mark-{_slug(mark)}" if mark else "") + ("" if event.stages else " nodist")
         style = f"background:{measure_colour(value, measure)};color:{text_colour(value, measure)}"
         parts.append(f'<span class="{_e(classes)}" data-i="{i}" tabindex="0" style="{style}">{_e(label)}'
-                     f"{_tooltip(i, event, label, labels, measure, mark)}</span>")
+                     f"{_tooltip(i, event, label, labels, measure, mark, SPLIT in own)}</span>")
         if "\n" in text:
             parts.append("<br>")
     return f'<div class="tokview" data-measure="{_e(measure)}">{"".join(parts)}</div>'

@@ -71,11 +71,15 @@ class LlamaWeights:
     kv_bytes_per_token: int = 0
     description: str = ""
 
-    def load(self) -> "LlamaWeights":
+    def load(self, progress: ProgressFn | None = None) -> "LlamaWeights":
+        """The model loaded; `progress` hears llama.cpp's own count of how far it has read the weights."""
         lib = _lib()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0  # qdemo's llama.cpp forward is its CPU path; on a GPU torch runs
         params.use_extra_bufts = extra_buffers()
+        reported = lib.llama_progress_callback(_progress_relay(progress))  # must outlive the load call
+        if progress is not None:
+            params.progress_callback = reported
         handle = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not handle:
             raise RuntimeError(f"llama.cpp could not load {self.path.name}")
@@ -94,6 +98,21 @@ class LlamaWeights:
         if self.handle:
             self._finalizer()
             self.handle = None
+
+
+def _progress_relay(progress: ProgressFn | None):
+    """llama.cpp's load callback: it passes the fraction read on and always answers "go on" (False would abort the
+    load, and so would an exception escaping into C, which ctypes turns into a false answer)."""
+
+    def relay(fraction: float, _user_data: Any) -> bool:
+        try:
+            if progress is not None:
+                progress(LOAD_PHASE, min(max(float(fraction), 0.0), 1.0), 1)
+        except Exception:  # noqa: BLE001 - a progress bar's failure must not abort the load
+            pass
+        return True
+
+    return relay
 
 
 class _CacheFull(Exception):
@@ -309,6 +328,9 @@ def default_threads() -> int:
     return int(configured) if configured else torch.get_num_threads()
 
 
+LOAD_PHASE = "load weights (llama.cpp, memory-mapped)"
+
+
 def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
                      progress: ProgressFn | None = None, threads: int | None = None) -> LoadedModel:
     """The GGUF entry on llama.cpp's forward (in process): the prepared checkpoint directory gives the tokenizer
@@ -319,10 +341,10 @@ def load_llama_model(spec: ModelSpec, device: str | torch.device | None = None,
     checkpoint = read_checkpoint(spec, progress)
     gguf = gguf_file(spec, progress)
     if progress:
-        progress("load weights (llama.cpp, memory-mapped)", 0, 1)
-    weights = LlamaWeights(gguf, threads or default_threads()).load()
+        progress(LOAD_PHASE, 0, 1)
+    weights = LlamaWeights(gguf, threads or default_threads()).load(progress)
     if progress:
-        progress("load weights (llama.cpp, memory-mapped)", 1, 1)
+        progress(LOAD_PHASE, 1, 1)
     return LoadedModel(model=None, tokenizer=checkpoint.tokenizer, spec=spec, device=torch.device("cpu"),
                        dtype=torch.float32, family=checkpoint.family, eos_token_ids=checkpoint.eos_token_ids,
                        stop_token_ids=checkpoint.stop_token_ids, path=checkpoint.path,

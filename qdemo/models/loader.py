@@ -218,7 +218,7 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     if dev.type == "cpu" and dt == torch.float32:  # measured faster there; bf16/fp16 CPU kernels not measured
-        column_major_tall_linears(model)
+        column_major_tall_linears(model, progress)
     if progress:
         progress("load weights", 1, 1)
     eos = _eos_ids(getattr(model, "generation_config", None), tokenizer)

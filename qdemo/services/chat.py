@@ -3,11 +3,16 @@
 No Gradio here. A turn is two steps, so the user sees their message at once and Stop is honoured from the
 moment they press Send: `begin_turn` (instant: checks the text, puts it in the chat, arms the session's stop
 event) and `answer` (queued: admission, load, stream). `ChatSession.interrupt` (Clear, Undo, Import) stops the
-answer and makes sure nothing it still yields lands in the cleared chat.
+answer and makes sure nothing it still yields lands in the cleared chat: every update passes `ChatSession.deliver`,
+and `ChatSession.settle` waits until the update on its way to the page (if any) has reached Gradio's queue, so what
+Clear writes after it lands last. The model loads on a thread of its own (`_Loading`): Stop and Clear end an answer
+at once while its model loads, and the load finishes for the next message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -15,6 +20,8 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -24,15 +31,16 @@ from qdemo.models.prompting import keep_last_turns, validate_messages
 from qdemo.models.sources import ProgressFn, readiness
 from qdemo.probes.decided import TokenDecision, token_decisions
 from qdemo.sampling import SamplingParams
-from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.admission import Admitted, ModelRequest, Refused, Services
 from qdemo.serving.limits import Limits, clean_text, cut_text
 from qdemo.serving.local import drafting_pays
 from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.answer import (
     END_MARK,
     STOPPED_BEFORE_START,
-    end_note,
     metrics_line,
+    note_message,
+    prompt_cut_note,
     stopped_before_start,
 )
 from qdemo.views.decided import answer_summary
@@ -40,6 +48,10 @@ from qdemo.views.decided import answer_summary
 EXPORT_VERSION = 1
 ROLES = ("user", "assistant")
 _END_NOTE = re.compile(f"(?:\n\n)?{END_MARK}.*\\Z", re.S)  # the note views.answer adds; never sent to the model
+# Clear (or a new turn) waits at most this long for an update of the stale answer that is on its way to the page:
+# Gradio takes it within milliseconds; the bound only matters if the answer's event was cancelled mid-handover.
+SETTLE_S = 1.0
+POLL_S = 0.05  # how often an answer waiting for its model looks whether Stop or Clear came
 
 
 @dataclass(frozen=True)
@@ -74,17 +86,25 @@ class ChatSession:
     """One browser session's chat state that outlives a request: the running answer's stop signal, the turn
     tickets that tie each answer to the Send that armed it, an epoch that Clear/Undo/Import bump so a stale stream
     stops writing, and the last answer's view. Gradio deep-copies a State's initial value for every session: each
-    copy starts fresh (an Event cannot be deep-copied)."""
+    copy starts fresh (an Event cannot be deep-copied).
+
+    `action`s are the page's numbers for its chat actions (Send, Stop, Clear…), in the order the user made them:
+    two requests may reach the server the other way round, and the numbers say which was first."""
 
     def __init__(self) -> None:
         self.key = uuid.uuid4().hex  # names this session's kept decode state in the pool
         self.stop = threading.Event()
+        self._handover = threading.Condition()  # epoch and ticket changes against an update being handed over
+        self._on_the_way = 0  # updates yielded to the page that it has not taken yet
         self.epoch = 0
         self.latest = 0  # the newest turn ticket
         self.pending: int | None = None  # armed by begin_turn, not yet taken by answer()
         self.running: int | None = None  # the answer being written
         self.view: AnswerView | None = None
         self.branches: Any = None  # qdemo.services.branches.BranchTree of the last answer, once branched
+        self.reset_at = 0  # the action of the latest Clear, Undo or Import the server took
+        self.stop_at = 0  # … of the latest Stop
+        self.armed_by = 0  # … of the Send that armed the newest turn
 
     def __deepcopy__(self, memo: dict) -> "ChatSession":
         return type(self)()
@@ -99,12 +119,28 @@ class ChatSession:
             return "Your last message is still waiting for the model: wait for it, or press Stop."
         return ""
 
-    def arm(self) -> int:
-        """A new answer: a fresh stop event (a late Stop never leaks into it); returns its ticket."""
-        self.stop = threading.Event()
-        self.latest += 1
-        self.pending = self.latest
-        return self.latest
+    def stale(self, action: int | None) -> bool:
+        """A Send (`action`) made before a Clear, Undo or Import the server already took: it must not arm a turn."""
+        return action is not None and action < self.reset_at
+
+    def arm(self, action: int | None = None) -> int:
+        """A new answer: a fresh stop event (a late Stop never leaks into it; a Stop the page made after this Send
+        `action` but the server took first stops it at once); returns its ticket."""
+        with self._handover:
+            self.stop = threading.Event()
+            self.latest += 1
+            self.pending = self.latest
+            self.armed_by = action or 0
+            if action is not None and action < self.stop_at:
+                self.stop.set()
+            return self.latest
+
+    def stop_turn(self, action: int | None = None) -> None:
+        """Stop (the page's `action`): the turn that runs or waits ends, unless the page armed it after the click."""
+        with self._handover:
+            self.stop_at = max(self.stop_at, action or 0)
+            if action is None or self.armed_by < action:
+                self.stop.set()
 
     def take(self, ticket: int | None) -> bool:
         """answer() starts the turn `ticket` armed (False: not armed, or a newer turn replaced it)."""
@@ -117,17 +153,51 @@ class ChatSession:
         if self.running == ticket:
             self.running = None
 
-    def interrupt(self) -> None:
-        """Stop whatever runs and make its remaining output stale (its decode state is not kept either)."""
-        self.stop.set()
-        self.pending = self.running = None
-        self.epoch += 1
-        self.view = None
-        self.branches = None
+    def interrupt(self, action: int | None = None) -> None:
+        """Stop whatever runs and make its remaining output stale (its decode state is not kept either); `action`:
+        the page's number of this Clear, Undo or Import."""
+        with self._handover:
+            self.reset_at = max(self.reset_at, action or 0)
+            self.stop.set()
+            self.pending = self.running = None
+            self.epoch += 1
+            self.view = None
+            self.branches = None
 
     def current(self, epoch: int, ticket: int | None = None) -> bool:
         """The answer started at `epoch` for `ticket` may still write to the chat."""
         return epoch == self.epoch and (ticket is None or ticket == self.latest)
+
+    def deliver(self, epoch: int, ticket: int | None, update: Any) -> Iterator[Any]:
+        """`update`, if the answer started at `epoch` for `ticket` may still write to the chat (checked under the
+        same lock `interrupt` and `arm` take). Gradio asks a generator for its next update only once the last one is
+        in the session's message queue, so until this generator is resumed the update is on its way: `settle` waits
+        for it."""
+        with self._handover:
+            if not self.current(epoch, ticket):
+                return
+            self._on_the_way += 1
+        try:
+            yield update
+        finally:
+            with self._handover:
+                self._on_the_way -= 1
+                self._handover.notify_all()
+
+    def adopt(self, epoch: int, ticket: int | None, view: "AnswerView", branches: Any = None) -> bool:
+        """The finished answer's view (and its branch tree, for a branch) becomes the session's last answer; False
+        when the answer went stale first."""
+        with self._handover:
+            if not self.current(epoch, ticket):
+                return False
+            self.view, self.branches = view, branches
+            return True
+
+    def settle(self, timeout_s: float = SETTLE_S) -> bool:
+        """Wait until no update of an answer is on its way to the page (after `interrupt` or `arm`, whatever the
+        page shows next lands after it); False when `timeout_s` passed first."""
+        with self._handover:
+            return self._handover.wait_for(lambda: self._on_the_way == 0, timeout_s)
 
 
 # --- messages ----------------------------------------------------------------------------------------------
@@ -181,10 +251,16 @@ def history_messages(history: Sequence[Any] | None, system: str | None = None,
                                  "assistant (put the system prompt in `system`)")
             skipped += 1
             continue
+        if m["role"] == "assistant" and _is_note(m.get("content")):
+            continue  # the page's note after a stopped or cut answer: for people only
         messages.append({"role": m["role"], "content": message_text(m, f"history message {i}")})
     notices = ([f"{skipped} message(s) that are neither the user's nor the assistant's were left out."] if skipped
                else [])
     return messages, notices
+
+
+def _is_note(content: Any) -> bool:
+    return isinstance(content, str) and content.startswith(END_MARK)
 
 
 def echo_role(role: Any) -> str:
@@ -244,10 +320,15 @@ class Begun:
     notice: str
     started: bool  # False: nothing to answer (the notice says why)
     ticket: int | None = None  # ties the answer to this turn (answer() takes it)
+    stale: bool = False  # made before a Clear, Undo or Import the server took first: the page changes nothing
 
 
-def begin_turn(session: ChatSession, message: Any, history: Sequence[Any] | None, limits: Limits) -> Begun:
-    """Step 1 of Send: the cleaned (and maybe cut) message goes into the chat at once; the answer is armed."""
+def begin_turn(session: ChatSession, message: Any, history: Sequence[Any] | None, limits: Limits,
+               action: int | None = None) -> Begun:
+    """Step 1 of Send (the page's `action`): the cleaned (and maybe cut) message goes into the chat at once; the
+    answer is armed."""
+    if session.stale(action):
+        return Begun(list(history or []), "", False, stale=True)
     text = clean_text(message) if isinstance(message, str) else ""
     if not text.strip():
         return Begun(list(history or []), "Empty message ignored: type something first.", False)
@@ -255,19 +336,21 @@ def begin_turn(session: ChatSession, message: Any, history: Sequence[Any] | None
     if busy:
         return Begun(list(history or []), busy, False)
     text, cut = cut_text(text, limits.max_input_chars)
-    ticket = session.arm()
+    ticket = session.arm(action)
     return Begun(list(history or []) + [{"role": "user", "content": text}], cut, True, ticket)
 
 
-def begin_regenerate(session: ChatSession, history: Sequence[Any] | None) -> Begun:
+def begin_regenerate(session: ChatSession, history: Sequence[Any] | None, action: int | None = None) -> Begun:
     """Step 1 of Regenerate: the last answer goes; its question stays, waiting for a new answer."""
+    if session.stale(action):
+        return Begun(list(history or []), "", False, stale=True)
     kept = without_answer(history)
     if not kept:
         return Begun(list(history or []), "Nothing to regenerate yet: send a message first.", False)
     busy = session.busy()
     if busy:
         return Begun(list(history or []), busy, False)
-    ticket = session.arm()
+    ticket = session.arm(action)
     return Begun(kept, "", True, ticket)
 
 
@@ -308,42 +391,109 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
             history: Sequence[Any] | None, model: str, system: str | None, params: SamplingParams | None,
             run_id: int, progress: ProgressFn | None, assisted: bool | None) -> Iterator[ChatUpdate]:
     epoch, stop = session.epoch, session.stop
+    deliver = functools.partial(session.deliver, epoch, ticket)
     chat = list(history or [])
     try:
         turn = _fit(*history_messages(chat, system), services.limits)
     except ValueError as exc:
-        yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+        yield from deliver(ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True))
         return
     draft = _draft_for(services, model, params, assisted)
     requests = [ModelRequest(model, params)] + ([ModelRequest(draft, sampling=False)] if draft else [])
+    loading = _Loading.start(services, client, requests, progress)
     try:
-        with services.admit(client, *requests, progress=progress) as admitted:
-            if not session.current(epoch, ticket):
-                return
-            if stop.is_set():  # Stop came while the request queued or the model loaded
-                yield ChatUpdate(chat=chat + [stopped_before_start()], metrics=STOPPED_BEFORE_START,
-                                 done=True)
-                return
-            backend, params = admitted.backend, admitted.params[0]
-            notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
-            drafter = admitted.backends[1] if draft else None
-            # The session's decode state from its last turn: only what is new gets prefilled. Beam search and
-            # speculative decoding keep none.
-            state = None if drafter or params.beam_search else (
-                services.states.take(session.key, backend.key) or backend.new_state())
-            if drafter:
-                events = functools.partial(assisted_events, services, backend, drafter, turn.messages, params, stop)
-            else:
-                events = functools.partial(chat_events, services, backend, turn.messages, params, stop, state=state)
-            try:
-                yield from _stream(backend, session, (epoch, ticket), chat, turn, params, run_id, notice, events,
-                                   model or services.default_model)
-            finally:
-                if state is not None and session.current(epoch):
-                    services.states.keep(session.key, state)
+        admitted = loading.wait(lambda: stop.is_set() or not session.current(epoch, ticket))
+        if admitted is None or stop.is_set():  # Stop (or Clear) came while the request queued or the model loaded
+            yield from deliver(ChatUpdate(chat=chat + [stopped_before_start()], metrics=STOPPED_BEFORE_START,
+                                          done=True))
+            return
+        yield from _admitted_answer(services, session, (epoch, ticket), chat, turn, admitted, bool(draft),
+                                    model or services.default_model, run_id, stop)
     except Refused as exc:
-        if session.current(epoch, ticket):
-            yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+        yield from deliver(ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True))
+    finally:
+        loading.close()
+
+
+def _admitted_answer(services: Services, session: ChatSession, turn_id: tuple[int, int], chat: list[Any],
+                     turn: Turn, admitted: Admitted, drafted: bool, model_ref: str, run_id: int,
+                     stop: threading.Event) -> Iterator[ChatUpdate]:
+    """The answer on its leased model, with the session's decode state from its last turn: only what is new gets
+    prefilled (beam search and speculative decoding keep none)."""
+    backend, params = admitted.backend, admitted.params[0]
+    notice = _joined(turn.notice, admitted.notice)
+    drafter = admitted.backends[1] if drafted else None
+    state = None if drafter or params.beam_search else (
+        services.states.take(session.key, backend.key) or backend.new_state())
+    if drafter:
+        events = functools.partial(assisted_events, services, backend, drafter, turn.messages, params, stop)
+    else:
+        events = functools.partial(chat_events, services, backend, turn.messages, params, stop, state=state)
+    try:
+        yield from _stream(backend, session, turn_id, chat, turn, params, run_id, notice, events, model_ref)
+    finally:
+        if state is not None and session.current(turn_id[0]):
+            services.states.keep(session.key, state)
+
+
+@dataclass
+class _Relay:
+    """Progress reports passed on to the answer's bar while the answer waits for them."""
+
+    report: ProgressFn | None
+
+    def __call__(self, phase: str, done: float, total: float) -> None:
+        report = self.report
+        if report is not None:
+            report(phase, done, total)
+
+
+@dataclass
+class _Loading:
+    """A turn's admission (rate limit, settings, load, lease) on a thread of its own, so that Stop and Clear end the
+    answer while its model loads. A load that outlives its answer finishes for the next message: its lease is let
+    go as soon as it is taken, and its progress no longer reaches the ended answer's bar."""
+
+    admitted: Future
+    stack: contextlib.ExitStack
+    relay: _Relay
+
+    @classmethod
+    def start(cls, services: Services, client: str | None, requests: Sequence[ModelRequest],
+              progress: ProgressFn | None) -> "_Loading":
+        stack, relay = contextlib.ExitStack(), _Relay(progress)
+        admission = services.admit(client, *requests, progress=relay if progress else None)
+        return cls(_on_a_thread(stack.enter_context, admission), stack, relay)
+
+    def wait(self, give_up: Callable[[], bool]) -> Admitted | None:
+        """The admitted request (a refusal raises), or None once `give_up()` holds, looked at every POLL_S."""
+        while True:
+            try:
+                return self.admitted.result(timeout=POLL_S)
+            except FutureTimeout:
+                if give_up():
+                    return None
+
+    def close(self) -> None:
+        """The answer is over: its lease goes now, or when the load ends."""
+        self.relay.report = None
+        self.admitted.add_done_callback(lambda _: self.stack.close())
+
+
+def _on_a_thread(fn: Callable[..., Any], *args: Any) -> Future:
+    """`fn(*args)` on a thread of its own, in the caller's context variables (Gradio finds the event's progress bar
+    through them)."""
+    future: Future = Future()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            future.set_result(context.run(fn, *args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="qdemo-admission", daemon=True).start()
+    return future
 
 
 def api_turn(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
@@ -438,11 +588,13 @@ def _draft_for(services: Services, model: str, params: SamplingParams | None, as
 def _stream(backend: Backend, session: ChatSession, turn_id: tuple[int, int], chat: list[Any], turn: Turn,
             params: SamplingParams, run_id: int, notice: str, start: Callable[[], Iterator[Event]],
             model_ref: str = "") -> Iterator[ChatUpdate]:
+    """The answer's events as chat updates, at most one every UI_INTERVAL_S; a stopped or cut answer ends with a
+    note bubble of its own after the answer's (see views.answer.note_message)."""
     run = run_record(backend, params, run_id, "chat")
     shown = chat + [{"role": "assistant", "content": ""}]
     if params.beam_search:
-        notice = (notice + " " if notice else "") + ("Beam search shows its best beam so far; it can change until "
-                                                     "the search ends.")
+        notice = _joined(notice, "Beam search shows its best beam so far; it can change until the search ends.")
+    deliver = functools.partial(session.deliver, *turn_id)
     events = iter(())
     shown_at = 0.0
     try:
@@ -453,21 +605,26 @@ def _stream(backend: Backend, session: ChatSession, turn_id: tuple[int, int], ch
                 return  # cleared or replaced: the engine stops with this generator; nothing more is shown
             if run.done is None and time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown[-1] = {"role": "assistant", "content": answer_text(run)}
-                yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, run=run)
+                yield from deliver(ChatUpdate(chat=shown, metrics=metrics_line(run),
+                                              notice=_joined(notice, prompt_cut_note(run)), run=run))
                 shown_at = time.perf_counter()
     except (Refused, ValueError) as exc:  # prompt too long and friends: the user can act on these
-        yield ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True)
+        yield from deliver(ChatUpdate(chat=chat, metrics=metrics_line(None), notice=f"⚠️ {exc}", done=True))
         return
     finally:
         close = getattr(events, "close", None)
         if close is not None:
             close()
-    if not session.current(*turn_id):
-        return
-    shown[-1] = {"role": "assistant", "content": answer_text(run) + end_note(run)}
+    note = note_message(run)
+    shown[-1:] = [{"role": "assistant", "content": answer_text(run)}] + ([note] if note else [])
     view = dataclasses.replace(answer_view(backend, run, turn.messages), model=model_ref)
-    session.view, session.branches = view, None
-    yield ChatUpdate(chat=shown, metrics=metrics_line(run), notice=notice, view=view, run=run, done=True)
+    if session.adopt(*turn_id, view):
+        yield from deliver(ChatUpdate(chat=shown, metrics=metrics_line(run),
+                                      notice=_joined(notice, prompt_cut_note(run)), view=view, run=run, done=True))
+
+
+def _joined(*notices: str) -> str:
+    return " ".join(n for n in notices if n)
 
 
 # --- what the panels show ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ keeps so the runs survive a page reload. No Gradio here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,28 @@ def next_run_id(runs: Sequence[RunRecord] | None) -> int:
     return max((r.run_id for r in runs or []), default=0) + 1
 
 
-def saved(runs: Sequence[RunRecord] | None) -> list[dict[str, Any]]:
-    """The newest runs in the compact JSON form the browser keeps: everything the Performance tab draws, without
-    the per-token stage distributions (they would fill the browser's storage)."""
+def saved(runs: Sequence[RunRecord] | None) -> str:
+    """The newest runs in the compact form the browser keeps: everything the Performance tab draws, without the
+    per-token stage distributions (they would fill the browser's storage). One JSON text, not a tree of objects:
+    Gradio's page copies the value of every output it tracks on each progress message of an answer, and a tree of
+    some 15 values per token took its main thread for seconds (a click on Stop waited behind it)."""
     out = []
     for run in list(runs or [])[-KEPT_RUNS:]:
         if run.done is None:
             continue
         slim = dataclasses.replace(run, tokens=[dataclasses.replace(t, stages=()) for t in run.tokens])
         out.append(slim.to_dict())
-    return out
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
 def restored(data: Any) -> list[RunRecord]:
-    """Runs from the browser's copy; anything malformed is skipped (it is the browser's data, not ours)."""
+    """Runs from the browser's copy (its JSON text, or the list older pages kept); anything malformed is skipped
+    (it is the browser's data, not ours)."""
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except ValueError:
+            return []
     runs = []
     for item in data if isinstance(data, list) else []:
         try:

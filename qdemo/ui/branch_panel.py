@@ -87,16 +87,21 @@ def grow(parts: ChatParts, ui: UIContext, data: dict, request: gr.Request,
     tree = state.branches = state.branches or branches.BranchTree.of(view, chat.answer_text(view.run))
     state.stop = threading.Event()  # the chat's Stop button stops the branch too
     runs, history = list(data[session.runs] or []), list(data[parts.chatbot] or [])
+    epoch = state.epoch  # Clear, Undo and Import end a branch as they end an answer: nothing of it shows after them
+    deliver = functools.partial(state.deliver, epoch, None)
     for update in branches.grow(ui.services, state, tree, ui.client(request), tree.current, index, int(token),
                                 params, perf.next_run_id(runs), stop=state.stop, progress=progress_callback(progress)):
         if not update.done:
-            yield {parts.chatbot: chat.without_answer(history) + [{"role": "assistant", "content": update.text}]}
+            yield from deliver({parts.chatbot: chat.without_answer(history) + [{"role": "assistant",
+                                                                                "content": update.text}]})
             continue
-        state.view = update.branch.view
+        if not state.adopt(epoch, None, update.branch.view, branches=tree):
+            break
         runs = runs + [update.branch.view.run]
-        yield {**_shown(parts, data, history, tree), branch.hint: update.notice,
-               branch.compare: branches.compare(tree, update.branch.parent, update.branch.id),
-               session.runs: runs, session.saved_runs: perf.saved(runs)}
+        yield from deliver({**_shown(parts, data, history, tree), branch.hint: update.notice,
+                            branch.compare: branches.compare(tree, update.branch.parent, update.branch.id),
+                            session.runs: runs, session.saved_runs: perf.saved(runs)})
+    yield {branch.hint: gr.skip()}  # Gradio's "done" message repeats the last update: after Clear, let it be this
 
 
 def switch(parts: ChatParts, data: dict) -> dict:

@@ -13,7 +13,7 @@ from qdemo.services import chat, perf, settings
 from qdemo.services.files import scratch_file
 from qdemo.ui import branch_panel, forward_picker
 from qdemo.ui.answer_panel import TOKENS_HINT, assisted_label, decided_summary, decoding_line, view_html
-from qdemo.ui.chat_parts import ChatParts
+from qdemo.ui.chat_parts import ACTION_MARK, ChatParts
 from qdemo.ui.context import UIContext, event_index, progress_callback
 from qdemo.views import answer as answer_views
 from qdemo.views.labels import token_label
@@ -21,29 +21,49 @@ from qdemo.views.prompt import prompt_chips_html
 from qdemo.views.stages import stage_figure, stage_notes
 from qdemo.views.tokens import token_legend_html, token_value
 
-# --- Send / Regenerate: step 1 (instant, unqueued) arms a ticket, step 2 (queued) answers it -----------------------
+# --- Send / Regenerate: step 1 (in the chat's ordered group) arms a ticket, step 2 (generation group) answers it ----
 
 def begin(parts: ChatParts, ui: UIContext, data: dict) -> dict:
-    begun = chat.begin_turn(data[parts.state], data[parts.box], data[parts.chatbot], ui.services.limits)
-    return {**_begun(parts, begun), parts.box: "" if begun.started else gr.skip()}
+    begun = chat.begin_turn(data[parts.state], data[parts.box], data[parts.chatbot], ui.services.limits,
+                            action(parts, data))
+    return {**_begun(parts, data[parts.state], begun), parts.box: "" if begun.started else gr.skip()}
 
 
 def begin_regenerate(parts: ChatParts, data: dict) -> dict:
-    return _begun(parts, chat.begin_regenerate(data[parts.state], data[parts.chatbot]))
+    begun = chat.begin_regenerate(data[parts.state], data[parts.chatbot], action(parts, data))
+    return _begun(parts, data[parts.state], begun)
 
 
-def _begun(parts: ChatParts, begun: chat.Begun) -> dict:
+def action(parts: ChatParts, data: dict) -> int | None:
+    """The page's number for this chat action (chat_parts.ACTION_JS); None when the event carried none."""
+    text = data.get(parts.action)
+    number = text[len(ACTION_MARK):] if isinstance(text, str) and text.startswith(ACTION_MARK) else ""
+    return int(number) if number.isdigit() else None
+
+
+def _begun(parts: ChatParts, state: chat.ChatSession, begun: chat.Begun) -> dict:
+    if begun.stale:  # a Clear, Undo or Import made after this Send already reset the chat
+        return {parts.notice: gr.skip()}
+    if begun.started:
+        state.settle()  # a stopped answer's last update, if on its way, lands before the new message
     return {parts.chatbot: begun.chat, parts.notice: begun.notice, parts.ticket: begun.ticket,
             parts.metrics: answer_views.WAITING if begun.started else gr.skip()}
 
 
 def answer(parts: ChatParts, ui: UIContext, data: dict, request: gr.Request,
            progress: gr.Progress = gr.Progress(track_tqdm=False)) -> Iterator[dict]:
+    yield from _answer(parts, ui, data, request, progress)
+    # Gradio's message that a generator is done repeats its last update: after Clear, Undo or Import (or while
+    # they run) that would write the cleared answer back. The last update changes nothing instead.
+    yield {parts.notice: gr.skip()}
+
+
+def _answer(parts: ChatParts, ui: UIContext, data: dict, request: gr.Request, progress: gr.Progress
+            ) -> Iterator[dict]:
     state: chat.ChatSession = data[parts.state]
     ticket = data[parts.ticket]
     if ticket is None or state.pending != ticket:
-        yield {parts.notice: gr.skip()}  # this Send armed nothing (empty, refused, or replaced)
-        return
+        return  # this Send armed nothing (empty, refused, or replaced)
     values = parts.controls.values(data)
     try:
         params = settings.to_params(values)
@@ -77,14 +97,17 @@ def _answered(parts: ChatParts, data: dict, view: chat.AnswerView, runs: list) -
 
 
 def stop(parts: ChatParts, data: dict) -> None:
-    data[parts.state].stop.set()
+    """Wired twice (chat_tab): unqueued, it reaches a running answer at once; in the chat's ordered group, after
+    every Send the page made before the click, it also stops a turn that was armed after the unqueued half ran."""
+    data[parts.state].stop_turn(action(parts, data))
 
 
 # --- Clear / the chatbot's trash icon / Undo / Import: stop what runs, and reset every panel -----------------------
 
 def clear_chat(parts: ChatParts, ui: UIContext, data: dict) -> dict:
     state: chat.ChatSession = data[parts.state]
-    state.interrupt()
+    state.interrupt(action(parts, data))
+    state.settle()  # the answer's update on its way, if any, reaches the page before this reset
     ui.services.states.drop(key=state.key)
     return {parts.chatbot: [], parts.box: "", parts.notice: "", **views_reset(parts),
             **_settled(parts, data[parts.model], data[parts.system], [], parts.controls.values(data)),
@@ -93,7 +116,8 @@ def clear_chat(parts: ChatParts, ui: UIContext, data: dict) -> dict:
 
 def undo_turn(parts: ChatParts, data: dict) -> dict:
     state: chat.ChatSession = data[parts.state]
-    state.interrupt()
+    state.interrupt(action(parts, data))
+    state.settle()
     history, text = chat.pop_last_turn(data[parts.chatbot])
     return {parts.chatbot: history, parts.box: text or "", parts.notice: "" if text is not None else "Nothing to undo.",
             **views_reset(parts),
@@ -111,7 +135,8 @@ def import_chat(parts: ChatParts, ui: UIContext, data: dict) -> dict:
     finally:
         upload.unlink(missing_ok=True)  # an upload is read once and not kept
     state: chat.ChatSession = data[parts.state]
-    state.interrupt()
+    state.interrupt(action(parts, data))
+    state.settle()
     services = ui.services
     services.states.drop(key=state.key)
     name = imported.model if imported.model in services.registry.models else data[parts.model]
@@ -131,8 +156,8 @@ def import_chat(parts: ChatParts, ui: UIContext, data: dict) -> dict:
 
 def views_reset(parts: ChatParts) -> dict:
     """The panels about the last answer, empty again."""
-    return {parts.tokens_view: TOKENS_HINT, parts.stage_plot: None, parts.notes: "", parts.prompt_view: "",
-            parts.metrics: answer_views.metrics_line(None)}
+    return {parts.tokens_view: TOKENS_HINT, parts.decided_md: "", parts.stage_plot: None, parts.notes: "",
+            parts.prompt_view: "", parts.metrics: answer_views.metrics_line(None)}
 
 
 def _settled(parts: ChatParts, model: str, system: str, history: list[Any], values: dict[str, Any]) -> dict:

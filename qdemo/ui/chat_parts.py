@@ -21,6 +21,17 @@ from qdemo.views.tokens import TOKEN_CLICK_JS, TOKEN_VIEW_CSS, token_legend_html
 
 EXAMPLES = ["Write a Python function that reverses a string.", "用 Python 写一个判断质数的函数，并解释思路。",
             "Explain what a KV cache is in two sentences."]
+# The page's top (title, tabs, model row) and what follows the chat to the metrics line take about 530 px.
+CHATBOT_HEIGHT = "clamp(240px, calc(100vh - 530px), 460px)"
+# The page numbers its chat actions (Send, Regenerate, Stop, Clear, Undo, Import) in the order the user makes them:
+# two requests can reach the server the other way round, and the numbers say which was first (chat.ChatSession).
+# ACTION_JS runs in the page before each such event and writes the next number into the hidden `action` box's place
+# among the event's inputs (the box itself keeps ACTION_MARK).
+ACTION_MARK = "qdemo-action:"
+ACTION_JS = f"""(...args) => {{
+    window.qdemoActions = (window.qdemoActions || 0) + 1;
+    return args.map((arg) => arg === "{ACTION_MARK}" ? "{ACTION_MARK}" + window.qdemoActions : arg);
+}}"""
 BRANCH_HINT = ("Click a token in the token view, pick another token for that position (one a sampling stage "
                "removed, too) and generate on from there. The shared start is not computed again.")
 
@@ -42,6 +53,7 @@ class ChatParts:
     session: SessionComponents
     state: gr.State  # chat.ChatSession
     ticket: gr.State  # the turn a Send armed, handed from its instant step to its queued one
+    action: gr.Textbox  # hidden: ACTION_MARK, numbered by ACTION_JS in each chat action's inputs
     model: gr.Dropdown
     forward: gr.Radio
     model_info: gr.Markdown
@@ -80,8 +92,8 @@ def layout(ui: UIContext, session: SessionComponents) -> ChatParts:
     # A closed tab's kept decode state is released at once (the pool also drops idle ones).
     state = gr.State(chat.ChatSession(), delete_callback=lambda s: services.states.drop(key=s.key))
     ticket = gr.State(None)
-    with gr.Row(equal_height=False):
-        top = _model_and_system(services, spec)
+    action = gr.Textbox(ACTION_MARK, visible=False, elem_id="chat-action")
+    top = _model_and_system(services, spec)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=320):
             talk = _conversation(services, spec)
@@ -93,38 +105,45 @@ def layout(ui: UIContext, session: SessionComponents) -> ChatParts:
     preload = services.preload
     # The default's background load: its progress on the page until it is ready, then the timer stops.
     timer = gr.Timer(0.5, active=not preload.finished) if preload is not None else None
-    return ChatParts(session=session, state=state, ticket=ticket, timer=timer, prompt_view=prompt_view,
+    return ChatParts(session=session, state=state, ticket=ticket, action=action, timer=timer, prompt_view=prompt_view,
                      branch=branch, **top, **talk, **tokens)
 
 
 def _model_and_system(services: Services, spec: ModelSpec) -> dict[str, Any]:
-    with gr.Column(scale=2, min_width=280):
-        model = gr.Dropdown(services.choices(), value=services.default_model, label="model", elem_id="chat-model")
-        forward = forward_picker.build(services, services.default_model, "chat-forward")
-        model_info = gr.Markdown(services.model_info(services.default_model), elem_id="chat-model-info")
-        preload = services.preload
-        preload_line = gr.Markdown(preload.line() if preload else "", elem_id="chat-preload",
-                                   visible=preload is not None and not preload.ready)
-    with gr.Column(scale=3, min_width=280):
-        with gr.Accordion("System prompt", open=False, elem_id="chat-system-box"):
-            system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=2,
-                                show_label=False, elem_id="chat-system")
+    # Two short rows (model and forward; the model's line and the system prompt) instead of one tall column: the
+    # chat starts high enough that the message box, Stop and the notice fit a laptop's first screen.
+    with gr.Row(equal_height=False):
+        model = gr.Dropdown(services.choices(), value=services.default_model, label="model", elem_id="chat-model",
+                            scale=1, min_width=260)
+        forward = forward_picker.build(services, services.default_model, "chat-forward", scale=1)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=260):
+            model_info = gr.Markdown(services.model_info(services.default_model), elem_id="chat-model-info")
+            preload = services.preload
+            preload_line = gr.Markdown(preload.line() if preload else "", elem_id="chat-preload",
+                                       visible=preload is not None and not preload.ready)
+        with gr.Column(scale=2, min_width=260):
+            with gr.Accordion("System prompt", open=False, elem_id="chat-system-box"):
+                system = gr.Textbox(spec.system_prompt or "", label="system prompt (empty: none)", lines=2,
+                                    show_label=False, elem_id="chat-system")
     return {"model": model, "forward": forward, "model_info": model_info, "preload_line": preload_line,
             "system": system}
 
 
 def _conversation(services: Services, spec: ModelSpec) -> dict[str, Any]:
-    chatbot = gr.Chatbot(label="chat", height=460, elem_id="chatbot", buttons=["copy"])
+    # As tall as the screen leaves room for (CHATBOT_HEIGHT): the message box, Stop and the notice under it stay on
+    # the first screen.
+    chatbot = gr.Chatbot(label="chat", height=CHATBOT_HEIGHT, elem_id="chatbot", buttons=["copy"])
     with gr.Row():
-        box = gr.Textbox(placeholder="Message (Enter to send) · 输入消息", show_label=False, scale=5, min_width=160,
+        box = gr.Textbox(placeholder="Message · 输入消息 (Enter to send)", show_label=False, scale=5, min_width=160,
                          elem_id="chat-input", max_lines=8)
-        send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
+        send = gr.Button("Send", variant="primary", scale=1, min_width=64, elem_id="send")
+        stop = gr.Button("Stop", elem_id="stop", variant="stop", scale=1, min_width=64)
+    notice = gr.Markdown("", elem_id="chat-notice")
     with gr.Row():
-        stop = gr.Button("Stop", elem_id="stop", variant="stop", size="sm", min_width=60)
         regen = gr.Button("Regenerate", elem_id="regenerate", size="sm", min_width=60)
         undo = gr.Button("Undo", elem_id="undo", size="sm", min_width=60)
         clear = gr.Button("Clear", elem_id="clear", size="sm", min_width=60)
-    notice = gr.Markdown("", elem_id="chat-notice")
     with gr.Row():
         metrics = gr.Markdown(answer_views.metrics_line(None), elem_id="metrics")
         pin = gr.Button("Pin this seed", size="sm", scale=0, min_width=120, elem_id="pin-seed")

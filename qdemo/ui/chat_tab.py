@@ -7,8 +7,17 @@ from functools import partial
 
 from qdemo.ui import branch_panel
 from qdemo.ui import chat_handlers as on_chat
-from qdemo.ui.chat_parts import ChatParts, layout
+from qdemo.ui.chat_parts import ACTION_JS, ChatParts, layout
 from qdemo.ui.context import SessionComponents, UIContext
+
+# Everything that changes the chat (Send's and Regenerate's first step, Clear, Undo, Import, Stop's second half)
+# runs in one queued group, one event at a time: each happens in the order the page sent it, and its update reaches
+# the page through the session's one message stream after the answer's last update (an unqueued event's reply
+# travels apart and could overtake it). Each takes milliseconds, so one at a time for the whole app keeps no one
+# waiting. Each carries the page's number for it (ACTION_JS, with `parts.action` among its inputs): two requests
+# can still reach the server the other way round.
+ORDERED = {"queue": True, "concurrency_id": "chat-edits", "concurrency_limit": 1, "show_progress": "hidden",
+           "js": ACTION_JS}
 
 
 def build(ui: UIContext, session: SessionComponents) -> None:
@@ -25,14 +34,16 @@ def build(ui: UIContext, session: SessionComponents) -> None:
 
 
 def _wire_turns(ui: UIContext, parts: ChatParts) -> list:
-    """Send and Regenerate in two steps: an instant one shows the message and arms a ticket, then the queued one
-    answers it. Returns the answering events (what Clear, Undo and Import cancel)."""
+    """Send and Regenerate in two steps: a quick one (ORDERED) shows the message and arms a ticket, then the one in
+    the generation group answers it. Stop twice: unqueued, so it never waits, and ORDERED, after any Send made
+    before it. Returns the answering events (what Clear, Undo and Import cancel)."""
     on = partial(ui.on, notice=parts.notice)
     send = on([parts.box.submit, parts.send.click], partial(on_chat.begin, parts, ui),
-              {parts.box, parts.chatbot, parts.state}, [parts.chatbot, parts.box, parts.metrics, parts.ticket],
-              queue=False)
-    regenerate = on(parts.regen.click, partial(on_chat.begin_regenerate, parts), {parts.chatbot, parts.state},
-                    [parts.chatbot, parts.metrics, parts.ticket], queue=False)
+              {parts.box, parts.chatbot, parts.state, parts.action},
+              [parts.chatbot, parts.box, parts.metrics, parts.ticket], **ORDERED)
+    regenerate = on(parts.regen.click, partial(on_chat.begin_regenerate, parts),
+                    {parts.chatbot, parts.state, parts.action}, [parts.chatbot, parts.metrics, parts.ticket],
+                    **ORDERED)
     session = parts.session
     inputs = {parts.chatbot, parts.model, parts.forward, parts.system, parts.state, parts.ticket, session.runs,
               parts.measure, parts.decided, parts.assisted, *parts.controls.components()}
@@ -42,22 +53,26 @@ def _wire_turns(ui: UIContext, parts: ChatParts) -> list:
     answer = partial(on_chat.answer, parts, ui)
     answers = [ui.after(step, answer, inputs, outputs, notice=parts.notice, runs_model=True,
                         show_progress_on=parts.chatbot) for step in (send, regenerate)]
-    on(parts.stop.click, partial(on_chat.stop, parts), {parts.state}, None, queue=False)
+    stop = partial(on_chat.stop, parts)
+    on(parts.stop.click, stop, {parts.state, parts.action}, None, queue=False, js=ACTION_JS)
+    on(parts.stop.click, stop, {parts.state, parts.action}, None, **ORDERED)
     return answers
 
 
 def _wire_edits(ui: UIContext, parts: ChatParts, answers: list) -> None:
-    """Clear (the button or the chatbot's trash icon), Undo and Import stop what runs (the session's interrupt; Clear
-    and Undo cancel the queued answer too) and reset every panel."""
+    """Clear (the button or the chatbot's trash icon), Undo and Import stop what runs (the session's interrupt; they
+    cancel the queued answer too) and reset every panel, ORDERED: the reset lands after the answer's last update."""
     on = partial(ui.on, notice=parts.notice)
     controls = parts.controls.components()
     reset = [parts.chatbot, parts.box, parts.notice, *on_chat.views_reset(parts), *_settled_outputs(parts)]
     on([parts.clear.click, parts.chatbot.clear], partial(on_chat.clear_chat, parts, ui),
-       {parts.state, parts.model, parts.system, *controls}, reset, queue=False, cancels=answers)
-    on(parts.undo.click, partial(on_chat.undo_turn, parts), {parts.state, parts.chatbot, parts.model, parts.system,
-                                                             *controls}, reset, queue=False, cancels=answers)
-    on(parts.import_btn.upload, partial(on_chat.import_chat, parts, ui), {parts.import_btn, parts.state, parts.model},
-       [*reset, parts.model, parts.system, *controls, parts.model_info, parts.forward])
+       {parts.state, parts.action, parts.model, parts.system, *controls}, reset, cancels=answers, **ORDERED)
+    on(parts.undo.click, partial(on_chat.undo_turn, parts),
+       {parts.state, parts.action, parts.chatbot, parts.model, parts.system, *controls}, reset, cancels=answers,
+       **ORDERED)
+    on(parts.import_btn.upload, partial(on_chat.import_chat, parts, ui),
+       {parts.import_btn, parts.state, parts.action, parts.model},
+       [*reset, parts.model, parts.system, *controls, parts.model_info, parts.forward], cancels=answers, **ORDERED)
 
 
 def _settled_outputs(parts: ChatParts) -> list:

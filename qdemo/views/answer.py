@@ -1,6 +1,8 @@
 """How an answer's state reads in the Chat and Compare tabs: the live metrics strip under the chat, and the note a
-stopped, cut or failed answer carries in its bubble (after an invisible mark, so the services never send the note
-back to the model)."""
+stopped, cut or failed answer carries. The note is plain words in glyphs every font has (no Markdown markup: an
+answer cut inside a code fence would swallow it); the chat shows it as a bubble of its own after the answer, the
+API and Compare after the answer's text. Either way it follows an invisible mark, so the services never send it
+back to the model."""
 
 from __future__ import annotations
 
@@ -62,19 +64,40 @@ def metrics_line(run: RunRecord | None) -> str:
     return line
 
 
-def end_note(run: RunRecord) -> str:
-    """The note a stopped, cut or failed answer carries in its bubble ("" when it ended by itself)."""
+def end_words(run: RunRecord) -> str:
+    """Why a stopped, cut or failed answer ended, in a sentence ("" when it ended by itself)."""
     if run.done is None or run.done.reason in ("eos", "stop_token"):
         return ""
     reason = run.done.reason
     count = len(run.tokens)
-    note = {"stopped": f"⏹ stopped by you after {count} tokens",
-            "max_tokens": f"✂ cut at the length limit ({count} tokens; raise max new tokens for more)",
-            "time_limit": f"⏱ cut at this server's time limit per answer, after {count} tokens",
-            "error": "⚠️ the answer broke off: see the message below the chat"}.get(reason, reason_words(reason))
-    return f"\n\n{END_MARK}*{note}*"
+    return {"stopped": f"Stopped by you after {count} tokens.",
+            "max_tokens": f"Cut at the length limit after {count} tokens (raise max new tokens for more).",
+            "time_limit": f"Cut at this server's time limit per answer, after {count} tokens.",
+            "error": "The answer broke off: see the message below the chat."}.get(reason, f"{reason_words(reason)}.")
+
+
+def end_note(run: RunRecord) -> str:
+    """The note after an answer's text (the API's answer, Compare's panes): "" when it ended by itself."""
+    words = end_words(run)
+    return f"\n\n{END_MARK}{words}" if words else ""
+
+
+def note_message(run: RunRecord) -> dict[str, str] | None:
+    """The chat's bubble after a stopped, cut or failed answer (None when it ended by itself): apart from the
+    answer's own Markdown, so an open code fence cannot take it in."""
+    words = end_words(run)
+    return {"role": "assistant", "content": END_MARK + words} if words else None
 
 
 def stopped_before_start() -> dict[str, str]:
     """The assistant bubble of an answer stopped before it began (Stop during the queue or the load)."""
-    return {"role": "assistant", "content": f"{END_MARK}*⏹ stopped before the answer started*"}
+    return {"role": "assistant", "content": f"{END_MARK}Stopped before the answer started."}
+
+
+def prompt_cut_note(run: RunRecord) -> str:
+    """What the notice line says when the conversation was cut to fit the prompt ("" when nothing was left out)."""
+    dropped = run.prefill.dropped_turns if run.prefill is not None else ()
+    if not dropped:
+        return ""
+    return (f"The conversation is too long for one prompt here: its {len(dropped)} oldest message(s) were left out, "
+            f"and the prompt sent is {len(run.prefill.prompt_ids):,} tokens.")

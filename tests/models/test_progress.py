@@ -46,3 +46,18 @@ def test_concurrent_loads_report_to_their_own_bars(tiny_registry_path, tiny_dir)
     # and a load without a bar reports nothing anywhere
     load_model(spec, device="cpu")
     assert [bar.count("loading weights") for bar in bars.values()] == [tensors, tensors]
+
+
+def test_the_cpu_layout_after_the_tensors_moves_the_bar_too(tiny_registry_path):
+    """Issue 19 item 3: after the per-tensor bar the load went on (the CPU layout of the weights) with the bar
+    standing still; it now reports each linear layer it lays out."""
+    import torch
+
+    from qdemo.models.cpu_layout import LAYOUT_PHASE
+
+    spec = load_registry(tiny_registry_path).get("tiny-qwen2")
+    seen = []
+    lm = load_model(spec, device="cpu", progress=lambda phase, done, total: seen.append((phase, done, total)))
+    linears = sum(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
+    assert [(d, t) for p, d, t in seen if p == LAYOUT_PHASE] == [(i, linears) for i in range(1, linears + 1)]
+    assert seen[-1] == ("load weights", 1, 1)

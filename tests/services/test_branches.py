@@ -106,6 +106,6 @@ def test_the_api_branch_is_stateless_and_names_bad_values(services):
     with pytest.raises(Refused, match="at 500 is out of range"):
         branches.branch_report(services, "c", "", history, None, 500, 7)
     with pytest.raises(Refused, match="must end with the assistant answer"):
-        branches.branch_report(services, "c", "", history[:-1], None, 0, 7)
+        branches.branch_report(services, "c", "", chat.without_answer(history), None, 0, 7)
     with pytest.raises(Refused, match="token must be a token id"):
         branches.branch_report(services, "c", "", history, None, 0, 1.5)

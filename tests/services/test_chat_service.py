@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 
 import pytest
 
 from qdemo.core.engine import collect, generate
+from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services import chat
@@ -99,7 +102,8 @@ def test_a_turn_is_two_steps_and_records_the_run(services, tiny_lm):
     expected = collect(generate(tiny_lm, messages=[{"role": "system", "content": "You are a tiny test model."},
                                                    {"role": "user", "content": "hello 你好"}], params=params))
     assert [t.token_id for t in run.tokens] == [t.token_id for t in expected["tokens"]]
-    assert final.chat[-1]["content"].startswith(run.done.text)
+    bubbles = [m["content"] for m in final.chat if m["role"] == "assistant" and not m["content"].startswith(END_MARK)]
+    assert bubbles == [run.done.text]  # the answer's bubble; a cut answer's note follows in one of its own
     assert final.view.texts == [tiny_lm.tokenizer.decode([t.token_id]) for t in run.tokens]
     assert [i for i, _, _ in final.view.prompt] == list(run.prefill.prompt_ids)
     assert any(special for _, _, special in final.view.prompt)
@@ -131,7 +135,8 @@ def test_a_new_message_waits_for_the_running_answer_unless_stopped(services):
     assert list(stream) == []  # the first answer was replaced: nothing of it lands on the chat
     final = list(chat.answer(services, session, "c", second.chat, "cycle", "", SamplingParams(max_new_tokens=4), 2,
                              ticket=second.ticket))[-1]
-    assert final.chat[-2]["content"] == "two" and final.view.run.done.reason == "max_tokens"
+    assert [m["content"] for m in final.chat if m["role"] == "user"] == ["one", "two"]
+    assert final.view.run.done.reason == "max_tokens"
 
 
 def test_stop_pressed_before_the_answer_starts_is_honoured(services):
@@ -141,7 +146,7 @@ def test_stop_pressed_before_the_answer_starts_is_honoured(services):
     session.stop.set()  # pressed while the request waits in the queue or the model loads
     updates = _answer(services, session, begun.chat, SamplingParams(max_new_tokens=200))
     assert len(updates) == 1 and updates[0].done and updates[0].view is None
-    assert "stopped before the answer started" in updates[0].chat[-1]["content"]
+    assert "Stopped before the answer started" in updates[0].chat[-1]["content"]
 
 
 def test_clear_while_streaming_leaves_nothing_behind(services):
@@ -191,7 +196,7 @@ def test_length_limit_and_stop_are_marked_in_the_bubble(services):
     next(stopper)
     session.stop.set()
     last = list(stopper)[-1]
-    assert last.view.run.done.reason == "stopped" and "stopped by you" in last.chat[-1]["content"]
+    assert last.view.run.done.reason == "stopped" and "Stopped by you" in last.chat[-1]["content"]
     assert len(last.view.run.tokens) < 50
 
 
@@ -313,3 +318,131 @@ def test_an_api_turn_records_the_run_the_page_would(services):
 def test_an_api_turn_names_the_field_it_refuses(services, message, history, system, match):
     with pytest.raises((Refused, ValueError), match=re.escape(match)):  # both name the field
         list(chat.api_turn(services, "api-client", message, history, "", None, system))
+
+
+# --- issue 19: controls that always answer, notes outside the answer -------------------------------------------
+
+def test_clear_waits_for_the_update_on_its_way_and_nothing_follows_it(services):
+    """Item 1: an update the answer had handed to the page before Clear could reach the page after Clear's reset.
+    Clear now waits until the page has taken the update in flight (it asks for the next one), and the stale answer
+    yields nothing more."""
+    session = chat.ChatSession()
+    assert session.settle(0.0)  # nothing in flight: Clear need not wait
+    begun = chat.begin_turn(session, "a long story", [], services.limits)
+    stream = chat.answer(services, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=2000), 1)
+    next(stream)  # handed to the page, which has not asked for the next update yet
+    session.interrupt()
+    settled = threading.Event()
+    waiter = threading.Thread(target=lambda: session.settle(30) and settled.set())
+    waiter.start()
+    assert not settled.wait(0.3), "Clear's reset went out while an update of the answer was still on its way"
+    assert list(stream) == []  # the page takes it and asks for more: the cleared answer ends without a word
+    waiter.join(30)
+    assert settled.is_set()
+
+
+def _eventually(check, what: str, seconds: float = 30.0) -> None:
+    """Poll `check()` until it holds (a generous bound: background work with no event to wait on)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_stop_while_the_model_loads_ends_the_answer_at_once(tiny_dir, cycle_dir, tmp_path):
+    """Item 3: Stop during the first load showed only when the load ended. The answer now ends as soon as Stop is
+    pressed, while the load is still held; the load finishes in the background, so the next message finds the
+    model loaded (one load in all), and its progress stops reaching the ended answer's bar."""
+    held, reached, loads = threading.Event(), threading.Event(), []
+
+    def loader(spec, **kw):
+        loads.append(spec.name)
+        kw["progress"]("held", 0, 1)
+        reached.set()
+        assert held.wait(60)
+        return load_model(spec, **kw)
+
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
+    slow = Services(registry=registry, pool=ModelPool(registry, "cpu", loader=loader), default_model="cycle",
+                    limits=Limits(requests_per_minute=1000))
+    session, seen, updates = chat.ChatSession(), [], []
+    begun = chat.begin_turn(session, "a story", [], slow.limits)
+    stream = chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=50), 1,
+                         progress=lambda *report: seen.append(report))
+    worker = threading.Thread(target=lambda: updates.extend(stream))
+    worker.start()
+    assert reached.wait(60)
+    session.stop.set()
+    worker.join(10)
+    try:
+        assert not worker.is_alive(), "the stopped answer waited for the load"
+        assert [u.done for u in updates] == [True] and updates[0].view is None
+        assert "Stopped before the answer started" in updates[0].chat[-1]["content"]
+        assert ("held", 0, 1) in seen
+    finally:
+        held.set()
+    _eventually(lambda: any(k.startswith("cycle") for k in slow.pool.loaded()), "the background load")
+    reported = list(seen)
+    begun = chat.begin_turn(session, "again", [], slow.limits)
+    final = list(chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=4), 2))[-1]
+    assert final.view.run.done.reason == "max_tokens" and loads == ["cycle"]
+    assert seen == reported  # the background load's own reports never reached the ended answer
+
+
+def test_end_notes_are_plain_words_in_a_bubble_of_their_own(services):
+    """Item 11: "*⏹ stopped…*" showed its asterisks, ⏹ drew as a blank box, and an answer cut inside a code fence
+    carried its note inside the code block. The answer's bubble now holds the answer alone; the note is a bubble of
+    its own, in plain words, and never reaches the model."""
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "count", [], services.limits)
+    final = list(chat.answer(services, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=7),
+                             1))[-1]
+    answer, note = final.chat[-2:]
+    assert answer == {"role": "assistant", "content": final.view.run.done.text}
+    words = note["content"].replace(END_MARK, "")
+    assert note["role"] == "assistant" and "length limit" in words and words.isascii()
+    assert not re.search(r"[*_`#]", words)  # nothing Markdown would read as markup
+    sent = chat.prepare_turn("more", final.chat, None).messages
+    assert sent == [{"role": "user", "content": "count"}, {"role": "assistant", "content": final.view.run.done.text},
+                    {"role": "user", "content": "more"}]
+
+
+def test_a_prompt_cut_to_fit_says_so_in_the_notice(tiny_dir, cycle_dir, tmp_path):
+    """Done means: a conversation cut to fit the context (40 turns → a prompt of the model's size, the oldest
+    messages left out) says so in the chat's notice line, not only in the metrics line."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=512, cycle_dir=cycle_dir))
+    small = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model="cycle",
+                     limits=Limits(requests_per_minute=1000))
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+    session = chat.ChatSession()
+    begun = chat.begin_turn(session, "and now?", history, small.limits)
+    final = _answer(small, session, begun.chat, SamplingParams(max_new_tokens=4))[-1]
+    prefill = final.view.run.prefill
+    left_out = len(prefill.dropped_turns)
+    assert left_out > 0 and f"dropped {left_out} old message(s)" in final.metrics
+    assert f"{left_out} oldest message(s) were left out" in final.notice
+    assert f"{len(prefill.prompt_ids):,} tokens" in final.notice
+
+
+def test_a_send_the_server_takes_after_a_later_clear_or_stop_keeps_the_page_order(services):
+    """Item 1 (and 2): the page numbers its chat actions in the order they were made; two requests can still reach
+    the server the other way round. A Send made before a Clear the server already took arms nothing (the chat
+    stays cleared); a Send made before a Stop the server already took is stopped before it starts. A Stop made
+    before the Send of the running turn leaves that turn alone."""
+    session = chat.ChatSession()
+    session.interrupt(action=5)  # Clear, the page's 5th action
+    late = chat.begin_turn(session, "made before the Clear", [{"role": "user", "content": "old"}], services.limits,
+                           action=4)
+    assert late.stale and not late.started and session.pending is None
+    session.stop_turn(action=8)  # Stop, the 8th, reached the server before …
+    begun = chat.begin_turn(session, "the 7th", [], services.limits, action=7)  # … the Send made before it
+    assert begun.started and not begun.stale and session.stop.is_set()
+    (update,) = _answer(services, session, begun.chat, SamplingParams(max_new_tokens=50))
+    assert "Stopped before the answer started" in update.chat[-1]["content"]
+    newer = chat.begin_turn(session, "the 10th", [], services.limits, action=10)
+    session.stop_turn(action=9)  # a Stop made before this Send: not for this turn
+    assert newer.started and not session.stop.is_set()
+    session.stop_turn(action=11)
+    assert session.stop.is_set()

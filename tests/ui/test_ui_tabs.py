@@ -18,12 +18,14 @@ from qdemo.models.registry import load_registry
 from qdemo.probes.introspect import attention_map, mean_over_heads, next_token_logits
 from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
-from qdemo.services import internals, lab, perf
+from qdemo.services import chat, internals, lab, perf, settings
 from qdemo.services.admission import Refused, Services
 from qdemo.serving.limits import Limits
 from qdemo.serving.local import LocalBackend
 from qdemo.serving.pool import ModelPool
+from qdemo.ui import chat_handlers, chat_parts
 from qdemo.ui.app import build_app
+from qdemo.ui.context import SessionComponents, UIContext
 from qdemo.views.perf import run_name, runs_table
 
 ELEM_IDS = {
@@ -88,27 +90,74 @@ def _targets(demo, fn) -> set[tuple[str | None, str]]:
     return {(getattr(demo.blocks.get(block_id), "elem_id", None), event) for block_id, event in fn.targets}
 
 
-def test_send_is_one_instant_step_then_one_queued_answer(tiny_registry_path):
-    """Enter and the Send button are one event: it shows the message at once, unqueued; the answer follows it in
-    the generation group, with its progress on the chat. Clear and the chatbot's trash icon are one event too,
-    and it cancels the answers."""
+def test_send_arms_a_turn_in_order_then_one_queued_answer(tiny_registry_path):
+    """Enter and the Send button are one event: it shows the message and arms the turn; the answer follows it in
+    the generation group, with its progress on the chat. Clear and the chatbot's trash icon are one event too, and
+    it cancels the answers. Issue 19 items 1 and 2: everything that changes the chat (Send, Regenerate, Clear, Undo,
+    Import, and Stop's second half) runs through the queue one at a time, so it happens in the order the page sent
+    it and its update reaches the page after the answer's last one (an unqueued reply could overtake it); Stop's
+    first half is unqueued and never waits."""
     demo = build_app(load_registry(tiny_registry_path))
     begin, answer = _event(demo, "begin"), _event(demo, "answer")
-    assert _targets(demo, begin) == {("chat-input", "submit"), ("send", "click")} and not begin.queue
+    assert _targets(demo, begin) == {("chat-input", "submit"), ("send", "click")}
     assert answer.trigger_after == begin._id and answer.queue and answer.concurrency_id == "generation"
     assert answer.tracks_progress and [c.elem_id for c in answer.show_progress_on] == ["chatbot"]
     assert {c.elem_id for c in answer.outputs} >= {"chatbot", "chat-notice", "metrics", "token-view", "export",
                                                    "branch-tree", "branch-hint"}
     clear = _event(demo, "clear_chat")
-    assert _targets(demo, clear) == {("clear", "click"), ("chatbot", "clear")} and not clear.queue
+    assert _targets(demo, clear) == {("clear", "click"), ("chatbot", "clear")}
     cancelling = [fn for fn in demo.fns.values() if fn.fn is None and fn.targets == clear.targets]
     assert cancelling, "Clear cancels the running answer"
+    edits = [_event(demo, name) for name in ("begin", "begin_regenerate", "clear_chat", "undo_turn", "import_chat")]
+    stops = [fn for fn in demo.fns.values() if fn.name == "stop" and _targets(demo, fn) == {("stop", "click")}]
+    assert sorted(fn.queue for fn in stops) == [False, True]
+    ordered = edits + [fn for fn in stops if fn.queue]
+    assert {(fn.queue, fn.concurrency_id, fn.concurrency_limit) for fn in ordered} == {(True, "chat-edits", 1)}
+    for fn in edits + stops:  # each carries the page's number for the action (two requests can still cross)
+        assert fn.js and "chat-action" in {c.elem_id for c in fn.inputs}, fn.name
+    for fn in edits[2:]:  # Clear, Undo, Import reset the which-stage-decided line with the other panels
+        assert "decided-summary" in {c.elem_id for c in fn.outputs}, fn.name
     describe = _event(demo, "describe_settings")
     assert {elem for elem, _ in _targets(demo, describe)} == {
         "chat-mode", "chat-num-beams", "chat-seed", "chat-temperature", "chat-top-k", "chat-top-p", "chat-min-p",
         "chat-repetition-penalty", "chat-max-new-tokens"}
     model_events = [fn for fn in demo.fns.values() if fn.tracks_progress]
     assert model_events and all(fn.concurrency_id == "generation" for fn in model_events)
+
+
+def _chat_parts(services: Services) -> tuple[UIContext, chat_parts.ChatParts]:
+    """The Chat tab's components, laid out as the app lays them out, for calling its handlers directly."""
+    ui = UIContext(services)
+    with gr.Blocks():
+        session = SessionComponents(runs=gr.State([]), saved_runs=gr.BrowserState([]),
+                                    conversation=gr.BrowserState({}))
+        parts = chat_parts.layout(ui, session)
+    return ui, parts
+
+
+def _chat_data(parts: chat_parts.ChatParts, services: Services, chatbot: list, more: dict | None = None) -> dict:
+    """What the page sends a Chat handler: the model's default settings in the sampling controls."""
+    values = settings.defaults(services.registry.get(services.default_model))
+    return {parts.state: chat.ChatSession(), parts.model: services.default_model, parts.system: "",
+            parts.chatbot: chatbot, **{c: values[name] for name, c in parts.controls.by_field.items()}, **(more or {})}
+
+
+def test_undo_clear_and_import_forget_the_which_stage_decided_line(services, tmp_path):
+    """Issue 19 item 8: "Which stage decided: …" stayed on screen after Undo, Clear and Import, while the token
+    view, the metrics and the prompt inspector were reset."""
+    import json
+
+    ui, parts = _chat_parts(services)
+    talk = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    saved = tmp_path / "chat.json"
+    saved.write_text(json.dumps({"qdemo_conversation": 1, "messages": talk}), encoding="utf-8")
+    outputs = {"Clear": chat_handlers.clear_chat(parts, ui, _chat_data(parts, services, talk)),
+               "Undo": chat_handlers.undo_turn(parts, _chat_data(parts, services, talk)),
+               "Import": chat_handlers.import_chat(parts, ui, _chat_data(parts, services, [],
+                                                                         {parts.import_btn: str(saved)}))}
+    for name, out in outputs.items():
+        assert out.get(parts.decided_md) == "", f"{name} left the which-stage-decided line as it was"
+        assert out[parts.tokens_view] == chat_handlers.TOKENS_HINT and out[parts.prompt_view] == ""
 
 
 # --- sampling lab -------------------------------------------------------------------------------------------
@@ -325,17 +374,24 @@ def test_perf_views_and_csv_from_real_runs(tiny_lm, tmp_path):
 
 
 def test_runs_survive_a_reload_in_their_compact_form(tiny_lm):
-    """The browser keeps the runs without their stage distributions; the Performance tab draws the same."""
+    """The browser keeps the runs without their stage distributions; the Performance tab draws the same. Issue 19
+    item 2: the copy is one JSON text, not a tree of per-token objects: Gradio's page copies every output's value
+    on each progress message of an answer (about 20 a second), and a tree of some 15 values per token of every
+    kept run took the page's main thread for seconds, so a click on Stop waited (once for the whole answer)."""
     import json
 
     runs = [_run(tiny_lm, i, "chat", SamplingParams(max_new_tokens=5)) for i in (1, 2)]
     saved = json.loads(json.dumps(perf.saved(runs)))  # through the browser's JSON storage
+    assert isinstance(saved, str)
     back = perf.restored(saved)
     assert [r.run_id for r in back] == [1, 2] and all(not t.stages for r in back for t in r.tokens)
     pd.testing.assert_frame_equal(runs_table(back), runs_table(runs))
-    assert perf.restored([{"bogus": 1}, "junk", saved[0]])[0].run_id == 1
+    listed = json.loads(saved)  # what browsers saved before: a list of runs
+    assert [r.run_id for r in perf.restored(listed)] == [1, 2]
+    assert perf.restored([{"bogus": 1}, "junk", listed[0]])[0].run_id == 1
+    assert perf.restored("{not json") == [] and perf.restored(None) == []
     many = [_run(tiny_lm, i, "chat", SamplingParams(max_new_tokens=2)) for i in range(perf.KEPT_RUNS + 5)]
-    assert len(perf.saved(many)) == perf.KEPT_RUNS
+    assert len(perf.restored(perf.saved(many))) == perf.KEPT_RUNS
 
 
 def test_perf_views_without_runs(tmp_path):

@@ -26,7 +26,7 @@ from qdemo.views.compare import (
     empty_side_by_side,
     first_divergence,
     side_by_side_frame,
-    tps_overlay_figure,
+    tps_pair_figure,
 )
 from qdemo.views.lab import histogram_figure
 from qdemo.views.labels import STAGE_WORDS, token_label
@@ -350,12 +350,20 @@ def test_one_colour_per_run_in_every_chart():
     assert run_colour(runs[0]) == RUN_PALETTE[3] and run_colour(runs[1]) == RUN_PALETTE[4]
     assert run_colour(runs[0]) != run_colour(runs[1]) and run_colour(run(3, [0.1])) == run_colour(runs[0])
     colours: dict[str, set[str]] = {"#3 A tiny": set(), "#14 B tiny": set()}
-    figures = [latency_figure(runs), rolling_tps_figure(runs), memory_figure(runs), tps_overlay_figure(runs)]
+    figures = [latency_figure(runs), rolling_tps_figure(runs), memory_figure(runs), tps_pair_figure(runs)]
     for fig in figures:
         for t in fig.data:
             group = t.legendgroup
             colours[group].add(t.marker.color if isinstance(t, go.Bar) else t.line.color)
     assert colours == {"#3 A tiny": {RUN_PALETTE[3]}, "#14 B tiny": {RUN_PALETTE[4]}}
+
+
+@pytest.mark.parametrize("make", [latency_figure, rolling_tps_figure, memory_figure])
+def test_run_legends_sit_under_the_plot(make):
+    """Issue 19, item 12: on a phone the speed and memory charts' legends stood beside the plot and squeezed it to a
+    sliver of the 380 px chart; under the plot they leave it the chart's width."""
+    legend = make([run(1, SECONDS), run(2, SECONDS, label="B")]).layout.legend
+    assert legend.orientation == "h" and legend.y < 0 and legend.yanchor == "top"
 
 
 @pytest.mark.parametrize("settings, text", [
@@ -379,7 +387,7 @@ def test_reason_words(reason, words):
     assert REASON_WORDS.get(reason, reason) == words
 
 
-@pytest.mark.parametrize("make", [latency_figure, rolling_tps_figure, memory_figure, tps_overlay_figure])
+@pytest.mark.parametrize("make", [latency_figure, rolling_tps_figure, memory_figure, tps_pair_figure])
 def test_perf_figures_without_runs_say_so(make):
     fig = make([])
     assert_chrome(fig)
@@ -418,8 +426,8 @@ def test_first_divergence(a, b, expected):
     assert first_divergence(a, b) == expected
 
 
-def test_tps_overlay_and_side_by_side():
-    fig = tps_overlay_figure([run(1, SECONDS), run(2, SECONDS[:2], label="B")])
+def test_tps_pair_and_side_by_side():
+    fig = tps_pair_figure([run(1, SECONDS), run(2, SECONDS[:2], label="B")])
     assert_chrome(fig)
     assert [t.name for t in fig.data] == ["#1 A tiny", "#2 B tiny"]
     assert list(fig.data[1].x) == [1] and np.allclose(fig.data[1].y, [1 / 0.05])  # step 0 left out
@@ -428,6 +436,19 @@ def test_tps_overlay_and_side_by_side():
     assert list(frame["metric"]) == ["TTFT (s)", "prefill tok/s", "decode tok/s", "tokens", "peak memory MiB"]
     assert list(frame["A"]) == [0.25, 20.0, 12.5, 5.0, 942.3]
     assert frame["B"].iloc[3] == 2 and frame["B"].drop(index=3).isna().all()
+
+
+def test_compare_speed_gives_each_side_a_row_of_its_own_on_one_scale():
+    """Issue 19, item 13: A and B decode in one batch, step for step, so their speed lines coincide; overlaid,
+    A's lay hidden under B's. Each side gets its own row (A on top), both on the same tokens/s scale."""
+    fig = tps_pair_figure([run(1, SECONDS), run(2, SECONDS, label="B")])
+    assert_chrome(fig)
+    a, b = fig.data
+    assert list(a.y) == list(b.y)  # the same steps: overlaid, one line would cover the other
+    layout = fig.layout.to_plotly_json()
+    rows = [layout["yaxis" + trace.yaxis[1:]]["domain"] for trace in (a, b)]
+    assert rows[0][0] >= rows[1][1]  # A's row lies wholly above B's
+    assert layout["yaxis" + b.yaxis[1:]].get("matches") == "y" or layout["yaxis"].get("matches") == b.yaxis
 
 
 def test_empty_side_by_side_has_the_metric_rows():
@@ -588,3 +609,22 @@ def test_card_frame_units():
     assert values == {"name": "Qwen2.5-0.5B", "params": "494,032,768", "weights_bytes": "942.3 MiB",
                       "kv_bytes": "512 B", "context": "32768", "gguf": "—", "dtype": "bfloat16"}
     assert isinstance(card_frame({}), pd.DataFrame) and list(card_frame({}).columns) == ["property", "value"]
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("stopped", "Stopped by you after 3 tokens."),
+    ("max_tokens", "Cut at the length limit after 3 tokens (raise max new tokens for more)."),
+    ("time_limit", "Cut at this server's time limit per answer, after 3 tokens."),
+    ("error", "The answer broke off: see the message below the chat."),
+    ("eos", ""), ("stop_token", "")])
+def test_end_notes_are_plain_words(reason, words):
+    """Issue 19 item 11: the note of a stopped or cut answer is plain words in glyphs every font has (no Markdown
+    emphasis, no ⏹ ✂ ⏱), the same words in the chat's note bubble and after the API's invisible mark."""
+    from types import SimpleNamespace
+
+    from qdemo.views.answer import END_MARK, end_note, end_words, note_message
+
+    run = SimpleNamespace(done=SimpleNamespace(reason=reason), tokens=[1, 2, 3])
+    assert end_words(run) == words and words.isascii()
+    assert end_note(run) == (f"\n\n{END_MARK}{words}" if words else "")
+    assert note_message(run) == ({"role": "assistant", "content": END_MARK + words} if words else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,17 +127,23 @@ CYCLE_LINE = "The quick brown fox"  # the scripted model writes this line, a new
 
 
 def write_cycle_qwen2(path: Path) -> Path:
-    """A tiny Qwen2 whose greedy answer is known: every attention and MLP output is zero, so the logits depend on
-    the current token alone, and the embedding / lm_head rows are set so that after a newline it writes
-    CYCLE_LINE, then a newline again, forever. Browser tests use it for answers with known line breaks and for
-    long streams that only Stop ends."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
+    """A tiny Qwen2 whose greedy answer is known: after a newline it writes CYCLE_LINE, then a newline again,
+    forever (see `write_scripted_qwen2`). Browser tests use it for answers with known line breaks and for long
+    streams that only Stop ends."""
     tokenizer = build_tokenizer()
     newline = tokenizer.encode("\n", add_special_tokens=False)
     line = tokenizer.encode(CYCLE_LINE, add_special_tokens=False)
-    cycle = newline + line
-    assert len(newline) == 1 and len(set(cycle)) == len(cycle), (newline, line)
+    assert len(newline) == 1, newline
+    return write_scripted_qwen2(path, tokenizer, newline + line)
+
+
+def write_scripted_qwen2(path: Path, tokenizer: Any, cycle: list[int]) -> Path:
+    """A tiny Qwen2 that writes the token ids `cycle` round and round: every attention and MLP output is zero, so
+    the logits depend on the current token alone, and the embedding / lm_head rows are set so that each token of
+    the cycle is followed by the next."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    assert len(set(cycle)) == len(cycle), cycle
     hidden = 64
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,

@@ -82,41 +82,16 @@ FENCE_LINE = "```python fox = 1"  # the fence model's line: its first opens a co
 
 
 def _write_fence_qwen2(path: Path) -> Path:
-    """The scripted cycle model's construction (tests.conftest.write_cycle_qwen2) with "```" as one token of its
-    own: its greedy answer is FENCE_LINE, a newline, FENCE_LINE… so an answer cut anywhere ends inside a code
-    block (a closing fence may not carry "python")."""
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from tests.conftest import build_tokenizer
+    """The scripted cycle model (tests.conftest.write_scripted_qwen2) with "```" as one token of its own: its greedy
+    answer is FENCE_LINE, a newline, FENCE_LINE… so an answer cut anywhere ends inside a code block (a closing fence
+    may not carry "python")."""
+    from tests.conftest import build_tokenizer, write_scripted_qwen2
 
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["```"])
     cycle = tokenizer.encode("\n" + FENCE_LINE, add_special_tokens=False)
-    assert len(set(cycle)) == len(cycle) and tokenizer.decode(cycle) == "\n" + FENCE_LINE, cycle
-    hidden = 64
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
-                         rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.normal_(0, 0.01)
-        model.lm_head.weight.zero_()
-        for i, token in enumerate(cycle):
-            direction = torch.zeros(hidden)
-            direction[i] = 1.0
-            model.model.embed_tokens.weight[token] = direction
-            model.lm_head.weight[cycle[(i + 1) % len(cycle)]] = 30.0 * direction
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    assert tokenizer.decode(cycle) == "\n" + FENCE_LINE, cycle
+    return write_scripted_qwen2(path, tokenizer, cycle)
 
 
 def _held_after_the_first_tensor(progress):

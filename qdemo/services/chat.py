@@ -32,7 +32,7 @@ from qdemo.models.sources import ProgressFn, readiness
 from qdemo.probes.decided import TokenDecision, token_decisions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import Admitted, ModelRequest, Refused, Services
-from qdemo.serving.limits import Limits, clean_text, cut_text
+from qdemo.serving.limits import Client, Limits, clean_text, cut_text
 from qdemo.serving.local import drafting_pays
 from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.answer import (
@@ -496,27 +496,34 @@ def _on_a_thread(fn: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
-def api_turn(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
+def api_turn(services: Services, client: Client | str | None, message: Any, history: Any, model: Any, settings: Any,
              system: Any, top_n: int = 0, stop: threading.Event | None = None, notices: list[str] | None = None
              ) -> Iterator[RunRecord]:
-    """One stateless turn for a named endpoint, through the page answer's own steps: the turn fitted (`_fit`), the
+    """One turn for a named endpoint, through the page answer's own steps: the turn fitted (`_fit`), the
     same admission, `chat_events` (prompt limit, time limit) and run record. Yields the run after each event, the
     last one finished; a bad field or a failed answer is a Refused saying what. `stop` (the caller left) ends the
     answer within a prefill chunk or a step, as the page's Stop does. `notices` collects what the page's notice line
-    would say about the request: turns left out, max new tokens lowered, old messages dropped to fit the prompt."""
+    would say about the request: turns left out, max new tokens lowered, old messages dropped to fit the prompt.
+    The caller's kept decode state on this model (`client_state_key`) supplies the longest prefix it shares with
+    this prompt, and keeps this turn for the next."""
     turn = _api_turn_messages(message, history, system, services.limits)
     notes = notices if notices is not None else []
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
         notes.extend(n for n in (turn.notice, admitted.notice) if n)
         run = run_record(backend, params, 0, "api")
-        events = chat_events(services, backend, turn.messages, params, stop, top_n=top_n)
+        key = client_state_key(client)
+        state = None if key is None or params.beam_search else (
+            services.states.take(key, backend.key) or backend.new_state())
+        events = chat_events(services, backend, turn.messages, params, stop, top_n=top_n, state=state)
         try:
             for event in events:
                 run.add(event)
                 yield run
         finally:
             events.close()  # a caller that goes away stops the generation
+            if state is not None:
+                services.states.keep(key, state)
     if run.prefill is not None and run.prefill.dropped_turns:
         notes.append(f"{len(run.prefill.dropped_turns)} older message(s) were left out to fit this server's prompt "
                      "limit.")
@@ -524,7 +531,14 @@ def api_turn(services: Services, client: str | None, message: Any, history: Any,
         raise Refused(run.done.error)
 
 
-def api_answer(services: Services, client: str | None, message: Any, history: Any, model: Any, settings: Any,
+def client_state_key(client: Client | str | None) -> str | None:
+    """Whose kept decode state an API turn reuses: the caller's Gradio session (one gradio_client Client), else its
+    address; never another caller's (a reused prefix shows in the timing). None: nobody to keep it for."""
+    who = client if isinstance(client, str) or client is None else (client.session or client.address)
+    return f"api:{who}" if who else None
+
+
+def api_answer(services: Services, client: Client | str | None, message: Any, history: Any, model: Any, settings: Any,
                system: Any, top_n: int = 0, stop: threading.Event | None = None, notices: list[str] | None = None
                ) -> RunRecord:
     """`api_turn` run to its end: the finished run."""

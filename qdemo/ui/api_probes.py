@@ -80,6 +80,7 @@ def decisions(ui: UIContext, message: str, history: list[dict] | None = None, mo
     rows = service.decision_rows(run)
     return {"text": chat.answer_text(run), "reason": run.done.reason if run.done else None, "notice": args.notice,
             "summary": service.run_summary(run), "tokens": rows, "run": run_to_json(run),
+            "reused_tokens": run.prefill.reused_tokens if run.prefill else 0,
             "csv": csv_text(pd.DataFrame.from_records(rows))}
 
 

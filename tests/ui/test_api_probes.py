@@ -166,3 +166,19 @@ def test_a_long_message_is_cut_with_a_notice_not_refused(served, endpoint, tail)
     history = [{"role": "user", "content": "hello " * 40_000}, {"role": "assistant", "content": "seven 七"}]
     out = client.predict(history, *tail, api_name=endpoint)
     assert "history message 0 had 240,000 characters; only the first 16,000 were" in out["notice"]
+
+
+def test_a_clients_next_turn_reuses_its_own_prefix_and_no_one_elses(served):
+    """Issue 20: the same gradio_client Client (one session) sending turn 2 reuses the decode state its turn 1
+    left; another Client (another session, the same address) does not, and gets the same answer."""
+    from gradio_client import Client
+
+    _, client = served
+    greedy = {"do_sample": False, "max_new_tokens": 4}
+    first = client.predict("hello 你好", [], "", greedy, None, api_name="/decisions")  # may reuse earlier tests' turns
+    history = [{"role": "user", "content": "hello 你好"}, {"role": "assistant", "content": first["text"]}]
+    again = client.predict("and then?", history, "", greedy, None, api_name="/decisions")
+    prompt = run_from_json(first["run"]).prefill.prompt_ids
+    assert again["reused_tokens"] >= len(prompt)  # at least the whole first prompt was not prefilled again
+    other = Client(client.src, verbose=False).predict("and then?", history, "", greedy, None, api_name="/decisions")
+    assert other["reused_tokens"] == 0 and other["text"] == again["text"]

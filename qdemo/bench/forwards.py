@@ -2,7 +2,8 @@
 side — the llama.cpp forward (qdemo's chain and stage capture on llama.cpp's logits), the torch fp32 path, HF
 generate, and llama.cpp's own server on the same GGUF and threads — alternating in one run, medians reported.
 
-Rows: decode tok/s (greedy, stage capture on with top-20 per stage), prefill tok/s of a 511-token prompt, weight
+Rows: decode tok/s (greedy, and the model's default sampling — llama-server with the same sampler settings —, stage
+capture on with top-20 per stage), prefill tok/s of a 511-token prompt, weight
 bytes one decode step reads, resident memory with the model loaded, load time from a prepared cache, and (with
 --vs-llama-cpp) `python app.py` to the first streamed token of a first message. Greedy tokens of the llama.cpp
 forward are checked against the torch fp32 path on an English and a Chinese prompt; where they part, the
@@ -43,6 +44,7 @@ PROMPTS = {"en": "Write a Python function that checks whether a number is prime.
 PREFILL_TEXT = ("The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. "
                 "天气很好，我们去公园散步，顺便讨论一下项目的进度。 ")
 PREFILL_TOKENS = 511
+BUSY_LOAD = 1.25  # load average per core above which the timed runs shared the cores with other work
 
 
 def _chat_ids(lm: LoadedModel, text: str, tokens: int) -> list[int]:
@@ -107,9 +109,15 @@ def agreement(fast: LoadedModel, exact: LoadedModel, text: str, tokens: int = 64
 class Server(LlamaServer):
     """llama-server with the entry's own GGUF, plus the raw /completion call the benchmark times."""
 
-    def complete(self, ids: list[int], tokens: int, n_probs: int = 20) -> dict[str, Any]:
+    def complete(self, ids: list[int], tokens: int, n_probs: int = 20, sampling: SamplingParams | None = None
+                 ) -> dict[str, Any]:
+        """Greedy, or with `sampling`'s sampler settings (min-p 0 unless it says otherwise: the server's own
+        default is 0.05)."""
         body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "n_probs": n_probs, "ignore_eos": True,
                 "cache_prompt": False, "stream": False, "return_tokens": True}
+        if sampling is not None and not sampling.greedy:
+            body.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                        min_p=sampling.min_p, repeat_penalty=sampling.repetition_penalty, seed=sampling.seed or 1)
         request = urllib.request.Request(f"{self.url}/completion", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=600) as r:
@@ -214,6 +222,7 @@ def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path:
     server = None
     binary = server_binary() if vs_llama_cpp else None
     notes = [SERVER_SKIPPED] if vs_llama_cpp and binary is None else []
+    load_before = os.getloadavg()[0]
     try:
         if binary:
             server = Server.start(binary, gguf, threads)
@@ -225,6 +234,7 @@ def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path:
     finally:
         if server is not None:
             server.stop()
+    load_after = os.getloadavg()[0]
     agree = {lang: agreement(fast, exact, text, tokens) for lang, text in PROMPTS.items()}
     step_bytes = {"llama.cpp forward": gguf_step_bytes(gguf), "torch fp32": decode_step_bytes(exact)}
     del exact
@@ -236,6 +246,7 @@ def run_forward_bench(name: str, tokens: int = 64, runs: int = 3, registry_path:
         "prefill_prompt_tokens": len(long_ids), "median": med, "runs_by_column": columns,
         "step_bytes": step_bytes, "agreement": agree, "fresh_load": loads, "app_start": start, "notes": notes,
         "server_rss": server_rss, "server_ready_s": server_ready, "ratios": _ratios(med),
+        "load": {"before": load_before, "after": load_after, "cores": os.cpu_count() or 1},
     }
 
 
@@ -261,9 +272,12 @@ def _alternating_runs(fast: LoadedModel, exact: LoadedModel, server: Server | No
 
 def _measure(column: str, fast: LoadedModel, exact: LoadedModel, server: Server | None, ids: list[int],
              long_ids: list[int], tokens: int) -> dict[str, float]:
-    """One run of one column: decode tok/s of `ids`, and prefill tok/s of `long_ids` (HF generate: decode only)."""
+    """One run of one column: decode tok/s of `ids` greedy and with the model's default sampling, and prefill tok/s
+    of `long_ids` (HF generate: greedy decode only)."""
+    sampling = fast.spec.sampling.replace(do_sample=True, seed=7)
     if column == "llama.cpp forward":
         return {"decode_tok_s": engine_run(fast, ids, tokens)["decode_tok_s"],
+                "default_tok_s": engine_run(fast, ids, tokens, params=sampling)["decode_tok_s"],
                 "prefill_tok_s": prefill_rate(fast, long_ids)}
     if column == "torch fp32":
         return {"decode_tok_s": engine_run(exact, ids, tokens)["decode_tok_s"],
@@ -271,6 +285,7 @@ def _measure(column: str, fast: LoadedModel, exact: LoadedModel, server: Server 
     if column == "HF generate fp32":
         return {"decode_tok_s": hf_run(exact, ids, tokens)["decode_tok_s"]}
     return {"decode_tok_s": server.complete(ids, tokens)["timings"]["predicted_per_second"],
+            "default_tok_s": server.complete(ids, tokens, sampling=sampling)["timings"]["predicted_per_second"],
             "prefill_tok_s": server.complete(long_ids, 1)["timings"]["prompt_per_second"]}
 
 
@@ -281,9 +296,24 @@ def _ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
         "llama.cpp forward / torch fp32 decode": fast_decode / med["torch fp32"]["decode_tok_s"],
         "torch fp32 / HF generate decode": med["torch fp32"]["decode_tok_s"] / med["HF generate fp32"]["decode_tok_s"],
     }
+    fast_default = med["llama.cpp forward"]["default_tok_s"]
+    ratios["llama.cpp forward default sampling / greedy"] = fast_default / fast_decode
     if "llama-server" in med:
         ratios["llama.cpp forward / llama-server decode"] = fast_decode / med["llama-server"]["decode_tok_s"]
+        server_default = med["llama-server"]["default_tok_s"]
+        ratios["llama.cpp forward / llama-server, default sampling"] = fast_default / server_default
     return ratios
+
+
+def ratio_lines(ratios: dict[str, float], load: dict[str, float] | None) -> list[str]:
+    """The ratios, each marked when the machine was busy while they were measured, and the load average itself."""
+    busy = load is not None and max(load["before"], load["after"]) > BUSY_LOAD * load["cores"]
+    mark = " (measured on a busy machine: not a figure to trust)" if busy else ""
+    lines = [f"  {label}: {value:.2f}x{mark}" for label, value in ratios.items()]
+    if load is not None:
+        lines.append(f"  load average {load['before']:.2f} before, {load['after']:.2f} after, on {load['cores']:.0f} "
+                     "cores" + (" — BUSY: other work shared the cores; run again on a quiet machine" if busy else ""))
+    return lines
 
 
 def format_forward_table(r: dict[str, Any]) -> str:
@@ -301,6 +331,7 @@ def format_forward_table(r: dict[str, Any]) -> str:
              f"(top-20), {r['threads']} threads, median of {r['runs']} alternating runs",
              row("", cols)]
     lines.append(row("decode tok/s", [med[c].get("decode_tok_s", "—") for c in cols]))
+    lines.append(row("decode tok/s, default sampling", [med[c].get("default_tok_s", "—") for c in cols]))
     lines.append(row(f"prefill tok/s ({r['prefill_prompt_tokens']} tokens)",
                      [med[c].get("prefill_tok_s", "—") for c in cols]))
     bytes_row = {"llama.cpp forward": r["step_bytes"]["llama.cpp forward"], "torch fp32": r["step_bytes"]["torch fp32"],
@@ -319,8 +350,7 @@ def format_forward_table(r: dict[str, Any]) -> str:
         s = r["app_start"]
         lines.append(f"  python app.py → page up {s['app_up_s']:.1f} s, first streamed token {s['first_token_s']:.1f} s "
                      f"(target ≤ 5 s); app resident {s['app_rss'] / 1e9:.2f} GB (target ≤ 1.0)")
-    for label, value in r["ratios"].items():
-        lines.append(f"  {label}: {value:.2f}x")
+    lines += ratio_lines(r["ratios"], r.get("load"))
     for lang, a in r["agreement"].items():
         if a["equal"]:
             lines.append(f"  greedy tokens ({lang}): llama.cpp forward = torch fp32 for all {a['tokens']} tokens")

@@ -34,8 +34,10 @@ class _TimingStreamer:
         pass
 
 
-def engine_run(lm: LoadedModel, ids: list[int], tokens: int, top_n: int = 20) -> dict[str, float]:
-    params = SamplingParams(do_sample=False, max_new_tokens=tokens)
+def engine_run(lm: LoadedModel, ids: list[int], tokens: int, top_n: int = 20, params: SamplingParams | None = None
+               ) -> dict[str, float]:
+    """One engine run of exactly `tokens` tokens (greedy unless `params` says how to sample)."""
+    params = (params or SamplingParams(do_sample=False)).replace(max_new_tokens=tokens)
     t0 = time.perf_counter()
     done = collect(generate(lm, input_ids=ids, params=params, top_n=top_n, ignore_eos=True))["done"]
     wall = time.perf_counter() - t0

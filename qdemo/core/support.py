@@ -148,7 +148,8 @@ def draw(chained: Chained, generator: torch.Generator | None, exact: bool = Fals
     if exact:
         probs = torch.softmax(chained.full_scores(), dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-    probs = torch.softmax(chained.scores, dim=-1)[0]
+    # With stages kept, the last one is already this softmax: the full-vocabulary one costs as much as the draw.
+    probs = chained.stages[-1].probs if chained.stages else torch.softmax(chained.scores, dim=-1)[0]
     if chained.support is not None and probs.numel() <= 4096:
         index = torch.multinomial(probs, num_samples=1, generator=generator)
     else:

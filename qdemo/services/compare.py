@@ -24,16 +24,19 @@ from qdemo.views.labels import percent
 
 
 class CompareSession:
-    """The Compare tab's stop signal for one browser session (fresh per session, like ChatSession)."""
+    """The Compare tab's stop signal for one browser session (fresh per session, like ChatSession), or a named
+    endpoint caller's own (`stop`: set when the caller goes; every run of the session keeps it)."""
 
-    def __init__(self) -> None:
-        self.stop = threading.Event()
+    def __init__(self, stop: threading.Event | None = None) -> None:
+        self.stop = stop if stop is not None else threading.Event()
+        self._given = stop is not None
 
     def __deepcopy__(self, memo: dict) -> "CompareSession":
         return type(self)()
 
     def arm(self) -> threading.Event:
-        self.stop = threading.Event()
+        if not self._given:
+            self.stop = threading.Event()
         return self.stop
 
 

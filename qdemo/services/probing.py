@@ -193,8 +193,8 @@ def lens_view(services: Services, client: str | None, subject: Subject, model: s
         needed = subject.ids[:subject.answer_from + MAX_LENS_COLUMNS] if subject.answer_ids else subject.ids
         ids, dropped, notice = _cut(needed)
         if len(subject.answer_ids) > MAX_LENS_COLUMNS:
-            notice = "; ".join(n for n in (notice, f"the grid shows the first {MAX_LENS_COLUMNS} of "
-                                                   f"{len(subject.answer_ids)} answer tokens") if n)
+            notice = _joined(notice, f"the grid shows the first {MAX_LENS_COLUMNS} of {len(subject.answer_ids)} "
+                                     "answer tokens")
         answer_from = max(0, subject.answer_from - dropped)
         if answer_from < len(ids):
             positions = list(range(max(answer_from - 1, 0), len(ids) - 1))
@@ -203,7 +203,7 @@ def lens_view(services: Services, client: str | None, subject: Subject, model: s
         if len(positions) > MAX_LENS_COLUMNS:
             notes = f"the grid shows the first {MAX_LENS_COLUMNS} of {len(positions)} tokens"
             positions = positions[:MAX_LENS_COLUMNS] if answer_from < len(ids) else positions[-MAX_LENS_COLUMNS:]
-            notice = "; ".join(n for n in (notice, notes) if n)
+            notice = _joined(notice, notes)
         began = time.perf_counter()
         try:
             grid = backend.logit_lens(ids, positions, sublayers=sublayers, should_stop=clock.reason)
@@ -264,8 +264,7 @@ def attribution_view(services: Services, client: str | None, subject: Subject, t
                 if per_token:
                     first = max(0, len(context) - MAX_TOKEN_UNITS)
                     if first:
-                        notice = "; ".join(n for n in (notice, f"per-token occlusion covers the newest "
-                                                       f"{MAX_TOKEN_UNITS} tokens") if n)
+                        notice = _joined(notice, f"per-token occlusion covers the newest {MAX_TOKEN_UNITS} tokens")
                     chosen = token_units(pieces, range(first, len(context)))
                 else:
                     chosen = units

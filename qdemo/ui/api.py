@@ -66,24 +66,15 @@ def compare_endpoint(ui: UIContext, prompt: str, model_a: str = "", model_b: str
     """Both answers to one prompt with one seed, and where they diverge."""
     args = Arguments(ui.services.limits)
     text = args.text(prompt, "prompt", required=True)
+    session = compare_service.CompareSession(stop)  # the caller's own stop: set when it goes
     final = None
-    for final in compare_service.compare(ui.services, _CallerStop(stop), ui.client(request), text,
+    for final in compare_service.compare(ui.services, session, ui.client(request), text,
                                          args.model(model_a, "model_a"), args.model(model_b, "model_b"),
-                                         args.settings(settings_a, "settings_a"), args.settings(settings_b, "settings_b"),
+                                         args.settings(settings_a, "settings_a"),
+                                         args.settings(settings_b, "settings_b"),
                                          args.whole(seed, "seed", 0, MAX_SEED, default=1234), 1, top_n=0):
         pass
     return {"a": _summary(final.a), "b": _summary(final.b), "divergence": final.report, "notice": args.notice}
-
-
-class _CallerStop(compare_service.CompareSession):
-    """A Compare session whose stop signal is the API caller's own (set when it goes), not a fresh one per run."""
-
-    def __init__(self, stop: threading.Event | None) -> None:
-        super().__init__()
-        self.stop = stop if stop is not None else self.stop
-
-    def arm(self) -> threading.Event:
-        return self.stop
 
 
 def next_token_endpoint(ui: UIContext, context: str, model: str = "", settings: dict | None = None,

@@ -402,6 +402,15 @@ def test_clear_wins_over_a_streaming_answer_every_time(sized_page):
     assert "after the clears" in prompt and "clear try" not in prompt  # nothing cleared went to the model
 
 
+def _import(page, path: Path, conversation: dict) -> None:
+    """Write `conversation` as an exported chat at `path` and load it through the Chat tab's Import."""
+    path.write_text(json.dumps(conversation), encoding="utf-8")
+    page.get_by_text("Save / load conversation (JSON)").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(path))
+
+
 def _prompt_text(page) -> str:
     """The last answer's prompt as the model saw it, read from the prompt inspector's chips (opened if closed)."""
     if not page.locator("#prompt-view").is_visible():
@@ -550,16 +559,11 @@ def test_undo_clear_and_import_reset_every_panel(sized_page, tmp_path):
     _send(page, "before the import")
     _done(page)
     assert "Which stage decided" in _decided_line(page)
-    saved = tmp_path / "chat.json"
-    saved.write_text(json.dumps({"qdemo_conversation": 1, "model": "tiny-qwen2", "system": "imported system",
-                                 "settings": {"do_sample": True, "temperature": 0.35, "top_k": 7},
-                                 "messages": [{"role": "user", "content": "imported question"},
-                                              {"role": "assistant", "content": "imported answer"}]}),
-                     encoding="utf-8")
-    page.get_by_text("Save / load conversation (JSON)").click()
-    with page.expect_file_chooser() as chooser:
-        page.locator("#import").click()
-    chooser.value.set_files(str(saved))
+    _import(page, tmp_path / "chat.json", {
+        "qdemo_conversation": 1, "model": "tiny-qwen2", "system": "imported system",
+        "settings": {"do_sample": True, "temperature": 0.35, "top_k": 7},
+        "messages": [{"role": "user", "content": "imported question"},
+                     {"role": "assistant", "content": "imported answer"}]})
     _shows(page, "#chatbot", "imported answer")
     assert _decided_line(page) == "" and page.locator("#token-view .tok").count() == 0
     page.get_by_text("Sampling", exact=True).click()
@@ -599,13 +603,7 @@ def test_a_conversation_cut_to_fit_says_so_in_the_notice(sized_page, tmp_path):
     for i in range(40):
         messages += [{"role": "user", "content": f"question {i}: {long}"},
                      {"role": "assistant", "content": f"answer {i}: {long}"}]
-    saved = tmp_path / "long.json"
-    saved.write_text(json.dumps({"qdemo_conversation": 1, "model": "tiny-qwen2", "messages": messages}),
-                     encoding="utf-8")
-    page.get_by_text("Save / load conversation (JSON)").click()
-    with page.expect_file_chooser() as chooser:
-        page.locator("#import").click()
-    chooser.value.set_files(str(saved))
+    _import(page, tmp_path / "long.json", {"qdemo_conversation": 1, "model": "tiny-qwen2", "messages": messages})
     _shows(page, "#chat-notice", "Imported 80 message(s)")
     _send(page, "and now?")
     metrics = _done(page)

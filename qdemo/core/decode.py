@@ -226,13 +226,26 @@ def choose(logits: torch.Tensor, state: DecodeState, choosers: Sequence[RowChoos
 
 # --- teacher-forced logits ---------------------------------------------------------------------------------
 
-def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
+def resumed(lm: LoadedModel, kept: DecodeState | None, ids: Sequence[int], upto: int, capacity: int = _GROW
+            ) -> tuple[DecodeState, int]:
+    """A state to feed `ids` into, and how many of them it already holds: a kept one-row state cropped to its
+    longest common prefix with ids[:upto], else a fresh one (0). The caller releases a fresh state, not a kept one."""
+    if kept is None:
+        return new_state(lm, 1, capacity), 0
+    if kept.rows != 1 or kept.model != lm.key or kept.broken:
+        raise ValueError(f"a kept decode state must be one unbroken row of {lm.spec.name}")
+    held = min(common_prefix(kept.row_ids(0), ids), upto) if kept.width else 0
+    kept.crop(held)
+    return kept, held
+
+
+def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0,
+                    state: DecodeState | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Teacher-forced fp32 logits at every position of one sequence, a chunk at a time: yields (s, logits [n, V])
     where row j is the distribution over the token after ids[s + j] (the last row: after the whole sequence).
     One forward of at most `chunk` tokens per turn at the gate; positions before `start` are fed as context only
-    (their logits are not kept). Never holds [len(ids), V] at once; the state is released at the end, also when
-    the consumer stops early."""
+    (their logits are not kept), and a kept one-row `state` supplies those it already holds (it then holds `ids`).
+    Never holds [len(ids), V] at once; a fresh state is released at the end, also when the consumer stops early."""
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("position_logits needs at least one token")
@@ -240,15 +253,15 @@ def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: 
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     if not 0 <= start < len(ids):
         raise ValueError(f"start must be in [0, {len(ids) - 1}], got {start}")
-    return _position_chunks(lm, ids, lock, chunk, start)  # checked now; the state is made on the first chunk
+    return _position_chunks(lm, ids, lock, chunk, start, state)  # checked now; the state is made on the first chunk
 
 
-def _position_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, chunk: int, start: int
-                     ) -> Iterator[tuple[int, torch.Tensor]]:
-    state = new_state(lm, 1, max(len(ids), _GROW))
+def _position_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, chunk: int, start: int,
+                     kept: DecodeState | None) -> Iterator[tuple[int, torch.Tensor]]:
+    state, held = resumed(lm, kept, ids, start, max(len(ids), _GROW))
     try:
         block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
-        for begin in range(0, len(ids), chunk):
+        for begin in range(held, len(ids), chunk):
             end = min(len(ids), begin + chunk)
             first = max(begin, start)
             keep = end - first if end > start else 1  # context-only chunks keep one row (0 would mean all)
@@ -257,15 +270,28 @@ def _position_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, chunk: int
             if end > start:
                 yield first, logits[0]
     finally:
-        state.release()
+        if state is not kept:
+            state.release()
 
 
-def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 512) -> torch.Tensor:
-    """fp32 [V] logits for the token after `ids` from a throwaway state, prefilled a chunk per turn at the gate
+def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 512,
+                state: DecodeState | None = None) -> torch.Tensor:
+    """fp32 [V] logits for the token after `ids`, prefilled a chunk per turn at the gate: into a kept one-row
+    `state` after its longest common prefix with `ids` (the state then holds `ids`), else into a throwaway one
     (the path for a runner without torch modules)."""
-    state = new_state(lm)
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("last_logits needs at least one token")
+    kept = state is not None
+    if state is None:
+        state = new_state(lm)
+    elif state.rows != 1 or state.model != lm.key or state.broken:
+        raise ValueError(f"a kept decode state must be one unbroken row of {lm.spec.name}")
     try:
-        logits, _ = prefill(lm, state, [list(ids)], lock, chunk)
+        reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state.width else 0
+        state.crop(reused)
+        logits, _ = prefill(lm, state, [ids[reused:]], lock, chunk)
     finally:
-        state.release()
+        if not kept:
+            state.release()
     return logits[0].clone()

@@ -118,11 +118,13 @@ def generate_rows(
     lm: LoadedModel, input_ids: Sequence[int], params: Sequence[SamplingParams],
     stop_event: threading.Event | None = None, top_n: int = 20, ignore_eos: bool = False,
     step_lock: StepLock | None = None, dropped_turns: Sequence[int] = (), prefill_chunk: int | None = None,
-    time_limit_s: float | None = None, exact_draw: bool = False,
+    time_limit_s: float | None = None, exact_draw: bool = False, state: DecodeState | None = None,
 ) -> Iterator[Event]:
     """One prompt, several continuations: the prompt is prefilled once and forked into one row per SamplingParams,
     and the rows decode as one batch (one forward per step for all of them). Each row's tokens equal its solo run
-    with the same settings and seed. Events carry their row; each row ends with its own DoneEvent."""
+    with the same settings and seed. Events carry their row; each row ends with its own DoneEvent.
+    state: a kept one-row state supplies its longest common prefix with the prompt, as in `generate`; it ends as
+    one row again (the prompt and the answer of a row that decoded to the last step), ready to be kept."""
     started = time.perf_counter()
     if not params:
         raise ValueError("generate_rows needs at least one SamplingParams")
@@ -132,8 +134,10 @@ def generate_rows(
         raise ValueError("beam search runs alone (num_beams > 1 is not a row of a batch)")
     longest = max(p.max_new_tokens for p, _ in checked)
     ids = _check_ids(lm, input_ids, checked[0][0].replace(max_new_tokens=longest))
+    if state is not None and (state.rows != 1 or state.model != lm.key):
+        raise ValueError(f"a kept decode state must be one row of {lm.spec.name}")
     clock = Deadline(started, time_limit_s, stop_event)
-    return _run(lm, None, [ids], [p for p, _ in checked], tuple(int(i) for i in dropped_turns), clock, top_n,
+    return _run(lm, state, [ids], [p for p, _ in checked], tuple(int(i) for i in dropped_turns), clock, top_n,
                 ignore_eos, time.perf_counter() - started, step_lock or contextlib.nullcontext, chunk, fork=True,
                 exact_draw=exact_draw)
 
@@ -249,6 +253,8 @@ def _run(
         if kept is None or state is not kept:
             # Drop the KV cache now rather than when the consumer lets go of this generator.
             state.release()
+        elif state.rows > 1 and not state.broken:
+            state.select([0])  # a kept state is one row: the shared prompt and one row's answer
     yield from finish(outs)  # rows stopped during the prefill, or failed
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qdemo.core.decode import ShouldStop, _forward, new_state
+from qdemo.core.decode import DecodeState, ShouldStop, _forward, resumed
 from qdemo.errors import Cut, Interrupted
 from qdemo.models.loader import LoadedModel
 
@@ -188,13 +188,14 @@ def row_names(layers: int, sublayers: bool) -> tuple[str, ...]:
 
 @torch.inference_mode()
 def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lock: StepLock = nullcontext,
-               sublayers: bool = False, top: int = 10, chunk: int = 256, *, should_stop: ShouldStop | None = None
-               ) -> LensGrid:
+               sublayers: bool = False, top: int = 10, chunk: int = 256, *, should_stop: ShouldStop | None = None,
+               state: DecodeState | None = None) -> LensGrid:
     """The lens grid of `ids` at `positions` (sequence indices; each column shows what follows that token).
     One forward of the sequence (chunked at the gate); each row is projected right after its chunk, so memory
     holds [rows, columns, hidden] and one [columns, vocab] block at a time. `should_stop` is read before every
     chunk and projection block: when it says stop, the grid holds the columns of the chunks finished (`cut` says
-    how many), or Interrupted is raised when there are none."""
+    how many), or Interrupted is raised when there are none. A kept one-row `state` supplies the tokens before the
+    first position that it already holds (and then holds the ids up to the last position)."""
     ids = [int(t) for t in ids]
     wanted = sorted({int(p) for p in positions})
     if not ids:
@@ -211,7 +212,7 @@ def logit_lens(lm: LoadedModel, ids: Sequence[int], positions: Sequence[int], lo
            np.zeros((len(names), len(wanted), k), dtype=np.float32),
            np.zeros((len(names), len(wanted)), dtype=np.float32))
     run = _LensRun(lm, _Recorder(embed, layers, sublayers), names, (head, norm), out, k, lock, should_stop)
-    done, reason = run.chunks(ids, wanted, targets, chunk)
+    done, reason = run.chunks(ids, wanted, targets, chunk, state)
     cut = Cut(reason, done, len(wanted), "columns") if reason else None
     if cut and not done:
         raise Interrupted(cut, f"model {lm.spec.name}: the logit lens")
@@ -237,15 +238,16 @@ class _LensRun:
     lock: StepLock
     should_stop: ShouldStop | None
 
-    def chunks(self, ids: list[int], wanted: list[int], targets: list[int], chunk: int) -> tuple[int, str | None]:
+    def chunks(self, ids: list[int], wanted: list[int], targets: list[int], chunk: int,
+               kept: DecodeState | None = None) -> tuple[int, str | None]:
         """(columns finished, why it ended early or None)."""
         target_index = torch.tensor([max(t, 0) for t in targets], dtype=torch.long)
-        state = new_state(self.lm)
+        state, held = resumed(self.lm, kept, ids, wanted[0])
         done = 0
         try:
             block = torch.tensor([ids], dtype=torch.long, device=state.tokens.device)
             end_at = wanted[-1] + 1  # nothing after the last wanted position is needed
-            for begin in range(0, end_at, chunk):
+            for begin in range(held, end_at, chunk):
                 reason = self.should_stop() if self.should_stop is not None else None
                 if reason:
                     return done, reason
@@ -257,7 +259,8 @@ class _LensRun:
                     return done, reason
                 done += len(here)
         finally:
-            state.release()
+            if state is not kept:
+                state.release()
         return done, None
 
     def _chunk(self, state: Any, columns: torch.Tensor, here: list[int], targets: torch.Tensor, cols: slice

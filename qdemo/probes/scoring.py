@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
-from qdemo.core.decode import ShouldStop, StepLock, position_logits
+from qdemo.core.decode import DecodeState, ShouldStop, StepLock, position_logits
 from qdemo.errors import Cut, Interrupted
 from qdemo.models.loader import LoadedModel, same_tokenizer
 
@@ -80,11 +80,12 @@ def _perplexity(logprobs: Sequence[float]) -> float:
     return math.exp(-sum(logprobs) / len(logprobs)) if logprobs else float("nan")
 
 
-def _scored_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, first: int, chunk: int
-                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _scored_chunks(lm: LoadedModel, ids: list[int], lock: StepLock, first: int, chunk: int,
+                   state: DecodeState | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(position of the first row, logits [n, V] predicting ids[pos:pos + n], those targets [n]) for every
-    position from `first` on; the logits after the last token are not fed at all."""
-    gen = position_logits(lm, ids[:-1], lock, chunk, start=first - 1)
+    position from `first` on; the logits after the last token are not fed at all. A kept `state` supplies the
+    context it already holds."""
+    gen = position_logits(lm, ids[:-1], lock, chunk, start=first - 1, state=state)
     targets = torch.tensor(ids, dtype=torch.long)
     with closing(gen):
         for start, logits in gen:
@@ -180,14 +181,16 @@ class TextScore:
 
 @torch.inference_mode()
 def score_ids(lm: LoadedModel, ids: Sequence[int], lock: StepLock = nullcontext, first: int = 1, *,
-              chunk: int = 32, should_stop: ShouldStop | None = None) -> TextScore:
+              chunk: int = 32, should_stop: ShouldStop | None = None, state: DecodeState | None = None
+              ) -> TextScore:
     """Score every token of `ids` from position `first` on (earlier tokens are context only) under `lm`,
     teacher-forced, `chunk` tokens per turn at the lock. `should_stop` is read before every chunk: when it says
-    stop, the score holds the positions scored so far (`cut` says how many; Interrupted when none)."""
+    stop, the score holds the positions scored so far (`cut` says how many; Interrupted when none). A kept one-row
+    `state` supplies the context it already holds (its longest common prefix with the ids before `first`)."""
     ids = _check_ids(lm, ids, first)
     parts: dict[str, list] = {"logprob": [], "rank": [], "entropy": [], "top1": []}
     cut: list[str] = []
-    chunks = _scored_chunks(lm, ids, lock, first, chunk)
+    chunks = _scored_chunks(lm, ids, lock, first, chunk, state)
     with closing(chunks):
         for _, (_, logits, targets) in zip(_clocked(should_stop, cut), chunks):
             stats = _token_stats(logits, targets)

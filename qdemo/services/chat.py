@@ -32,6 +32,7 @@ from qdemo.models.sources import ProgressFn, readiness
 from qdemo.probes.decided import TokenDecision, token_decisions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import Admitted, ModelRequest, Refused, Services
+from qdemo.services.kept_states import client_state
 from qdemo.serving.limits import Client, Limits, clean_text, cut_text
 from qdemo.serving.local import drafting_pays
 from qdemo.serving.protocol import Backend, same_tokenizer
@@ -504,7 +505,7 @@ def api_turn(services: Services, client: Client | str | None, message: Any, hist
     last one finished; a bad field or a failed answer is a Refused saying what. `stop` (the caller left) ends the
     answer within a prefill chunk or a step, as the page's Stop does. `notices` collects what the page's notice line
     would say about the request: turns left out, max new tokens lowered, old messages dropped to fit the prompt.
-    The caller's kept decode state on this model (`client_state_key`) supplies the longest prefix it shares with
+    The caller's kept decode state on this model (`kept_states.client_state`) supplies the longest prefix it shares with
     this prompt, and keeps this turn for the next."""
     turn = _api_turn_messages(message, history, system, services.limits)
     notes = notices if notices is not None else []
@@ -512,30 +513,22 @@ def api_turn(services: Services, client: Client | str | None, message: Any, hist
         backend, params = admitted.backend, admitted.params[0]
         notes.extend(n for n in (turn.notice, admitted.notice) if n)
         run = run_record(backend, params, 0, "api")
-        key = client_state_key(client)
-        state = None if key is None or params.beam_search else (
-            services.states.take(key, backend.key) or backend.new_state())
-        events = chat_events(services, backend, turn.messages, params, stop, top_n=top_n, state=state)
-        try:
-            for event in events:
-                run.add(event)
-                yield run
-        finally:
-            events.close()  # a caller that goes away stops the generation
-            if state is not None:
-                services.states.keep(key, state)
+        with client_state(services.states, client, backend, use=not params.beam_search) as state:
+            events = chat_events(services, backend, turn.messages, params, stop, top_n=top_n, state=state)
+            try:
+                for event in events:
+                    run.add(event)
+                    yield run
+            finally:
+                events.close()  # a caller that goes away stops the generation
     if run.prefill is not None and run.prefill.dropped_turns:
         notes.append(f"{len(run.prefill.dropped_turns)} older message(s) were left out to fit this server's prompt "
                      "limit.")
+    if run.prefill is not None and run.prefill.reused_tokens:
+        notes.append(f"Reused {run.prefill.reused_tokens:,} of {len(run.prefill.prompt_ids):,} prompt tokens from "
+                     "your last request on this model.")
     if run.done and run.done.error:
         raise Refused(run.done.error)
-
-
-def client_state_key(client: Client | str | None) -> str | None:
-    """Whose kept decode state an API turn reuses: the caller's Gradio session (one gradio_client Client), else its
-    address; never another caller's (a reused prefix shows in the timing). None: nobody to keep it for."""
-    who = client if isinstance(client, str) or client is None else (client.session or client.address)
-    return f"api:{who}" if who else None
 
 
 def api_answer(services: Services, client: Client | str | None, message: Any, history: Any, model: Any, settings: Any,

@@ -6,18 +6,24 @@ The cross-probabilities are computed while both models are still leased, through
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
+import torch
+
+from qdemo.core.decode import DecodeState
 from qdemo.core.runs import RunRecord
 from qdemo.models.sources import ProgressFn
 from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn, run_record
+from qdemo.services.kept_states import client_state
+from qdemo.serving.limits import Client
 from qdemo.serving.protocol import Backend, same_tokenizer
 from qdemo.views.compare import Divergence, first_divergence
 from qdemo.views.labels import percent
@@ -60,12 +66,13 @@ class CompareUpdate:
 
 def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, str]],
              params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
-             stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None
-             ) -> Iterator[tuple[RunRecord, RunRecord]]:
+             stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None,
+             states: Sequence[DecodeState | None] = (None, None)) -> Iterator[tuple[RunRecord, RunRecord]]:
     """Both sides, yielding both records after every step. On one model the prompt is prefilled once and forked
     into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
-    turns. With `services`, each side runs under the server's prompt and time limits. A prompt that does not fit
-    raises here, before anything streams."""
+    turns. With `services`, each side runs under the server's prompt and time limits. `states`: kept decode states
+    of each side's model (one model: the first serves both rows) that supply their common prefix with the prompt
+    and hold the run afterwards. A prompt that does not fit raises here, before anything streams."""
     one_model = backend_a.key == backend_b.key and backend_a.capabilities.rows
     if one_model and not (params_a.beam_search or params_b.beam_search):
         limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
@@ -73,14 +80,16 @@ def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, st
         prompt = backend_a.chat_prompt(messages, limit, max_prompt_tokens=cap)
         stream = backend_a.generate_rows(prompt.ids, [params_a, params_b], stop_event=stop_event, top_n=top_n,
                                          dropped_turns=prompt.dropped_turns,
-                                         time_limit_s=services.limits.max_generation_seconds if services else None)
+                                         time_limit_s=services.limits.max_generation_seconds if services else None,
+                                         state=states[0])
         return _route(stream, [run_a, run_b])
     if services is not None:
-        streams = [chat_events(services, backend_a, messages, params_a, stop_event, top_n),
-                   chat_events(services, backend_b, messages, params_b, stop_event, top_n)]
+        streams = [chat_events(services, backend, messages, params, stop_event, top_n, state=state)
+                   for backend, params, state in zip((backend_a, backend_b), (params_a, params_b), states)]
     else:
-        streams = [backend_a.generate(messages=messages, params=params_a, stop_event=stop_event, top_n=top_n),
-                   backend_b.generate(messages=messages, params=params_b, stop_event=stop_event, top_n=top_n)]
+        streams = [backend.generate(messages=messages, params=params, stop_event=stop_event, top_n=top_n,
+                                    state=state)
+                   for backend, params, state in zip((backend_a, backend_b), (params_a, params_b), states)]
     return _alternate(streams, [run_a, run_b])
 
 
@@ -115,9 +124,9 @@ def divergence(run_a: RunRecord, run_b: RunRecord) -> Divergence:
 
 
 def cross_probability(backend: Backend, run: RunRecord, params: SamplingParams, step: int,
-                      other_token: int | None) -> CrossProbability:
-    """This side's probability of `other_token` at `step`, recomputed with one gated forward over its own prompt
-    and the tokens both sides share up to `step`."""
+                      other_token: int | None, logits: torch.Tensor | None = None) -> CrossProbability:
+    """This side's probability of `other_token` at `step` from `logits`, its model's next-token logits after its
+    own prompt and the tokens both sides share up to `step` (`context_logits`)."""
     if other_token is None or run.prefill is None:
         return CrossProbability(None, None)
     if not backend.capabilities.stage_chain:
@@ -125,17 +134,32 @@ def cross_probability(backend: Backend, run: RunRecord, params: SamplingParams, 
         stages = run.tokens[step].stages if step < len(run.tokens) else ()
         listed = dict(zip(stages[0].token_ids, stages[0].probs)) if stages else {}
         return CrossProbability(raw=listed.get(other_token), final=None)
-    context = list(run.prefill.prompt_ids) + [t.token_id for t in run.tokens[:step]]
-    logits = backend.next_token_logits(context)
-    if not 0 <= other_token < logits.shape[-1]:
+    if logits is None or not 0 <= other_token < logits.shape[-1]:
         return CrossProbability(None, None)
+    context = _context(run, step)
     stages = stage_distributions(logits, context, params.replace(num_beams=1), top_n=1, chosen=other_token)
     return CrossProbability(raw=stages[0].chosen_prob, final=stages[-1].chosen_prob)
 
 
+def _context(run: RunRecord, step: int) -> list[int]:
+    return list(run.prefill.prompt_ids) + [t.token_id for t in run.tokens[:step]]
+
+
+def context_logits(backend: Backend, run: RunRecord, step: int, state: DecodeState | None = None
+                   ) -> torch.Tensor | None:
+    """One gated forward for the side's logits at `step`: with its kept `state` (which holds the side's prompt and
+    answer) only the context's last token is fed. None when this side has no logits here (a remote server)."""
+    if run.prefill is None or not backend.capabilities.stage_chain:
+        return None
+    usable = state is not None and not state.broken and state.model == backend.key
+    return backend.next_token_logits(_context(run, step), state=state if usable else None)
+
+
 def divergence_report(backend_a: Backend, backend_b: Backend, run_a: RunRecord, run_b: RunRecord,
-                      params_a: SamplingParams, params_b: SamplingParams) -> dict:
-    """Everything the Compare tab says under the panes, as plain data (also the API's answer)."""
+                      params_a: SamplingParams, params_b: SamplingParams,
+                      states: Sequence[DecodeState | None] = (None, None)) -> dict:
+    """Everything the Compare tab says under the panes, as plain data (also the API's answer). On one model both
+    sides share the context before the divergence, so one forward serves both cross-probabilities."""
     if not same_tokenizer(backend_a, backend_b):
         text_a, text_b = answer_text(run_a), answer_text(run_b)
         index = next((i for i, (x, y) in enumerate(zip(text_a, text_b)) if x != y), None)
@@ -150,8 +174,13 @@ def divergence_report(backend_a: Backend, backend_b: Backend, run_a: RunRecord, 
               "a_prob_of_b": None, "b_prob_of_a": None}
     if d.step is not None and run_a.prefill and run_b.prefill and \
             list(run_a.prefill.prompt_ids) == list(run_b.prefill.prompt_ids):
-        a = cross_probability(backend_a, run_a, params_a, d.step, d.b_token)
-        b = cross_probability(backend_b, run_b, params_b, d.step, d.a_token)
+        logits_a = context_logits(backend_a, run_a, d.step, states[0]) if d.b_token is not None else None
+        if backend_b.key == backend_a.key and logits_a is not None:
+            logits_b = logits_a
+        else:
+            logits_b = context_logits(backend_b, run_b, d.step, states[1]) if d.a_token is not None else None
+        a = cross_probability(backend_a, run_a, params_a, d.step, d.b_token, logits_a)
+        b = cross_probability(backend_b, run_b, params_b, d.step, d.a_token, logits_b)
         report.update(a_prob_of_b=a.final, a_raw_prob_of_b=a.raw, b_prob_of_a=b.final, b_raw_prob_of_a=b.raw)
     return report
 
@@ -182,7 +211,7 @@ def compare(services: Services, session: CompareSession | None, client: str | No
         raise Refused("Type a prompt first.")
     stop = session.arm() if session is not None else None
     requests = [ModelRequest(model_a, settings_a), ModelRequest(model_b, settings_b)]
-    with services.admit(client, *requests, progress=progress) as admitted:
+    with services.admit(client, *requests, progress=progress) as admitted, contextlib.ExitStack() as kept:
         (backend_a, backend_b), (params_a, params_b) = admitted.backends, admitted.params
         if seed is None:
             seed = secrets.randbits(31)
@@ -190,10 +219,11 @@ def compare(services: Services, session: CompareSession | None, client: str | No
         notice = " ".join(n for n in (turn.notice, admitted.notice) if n)
         run_a = run_record(backend_a, params_a, first_run_id, "A")
         run_b = run_record(backend_b, params_b, first_run_id + 1, "B")
+        states = _client_states(services, kept, client, (backend_a, backend_b), (params_a, params_b))
         shown_at = 0.0
         try:
             pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,
-                             services)
+                             services, states)
         except ValueError as exc:  # the prompt does not fit
             raise Refused(str(exc)) from None
         for run_a, run_b in pairs:
@@ -201,9 +231,21 @@ def compare(services: Services, session: CompareSession | None, client: str | No
                 shown_at = time.perf_counter()
                 yield CompareUpdate(a=run_a, b=run_b, status=notice or "streaming…")
         yield CompareUpdate(a=run_a, b=run_b, status="Comparing the two answers…")
-        report = divergence_report(backend_a, backend_b, run_a, run_b, params_a, params_b)
+        report = divergence_report(backend_a, backend_b, run_a, run_b, params_a, params_b, states)
         verdict = describe(report) + (f"\n\n{notice}" if notice else "")
         yield CompareUpdate(a=run_a, b=run_b, status=verdict, report=report, done=True)
+
+
+def _client_states(services: Services, kept: contextlib.ExitStack, client: Client | str | None,
+                   backends: Sequence[Backend], params: Sequence[SamplingParams]) -> list[DecodeState | None]:
+    """The caller's kept decode state of each side's model, kept again when `kept` closes. On one model a single
+    state serves: the rows' batch, or the first side that does not search beams."""
+    states: list[DecodeState | None] = [None, None]
+    for side, (backend, p) in enumerate(zip(backends, params)):
+        if side == 1 and backends[0].key == backend.key and (states[0] is not None or not backend.capabilities.rows):
+            break
+        states[side] = kept.enter_context(client_state(services.states, client, backend, use=not p.beam_search))
+    return states
 
 
 def api_compare(services: Services, client: str | None, prompt: Any, model_a: Any, model_b: Any, settings_a: Any,

@@ -8,12 +8,15 @@ with its model, after `idle_s` unused, on Clear, or when Gradio forgets a closed
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 from qdemo.core.decode import DecodeState
+from qdemo.serving.limits import Client
 from qdemo.serving.pool import ModelPool
 
 IDLE_S = 900.0  # a kept decode state unused this long is dropped
@@ -92,3 +95,26 @@ class KeptStates:
         now = time.monotonic()
         for k in [k for k, item in self._items.items() if now - item.used > self.idle_s]:
             del self._items[k]
+
+
+def client_state_key(client: Client | str | None, model: str) -> str | None:
+    """Whose kept decode state of `model` a request reuses: the caller's Gradio session (one gradio_client Client or
+    one page), else its address; never another caller's (a reused prefix shows in the timing). None: nobody to
+    keep it for."""
+    who = client if isinstance(client, str) or client is None else (client.session or client.address)
+    return f"client:{who}:{model}" if who else None
+
+
+@contextlib.contextmanager
+def client_state(states: KeptStates, client: Client | str | None, backend: Any, use: bool = True
+                 ) -> Iterator[DecodeState | None]:
+    """The caller's kept decode state of `backend`'s model (a fresh one when it has none), handed back to be kept
+    when the block ends, also when it ends early. None when nothing can be kept: no caller to key it by, `use`
+    false (beam search, speculative decoding), or a backend that keeps its own cache."""
+    key = client_state_key(client, backend.key)
+    state = states.take(key, backend.key) or backend.new_state() if key is not None and use else None
+    try:
+        yield state
+    finally:
+        if state is not None:
+            states.keep(key, state)

@@ -28,6 +28,7 @@ from qdemo.probes.lens import LensGrid
 from qdemo.probes.scoring import Divergence, TextScore
 from qdemo.services.admission import ModelRequest, ProgressFn, Refused, Services
 from qdemo.services.chat import AnswerView, history_messages
+from qdemo.services.kept_states import client_state
 from qdemo.serving.limits import clean_text
 from qdemo.serving.protocol import same_tokenizer
 from qdemo.views.bundle import bundle_html, bundle_meta, read_bundle
@@ -206,7 +207,8 @@ def lens_view(services: Services, client: str | None, subject: Subject, model: s
             notice = _joined(notice, notes)
         began = time.perf_counter()
         try:
-            grid = backend.logit_lens(ids, positions, sublayers=sublayers, should_stop=clock.reason)
+            with client_state(services.states, client, backend) as state:
+                grid = backend.logit_lens(ids, positions, sublayers=sublayers, should_stop=clock.reason, state=state)
         except ValueError as exc:
             raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began
@@ -342,7 +344,8 @@ def score_view(services: Services, client: str | None, model: str, text: str, qu
             raise Refused(f"model {backend.name}: the text is one token; scoring needs at least two")
         began = time.perf_counter()
         try:
-            score = backend.score(ids, first, should_stop=clock.reason)
+            with client_state(services.states, client, backend) as state:
+                score = backend.score(ids, first, should_stop=clock.reason, state=state)
         except ValueError as exc:
             raise _refusal(exc, clock) from None
         seconds = time.perf_counter() - began

@@ -171,10 +171,12 @@ class LocalBackend:
 
     def generate_rows(self, input_ids: Sequence[int], params: Sequence[SamplingParams],
                       stop_event: threading.Event | None = None, top_n: int = 20, dropped_turns: Sequence[int] = (),
-                      time_limit_s: float | None = None) -> Iterator[Event]:
-        """One prompt prefilled once and continued in one row per settings, decoded as one batch."""
+                      time_limit_s: float | None = None, state: DecodeState | None = None) -> Iterator[Event]:
+        """One prompt prefilled once and continued in one row per settings, decoded as one batch (a kept `state`
+        supplies its common prefix and ends as one row)."""
         return generate_rows(self._lm, input_ids, params, stop_event=stop_event, top_n=top_n,
-                             step_lock=self._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s)
+                             step_lock=self._gate.step, dropped_turns=dropped_turns, time_limit_s=time_limit_s,
+                             state=state)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                        stop_event: threading.Event | None = None, top_n: int = 0,
@@ -187,17 +189,20 @@ class LocalBackend:
         """log p of every token after the first of each row, given the tokens before it (teacher-forced)."""
         return [list(scoring.score_ids(self._lm, row, self._gate.step).logprobs) for row in rows]
 
-    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
-        if self._lm.model is None:  # the llama.cpp forward: a throwaway decode state, prefilled in gated chunks
-            return last_logits(self._lm, ids, self._gate.step)
+    def next_token_logits(self, ids: Sequence[int], state: DecodeState | None = None) -> torch.Tensor:
+        """fp32 [V] logits after `ids`. A kept `state` of this model supplies its longest common prefix with `ids`
+        (only the rest is fed; the state then holds `ids`)."""
+        if self._lm.model is None or state is not None:  # decode-state path, prefilled in gated chunks
+            return last_logits(self._lm, ids, self._gate.step, state=state)
         with self._gate.step():
             return introspect.next_token_logits(self._lm, ids)
 
     def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10, *,
-                   should_stop: ShouldStop | None = None) -> lens.LensGrid:
-        """The lens grid over `ids` at `positions`: chunked forwards, each chunk (and its projection) a turn."""
+                   should_stop: ShouldStop | None = None, state: DecodeState | None = None) -> lens.LensGrid:
+        """The lens grid over `ids` at `positions`: chunked forwards, each chunk (and its projection) a turn. A
+        kept `state` supplies the context before the first position that it holds."""
         return lens.logit_lens(self._lm, ids, positions, self._gate.step, sublayers=sublayers, top=top,
-                               should_stop=should_stop)
+                               should_stop=should_stop, state=state)
 
     def gradient_x_input(self, context: Sequence[int], target: int, *, should_stop: ShouldStop | None = None
                          ) -> attribution.Attribution:
@@ -208,10 +213,11 @@ class LocalBackend:
                   should_stop: ShouldStop | None = None) -> attribution.Attribution:
         return attribution.occlusion(self._lm, context, target, units, self._gate.step, should_stop=should_stop)
 
-    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None
-              ) -> scoring.TextScore:
-        """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position)."""
-        return scoring.score_ids(self._lm, ids, self._gate.step, first, should_stop=should_stop)
+    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None,
+              state: DecodeState | None = None) -> scoring.TextScore:
+        """Teacher-forced per-token scores (any forward: llama.cpp hands over logits at every position). A kept
+        `state` supplies the context before `first` that it holds."""
+        return scoring.score_ids(self._lm, ids, self._gate.step, first, should_stop=should_stop, state=state)
 
     def divergence(self, other: Backend, ids: Sequence[int], first: int = 1, *,
                    should_stop: ShouldStop | None = None) -> scoring.Divergence:

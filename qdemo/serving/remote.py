@@ -201,11 +201,11 @@ class RemoteBackend:
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
         raise needs_local(self, "scoring")
 
-    def next_token_logits(self, ids: Sequence[int]) -> torch.Tensor:
+    def next_token_logits(self, ids: Sequence[int], state: Any = None) -> torch.Tensor:
         raise needs_local(self, "the next-token distribution")
 
     def logit_lens(self, ids: Sequence[int], positions: Sequence[int], sublayers: bool = False, top: int = 10, *,
-                   should_stop: ShouldStop | None = None) -> lens.LensGrid:
+                   should_stop: ShouldStop | None = None, state: Any = None) -> lens.LensGrid:
         raise needs_local(self, "the logit lens", "weights and activations")
 
     def gradient_x_input(self, context: Sequence[int], target: int, *, should_stop: ShouldStop | None = None
@@ -216,8 +216,8 @@ class RemoteBackend:
                   should_stop: ShouldStop | None = None) -> attribution.Attribution:
         raise needs_local(self, "occlusion")
 
-    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None
-              ) -> scoring.TextScore:
+    def score(self, ids: Sequence[int], first: int = 1, *, should_stop: ShouldStop | None = None,
+              state: Any = None) -> scoring.TextScore:
         raise needs_local(self, "scoring a text")
 
     def divergence(self, other: Backend, ids: Sequence[int], first: int = 1, *,

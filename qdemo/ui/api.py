@@ -106,4 +106,6 @@ def _summary(run: RunRecord) -> dict[str, Any]:
     return {"model": run.model, "text": done.text if done else "", "reason": done.reason if done else None,
             "tokens": list(done.token_ids) if done else [], "error": done.error if done else None,
             "ttft_s": done.stats.ttft_seconds if done else None,
-            "decode_tok_s": done.stats.decode_tokens_per_s if done else None}
+            "decode_tok_s": done.stats.decode_tokens_per_s if done else None,
+            "prompt_tokens": len(run.prefill.prompt_ids) if run.prefill else None,
+            "reused_tokens": run.prefill.reused_tokens if run.prefill else 0}

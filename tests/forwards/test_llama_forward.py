@@ -119,6 +119,28 @@ def test_forked_rows_equal_their_solo_runs(fast):
         assert dones[row].token_ids == solo.token_ids, row
 
 
+def test_forked_rows_from_a_kept_state_end_as_one_row_that_serves_the_next_logits(fast):
+    ids = chat_ids(fast, EN)
+    sides = [SamplingParams(max_new_tokens=6),
+             SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=3, max_new_tokens=9)]
+    state = new_state(fast)
+    try:
+        greedy(fast, ids[:-5], 2, state=state)  # an earlier turn that shares all but the prompt's last 5 tokens
+        events = list(generate_rows(fast, ids, sides, state=state))
+        assert events[0].reused_tokens == len(ids) - 5
+        dones = {e.row: e for e in events if type(e).__name__ == "DoneEvent"}
+        assert dones[1].token_ids == collect(generate(fast, input_ids=ids, params=sides[1]))["done"].token_ids
+        assert state.rows == 1 and state.row_ids(0)[:len(ids)] == ids  # the longer row's history: the prompt, its answer
+        context = ids + list(dones[1].token_ids[:3])
+        reused = last_logits(fast, context, NOLOCK, state=state)
+        assert state.row_ids(0) == context
+        fresh = last_logits(fast, context, NOLOCK)  # one prefill: the same up to llama.cpp's batch-size arithmetic
+        assert int(reused.argmax()) == int(fresh.argmax()) and total_variation(reused, fresh) < 0.02
+        assert total_variation(reused, last_logits(fast, context[:-1], NOLOCK)) > 0.3
+    finally:
+        state.release()
+
+
 def test_left_padded_batch_equals_solo_runs(fast):
     prompts = [chat_ids(fast, EN), chat_ids(fast, "你好"), chat_ids(fast, "Sort a list in Python, briefly.")]
     assert len({len(p) for p in prompts}) == 3

@@ -16,6 +16,7 @@ from qdemo.sampling import SamplingParams
 from qdemo.services import chat, internals
 from qdemo.services import probing as inspect
 from qdemo.services.admission import Refused
+from qdemo.serving.limits import Client
 from qdemo.views.bundle import bundle_html, read_bundle
 from tests.conftest import tiny_services
 
@@ -257,3 +258,48 @@ def test_the_score_view_joins_a_split_character_into_the_token_that_completes_it
     assert "".join(result.pieces).endswith("龍龍 y") and result.pieces.count("龍") == 2
     d = inspect.divergence_view(services, "c", services.default_model, services.default_model, text)
     assert d.pieces == result.pieces
+
+
+def test_a_clients_lens_and_score_feed_only_what_its_kept_state_lacks(services):
+    """Issue 20: after an API client's /chat turn, its lens and score of that answer feed only the answer (its
+    kept state holds the prompt); another client feeds everything. The grids and scores are the same."""
+    greedy = {"do_sample": False, "max_new_tokens": 8}
+    alice, bob = Client(session="alice", address="10.0.0.1"), Client(session="bob", address="10.0.0.2")
+    run = chat.api_answer(services, alice, "写一首关于秋天的诗, short", [], "", greedy, None)
+    history = [{"role": "user", "content": "写一首关于秋天的诗, short"},
+               {"role": "assistant", "content": run.done.text}]
+    subject = inspect.history_subject(services.default_model, history)
+    prompt = len(run.prefill.prompt_ids)
+    lm = services.pool.get(services.default_model)
+    fed: list[int] = []
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda m, a, out: fed.append(a[0].shape[1]))
+    try:
+        results = {}
+        for who in (alice, bob):
+            fed.clear()
+            lens = inspect.lens_view(services, who, subject)
+            lens_fed = sum(fed)
+            fed.clear()
+            score = inspect.score_view(services, who, "", "", subject=subject)
+            results[who.session] = (lens, lens_fed, score, sum(fed))
+    finally:
+        handle.remove()
+    ids = len(score.score.ids)
+    a_lens, a_lens_fed, a_score, a_score_fed = results["alice"]
+    b_lens, b_lens_fed, b_score, b_score_fed = results["bob"]
+    first_column = a_lens.grid.positions[0]
+    assert first_column == prompt - 1  # the column that predicts the answer's first token
+    assert a_lens_fed == a_lens.grid.positions[-1] + 1 - first_column  # the prompt came from the kept state
+    assert b_lens_fed == b_lens.grid.positions[-1] + 1  # another client's: the whole sequence
+    # bob's score reuses what his lens left; carol, who asks for the score alone, feeds it all but the last token
+    assert a_score_fed == b_score_fed == ids - 1 - (prompt - 1)
+    fed.clear()
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda m, a, out: fed.append(a[0].shape[1]))
+    try:
+        c_score = inspect.score_view(services, Client(session="carol", address="10.0.0.3"), "", "", subject=subject)
+    finally:
+        handle.remove()
+    assert sum(fed) == ids - 1 and c_score.score.logprobs == pytest.approx(a_score.score.logprobs, abs=1e-5)
+    assert a_lens.grid.positions == b_lens.grid.positions and (a_lens.grid.top1 == b_lens.grid.top1).all()
+    assert a_lens.grid.target_probs == pytest.approx(b_lens.grid.target_probs, abs=1e-5)
+    assert a_score.score.logprobs == pytest.approx(b_score.score.logprobs, abs=1e-5)

@@ -40,22 +40,35 @@ _GROW = 256  # token columns added when the buffers fill up
 
 @dataclass
 class DecodeState:
-    """B rows of token ids and the KV cache of exactly those tokens (rows left-padded to one width)."""
+    """B rows of token ids and the KV cache of exactly those tokens, padded to one width: row i's padding is the
+    columns [gap, gap + pads[i]) — at the left (gap 0) for prompts of different lengths, or after a prefix the rows
+    share (a batch forked from one prefill)."""
 
     model: str  # the model whose cache this is: a state never crosses models
     cache: Any  # the runner's cache: a transformers DynamicCache, or a llama.cpp context's sequences
-    tokens: torch.Tensor  # [B, capacity] long; row i's tokens are tokens[i, pads[i]:width]
-    pads: list[int]  # left padding per row
+    tokens: torch.Tensor  # [B, capacity] long; row i's tokens: tokens[i, :gap] then tokens[i, gap + pads[i]:width]
+    pads: list[int]  # padding per row
     runner: Runner  # how this model runs a forward and keeps its cache (TorchRunner, LlamaCppRunner)
     width: int = 0  # columns in use (the cache's sequence length)
     broken: bool = False  # a forward failed half way: the cache no longer matches the tokens
+    gap: int = 0  # the column where every row's padding starts
 
     @property
     def rows(self) -> int:
         return len(self.pads)
 
     def row_ids(self, row: int = 0) -> list[int]:
-        return self.tokens[row, self.pads[row]:self.width].tolist()
+        return self.row_tensor(row)[0].tolist()
+
+    def row_tensor(self, row: int) -> torch.Tensor:
+        """[1, n] the row's tokens, its padding left out."""
+        pad = self.pads[row]
+        if not pad:
+            return self.tokens[row:row + 1, :self.width]
+        if not self.gap:
+            return self.tokens[row:row + 1, pad:self.width]
+        ends = self.gap + pad
+        return torch.cat([self.tokens[row:row + 1, :self.gap], self.tokens[row:row + 1, ends:self.width]], dim=1)
 
     def kv_bytes(self) -> int:
         """Keys and values in use: the rows' tokens × a token's bytes (see Runner.kv_bytes)."""
@@ -73,14 +86,25 @@ class DecodeState:
 
     # --- shape changes -------------------------------------------------------------------------------------
     def crop(self, length: int) -> None:
-        """Keep the first `length` tokens (one unpadded row): the cache forgets the rest."""
-        if self.rows != 1 or self.pads[0]:
-            raise ValueError("crop needs one unpadded row")
+        """Keep the first `length` columns of one row (a padded row: only columns before its padding): the cache
+        forgets the rest."""
+        if self.rows != 1 or (self.pads[0] and length > self.gap):
+            raise ValueError("crop needs one row, cut before its padding")
         if not 0 <= length <= self.width:
             raise ValueError(f"crop to {length} tokens, but the state holds {self.width}")
         if length < self.width:
             self.runner.crop(self, length)
             self.width = length
+        if length <= self.gap or self.pads[0]:
+            self.gap, self.pads = 0, [0]
+
+    def settle(self) -> None:
+        """Make the state one unpadded row that a session can keep: the first row, cut before its padding (a
+        batch forked from a shared prefix keeps that prefix)."""
+        if self.rows > 1:
+            self.select([0])
+        if self.pads[0]:
+            self.crop(self.gap)
 
     def fork(self, rows: int) -> None:
         """One row → `rows` identical rows (one prefill shared by several continuations)."""
@@ -142,21 +166,24 @@ def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: i
 
 def prefill(lm: LoadedModel, state: DecodeState, rows: Sequence[Sequence[int]], lock: StepLock, chunk: int,
             should_stop: Callable[[], str | None] | None = None) -> tuple[torch.Tensor | None, str | None]:
-    """Append each row's tokens, `chunk` columns per turn at the gate. A fresh state takes rows of different
-    lengths (left-padded); a used one takes the same number of new tokens per row. Returns (the next-token logits
-    [B, V], None), or (None, reason) when `should_stop` said so between chunks."""
+    """Append each row's tokens, `chunk` columns per turn at the gate. Rows of different lengths are padded before
+    their tokens: at the left of a fresh state, or after the prefix an unpadded used state holds (its `gap`); a
+    padded used state takes the same number of new tokens per row. Returns (the next-token logits [B, V], None),
+    or (None, reason) when `should_stop` said so between chunks."""
     if len(rows) != state.rows:
         raise ValueError(f"prefill got {len(rows)} rows for a state of {state.rows}")
     lengths = {len(r) for r in rows}
     if 0 in lengths:
         raise ValueError("prefill needs at least one token per row")
-    if state.width and len(lengths) != 1:
-        raise ValueError("a used state takes the same number of new tokens in every row")
+    if any(state.pads) and len(lengths) != 1:
+        raise ValueError("a padded state takes the same number of new tokens in every row")
     longest = max(lengths)
     block = torch.zeros((state.rows, longest), dtype=torch.long, device=state.tokens.device)
+    if len(lengths) > 1:
+        state.gap = state.width
     for i, row in enumerate(rows):
         block[i, longest - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        if not state.width:
+        if len(lengths) > 1:
             state.pads[i] = longest - len(row)
     # On a fresh state the padding columns are prefilled too (masked), with the first chunk.
     logits = None
@@ -209,7 +236,7 @@ def choose(logits: torch.Tensor, state: DecodeState, choosers: Sequence[RowChoos
     and the chosen token's probabilities leave the device."""
     out = []
     for row, chooser in enumerate(choosers):
-        seq = state.tokens[row:row + 1, state.pads[row]:state.width]
+        seq = state.row_tensor(row)
         keep = chooser.top_n > 0
         chained = run_on_support(logits[row:row + 1], seq, chooser.stages, keep=keep)
         if chooser.greedy:

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import torch
 
@@ -146,9 +146,12 @@ def generate_batch(
     lm: LoadedModel, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
     stop_event: threading.Event | None = None, top_n: int = 20, ignore_eos: bool = False,
     step_lock: StepLock | None = None, prefill_chunk: int | None = None, time_limit_s: float | None = None,
+    state: DecodeState | None = None,
 ) -> Iterator[Event]:
-    """Different prompts in one left-padded batch (the batched inference of the seed articles): one prefill and
-    one forward per step for all rows. Row i answers prompts[i]; events carry their row."""
+    """Different prompts in one padded batch (the batched inference of the seed articles): one prefill and one
+    forward per step for all rows. The prefix all prompts share is prefilled once (a kept one-row `state` supplies
+    what it already holds of it) and the rows are padded after it. Row i answers prompts[i]; events carry their
+    row. A kept state ends holding the shared prefix."""
     started = time.perf_counter()
     if not prompts:
         raise ValueError("generate_batch needs at least one prompt")
@@ -159,8 +162,10 @@ def generate_batch(
     if any(p.beam_search for p, _ in checked):
         raise ValueError("beam search runs alone (num_beams > 1 is not a row of a batch)")
     rows = [_check_ids(lm, prompt, p) for prompt, (p, _) in zip(prompts, checked)]
+    if state is not None and (state.rows != 1 or state.model != lm.key):
+        raise ValueError(f"a kept decode state must be one row of {lm.spec.name}")
     clock = Deadline(started, time_limit_s, stop_event)
-    return _run(lm, None, rows, [p for p, _ in checked], (), clock, top_n, ignore_eos,
+    return _run(lm, state, rows, [p for p, _ in checked], (), clock, top_n, ignore_eos,
                 time.perf_counter() - started, step_lock or contextlib.nullcontext, checked[0][1], fork=False)
 
 
@@ -241,7 +246,7 @@ def _run(
     rows = [_new_row(lm, i, prompts[0] if fork else prompts[i], p, top_n, ignore_eos, prep_s, exact_draw)
             for i, p in enumerate(params)]
     outs = [row.out for row in rows]
-    state = kept if kept is not None and not kept.broken else new_state(lm, 1 if fork else len(rows))
+    state = kept if kept is not None and not kept.broken else new_state(lm)
     try:
         logits, waited = yield from _prefill_rows(lm, state, prompts, outs, dropped, clock, lock, chunk, fork)
         if logits is not None:
@@ -253,8 +258,8 @@ def _run(
         if kept is None or state is not kept:
             # Drop the KV cache now rather than when the consumer lets go of this generator.
             state.release()
-        elif state.rows > 1 and not state.broken:
-            state.select([0])  # a kept state is one row: the shared prompt and one row's answer
+        elif not state.broken:
+            state.settle()  # a kept state is one row: the shared prompt and (forked rows) one row's answer
     yield from finish(outs)  # rows stopped during the prefill, or failed
 
 
@@ -268,16 +273,15 @@ def _prefill_rows(
     ended), and how long the rows waited for them."""
     device = lm.device
     queued = now(device)
-    reused = 0
-    rows_in = prompts
+    t0 = now(device)
     if fork:
         ids = prompts[0]
-        if state.width:
-            reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1)
-            state.crop(reused)
-        rows_in = [ids[reused:]]
-    t0 = now(device)
-    logits, early = prefill(lm, state, rows_in, lock, chunk, clock.reason)
+        reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state.width else 0
+        state.crop(reused)
+        logits, early = prefill(lm, state, [ids[reused:]], lock, chunk, clock.reason)
+    else:
+        reused, rests, early = _shared_prefix(lm, state, prompts, lock, chunk, clock.reason)
+        logits, early = (None, early) if early else prefill(lm, state, rests, lock, chunk, clock.reason)
     prefill_s = now(device) - t0  # includes waits at the gate between chunks: what the user waited
     if fork and len(outs) > 1 and early is None:
         state.fork(len(outs))
@@ -292,6 +296,24 @@ def _prefill_rows(
             out.end(early)
         return None, waited
     return logits, waited
+
+
+def _shared_prefix(lm: LoadedModel, state: DecodeState, prompts: list[list[int]], lock: StepLock, chunk: int,
+                   should_stop: Callable[[], str | None]) -> tuple[int, list[list[int]], str | None]:
+    """The prefix all prompts share (each keeps at least one token of its own: its logits choose its first), fed
+    once into the one-row `state` (after what it already holds of it), which is then forked into one row per
+    prompt. Returns (tokens the state already held, each row's tokens after the prefix, a stop between chunks)."""
+    shared = min(len(p) for p in prompts) - 1
+    for other in prompts[1:]:
+        shared = min(shared, common_prefix(prompts[0], other))
+    held = min(common_prefix(state.row_ids(0), prompts[0]), shared) if state.width else 0
+    state.crop(held)
+    if shared > held:
+        _, early = prefill(lm, state, [prompts[0][held:shared]], lock, chunk, should_stop)
+        if early:
+            return held, [], early
+    state.fork(len(prompts))
+    return held, [p[shared:] for p in prompts], None
 
 
 def _decode_rows(lm: LoadedModel, state: DecodeState, rows: list[_Row], logits: torch.Tensor, waited: float,

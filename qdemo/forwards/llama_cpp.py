@@ -197,18 +197,20 @@ class LlamaCppRunner:
                 self._grow(state, 2 * state.cache.n_ctx)
 
     def _batch_entries(self, state: RunnerState, columns: torch.Tensor, keep: int):
-        """(token, position, seq, wants logits) per real token (left padding is not fed: llama.cpp sequences
-        are separate, no mask needed), and which (row, slot) each logits output fills, in entry order."""
+        """(token, position, seq, wants logits) per real token (padding is not fed: llama.cpp sequences are
+        separate, no mask needed), and which (row, slot) each logits output fills, in entry order."""
         n = columns.shape[1]
         tokens = columns.tolist()
         entries, wanted = [], []
         for row in range(state.rows):
+            pad = state.pads[row]
             for j in range(n):
                 column = state.width + j
-                if column < state.pads[row]:
+                if state.gap <= column < state.gap + pad:
                     continue
                 logits = j >= n - keep
-                entries.append((tokens[row][j], column - state.pads[row], state.cache.seqs[row], logits))
+                position = column if column < state.gap else column - pad
+                entries.append((tokens[row][j], position, state.cache.seqs[row], logits))
                 if logits:
                     wanted.append((row, j - (n - keep)))
         return entries, wanted
@@ -258,7 +260,9 @@ class LlamaCppRunner:
         """Forget every row's positions from column `length` on."""
         memory = self._memory(state.cache)
         for row, seq in enumerate(state.cache.seqs):
-            _lib().llama_memory_seq_rm(memory, seq, max(length - state.pads[row], 0), -1)
+            pad = state.pads[row]
+            position = length if length <= state.gap else max(length - pad, state.gap)
+            _lib().llama_memory_seq_rm(memory, seq, position, -1)
 
     def fork(self, state: RunnerState, rows: int) -> None:
         if rows > MAX_ROWS:

@@ -21,6 +21,7 @@ class RunnerState(Protocol):
     tokens: torch.Tensor
     pads: list[int]
     width: int
+    gap: int  # the column where each row's padding (pads[row] columns) starts
 
     @property
     def rows(self) -> int: ...

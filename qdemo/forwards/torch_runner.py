@@ -28,7 +28,7 @@ class TorchRunner:
         n = columns.shape[1]
         kwargs = {self.cache_kw: state.cache}
         if any(state.pads):
-            mask = padding_mask(state.pads, state.width + n, columns.device)
+            mask = padding_mask(state.pads, state.width + n, columns.device, state.gap)
             # Positions count real tokens only, so a left-padded row starts at 0 (padding gets 1, as generate does).
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, state.width:]
         else:  # unpadded rows: an all-ones mask, and the model counts positions from its cache as generate does
@@ -76,10 +76,11 @@ def kv_cache_bytes(cache: Any) -> int:
     return total
 
 
-def padding_mask(pads: list[int], width: int, device: torch.device) -> torch.Tensor:
-    """[B, width] attention mask: 0 on each row's left padding, 1 elsewhere."""
-    columns = torch.arange(width, device=device)
-    return (columns[None, :] >= torch.tensor(pads, device=device)[:, None]).long()
+def padding_mask(pads: list[int], width: int, device: torch.device, gap: int = 0) -> torch.Tensor:
+    """[B, width] attention mask: 0 on each row's padding (columns gap .. gap + pad), 1 elsewhere."""
+    columns = torch.arange(width, device=device)[None, :]
+    ends = gap + torch.tensor(pads, device=device)[:, None]
+    return ((columns < gap) | (columns >= ends)).long()
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.kept_states import client_state
 from qdemo.services.lab import context_ids
 from qdemo.serving.limits import Client
 
@@ -43,7 +44,8 @@ def batch(services: Services, client: Client | str | None, texts: list[str], mod
                           f"{services.limits.max_prompt_tokens}")
         if task == "score":
             return _score(backend, rows)
-        return _generate(backend, rows, params, services.limits.max_generation_seconds, stop)
+        with client_state(services.states, client, backend, use=not params.beam_search) as state:
+            return _generate(backend, rows, params, services.limits.max_generation_seconds, stop, state)
 
 
 def _generate_remote(backend, texts: list[str], params: SamplingParams, mode: str, time_limit_s: float,
@@ -90,14 +92,19 @@ def _which(exc: Exception, texts: Sequence[str]) -> int:
 
 
 def _generate(backend, rows: list[list[int]], params: SamplingParams, time_limit_s: float,
-              stop: threading.Event | None = None) -> list[dict[str, Any]]:
+              stop: threading.Event | None = None, state: Any = None) -> list[dict[str, Any]]:
+    """The rows' answers; `state` (the caller's kept decode state) supplies the prefix it holds of theirs."""
     if params.beam_search:
         raise Refused("beam search runs alone, not in a batch: set num_beams to 1")
     results: list[dict[str, Any]] = [{} for _ in rows]
-    for event in backend.generate_batch(rows, params, stop_event=stop, time_limit_s=time_limit_s):
-        if type(event).__name__ == "DoneEvent":
+    reused = 0
+    for event in backend.generate_batch(rows, params, stop_event=stop, time_limit_s=time_limit_s, state=state):
+        if type(event).__name__ == "PrefillEvent":
+            reused = event.reused_tokens
+        elif type(event).__name__ == "DoneEvent":
             results[event.row] = {"text": event.text, "tokens": list(event.token_ids), "reason": event.reason,
-                                  "error": event.error, "prompt_tokens": len(rows[event.row])}
+                                  "error": event.error, "prompt_tokens": len(rows[event.row]),
+                                  "reused_tokens": reused}
     return results
 
 

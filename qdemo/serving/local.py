@@ -180,10 +180,11 @@ class LocalBackend:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                        stop_event: threading.Event | None = None, top_n: int = 0,
-                       time_limit_s: float | None = None) -> Iterator[Event]:
-        """Different prompts in one left-padded batch."""
+                       time_limit_s: float | None = None, state: DecodeState | None = None) -> Iterator[Event]:
+        """Different prompts in one padded batch, their shared prefix prefilled once (a kept `state` supplies what
+        it holds of it, and holds the prefix afterwards)."""
         return generate_batch(self._lm, prompts, params, stop_event=stop_event, top_n=top_n,
-                              step_lock=self._gate.step, time_limit_s=time_limit_s)
+                              step_lock=self._gate.step, time_limit_s=time_limit_s, state=state)
 
     def token_logprobs(self, rows: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p of every token after the first of each row, given the tokens before it (teacher-forced)."""

@@ -54,7 +54,7 @@ def test_state_primitives_keep_the_cache_matching_the_tokens(tiny_lm):
     assert state.rows == 3 and state.cache.layers[0].keys.shape[0] == 3
     state.select([2, 0])
     assert state.rows == 2
-    with pytest.raises(ValueError, match="one unpadded row"):
+    with pytest.raises(ValueError, match="crop needs one row"):
         state.crop(1)
 
 
@@ -119,6 +119,51 @@ def test_a_left_padded_batch_equals_each_prompt_alone(tiny_lm):
         solo = collect(generate(tiny_lm, input_ids=ids, params=GREEDY))
         assert rows[i]["done"].token_ids == solo["done"].token_ids, i
         assert rows[i]["prefill"].prompt_ids == tuple(ids)
+
+
+def test_a_batch_prefills_its_shared_prefix_once_and_each_row_equals_its_solo_run(tiny_lm):
+    """Issue 20: the prompts' shared start (here the system prompt and the user header) is fed once and forked;
+    the rows are padded after it. Every row's tokens and stage numbers equal its solo run, the repetition
+    penalty included (it must see the row's own tokens, not its padding)."""
+    prompts = [prompt(tiny_lm, [{"role": "user", "content": text}])
+               for text in ("hi", "a much longer question about the quick brown fox and the lazy dog", "你好")]
+    shared = min(common_prefix(prompts[0], p) for p in prompts[1:])
+    assert shared > 5
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=30, repetition_penalty=1.8, seed=11,
+                            max_new_tokens=8)
+    fed: list[int] = []
+    handle = tiny_lm.model.get_input_embeddings().register_forward_hook(lambda m, a, o: fed.append(a[0].numel()))
+    try:
+        rows = by_row(generate_batch(tiny_lm, prompts, params, top_n=20))
+    finally:
+        handle.remove()
+    rests = [len(p) - shared for p in prompts]
+    # the prefix once, then every row padded to the longest rest, then one token per live row per step
+    assert fed[0] == shared and fed[1] == len(prompts) * max(rests)
+    for i, ids in enumerate(prompts):
+        solo = collect(generate(tiny_lm, input_ids=ids, params=params, top_n=20))
+        assert rows[i]["done"].token_ids == solo["done"].token_ids, i
+        for got, want in zip(rows[i]["tokens"], solo["tokens"]):
+            for a, b in zip(got.stages, want.stages):
+                assert a.token_ids == b.token_ids and a.probs == pytest.approx(b.probs, abs=1e-5), (i, a.name)
+
+
+def test_a_kept_state_serves_a_batch_and_keeps_the_shared_prefix(tiny_lm):
+    first = prompt(tiny_lm, [{"role": "user", "content": "hello there"}])
+    state = new_state(tiny_lm)
+    collect(generate(tiny_lm, input_ids=first, params=GREEDY, state=state))
+    prompts = [prompt(tiny_lm, [{"role": "user", "content": text}]) for text in ("hello there, friend", "hello you")]
+    shared = common_prefix(*prompts)
+    rows = by_row(generate_batch(tiny_lm, prompts, GREEDY, state=state))
+    assert rows[0]["prefill"].reused_tokens == min(common_prefix(first, prompts[0]), shared) > 0
+    # one unpadded row: a row's own prompt and answer, or (a padded row) the prefix the rows share
+    assert state.rows == 1 and not any(state.pads)
+    held = state.row_ids()
+    histories = [prompts[i] + list(rows[i]["done"].token_ids) for i in rows]
+    assert held == prompts[0][:shared] or any(h[:len(held)] == held and len(held) > len(p)
+                                              for h, p in zip(histories, prompts))
+    for i, ids in enumerate(prompts):
+        assert rows[i]["done"].token_ids == collect(generate(tiny_lm, input_ids=ids, params=GREEDY))["done"].token_ids
 
 
 def test_every_forward_of_the_new_paths_holds_the_gate(tiny_lm):

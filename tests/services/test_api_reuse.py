@@ -51,3 +51,20 @@ def test_the_address_names_a_client_without_a_session(services):
     again = chat.api_answer(services, Client(session=None, address="10.0.0.3"), "more", history, "", GREEDY, None)
     other = chat.api_answer(services, Client(session=None, address="10.0.0.4"), "more", history, "", GREEDY, None)
     assert again.prefill.reused_tokens > 0 and other.prefill.reused_tokens == 0
+
+
+def test_a_clients_batch_reuses_what_its_last_turn_left_and_keeps_the_shared_prefix(services):
+    from qdemo.services import batch
+
+    carol = Client(session="carol-session", address="10.0.0.5")
+    first = chat.api_answer(services, carol, "写一首诗", [], "", GREEDY, None)
+    prompts = ["写一首诗", "写一首关于海的诗"]
+    mine = batch.batch(services, carol, prompts, None, GREEDY)
+    theirs = batch.batch(services, Client(session="dave-session", address="10.0.0.6"), prompts, None, GREEDY)
+    prompt = list(first.prefill.prompt_ids)
+    assert mine[0]["prompt_tokens"] == len(prompt)  # the same chat prompt as the turn's
+    assert 0 < mine[0]["reused_tokens"] == mine[1]["reused_tokens"] < len(prompt)  # up to the prefix both share
+    assert theirs[0]["reused_tokens"] == 0
+    assert [r["tokens"] for r in mine] == [r["tokens"] for r in theirs]
+    again = batch.batch(services, carol, prompts, None, GREEDY)  # the prefix this client's batch kept
+    assert again[0]["reused_tokens"] == mine[0]["reused_tokens"]

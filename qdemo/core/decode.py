@@ -19,6 +19,7 @@ Nothing here knows about chats, prompts or Gradio: it works on token ids.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -201,7 +202,11 @@ def decode_step(lm: LoadedModel, state: DecodeState, tokens: Sequence[int], lock
     """Feed one token per row; returns the next-token logits [B, V]."""
     column = torch.tensor([[int(t)] for t in tokens], dtype=torch.long, device=state.tokens.device)
     with lock():
-        return _forward(lm, state, column)[:, -1, :]
+        began = time.perf_counter()
+        logits = _forward(lm, state, column)[:, -1, :]
+        if lm.device.type == "cpu":  # elsewhere the forward returns before the device is done: nothing to time
+            lm.step_costs.add(state.rows, time.perf_counter() - began)
+        return logits
 
 
 def verify(lm: LoadedModel, state: DecodeState, tokens: Sequence[int], lock: StepLock) -> torch.Tensor:

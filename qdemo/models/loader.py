@@ -27,6 +27,7 @@ from qdemo.models.cpu_layout import column_major_tall_linears
 from qdemo.models.families import Family, get_family
 from qdemo.models.progress import reporting
 from qdemo.models.registry import GgufPartsSource, ModelSpec
+from qdemo.models.step_costs import StepCosts
 from qdemo.models.sources import MODEL_LOADS, ProgressFn, resolve
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,7 @@ class LoadedModel:
     runner: object | None = None
     config: Any = None  # the checkpoint's transformers config
     vocab_size: int = 0  # rows of the logits
+    step_costs: StepCosts = field(default_factory=StepCosts)  # decode forwards' recent cost, by rows
 
     def __post_init__(self) -> None:
         if not self.max_context:

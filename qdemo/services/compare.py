@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -64,17 +64,33 @@ class CompareUpdate:
     done: bool = False
 
 
+ROWS, ONE_AFTER_THE_OTHER, TAKING_TURNS = "rows", "one after the other", "taking turns"
+SEQUENTIAL_NOTE = ("B follows A: on this model here, two rows in one batch have decoded slower than one row at a "
+                   "time, so the sides run one after the other from one shared prefill.")
+
+
+def pair_mode(backend_a: Backend, backend_b: Backend, params_a: SamplingParams, params_b: SamplingParams) -> str:
+    """How the two sides run: one model whose batch pays decodes them as two rows of one batch; one model whose
+    two-row steps cost more than two single steps (some CPU forwards) runs them one after the other from one
+    prefill; two models (or beam search) take turns."""
+    one_model = backend_a.key == backend_b.key and backend_a.capabilities.rows
+    if not one_model or params_a.beam_search or params_b.beam_search:
+        return TAKING_TURNS
+    return ROWS if backend_a.batch_pays(2) else ONE_AFTER_THE_OTHER
+
+
 def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, str]],
              params_a: SamplingParams, params_b: SamplingParams, run_a: RunRecord, run_b: RunRecord,
              stop_event: threading.Event | None = None, top_n: int = 20, services: Services | None = None,
-             states: Sequence[DecodeState | None] = (None, None)) -> Iterator[tuple[RunRecord, RunRecord]]:
-    """Both sides, yielding both records after every step. On one model the prompt is prefilled once and forked
-    into two rows that decode as one batch (each side's tokens equal its solo run); on two models the sides take
-    turns. With `services`, each side runs under the server's prompt and time limits. `states`: kept decode states
-    of each side's model (one model: the first serves both rows) that supply their common prefix with the prompt
-    and hold the run afterwards. A prompt that does not fit raises here, before anything streams."""
-    one_model = backend_a.key == backend_b.key and backend_a.capabilities.rows
-    if one_model and not (params_a.beam_search or params_b.beam_search):
+             states: Sequence[DecodeState | None] = (None, None), mode: str | None = None
+             ) -> Iterator[tuple[RunRecord, RunRecord]]:
+    """Both sides, yielding both records after every step, run as `mode` (default: `pair_mode`) says; each side's
+    tokens equal its solo run. With `services`, each side runs under the server's prompt and time limits. `states`:
+    kept decode states of each side's model (one model: the first serves both sides) that supply their common
+    prefix with the prompt and hold the run afterwards. A prompt that does not fit raises here, before anything
+    streams."""
+    mode = mode or pair_mode(backend_a, backend_b, params_a, params_b)
+    if mode == ROWS:
         limit = max(params_a.max_new_tokens, params_b.max_new_tokens)
         cap = services.limits.max_prompt_tokens if services is not None else None
         prompt = backend_a.chat_prompt(messages, limit, max_prompt_tokens=cap)
@@ -83,14 +99,38 @@ def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, st
                                          time_limit_s=services.limits.max_generation_seconds if services else None,
                                          state=states[0])
         return _route(stream, [run_a, run_b])
-    if services is not None:
-        streams = [chat_events(services, backend, messages, params, stop_event, top_n, state=state)
-                   for backend, params, state in zip((backend_a, backend_b), (params_a, params_b), states)]
-    else:
-        streams = [backend.generate(messages=messages, params=params, stop_event=stop_event, top_n=top_n,
-                                    state=state)
-                   for backend, params, state in zip((backend_a, backend_b), (params_a, params_b), states)]
+
+    def side(backend: Backend, params: SamplingParams, state: DecodeState | None) -> Iterator:
+        if services is not None:
+            return chat_events(services, backend, messages, params, stop_event, top_n, state=state)
+        return backend.generate(messages=messages, params=params, stop_event=stop_event, top_n=top_n, state=state)
+
+    if mode == ONE_AFTER_THE_OTHER:
+        if services is not None:  # the prompt limit is checked before anything streams, as for rows
+            backend_a.chat_prompt(messages, max(params_a.max_new_tokens, params_b.max_new_tokens),
+                                  max_prompt_tokens=services.limits.max_prompt_tokens)
+        return _one_after_the_other(backend_a, side, (params_a, params_b), states[0], [run_a, run_b])
+    streams = [side(backend, params, state)
+               for backend, params, state in zip((backend_a, backend_b), (params_a, params_b), states)]
     return _alternate(streams, [run_a, run_b])
+
+
+def _one_after_the_other(backend: Backend, side: Callable[..., Iterator], params: Sequence[SamplingParams],
+                         kept: DecodeState | None, records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:
+    """Side A to its end, then side B from the same decode state: B prefills only the prompt's last token."""
+    state = kept if kept is not None else backend.new_state()
+    try:
+        for record, p in zip(records, params):
+            stream = side(backend, p, state)
+            try:
+                for event in stream:
+                    record.add(event)
+                    yield records[0], records[1]
+            finally:
+                stream.close()
+    finally:
+        if kept is None and state is not None:
+            state.release()
 
 
 def _route(stream: Iterator, records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:
@@ -221,11 +261,14 @@ def compare(services: Services, session: CompareSession | None, client: str | No
         run_b = run_record(backend_b, params_b, first_run_id + 1, "B")
         states = _client_states(services, kept, client, (backend_a, backend_b), (params_a, params_b))
         shown_at = 0.0
+        mode = pair_mode(backend_a, backend_b, params_a, params_b)
         try:
             pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,
-                             services, states)
+                             services, states, mode)
         except ValueError as exc:  # the prompt does not fit
             raise Refused(str(exc)) from None
+        if mode == ONE_AFTER_THE_OTHER:
+            notice = " ".join(n for n in (notice, SEQUENTIAL_NOTE) if n)
         for run_a, run_b in pairs:
             if time.perf_counter() - shown_at >= UI_INTERVAL_S:
                 shown_at = time.perf_counter()

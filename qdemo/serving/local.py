@@ -134,6 +134,11 @@ class LocalBackend:
         return conversation_prompt_ids(self._lm.tokenizer, messages, self._lm.family.build_prompt)
 
     # --- forwards (each through the step gate) ------------------------------------------------------------------
+    def batch_pays(self, rows: int = 2) -> bool:
+        """Whether `rows` rows in one batch decode faster than one after the other on this model here, from its
+        recent decode steps (until both are known: yes)."""
+        return self._lm.step_costs.batch_pays(rows) is not False
+
     def new_state(self) -> DecodeState:
         """An empty one-row decode state for this model (a chat keeps it between turns)."""
         return new_state(self._lm)

@@ -83,6 +83,8 @@ class Backend(Protocol):
     def shape(self) -> tuple[int, int]: ...
 
     # --- streams ------------------------------------------------------------------------------------------------
+    def batch_pays(self, rows: int = 2) -> bool:
+        """Whether `rows` rows decode faster in one batch than one after the other here."""
     def new_state(self) -> DecodeState | None:
         """An empty decode state a chat keeps between turns (None: the server keeps its own cache)."""
     def chat(self, messages: Sequence[Message], prompt: Prompt, params: SamplingParams,

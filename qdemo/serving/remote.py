@@ -118,6 +118,9 @@ class RemoteBackend:
     def timeout_s(self) -> float:
         return self._timeout_s if self._timeout_s is not None else TIMEOUT_S  # read late: tests shorten it
 
+    def batch_pays(self, rows: int = 2) -> bool:
+        return False  # the server batches its own slots
+
     def new_state(self) -> None:
         return None  # the server keeps its own cache (prefix caching)
 

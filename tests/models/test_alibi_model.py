@@ -178,8 +178,10 @@ def test_cached_decoding_as_the_engine_calls_it(model, state):
     from types import SimpleNamespace
 
     from qdemo.core.decode import decode_step, new_state, prefill
+    from qdemo.models.step_costs import StepCosts
 
-    lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"), key="alibi", runner=None)
+    lm = SimpleNamespace(model=model, device=torch.device("cpu"), spec=SimpleNamespace(name="alibi"), key="alibi",
+                         runner=None, step_costs=StepCosts())
     start = 7
     total = start + 5
     decode = new_state(lm)

@@ -70,3 +70,43 @@ def test_a_clients_next_compare_reuses_its_prompt_and_no_one_elses(tiny_dir, tmp
     for run in (again, other):
         assert run.a.done.token_ids == first.a.done.token_ids and run.b.done.token_ids == first.b.done.token_ids
         assert run.report == first.report
+
+
+def test_where_a_batch_of_two_does_not_pay_the_sides_run_one_after_the_other_from_one_prefill(tiny_dir, tmp_path,
+                                                                                               tiny_lm):
+    """Issue 20: a Compare must never be slower than its sides one after the other. On a model whose two-row steps
+    have cost more than two single steps, A runs to its end, then B from the same state (only the prompt's last
+    token is fed again); each side still equals its solo run, and the status says why B waits."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024))
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                        limits=Limits(requests_per_minute=1000))
+    lm = services.pool.get(registry.default)
+    for _ in range(8):
+        lm.step_costs.add(1, 0.010)
+        lm.step_costs.add(2, 0.025)
+    greedy = SamplingParams(max_new_tokens=10)
+    sampled = SamplingParams(do_sample=True, temperature=0.5, top_k=3, max_new_tokens=14)
+    fed: list[int] = []
+    handle = lm.model.get_input_embeddings().register_forward_hook(lambda m, a, o: fed.append(a[0].shape[0]))
+    try:
+        updates = list(compare.compare(services, None, "c", "Write a haiku.", "", "", greedy, sampled, 4, 1))
+    finally:
+        handle.remove()
+    final = updates[-1]
+    assert compare.SEQUENTIAL_NOTE in updates[0].status and compare.SEQUENTIAL_NOTE in final.status
+    assert all(len(u.b.tokens) == 0 or u.a.done is not None for u in updates)  # B starts once A has ended
+    assert set(fed) == {1}  # never a batch of two rows
+    prompt = list(final.a.prefill.prompt_ids)
+    assert final.b.prefill.reused_tokens == len(prompt) - 1
+    for run, params in ((final.a, greedy), (final.b, sampled)):
+        solo = collect(generate(tiny_lm, input_ids=prompt, params=params.replace(seed=4)))
+        assert run.done.token_ids == solo["done"].token_ids
+    assert final.report["step"] == 4 and final.report["a_prob_of_b"] is not None
+
+
+def test_the_engine_times_its_decode_steps_by_rows(tiny_dir, tmp_path, tiny_lm):
+    from qdemo.core.engine import generate_rows
+
+    before = len(tiny_lm.step_costs._seen.get(2, ()))
+    list(generate_rows(tiny_lm, [1, 2, 3], [SamplingParams(max_new_tokens=6)] * 2, ignore_eos=True))
+    assert len(tiny_lm.step_costs._seen[2]) == min(before + 5, 32)  # one per decode forward after the prefill

@@ -159,8 +159,11 @@ def _forward(lm: LoadedModel, state: DecodeState, columns: torch.Tensor, keep: i
     except BaseException:
         state.broken = True
         raise
-    state._reserve(n)
-    state.tokens[:, state.width:state.width + n] = columns
+    # A kept state moves between the engine, the lens and scoring (some run under inference mode): its buffers are
+    # always written in inference mode, so none of them refuses the next in-place write.
+    with torch.inference_mode():
+        state._reserve(n)
+        state.tokens[:, state.width:state.width + n] = columns
     state.width += n
     return logits
 

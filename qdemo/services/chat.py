@@ -524,9 +524,6 @@ def api_turn(services: Services, client: Client | str | None, message: Any, hist
     if run.prefill is not None and run.prefill.dropped_turns:
         notes.append(f"{len(run.prefill.dropped_turns)} older message(s) were left out to fit this server's prompt "
                      "limit.")
-    if run.prefill is not None and run.prefill.reused_tokens:
-        notes.append(f"Reused {run.prefill.reused_tokens:,} of {len(run.prefill.prompt_ids):,} prompt tokens from "
-                     "your last request on this model.")
     if run.done and run.done.error:
         raise Refused(run.done.error)
 

@@ -9,6 +9,7 @@ open, its gr.Request, gr.Progress and gr.EventData ones included) plus a gr.Requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -17,7 +18,7 @@ import threading
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, NoReturn, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Sequence
 
 import gradio as gr
 from gradio.context import LocalContext
@@ -196,14 +197,19 @@ def stoppable(fn: Callable) -> Callable:
         async def endpoint(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
             call = _Call.start(name)
             items = fn(*args, **{k: call.stop for k in wants}, **kwargs)  # a generator: none of it runs yet
+            ahead = _Ahead(asyncio.get_running_loop())
+            pumping = asyncio.wrap_future(call.worker.submit(call.context.run, ahead.pump, items, call.stop))
             try:
                 while True:
-                    item = await call.run(next, items, _END)
-                    if item is _END or call.left:
+                    item, finished = await call.newest(ahead)
+                    if call.left:
                         return
-                    yield item
+                    if item is not _END:
+                        yield item
+                    if finished:
+                        return
             finally:
-                await call.end(items.close)
+                await call.end(pumping)
     else:
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
             call = _Call.start(name)
@@ -260,15 +266,77 @@ class _Call:
             self.stop.set()
             log.info("%s stopped: its client %s", self.name, why)
 
-    async def end(self, close: Callable[[], Any] | None = None) -> None:
-        """The handler's generator closed on its own thread (after whatever still runs there), and the thread let
-        go."""
+    async def newest(self, ahead: "_Ahead") -> tuple[Any, bool]:
+        """The generator's newest item not yet sent (_END: none) and whether it has ended (a failure raises here,
+        after the items before it); the stop event is set the moment the caller cancels or is gone."""
+        try:
+            while True:
+                item, finished = ahead.take()
+                if item is not _END or finished:
+                    return item, finished
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(ahead.signal.wait(), timeout=POLL_S)
+                ahead.signal.clear()
+                if not self.left and not self.alive():
+                    self.halt("left")
+        except asyncio.CancelledError:
+            self.halt("cancelled")
+            raise
+
+    async def end(self, pending: Awaitable[Any] | None = None) -> None:
+        """The handler's work ended on its own thread (a generator closed there), and the thread let go. The stop
+        event is set first, so a generator still running ends within a step: its model lease is free before the
+        concurrency slot."""
         self.stop.set()
         try:
-            if close is not None:
-                await asyncio.wrap_future(self.worker.submit(self.context.run, close))
+            if pending is not None:
+                await asyncio.shield(pending)
         finally:
             self.worker.shutdown(wait=False)
+
+
+class _Ahead:
+    """A generator endpoint's items, run to the end on the call's thread while Gradio sends the last one (a token's
+    diff, JSON and event-stream write no longer delay the next step). Each item is the whole answer so far, so
+    when Gradio falls behind only the newest is sent."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.signal = asyncio.Event()
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._item: Any = _END
+        self._finished = False
+        self._error: BaseException | None = None
+
+    def pump(self, items: Any, stop: threading.Event) -> None:
+        try:
+            for item in items:
+                self._put(item)
+                if stop.is_set():  # the caller went: the generator is closed at its next yield
+                    break
+        except BaseException as exc:  # noqa: BLE001 - raised to the caller by take(), after the items before it
+            self._error = exc
+        finally:
+            items.close()
+            with self._lock:
+                self._finished = True
+            self._loop.call_soon_threadsafe(self.signal.set)
+
+    def _put(self, item: Any) -> None:
+        with self._lock:
+            self._item = item
+        self._loop.call_soon_threadsafe(self.signal.set)
+
+    def take(self) -> tuple[Any, bool]:
+        """(the newest item not yet taken or _END, whether nothing more will come); a failure of the generator is
+        raised once its items before it are taken."""
+        with self._lock:
+            item, self._item, finished = self._item, _END, self._finished
+        if item is not _END:
+            return item, finished and self._error is None
+        if finished and self._error is not None:
+            raise self._error
+        return item, finished
 
 
 def _caller_alive() -> Callable[[], bool]:

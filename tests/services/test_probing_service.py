@@ -300,6 +300,14 @@ def test_a_clients_lens_and_score_feed_only_what_its_kept_state_lacks(services):
     finally:
         handle.remove()
     assert sum(fed) == ids - 1 and c_score.score.logprobs == pytest.approx(a_score.score.logprobs, abs=1e-5)
+    # A state the views grew (under inference mode) serves the client's next turn: a conversation longer than the
+    # state's first buffer, inspected by a client with no state yet.
+    long = [{"role": "user", "content": "数一数: " + " ".join(str(i) for i in range(150))},
+            {"role": "assistant", "content": "一 二 三 " * 30}]
+    erin = Client(session="erin", address="10.0.0.4")
+    inspect.lens_view(services, erin, inspect.history_subject(services.default_model, long))
+    again = chat.api_answer(services, erin, "再写一首", long, "", greedy, None)
+    assert again.done.error is None and again.prefill.reused_tokens > 256
     assert a_lens.grid.positions == b_lens.grid.positions and (a_lens.grid.top1 == b_lens.grid.top1).all()
     assert a_lens.grid.target_probs == pytest.approx(b_lens.grid.target_probs, abs=1e-5)
     assert a_score.score.logprobs == pytest.approx(b_score.score.logprobs, abs=1e-5)

@@ -192,3 +192,54 @@ def test_a_refusal_and_a_result_pass_through_the_wrapper():
     assert asyncio.run(call("hi")) == "HI"
     with pytest.raises(gr.Error, match="message is empty"):
         asyncio.run(call(""))
+
+
+# --- issue 20: a streaming endpoint's next step does not wait for Gradio to send the last item -------------------
+
+def counting_stream(n: int, request: gr.Request = None, stop: threading.Event | None = None):
+    """Yields the answer so far, n times, recording how far it got and whether it was closed."""
+    counting_stream.made = 0
+    counting_stream.closed = False
+    try:
+        for i in range(1, n + 1):
+            counting_stream.made = i
+            yield "x" * i
+    finally:
+        counting_stream.closed = True
+
+
+def test_a_stream_runs_ahead_of_a_slow_sender_and_its_last_item_always_arrives():
+    """Before, the generator made its next item only when Gradio asked for it, after sending the last (a token's
+    diff, JSON and event-stream write delayed every step). Now it runs on while the sender is busy; the sender
+    gets the newest item each time, and always the last."""
+
+    async def call():
+        got, made_when_got = [], []
+        async for item in stoppable(guarded(counting_stream, ErrorReply()))(200, None):
+            got.append(item)
+            made_when_got.append(counting_stream.made)
+            await asyncio.sleep(0.05)  # a slow sender
+        return got, made_when_got
+
+    got, made = asyncio.run(call())
+    assert got[-1] == "x" * 200 and counting_stream.closed
+    assert len(got) < 200 and made[1] > 2  # the generator had run ahead by the second send
+    assert [len(g) for g in got] == sorted({len(g) for g in got})  # newer each time, never an old one again
+
+
+def failing_stream(request: gr.Request = None, stop: threading.Event | None = None):
+    yield "first"
+    yield "second"
+    raise Refused("the model went away")
+
+
+def test_a_failure_after_some_items_reaches_the_caller_after_the_newest_item():
+    async def call():
+        got = []
+        with pytest.raises(gr.Error, match="the model went away"):
+            async for item in stoppable(guarded(failing_stream, ErrorReply()))(None):
+                got.append(item)
+                await asyncio.sleep(0.05)
+        return got
+
+    assert asyncio.run(call())[-1] == "second"

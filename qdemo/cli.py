@@ -11,7 +11,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from qdemo.bench import faults, loadtest
+from qdemo.bench import api_path, faults, loadtest
 from qdemo.bench.forwards import format_forward_table, run_forward_bench
 from qdemo.bench.llama_server import LlamaServer, server_binary
 from qdemo.bench.scenarios import format_scenario, run_scenario
@@ -122,16 +122,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.scenario == "single" and args.forward:
         result = run_forward_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
                                    vs_llama_cpp=args.vs_llama_cpp, prompt=args.prompt)
+        if args.vs_llama_cpp and server_binary() is not None:  # and what an API user gets, timed on the client
+            result["api"] = api_path.api_stream(args.name, args.registry, tokens=args.tokens, runs=args.runs)
         print(json.dumps(result) if args.json else format_forward_table(result))
+        if "api" in result and not args.json:
+            print(api_path.format_api(result["api"]))
         return 0
     if args.scenario == "single":
         result = run_bench(args.name, tokens=args.tokens, runs=args.runs, registry_path=args.registry,
                            device=args.device, dtype=args.dtype, prompt=args.prompt)
         print(json.dumps(result) if args.json else format_table(result))
         return 0
+    if args.scenario == "api":
+        result = api_path.api_stream(args.name, args.registry, tokens=args.tokens, runs=args.runs)
+        print(json.dumps(result) if args.json else api_path.format_api(result))
+        return 0
     result = run_scenario(args.scenario, args.name, runs=args.runs, tokens=args.tokens, registry_path=args.registry,
                           device=args.device, dtype=args.dtype, forward=args.forward or "torch")
-    print(json.dumps(result) if args.json else format_scenario(result))
+    print(json.dumps(result) if args.json else format_scenario(result), flush=True)
+    if args.scenario == "multiturn":  # the same, through the app's API: gradio_client sessions on `python app.py`
+        through = api_path.api_multiturn(args.name, args.registry, runs=args.runs, forward=args.forward or "llama.cpp")
+        print(json.dumps(through) if args.json else api_path.format_multiturn_api(through))
     return 0
 
 
@@ -212,10 +223,13 @@ def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="engine vs transformers generate, and each new engine path vs the old way")
     p.add_argument("name")
-    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect"], default="single",
-                   help="single: engine vs HF generate; multiturn: kept decode state vs full re-prefill; ab: one "
-                        "prefill forked into two rows vs two runs; assisted: speculative decoding vs the target "
-                        "alone; inspect: lens, attribution and scoring of a 512-token chat vs one prefill")
+    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect", "api"],
+                   default="single",
+                   help="single: engine vs HF generate; multiturn: kept decode state vs full re-prefill, in process "
+                        "and through the app's API; ab: one-model Compare vs its sides one after the other; "
+                        "assisted: speculative decoding vs the target alone; inspect: lens, attribution and scoring "
+                        "of a 512-token chat vs one prefill; api: the app's streaming /chat vs llama-server's, "
+                        "timed on the client")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,8 @@ import psutil
 from gguf import GGUFReader
 from gradio_client import Client
 
-from qdemo.bench.llama_server import LlamaServer, free_port, server_binary
+from qdemo.bench.app_process import root, running_app
+from qdemo.bench.llama_server import LlamaServer, server_binary
 from qdemo.bench.single import decode_step_bytes, engine_run, hf_run
 from qdemo.core.engine import collect, generate
 from qdemo.core.events import TokenEvent
@@ -154,53 +154,25 @@ print(json.dumps({"ready_s": ready, "rss": psutil.Process().memory_info().rss}))
 def fresh_load(registry_path: str | None, name: str, forward: str) -> dict[str, float]:
     """Load time and resident memory after a load and one forward, in a fresh Python process."""
     out = subprocess.run([sys.executable, "-c", _PROBE, registry_path or "", name, forward], capture_output=True,
-                         text=True, check=True, env={**os.environ, "PYTHONPATH": _root()})
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": root()})
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _root() -> str:
-    return str(Path(__file__).resolve().parents[2])
 
 
 def app_first_token(registry_path: str | None, forward: str, timeout_s: float = 180.0) -> dict[str, float]:
     """`python app.py` in a fresh process to the first streamed token of a first message (the /chat endpoint,
     as soon as the app answers), and the app's resident memory once the answer is done."""
-    port = free_port()
-    env = {**os.environ, "QDEMO_FORWARD": forward, "PYTHONPATH": _root()}
-    if registry_path:
-        env["QDEMO_MODELS"] = registry_path
-    with tempfile.TemporaryFile() as log:
-        t0 = time.perf_counter()
-        process = subprocess.Popen([sys.executable, str(Path(_root()) / "app.py"), "--port", str(port)], env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                if process.poll() is not None or time.perf_counter() - t0 > timeout_s:
-                    log.seek(0)
-                    raise RuntimeError("the app did not start: " + log.read().decode(errors="replace")[-2000:])
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"{url}/gradio_api/info", timeout=1):
-                        break
-                time.sleep(0.05)
-            up = time.perf_counter() - t0
-            client = Client(f"{url}/", verbose=False)  # what a page does first: read the app's config
-            job = client.submit("Say hello in one short sentence.", [], "", {"do_sample": False,
-                                                                               "max_new_tokens": 16},
-                                api_name="/chat")
-            first = None
-            for _ in job:
-                if first is None:
-                    first = time.perf_counter() - t0
-            job.result()
-            rss = psutil.Process(process.pid).memory_info().rss
-            return {"app_up_s": up, "first_token_s": first if first is not None else float("nan"), "app_rss": rss}
-        finally:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(15)
-            if process.poll() is None:
-                process.kill()
+    t0 = time.perf_counter()
+    with running_app(registry_path, forward, timeout_s) as (url, process, up):
+        client = Client(f"{url}/", verbose=False)  # what a page does first: read the app's config
+        job = client.submit("Say hello in one short sentence.", [], "", {"do_sample": False, "max_new_tokens": 16},
+                            api_name="/chat")
+        first = None
+        for _ in job:
+            if first is None:
+                first = time.perf_counter() - t0
+        job.result()
+        rss = psutil.Process(process.pid).memory_info().rss
+        return {"app_up_s": up, "first_token_s": first if first is not None else float("nan"), "app_rss": rss}
 
 
 # --- the benchmark --------------------------------------------------------------------------------------------

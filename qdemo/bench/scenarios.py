@@ -3,8 +3,7 @@ of doing the same, alternating in one process, medians reported (the "single" sc
 
 - multiturn: the first token of a chat turn after ~3,000 history tokens, with the decode state kept from the last
   turn (only the new turn is prefilled) vs a full re-prefill of the whole conversation.
-- ab: two continuations of one prompt (greedy and sampled, as Compare's sides), one prefill forked into two rows
-  decoded as one batch vs the two run one after the other.
+- ab: one-model Compare as the app runs it against its two sides as two chats (qdemo.bench.pairs).
 - assisted: speculative decoding with the registry's draft model vs the target alone, greedy, on a code prompt;
   with the draft's acceptance rate.
 """
@@ -17,9 +16,11 @@ from typing import Any, Callable
 
 import torch
 
+from qdemo.bench import pairs
+from qdemo.bench.pairs import CODE_PROMPT
 from qdemo.bench.probes import format_inspect, run_inspect_bench
 from qdemo.core.decode import new_state
-from qdemo.core.engine import collect, generate, generate_assisted, generate_rows
+from qdemo.core.engine import collect, generate, generate_assisted
 from qdemo.forwards.llama_cpp import load_llama_model
 from qdemo.models.loader import LoadedModel, load_model
 from qdemo.models.prompting import build_prompt
@@ -27,7 +28,6 @@ from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 
 SCENARIOS = ("single", "multiturn", "ab", "assisted", "inspect")
-CODE_PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime, with tests."
 HISTORY_TURN = ("Here is a log line: [{i:04d}] worker {w} finished task {t} in {s}.{d} s with status ok. "
                 "What does it say about worker {w}?")
 
@@ -81,31 +81,6 @@ def multiturn(lm: LoadedModel, runs: int = 3, history_tokens: int = 3000) -> dic
             "kept_runs_s": reuse, "full_runs_s": fresh}
 
 
-def ab(lm: LoadedModel, runs: int = 3, tokens: int = 48) -> dict[str, Any]:
-    """Both Compare sides to the end: one prefill + batched decode vs the two one after the other."""
-    ids = _chat_ids(lm, [{"role": "user", "content": CODE_PROMPT}], tokens)
-    sides = [SamplingParams(max_new_tokens=tokens),
-             SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, seed=1, max_new_tokens=tokens)]
-
-    def batched() -> float:
-        t0 = time.perf_counter()
-        list(generate_rows(lm, ids, sides, ignore_eos=True))
-        return time.perf_counter() - t0
-
-    def sequential() -> float:
-        t0 = time.perf_counter()
-        for params in sides:
-            collect(generate(lm, input_ids=ids, params=params, ignore_eos=True))
-        return time.perf_counter() - t0
-
-    one, two = _alternate(runs, batched, sequential)
-    return {"scenario": "ab", "model": lm.spec.name, "prompt_tokens": len(ids), "tokens": tokens, "runs": runs,
-            "batched_s": statistics.median(one), "sequential_s": statistics.median(two),
-            "speedup": statistics.median(two) / statistics.median(one),
-            "target": ">= 1.6 where the forward reads the weights once for both rows; >= 1.2 on this CPU's torch path",
-            "batched_runs_s": one, "sequential_runs_s": two}
-
-
 def assisted(target: LoadedModel, draft: LoadedModel, runs: int = 3, tokens: int = 64, k: int = 4
              ) -> dict[str, Any]:
     """Greedy decode speed of the target with the draft proposing `k` tokens vs the target alone."""
@@ -154,7 +129,7 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
     if scenario == "multiturn":
         result = multiturn(lm, runs)
     elif scenario == "ab":
-        result = ab(lm, runs, min(tokens, 64))
+        result = pairs.ab(lm, runs, min(tokens, 64))
     elif scenario == "inspect":
         result = run_inspect_bench(lm, runs)
     else:
@@ -177,10 +152,7 @@ def format_scenario(r: dict[str, Any]) -> str:
                 ("ratio kept / full", f"{r['ratio']:.3f} (target {r['target']}); same first token: "
                                       f"{r['same_first_token']}")]
     elif r["scenario"] == "ab":
-        rows = [("prompt / tokens per side", f"{r['prompt_tokens']} / {r['tokens']}"),
-                ("one prefill, batched rows", f"{r['batched_s']:.2f} s  runs {_fmt(r['batched_runs_s'])}"),
-                ("two runs, one after the other", f"{r['sequential_s']:.2f} s  runs {_fmt(r['sequential_runs_s'])}"),
-                ("speedup", f"{r['speedup']:.2f}x (target {r['target']})")]
+        return pairs.format_ab(r, head)
     else:
         rows = [("draft / tokens per round", f"{r['draft']} / {r['k']}"),
                 ("with the draft", f"{r['assisted_tok_s']:.2f} tok/s  runs {_fmt(r['assisted_runs_tok_s'])}"),

@@ -98,10 +98,13 @@ class KeptStates:
 
 
 def client_state_key(client: Client | str | None, model: str) -> str | None:
-    """Whose kept decode state of `model` a request reuses: the caller's Gradio session (one gradio_client Client or
-    one page), else its address; never another caller's (a reused prefix shows in the timing). None: nobody to
-    keep it for."""
-    who = client if isinstance(client, str) or client is None else (client.session or client.address)
+    """Whose kept decode state of `model` a request reuses: the caller's Gradio session (one gradio_client Client,
+    one page, or the session_hash a REST call sends), else its address; never another caller's (a reused prefix
+    shows in the timing). None: nobody to keep it for."""
+    if isinstance(client, str) or client is None:
+        who = client
+    else:
+        who = client.session if client.session and client.own_session else client.address
     return f"client:{who}:{model}" if who else None
 
 

@@ -84,6 +84,7 @@ class Client:
 
     session: str | None
     address: str | None
+    own_session: bool = True  # False: Gradio named this one call after its event (a REST call without a session)
 
 
 class RateLimiter:
@@ -124,7 +125,7 @@ class RateLimiter:
 
 
 def client_from_headers(session: str | None, peer: str | None, forwarded_for: str | None,
-                        trusted_proxies: int = 0) -> Client:
+                        trusted_proxies: int = 0, own_session: bool = True) -> Client:
     """The client's address: the socket peer, or — behind `trusted_proxies` proxies that each append the address
     they saw to X-Forwarded-For — the entry that many places from the right. Entries further left were written by
     the client and are not believed."""
@@ -133,4 +134,4 @@ def client_from_headers(session: str | None, peer: str | None, forwarded_for: st
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
         if len(hops) >= trusted_proxies:
             address = hops[-trusted_proxies]
-    return Client(session=session, address=address)
+    return Client(session=session, address=address, own_session=own_session)

@@ -379,8 +379,10 @@ class UIContext:
         they saw), which the rate limits count."""
         headers = getattr(request, "headers", None) or {}
         peer = getattr(getattr(request, "client", None), "host", None)
-        return client_from_headers(getattr(request, "session_hash", None), peer, headers.get("x-forwarded-for"),
-                                   self.trusted_proxies)
+        session = getattr(request, "session_hash", None)
+        # A REST call that sent no session_hash is named after its own event: one call, not a session to keep.
+        own = session is None or session != LocalContext.event_id.get(None)
+        return client_from_headers(session, peer, headers.get("x-forwarded-for"), self.trusted_proxies, own)
 
     def page_admission(self, request: gr.Request | None) -> str | None:
         return self.events.check(self.client(request))

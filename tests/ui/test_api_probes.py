@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import urllib.request
 
 import pandas as pd
 import pytest
@@ -188,3 +189,29 @@ def test_a_clients_next_turn_reuses_its_own_prefix_and_no_one_elses(served):
     assert first["a"]["reused_tokens"] < second["a"]["reused_tokens"] == second["a"]["prompt_tokens"] - 1
     assert second["b"]["reused_tokens"] == second["a"]["reused_tokens"]  # one model: one shared prefill
     assert (second["a"]["tokens"], second["b"]["tokens"]) == (first["a"]["tokens"], first["b"]["tokens"])
+
+
+def _rest(url: str, api: str, data: list, session: str | None = None) -> dict:
+    """One REST call (POST /call/NAME, then its event stream) as curl would make it."""
+    body = {"data": data} | ({"session_hash": session} if session else {})
+    request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=60) as r:
+        lines = [line.decode().strip() for line in r]
+    assert "event: complete" in lines, lines[-4:]
+    return json.loads(lines[lines.index("event: complete") + 1][5:])[0]
+
+
+def test_a_rest_caller_is_its_session_hash_or_else_its_address(served):
+    """Gradio names a REST call without a session_hash after its own event, so each would be a new client: such a
+    caller is its address instead; one that sends a session_hash is that session."""
+    _, client = served
+    url = client.src if client.src.endswith("/") else client.src + "/"
+    greedy = {"do_sample": False, "max_new_tokens": 3}
+    args = ["REST 你好, once more", [], "", greedy, None]
+    _rest(url, "decisions", args)
+    assert _rest(url, "decisions", args)["reused_tokens"] > 0  # the address's state
+    assert _rest(url, "decisions", args, session="rest-session-1")["reused_tokens"] == 0  # a session of its own
+    assert _rest(url, "decisions", args, session="rest-session-1")["reused_tokens"] > 0

@@ -36,4 +36,4 @@ def test_the_api_stream_bench_times_the_app_and_llama_server_on_the_client():
     assert set(result["ratios"]) == {"app /chat / llama-server streaming, greedy",
                                      "app /chat default sampling / app /chat greedy",
                                      "app /chat / llama-server streaming, default sampling"}
-    assert "the app adds" in api_path.format_api(result)
+    assert "streamed through /chat" in api_path.format_api(result)

@@ -277,15 +277,21 @@ def _ratios(med: dict[str, dict[str, float]]) -> dict[str, float]:
     return ratios
 
 
+def busy(load: dict[str, float] | None) -> bool:
+    """Whether other work shared the cores while a benchmark ran (its load average before or after)."""
+    return load is not None and max(load["before"], load["after"]) > BUSY_LOAD * load["cores"]
+
+
+def load_line(load: dict[str, float]) -> str:
+    return (f"  load average {load['before']:.2f} before, {load['after']:.2f} after, on {load['cores']:.0f} cores"
+            + (" — BUSY: other work shared the cores; run again on a quiet machine" if busy(load) else ""))
+
+
 def ratio_lines(ratios: dict[str, float], load: dict[str, float] | None) -> list[str]:
     """The ratios, each marked when the machine was busy while they were measured, and the load average itself."""
-    busy = load is not None and max(load["before"], load["after"]) > BUSY_LOAD * load["cores"]
-    mark = " (measured on a busy machine: not a figure to trust)" if busy else ""
+    mark = " (measured on a busy machine: not a figure to trust)" if busy(load) else ""
     lines = [f"  {label}: {value:.2f}x{mark}" for label, value in ratios.items()]
-    if load is not None:
-        lines.append(f"  load average {load['before']:.2f} before, {load['after']:.2f} after, on {load['cores']:.0f} "
-                     "cores" + (" — BUSY: other work shared the cores; run again on a quiet machine" if busy else ""))
-    return lines
+    return lines + ([load_line(load)] if load is not None else [])
 
 
 def format_forward_table(r: dict[str, Any]) -> str:

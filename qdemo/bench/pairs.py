@@ -25,8 +25,10 @@ from qdemo.serving.local import LocalBackend
 CODE_PROMPT = "Write a Python function that parses an ISO 8601 date string and returns a datetime, with tests."
 
 
-def _compare(backend: LocalBackend, sides: tuple[SamplingParams, SamplingParams], mode: str) -> tuple[float, float]:
-    """One Compare to its end in `mode`: (seconds for both answers and the report, of which the report's)."""
+def _compare(backend: LocalBackend, sides: tuple[SamplingParams, SamplingParams], mode: str
+             ) -> tuple[float, float, tuple[int, int]]:
+    """One Compare to its end in `mode`: (seconds for both answers and the report, of which the report's, the
+    tokens of each side)."""
     messages = [{"role": "user", "content": CODE_PROMPT}]
     run_a, run_b = run_record(backend, sides[0], 1, "A"), run_record(backend, sides[1], 2, "B")
     state = backend.new_state()
@@ -40,7 +42,7 @@ def _compare(backend: LocalBackend, sides: tuple[SamplingParams, SamplingParams]
         t2 = time.perf_counter()
     finally:
         state.release()
-    return t2 - t0, t2 - t1
+    return t2 - t0, t2 - t1, (len(run_a.tokens), len(run_b.tokens))
 
 
 def _two_chats(backend: LocalBackend, sides: tuple[SamplingParams, SamplingParams]) -> float:
@@ -72,7 +74,8 @@ def ab(lm: LoadedModel, runs: int = 3, tokens: int = 48) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in seen.items()}
     chats = med["two chats one after the other"]
     picked = med["Compare, two rows in one batch" if chosen == ROWS else "Compare, one after the other"]
-    result = {"scenario": "ab", "model": lm.spec.name, "tokens": tokens, "runs": runs, "median_s": med,
+    result = {"scenario": "ab", "model": lm.spec.name, "tokens": tokens, "side_tokens": auto[2], "runs": runs,
+              "median_s": med,
               "runs_s": seen, "chosen": chosen, "speedup": chats / picked,
               "speedups": {k: chats / v for k, v in med.items() if k != "two chats one after the other"},
               "cross_probabilities_s": auto[1],
@@ -108,7 +111,7 @@ def server_parallel(lm: LoadedModel, tokens: int, slots: int = 2) -> dict[str, f
 
 
 def format_ab(r: dict[str, Any], head: str) -> str:
-    lines = [head + f", {r['tokens']} tokens per side"]
+    lines = [head + f", A {r['side_tokens'][0]} and B {r['side_tokens'][1]} tokens (at most {r['tokens']} each)"]
     for key, seconds in r["median_s"].items():
         speed = r["speedups"].get(key)
         lines.append(f"  {key:32} {seconds:6.2f} s  runs [{', '.join(f'{x:.2f}' for x in r['runs_s'][key])}]"

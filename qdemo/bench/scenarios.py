@@ -10,6 +10,7 @@ of doing the same, alternating in one process, medians reported (the "single" sc
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -18,6 +19,7 @@ import torch
 
 from qdemo.bench import pairs
 from qdemo.bench.pairs import CODE_PROMPT
+from qdemo.bench.forwards import load_line
 from qdemo.bench.probes import format_inspect, run_inspect_bench
 from qdemo.core.decode import new_state
 from qdemo.core.engine import collect, generate, generate_assisted
@@ -125,6 +127,7 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
 
     if lm is None:
         lm = load(registry.get(name))
+    load_before = os.getloadavg()[0]
     result: dict[str, Any]
     if scenario == "multiturn":
         result = multiturn(lm, runs)
@@ -137,11 +140,17 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
             raise ValueError(f"{name} names no draft model in models.yaml (field 'draft')")
         draft = load(registry.get(lm.spec.draft))
         result = assisted(lm, draft, runs, tokens, lm.spec.draft_tokens)
-    result.update(device=str(lm.device), dtype=lm.forward_label, threads=torch.get_num_threads())
+    result.update(device=str(lm.device), dtype=lm.forward_label, threads=torch.get_num_threads(),
+                  load={"before": load_before, "after": os.getloadavg()[0], "cores": os.cpu_count() or 1})
     return result
 
 
 def format_scenario(r: dict[str, Any]) -> str:
+    """The scenario's table, then the load average it ran under (marked when the machine was busy)."""
+    return _table(r) + ("\n" + load_line(r["load"]) if "load" in r else "")
+
+
+def _table(r: dict[str, Any]) -> str:
     if r["scenario"] == "inspect":
         return format_inspect(r)
     head = f"{r['scenario']}: {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads), median of {r['runs']}"

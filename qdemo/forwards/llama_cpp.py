@@ -268,10 +268,12 @@ class LlamaCppRunner:
         if rows > MAX_ROWS:
             raise ValueError(f"the llama.cpp forward takes at most {MAX_ROWS} rows, got {rows}")
         memory = self._memory(state.cache)
-        source = state.cache.seqs[0]
-        for seq in range(1, rows):
+        source = state.cache.seqs[0]  # any id: a kept row may be the one `select` left, not sequence 0
+        targets = [seq for seq in range(MAX_ROWS) if seq != source][:rows - 1]
+        for seq in targets:
+            _lib().llama_memory_seq_rm(memory, seq, -1, -1)
             _lib().llama_memory_seq_cp(memory, source, seq, -1, -1)
-        state.cache.seqs = [source] + list(range(1, rows))
+        state.cache.seqs = [source] + targets
 
     def select(self, state: RunnerState, rows: list[int]) -> None:
         """Row k of the result continues old row rows[k]; a row chosen twice gets a copy of its sequence."""

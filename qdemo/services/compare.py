@@ -263,8 +263,10 @@ def compare(services: Services, session: CompareSession | None, client: str | No
         shown_at = 0.0
         mode = pair_mode(backend_a, backend_b, params_a, params_b)
         try:
-            pairs = run_pair(backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n,
-                             services, states, mode)
+            # closed before the states are kept (the stack unwinds in reverse), also when the caller leaves
+            pairs = kept.enter_context(contextlib.closing(run_pair(
+                backend_a, backend_b, turn.messages, params_a, params_b, run_a, run_b, stop, top_n, services, states,
+                mode)))
         except ValueError as exc:  # the prompt does not fit
             raise Refused(str(exc)) from None
         if mode == ONE_AFTER_THE_OTHER:

@@ -17,12 +17,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from qdemo.core.decode import common_prefix
 from qdemo.core.events import StageTopN
 from qdemo.forwards.choice import ref
 from qdemo.models.sources import ProgressFn
 from qdemo.probes.stages import MAX_SAMPLES, sample_counts, stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
+from qdemo.services.kept_states import client_state
 from qdemo.services.settings import whole_number
 from qdemo.serving.limits import clean_text, cut_text
 from qdemo.serving.protocol import Backend
@@ -216,9 +218,11 @@ def next_token_report(services: Services, client: str | None, text: str, model: 
             ids = context_ids(backend, text, mode)
         except ValueError as exc:
             raise Refused(str(exc)) from None
-        logits = backend.next_token_logits(ids)
+        with client_state(services.states, client, backend) as state:
+            reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state and state.width else 0
+            logits = backend.next_token_logits(ids, state=state)
         stages = stage_distributions(logits, ids, params.replace(num_beams=1), top_n=top_n)
         texts = backend.token_texts([i for s in stages for i in s.token_ids])
-    return {"context_tokens": len(ids), "stages": [
+    return {"context_tokens": len(ids), "reused_tokens": reused, "stages": [
         {"stage": s.name, "tokens": [{"id": i, "text": texts[i], "p": p} for i, p in zip(s.token_ids, s.probs)]}
         for s in stages]}

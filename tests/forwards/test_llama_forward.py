@@ -137,6 +137,12 @@ def test_forked_rows_from_a_kept_state_end_as_one_row_that_serves_the_next_logit
         fresh = last_logits(fast, context, NOLOCK)  # one prefill: the same up to llama.cpp's batch-size arithmetic
         assert int(reused.argmax()) == int(fresh.argmax()) and total_variation(reused, fresh) < 0.02
         assert total_variation(reused, last_logits(fast, context[:-1], NOLOCK)) > 0.3
+        # The kept row is the one the shorter side's end left (not sequence 0): forking it again gives each row a
+        # sequence of its own, so both rows still equal their solo runs.
+        assert state.cache.seqs != [0]
+        again = {e.row: e for e in generate_rows(fast, ids, sides, state=state) if type(e).__name__ == "DoneEvent"}
+        for row, params in enumerate(sides):
+            assert again[row].token_ids == collect(generate(fast, input_ids=ids, params=params))["done"].token_ids
     finally:
         state.release()
 

@@ -104,8 +104,13 @@ def test_next_token_endpoint_equals_the_lab(served, tiny_lm):
     assert [s["stage"] for s in result["stages"]] == [s.name for s in stages]
     for got, want in zip(result["stages"], stages):
         assert [t["id"] for t in got["tokens"]] == list(want.token_ids)
-        assert [t["p"] for t in got["tokens"]] == pytest.approx(list(want.probs), abs=1e-9)
+        assert [t["p"] for t in got["tokens"]] == pytest.approx(list(want.probs), abs=1e-6)
     assert result["context_tokens"] == len(ids)
+    # the same client again: its kept state holds the context, so only the last token is fed; the same numbers
+    again = client.predict("数一数: one two", "", settings, "raw text", 5, api_name="/next_token")
+    assert again["reused_tokens"] == len(ids) - 1 and again["stages"][0]["tokens"][0]["id"] == stages[0].token_ids[0]
+    for got, want in zip(again["stages"], stages):
+        assert [t["p"] for t in got["tokens"]] == pytest.approx(list(want.probs), abs=1e-6)
     with pytest.raises(Exception, match="context is empty"):
         client.predict("   ", "", None, "chat", 5, api_name="/next_token")
 

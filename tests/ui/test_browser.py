@@ -294,6 +294,19 @@ def _reload(page) -> None:
     _loaded(page)
 
 
+SAVED = "localStorage.getItem('qdemo-conversation')"  # the conversation the browser keeps (encrypted by Gradio)
+
+
+def _saved_conversation(page) -> str | None:
+    return page.evaluate(SAVED)
+
+
+def _conversation_saved_since(page, before: str | None) -> None:
+    """Wait until the browser has stored a newer conversation than `before` (its storage follows the answer's last
+    update, later than the metrics line on a busy machine): a reload before that restores the older one."""
+    page.wait_for_function(f"before => {SAVED} !== before", arg=before, timeout=30_000)
+
+
 def _restored_model(page, name: str) -> None:
     """After a reload: the saved conversation came back with its model (so what the chat lacks, it really lacks)."""
     _expect(page.locator("#chat-model input"), f"the saved conversation's model {name} restored").to_have_value(

@@ -24,11 +24,13 @@ from qdemo.views.bundle import read_bundle
 from tests.conftest import tiny_services
 from tests.ui.test_browser import (  # noqa: F401 - app and browser are the fixtures these tests run on
     _appears,
+    _conversation_saved_since,
     _done,
     _expect,
     _open,
     _open_accordion,
     _reload,
+    _saved_conversation,
     _send,
     _shows,
     app,
@@ -57,10 +59,12 @@ def test_after_a_reload_inspect_and_the_bundle_read_the_restored_conversation(re
     showed before the reload), scoring its tokens likewise, and the bundle must hold that answer."""
     page = _page(request, *SIZES[size])
     try:
+        before = _saved_conversation(page)
         _send(page, "hello 你好")
         _done(page)
         answer_tokens = page.locator("#token-view .tok").count()
         assert answer_tokens > 0
+        _conversation_saved_since(page, before)
         _reload(page)
         _shows(page, "#chatbot", "hello 你好", "the restored conversation in the chat")
         _inspect_tab(page)

@@ -207,17 +207,23 @@ def status_line(context: LabContext) -> str:
     return f"**{context.model}** · context {len(context.ids)} tokens · logits ready (the sliders reuse them)"
 
 
+def local_context_ids(services: Services, backend: Backend, text: str, mode: str, what: str) -> list[int]:
+    """The context's ids for `what`, which reads full logits: a remote entry, an empty context or a bad mode is
+    refused with a message."""
+    services.need_logits(backend, what)
+    try:
+        return context_ids(backend, text, mode)
+    except ValueError as exc:
+        raise Refused(str(exc)) from None
+
+
 def next_token_report(services: Services, client: str | None, text: str, model: str, settings: Any, mode: str,
                       top_n: int) -> dict[str, Any]:
     """The named API's answer: each stage's top-N (1..MAX_TOP_N) for the token after `text` (read by the endpoint:
     qdemo.services.arguments), with decoded texts."""
     with services.admit(client, ModelRequest(model, settings)) as admitted:
         backend, params = admitted.backend, admitted.params[0]
-        services.need_logits(backend, "the next-token distribution stage by stage")
-        try:
-            ids = context_ids(backend, text, mode)
-        except ValueError as exc:
-            raise Refused(str(exc)) from None
+        ids = local_context_ids(services, backend, text, mode, "the next-token distribution stage by stage")
         with client_state(services.states, client, backend) as state:
             reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state and state.width else 0
             logits = backend.next_token_logits(ids, state=state)

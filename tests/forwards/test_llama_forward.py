@@ -18,6 +18,7 @@ import torch
 from qdemo.core.decode import decode_step, last_logits, new_state, prefill
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
 from qdemo.forwards import llama_cpp as llama_forward
+from qdemo.forwards.gate import StepGate
 from qdemo.forwards.llama_cpp import load_llama_model
 from qdemo.models.loader import load_model
 from qdemo.models.prompting import build_prompt
@@ -25,6 +26,8 @@ from qdemo.models.registry import load_registry
 from qdemo.probes.scoring import score_ids
 from qdemo.sampling import SamplingParams
 from qdemo.services.kept_states import KeptStates
+from qdemo.services.sweep import read_grid, run_sweep
+from qdemo.serving.local import LocalBackend
 
 if importlib.util.find_spec("llama_cpp") is None:
     if os.environ.get("QDEMO_REQUIRE_LLAMA") == "1":
@@ -268,3 +271,22 @@ def test_a_kept_state_costs_the_budget_its_whole_context(fast):
     assert kept.keep("session", state)
     assert kept.held_bytes() == state.cache.n_ctx * fast.runner.weights.kv_bytes_per_token > state.kv_bytes()
     state.release()
+
+
+def test_a_sweeps_samples_equal_their_solo_runs(fast):
+    """Issue 21: on the llama.cpp forward too, every sample of a sweep (rows after one prefill, in chunks that
+    reuse it) equals its solo run with the seed the sweep shows."""
+    backend = LocalBackend(fast, StepGate())
+    ids = chat_ids(fast, EN, 8)
+    base = fast.spec.sampling.replace(max_new_tokens=8)
+    grid = read_grid({"temperature": [0.7, 1.3]}, samples=3, seed=5)
+    state = new_state(fast)
+    try:
+        final = list(run_sweep(backend, ids, base, grid, state=state, rows_per_chunk=4))[-1]
+    finally:
+        state.release()
+    for cell in final.cells:
+        for k, seed in enumerate(cell.seeds):
+            params = base.replace(do_sample=True, seed=seed, **cell.settings)
+            solo = collect(generate(fast, input_ids=ids, params=params))["done"]
+            assert cell.samples[k].tokens == solo.token_ids, (cell.settings, k)

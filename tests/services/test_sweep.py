@@ -1,0 +1,93 @@
+"""Issue 21: a sampling sweep's samples decode as rows after one shared prefill, and each equals its solo run with
+its shown seed (tokens and every stage number); the cell measures read those rows; the grid is read strictly."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+
+from qdemo.core.decode import new_state
+from qdemo.core.engine import collect, generate
+from qdemo.forwards.gate import StepGate
+from qdemo.models.registry import load_registry
+from qdemo.sampling import SamplingParams
+from qdemo.services.admission import Refused, Services
+from qdemo.services.sweep import read_grid, run_sweep, sweep
+from qdemo.serving.limits import Client, Limits
+from qdemo.serving.local import LocalBackend
+from qdemo.serving.pool import ModelPool
+from qdemo.views.sweep_measures import cell_measures
+from tests.conftest import write_registry
+
+
+def test_every_sample_equals_its_solo_run_and_the_prefill_is_shared(tiny_lm):
+    backend = LocalBackend(tiny_lm, StepGate())
+    ids = backend.chat_prompt([{"role": "user", "content": "写一首诗 about the sea"}], 8).ids
+    base = SamplingParams(max_new_tokens=6, top_k=40)
+    grid = read_grid({"temperature": [0.5, 1.2], "top_p": [0.8, 1.0]}, samples=3, seed=100)
+    fed: list[int] = []
+    handle = tiny_lm.model.get_input_embeddings().register_forward_hook(lambda m, a, o: fed.append(a[0].shape[1]))
+    state = new_state(tiny_lm)
+    try:
+        final = list(run_sweep(backend, ids, base, grid, state=state, rows_per_chunk=5))[-1]
+    finally:
+        handle.remove()
+        state.release()
+    assert final.done and final.rows_done == final.rows_total == 12
+    # the prompt is fed once: the later chunks feed only its last token again (the kept state holds the rest)
+    assert sum(n for n in fed if n > 1) == len(ids)  # (in prefill chunks; every other forward is one column)
+    seeds = [s for cell in final.cells for s in cell.seeds]
+    assert seeds == list(range(100, 112))  # shown and distinct: sample k has seed + k
+    for cell in final.cells:
+        for k, seed in enumerate(cell.seeds):
+            params = base.replace(do_sample=True, seed=seed, **cell.settings)
+            solo = collect(generate(tiny_lm, input_ids=ids, params=params, top_n=20))
+            assert cell.samples[k].tokens == solo["done"].token_ids, (cell.settings, k)
+            for got, want in zip(cell.tokens[k], solo["tokens"]):
+                for a, b in zip(got.stages, want.stages):
+                    assert a.token_ids == b.token_ids and a.probs == pytest.approx(b.probs, abs=1e-5)
+            raw = [math.log(t.stages[0].chosen_prob) for t in solo["tokens"]]
+            assert cell.samples[k].raw_logprobs == pytest.approx(raw, abs=1e-4)
+        assert cell.measures() == cell_measures(cell.samples)
+
+
+@pytest.mark.parametrize("axes,samples,seed,match", [
+    ({"temperature": [0.5], "top_p": [0.9], "top_k": [5]}, 8, 0, "one or two"),
+    ({"beam": [1]}, 8, 0, "not a sweepable field"),
+    ({"temperature": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}, 8, 0, "1 to 5 values"),
+    ({"temperature": ["hot"]}, 8, 0, "every value must be a number"),
+    ({"temperature": [True]}, 8, 0, "every value must be a number"),
+    ({"temperature": [0.7, 0.7]}, 8, 0, "appears twice"),
+    ({"temperature": [0.7]}, 0, 0, "samples must be a whole number"),
+    ({"temperature": [0.7]}, "8", 0, "samples must be a whole number"),
+    ({"temperature": [0.7]}, 8, -1, "seed must be a whole number"),
+    ([0.7], 8, 0, "axes must be an object"),
+])
+def test_a_bad_grid_is_refused_naming_its_field(axes, samples, seed, match):
+    with pytest.raises(Refused, match=match):
+        read_grid(axes, samples, seed)
+
+
+def test_a_callers_sweep_passes_admission_reuses_its_state_and_stops(tiny_dir, tmp_path):
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024))
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                        limits=Limits(requests_per_minute=1000))
+    alice = Client(session="alice", address="10.0.0.1")
+    axes = {"temperature": [0.6, 1.0]}
+    first = list(sweep(services, alice, "数一数: one two", "chat", "", {"max_new_tokens": 4}, axes, 2, 7))[-1]
+    assert first.done and first.rows_done == 4
+    assert [c.settings for c in first.cells] == [{"temperature": 0.6}, {"temperature": 1.0}]
+    again = list(sweep(services, alice, "数一数: one two", "chat", "", {"max_new_tokens": 4}, axes, 2, 7))[-1]
+    for a, b in zip(again.cells, first.cells):  # the same seeds, the same samples (the prompt now reused)
+        assert [s.tokens for s in a.samples] == [s.tokens for s in b.samples]
+        assert [s.raw_logprobs for s in a.samples] == [pytest.approx(s.raw_logprobs, abs=1e-5) for s in b.samples]
+    stop = threading.Event()
+    stop.set()
+    stopped = list(sweep(services, alice, "数一数", "chat", "", None, axes, 2, 7, stop=stop))[-1]
+    assert stopped.done and stopped.rows_done < stopped.rows_total
+    with pytest.raises(Refused, match="context is empty"):
+        list(sweep(services, alice, "  ", "chat", "", None, axes, 2, 7))
+    with pytest.raises(Refused, match="temperature"):
+        list(sweep(services, alice, "hi", "chat", "", {"temperature": -1}, axes, 2, 7))

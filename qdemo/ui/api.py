@@ -7,6 +7,7 @@ one guard in qdemo.ui.context), never a crashed worker. A caller who cancels or 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from functools import partial
 from typing import Any, Iterator
@@ -17,6 +18,7 @@ from qdemo.core.runs import RunRecord
 from qdemo.services import batch as batch_service
 from qdemo.services import chat, lab
 from qdemo.services import compare as compare_service
+from qdemo.services import sweep as sweep_service
 from qdemo.services.arguments import Arguments
 from qdemo.ui import api_probes
 from qdemo.ui.context import UIContext
@@ -27,7 +29,7 @@ MAX_SEED = 2 ** 63 - 1
 
 def register(ui: UIContext) -> None:
     for fn, name in ((chat_endpoint, "chat"), (compare_endpoint, "compare"), (next_token_endpoint, "next_token"),
-                     (batch_endpoint, "batch")):
+                     (batch_endpoint, "batch"), (sweep_endpoint, "sweep")):
         ui.endpoint(partial(fn, ui), name)
     api_probes.register(ui)
 
@@ -99,6 +101,25 @@ def batch_endpoint(ui: UIContext, prompts: list[str], model: str = "", settings:
     rows = batch_service.batch(ui.services, ui.client(request), texts, args.model(model), args.settings(settings),
                                args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"), how, stop)
     return [{**row, "notice": args.cuts.get(f"prompts {i}", "")} for i, row in enumerate(rows)]
+
+
+def sweep_endpoint(ui: UIContext, context: str, axes: dict, model: str = "", settings: dict | None = None,
+                   mode: str = "chat", samples: int = 8, seed: int = 0, request: gr.Request = None,
+                   stop: threading.Event | None = None) -> dict[str, Any]:
+    """A sampling sweep: `axes` ({field: [values]}, one or two of temperature, top_k, top_p, min_p,
+    repetition_penalty, up to 5 values each) × `samples` seeded samples per cell, after one shared prefill; per
+    cell its settings, seeds, measures and texts."""
+    args = Arguments(ui.services.limits)
+    text = args.text(context, "context", required=True)
+    final = None
+    for final in sweep_service.sweep(ui.services, ui.client(request), text,
+                                     args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"), args.model(model),
+                                     args.settings(settings), axes, samples, seed, stop):
+        pass
+    cells = [{"settings": c.settings, "seeds": c.seeds, "texts": [t for t in c.texts if t is not None],
+              "measures": dataclasses.asdict(c.measures()) if any(s is not None for s in c.samples) else None}
+             for c in final.cells]
+    return {"cells": cells, "rows_done": final.rows_done, "rows_total": final.rows_total, "notice": args.notice}
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:

@@ -115,6 +115,24 @@ def test_next_token_endpoint_equals_the_lab(served, tiny_lm):
         client.predict("   ", "", None, "chat", 5, api_name="/next_token")
 
 
+def test_sweep_endpoint_answers_each_cell_with_the_solo_runs_of_its_seeds(served, tiny_lm):
+    registry, client = served
+    result = client.predict("数一数: one two", {"top_p": [0.8, 1.0]}, "", {"max_new_tokens": 3}, "raw text", 2, 40,
+                            api_name="/sweep")
+    assert result["rows_done"] == result["rows_total"] == 4
+    ids = context_ids(LocalBackend(tiny_lm, StepGate()), "数一数: one two", "raw text")
+    base = registry.get(registry.default).sampling.replace(max_new_tokens=3)
+    for cell in result["cells"]:
+        assert cell["seeds"] == sorted(cell["seeds"]) and cell["measures"]["samples"] == 2
+        for seed, text in zip(cell["seeds"], cell["texts"]):
+            params = base.replace(do_sample=True, seed=seed, **cell["settings"])
+            assert text == collect(generate(tiny_lm, input_ids=ids, params=params, top_n=0))["done"].text
+    with pytest.raises(Exception, match="not a sweepable field"):
+        client.predict("hi", {"num_beams": [1, 2]}, "", None, "chat", 2, 0, api_name="/sweep")
+    with pytest.raises(Exception, match="samples must be a whole number"):
+        client.predict("hi", {"top_k": [5]}, "", None, "chat", "2", 0, api_name="/sweep")
+
+
 def test_batch_generates_each_prompt_as_alone_and_scores_teacher_forced(served, tiny_lm):
     registry, client = served
     prompts = ["hi", "写一首关于大海的诗", "the quick brown fox jumps over the lazy dog"]

@@ -197,13 +197,16 @@ def test_a_refusal_and_a_result_pass_through_the_wrapper():
 # --- issue 20: a streaming endpoint's next step does not wait for Gradio to send the last item -------------------
 
 def counting_stream(n: int, request: gr.Request = None, stop: threading.Event | None = None):
-    """Yields the answer so far, n times, recording how far it got and whether it was closed."""
+    """Yields the answer so far, n times: the first, then (once the sender has it) the rest at once, recording how
+    far it got and whether it was closed."""
     counting_stream.made = 0
     counting_stream.closed = False
     try:
         for i in range(1, n + 1):
             counting_stream.made = i
             yield "x" * i
+            if i == 1 and not counting_stream.first_sent.wait(10):
+                raise AssertionError("the first item never reached the sender")
     finally:
         counting_stream.closed = True
 
@@ -211,20 +214,25 @@ def counting_stream(n: int, request: gr.Request = None, stop: threading.Event | 
 def test_a_stream_runs_ahead_of_a_slow_sender_and_its_last_item_always_arrives():
     """Before, the generator made its next item only when Gradio asked for it, after sending the last (a token's
     diff, JSON and event-stream write delayed every step). Now it runs on while the sender is busy; the sender
-    gets the newest item each time, and always the last."""
+    then gets the newest item, and always the last."""
+    counting_stream.first_sent = threading.Event()
 
     async def call():
-        got, made_when_got = [], []
+        got, made_while_busy = [], None
         async for item in stoppable(guarded(counting_stream, ErrorReply()))(200, None):
             got.append(item)
-            made_when_got.append(counting_stream.made)
-            await asyncio.sleep(0.05)  # a slow sender
-        return got, made_when_got
+            if len(got) == 1:  # a sender busy with the first item, not asking for the next
+                counting_stream.first_sent.set()
+                for _ in range(500):
+                    if counting_stream.made == 200:
+                        break
+                    await asyncio.sleep(0.01)
+                made_while_busy = counting_stream.made
+        return got, made_while_busy
 
-    got, made = asyncio.run(call())
-    assert got[-1] == "x" * 200 and counting_stream.closed
-    assert len(got) < 200 and made[1] > 2  # the generator had run ahead by the second send
-    assert [len(g) for g in got] == sorted({len(g) for g in got})  # newer each time, never an old one again
+    got, made_while_busy = asyncio.run(call())
+    assert made_while_busy == 200  # every item was made while the sender was busy with the first
+    assert got[0] == "x" and got[-1] == "x" * 200 and len(got) == 2 and counting_stream.closed
 
 
 def failing_stream(request: gr.Request = None, stop: threading.Event | None = None):

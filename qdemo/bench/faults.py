@@ -2,7 +2,7 @@
 a fairness figure.
 
 Every named endpoint (/chat /compare /next_token /batch /lens /attribution /decisions /branch /score /divergence
-/sinks /bundle) gets bad inputs through gradio_client, a raw HTTP call or an upload. Each case says what it should
+/sinks /bundle /sweep) gets bad inputs through gradio_client, a raw HTTP call or an upload. Each case says what it should
 get — refused (an error naming what is wrong) or answered (taken, e.g. cut with a notice) — and, where it matters,
 what the message or the answer must say or hold (token ids that agree across endpoints, a refusal that quotes a
 100,000-character value short). Its outcome is that, "wrong" (the other one, or a check failed) or "crashed" (a
@@ -260,6 +260,16 @@ def _other_endpoint_cases(b: _Bench) -> list[Spec]:
         ("mode 'poetry'", "/next_token", api("/next_token", "hi", m, None, "poetry", 5), refused("mode must be")),
         ("context not text", "/next_token", api("/next_token", ["a"], m, None, "chat", 5), refused("context")),
         ("nine prompts", "/batch", api("/batch", ["x"] * 9, m, SHORT, "chat", "generate"), refused("at most 8")),
+        ("axes a list", "/sweep", api("/sweep", "hi", [0.7], m, SHORT, "chat", 2, 0),
+         refused("axes must be an object")),
+        ("axis 'num_beams'", "/sweep", api("/sweep", "hi", {"num_beams": [1, 2]}, m, SHORT, "chat", 2, 0),
+         refused("not a sweepable field")),
+        ("100,000-character axis name", "/sweep", api("/sweep", "hi", {"t" * 100_000: [1]}, m, SHORT, "chat", 2, 0),
+         refused("not a sweepable field")),
+        ("samples '8'", "/sweep", api("/sweep", "hi", {"top_k": [5]}, m, SHORT, "chat", "8", 0),
+         refused("samples must be a whole number")),
+        ("temperature 'hot'", "/sweep", api("/sweep", "hi", {"temperature": ["hot"]}, m, SHORT, "chat", 2, 0),
+         refused("every value must be a number")),
         ("task 'summarise'", "/batch", api("/batch", ["x"], m, SHORT, "chat", "summarise"), refused("task must be")),
         ("prompts not texts", "/batch", api("/batch", [1, 2], m, SHORT, "chat", "generate"), refused("prompts 0")),
         ("history without an answer", "/lens", api("/lens", HISTORY[:1], m, None, False), refused("must end with")),
@@ -431,6 +441,8 @@ def _timed_cases(b: _Bench, chunk: int) -> list[Spec]:
     occlusion = [[{"role": "user", "content": "Explain: " + "the cat sat on the mat and looked around; " * 15},
                   {"role": "assistant", "content": "It is a calm scene with a cat on a mat."}],
                  5, "occlusion", True, m, None]
+    sweep = ["Tell a story.", {"temperature": [0.5, 0.7, 0.9, 1.1, 1.3], "top_p": [0.6, 0.7, 0.8, 0.9, 1.0]}, m,
+             {"max_new_tokens": 256}, "chat", 32, 0]
     limit = b.limits.max_generation_seconds
     return [
         ("stream closed 1.5 s into a 1,700-token prefill", "/chat",
@@ -445,10 +457,22 @@ def _timed_cases(b: _Bench, chunk: int) -> list[Spec]:
          answered(check=_within(2))),
         (f"per-token occlusion under the {limit} s time limit", "/attribution",
          b.api("/attribution", *occlusion), Expect("answered", "time limit", _in_time(limit))),
+        ("stream closed 2 s into a sweep", "/sweep",
+         lambda: _left(b, _rest_leaves(b, "sweep", sweep, 2.0), "step is one token of every row"),
+         answered(check=_within(2))),
+        (f"a 5×5×32 sweep under the {limit} s time limit", "/sweep", b.api("/sweep", *sweep),
+         answered(check=_sweep_cut)),
         (f"a long answer under the {limit} s time limit", "/chat",
          b.api("/chat", "Write a very long story about a lighthouse.", [], m, {"max_new_tokens": 2048}, None),
          answered("time limit")),
     ]
+
+
+def _sweep_cut(reply: Reply) -> str:
+    """A sweep cut by the time limit answers with the rows it finished, not all of them."""
+    value = reply.value or {}
+    done, total = value.get("rows_done"), value.get("rows_total")
+    return "" if done is not None and done < total else f"rows {done} of {total}: not cut ({reply.text})"
 
 
 def _in_time(limit: int) -> Callable[[Reply], str]:

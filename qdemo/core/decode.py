@@ -99,6 +99,13 @@ class DecodeState:
         if length <= self.gap or self.pads[0]:
             self.gap, self.pads = 0, [0]
 
+    def keep_prefix(self, ids: Sequence[int], upto: int) -> int:
+        """Crop a one-row state to its longest common prefix with ids[:upto]; returns how many tokens it kept
+        (those need not be fed again)."""
+        held = min(common_prefix(self.row_ids(0), ids), upto) if self.width else 0
+        self.crop(held)
+        return held
+
     def settle(self) -> None:
         """Make the state one unpadded row that a session can keep: the first row, cut before its padding (a
         batch forked from a shared prefix keeps that prefix)."""
@@ -269,9 +276,7 @@ def resumed(lm: LoadedModel, kept: DecodeState | None, ids: Sequence[int], upto:
         return new_state(lm, 1, capacity), 0
     if kept.rows != 1 or kept.model != lm.key or kept.broken:
         raise ValueError(f"a kept decode state must be one unbroken row of {lm.spec.name}")
-    held = min(common_prefix(kept.row_ids(0), ids), upto) if kept.width else 0
-    kept.crop(held)
-    return kept, held
+    return kept, kept.keep_prefix(ids, upto)
 
 
 def position_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int = 32, *, start: int = 0,
@@ -317,16 +322,10 @@ def last_logits(lm: LoadedModel, ids: Sequence[int], lock: StepLock, chunk: int 
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("last_logits needs at least one token")
-    kept = state is not None
-    if state is None:
-        state = new_state(lm)
-    elif state.rows != 1 or state.model != lm.key or state.broken:
-        raise ValueError(f"a kept decode state must be one unbroken row of {lm.spec.name}")
+    used, reused = resumed(lm, state, ids, len(ids) - 1)
     try:
-        reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state.width else 0
-        state.crop(reused)
-        logits, _ = prefill(lm, state, [ids[reused:]], lock, chunk)
+        logits, _ = prefill(lm, used, [ids[reused:]], lock, chunk)
     finally:
-        if not kept:
-            state.release()
+        if used is not state:
+            used.release()
     return logits[0].clone()

@@ -276,8 +276,7 @@ def _prefill_rows(
     t0 = now(device)
     if fork:
         ids = prompts[0]
-        reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state.width else 0
-        state.crop(reused)
+        reused = state.keep_prefix(ids, len(ids) - 1)
         logits, early = prefill(lm, state, [ids[reused:]], lock, chunk, clock.reason)
     else:
         reused, rests, early = _shared_prefix(lm, state, prompts, lock, chunk, clock.reason)
@@ -306,8 +305,7 @@ def _shared_prefix(lm: LoadedModel, state: DecodeState, prompts: list[list[int]]
     shared = min(len(p) for p in prompts) - 1
     for other in prompts[1:]:
         shared = min(shared, common_prefix(prompts[0], other))
-    held = min(common_prefix(state.row_ids(0), prompts[0]), shared) if state.width else 0
-    state.crop(held)
+    held = state.keep_prefix(prompts[0], shared)
     if shared > held:
         _, early = prefill(lm, state, [prompts[0][held:shared]], lock, chunk, should_stop)
         if early:

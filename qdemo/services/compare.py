@@ -285,12 +285,14 @@ def _client_states(services: Services, kept: contextlib.ExitStack, client: Clien
                    backends: Sequence[Backend], params: Sequence[SamplingParams]) -> list[DecodeState | None]:
     """The caller's kept decode state of each side's model, kept again when `kept` closes. On one model a single
     state serves: the rows' batch, or the first side that does not search beams."""
-    states: list[DecodeState | None] = [None, None]
-    for side, (backend, p) in enumerate(zip(backends, params)):
-        if side == 1 and backends[0].key == backend.key and (states[0] is not None or not backend.capabilities.rows):
-            break
-        states[side] = kept.enter_context(client_state(services.states, client, backend, use=not p.beam_search))
-    return states
+    def take(side: int) -> DecodeState | None:
+        use = not params[side].beam_search
+        return kept.enter_context(client_state(services.states, client, backends[side], use=use))
+
+    first = take(0)
+    if backends[1].key == backends[0].key and (first is not None or not backends[1].capabilities.rows):
+        return [first, None]
+    return [first, take(1)]
 
 
 def api_compare(services: Services, client: str | None, prompt: Any, model_a: Any, model_b: Any, settings_a: Any,

@@ -17,7 +17,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from qdemo.core.decode import common_prefix
 from qdemo.core.events import StageTopN
 from qdemo.forwards.choice import ref
 from qdemo.models.sources import ProgressFn
@@ -225,7 +224,7 @@ def next_token_report(services: Services, client: str | None, text: str, model: 
         backend, params = admitted.backend, admitted.params[0]
         ids = local_context_ids(services, backend, text, mode, "the next-token distribution stage by stage")
         with client_state(services.states, client, backend) as state:
-            reused = min(common_prefix(state.row_ids(0), ids), len(ids) - 1) if state and state.width else 0
+            reused = state.keep_prefix(ids, len(ids) - 1) if state is not None else 0  # what the forward skips
             logits = backend.next_token_logits(ids, state=state)
         stages = stage_distributions(logits, ids, params.replace(num_beams=1), top_n=top_n)
         texts = backend.token_texts([i for s in stages for i in s.token_ids])

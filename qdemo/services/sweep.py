@@ -61,18 +61,29 @@ def read_grid(axes: Any, samples: Any = DEFAULT_SAMPLES, seed: Any = 0) -> Grid:
     return Grid(tuple(read), samples, seed)
 
 
+@dataclass(frozen=True)
+class SweepRow:
+    """One finished sample: what the measures read, its token events (the token view) and its text."""
+
+    sample: Sample
+    events: list[TokenEvent]
+    text: str
+
+
 @dataclass
 class CellResult:
-    """One cell's samples, by sample index (None until that row has finished)."""
+    """One cell's rows, by sample index (None until that row has finished)."""
 
     settings: dict[str, float]
     seeds: list[int]
-    samples: list[Sample | None] = field(default_factory=list)
-    tokens: list[list[TokenEvent] | None] = field(default_factory=list)
-    texts: list[str | None] = field(default_factory=list)
+    rows: list[SweepRow | None] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [r.sample for r in self.rows if r is not None]
 
     def measures(self) -> CellMeasures:
-        return cell_measures([s for s in self.samples if s is not None])
+        return cell_measures(self.samples)
 
 
 @dataclass
@@ -130,8 +141,7 @@ def run_sweep(backend: Any, ids: Sequence[int], base: SamplingParams, grid: Grid
     if base.beam_search:
         raise Refused("a sweep samples: set num_beams to 1")
     rows = _rows(grid, base)
-    empty = [None] * grid.samples
-    cells = [CellResult(cell, [], list(empty), list(empty), list(empty)) for cell in grid.cells()]
+    cells = [CellResult(cell, [], [None] * grid.samples) for cell in grid.cells()]
     for c, _, p in rows:
         cells[c].seeds.append(p.seed)
     done_rows = 0
@@ -147,8 +157,7 @@ def run_sweep(backend: Any, ids: Sequence[int], base: SamplingParams, grid: Grid
                 tokens[event.row].append(event)
             elif isinstance(event, DoneEvent):
                 c, k, _ = chunk[event.row]
-                cells[c].samples[k] = _sample(tokens[event.row], event)
-                cells[c].tokens[k], cells[c].texts[k] = tokens[event.row], event.text
+                cells[c].rows[k] = SweepRow(_sample(tokens[event.row], event), tokens[event.row], event.text)
                 done_rows += 1
                 yield SweepProgress(cells, done_rows, len(rows))
     yield SweepProgress(cells, done_rows, len(rows), done=True)

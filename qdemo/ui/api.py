@@ -116,8 +116,8 @@ def sweep_endpoint(ui: UIContext, context: str, axes: dict, model: str = "", set
                                      args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"), args.model(model),
                                      args.settings(settings), axes, samples, seed, stop):
         pass
-    cells = [{"settings": c.settings, "seeds": c.seeds, "texts": [t for t in c.texts if t is not None],
-              "measures": dataclasses.asdict(c.measures()) if any(s is not None for s in c.samples) else None}
+    cells = [{"settings": c.settings, "seeds": c.seeds, "texts": [r.text for r in c.rows if r is not None],
+              "measures": dataclasses.asdict(c.measures()) if c.samples else None}
              for c in final.cells]
     return {"cells": cells, "rows_done": final.rows_done, "rows_total": final.rows_total, "notice": args.notice}
 

@@ -45,7 +45,7 @@ def test_every_sample_equals_its_solo_run_and_the_prefill_is_shared(tiny_lm):
             params = base.replace(do_sample=True, seed=seed, **cell.settings)
             solo = collect(generate(tiny_lm, input_ids=ids, params=params, top_n=20))
             assert cell.samples[k].tokens == solo["done"].token_ids, (cell.settings, k)
-            for got, want in zip(cell.tokens[k], solo["tokens"]):
+            for got, want in zip(cell.rows[k].events, solo["tokens"]):
                 for a, b in zip(got.stages, want.stages):
                     assert a.token_ids == b.token_ids and a.probs == pytest.approx(b.probs, abs=1e-5)
             raw = [math.log(t.stages[0].chosen_prob) for t in solo["tokens"]]

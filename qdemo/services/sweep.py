@@ -57,7 +57,7 @@ def read_grid(axes: Any, samples: Any = DEFAULT_SAMPLES, seed: Any = 0) -> Grid:
         read.append((name, tuple(int(v) if name == "top_k" else float(v) for v in values)))
     for name, value, low, high in (("samples", samples, 1, MAX_SAMPLES), ("seed", seed, 0, 2 ** 62)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise Refused(f"{name} must be a whole number from {low} to {high}, got {str(value)[:40]}")
+            raise Refused(f"{name} must be a whole number from {low} to {high}, got {repr(value)[:40]}")
     return Grid(tuple(read), samples, seed)
 
 

@@ -145,10 +145,11 @@ class ChatSession:
 
     def take(self, ticket: int | None) -> bool:
         """answer() starts the turn `ticket` armed (False: not armed, or a newer turn replaced it)."""
-        if ticket is None or self.pending != ticket:
-            return False
-        self.pending, self.running = None, ticket
-        return True
+        with self._handover:  # against an interrupt between the look and the take
+            if ticket is None or self.pending != ticket:
+                return False
+            self.pending, self.running = None, ticket
+            return True
 
     def finish(self, ticket: int) -> None:
         if self.running == ticket:
@@ -168,6 +169,14 @@ class ChatSession:
     def current(self, epoch: int, ticket: int | None = None) -> bool:
         """The answer started at `epoch` for `ticket` may still write to the chat."""
         return epoch == self.epoch and (ticket is None or ticket == self.latest)
+
+    def report_if_current(self, epoch: int, ticket: int | None, report: ProgressFn, phase: str, done: float,
+                          total: float) -> None:
+        """A progress report of the answer started at `epoch` for `ticket`, dropped once it went stale (checked
+        under the lock `interrupt` takes)."""
+        with self._handover:
+            if self.current(epoch, ticket):
+                report(phase, done, total)
 
     def deliver(self, epoch: int, ticket: int | None, update: Any) -> Iterator[Any]:
         """`update`, if the answer started at `epoch` for `ticket` may still write to the chat (checked under the
@@ -401,7 +410,10 @@ def _answer(services: Services, session: ChatSession, ticket: int, client: str |
         return
     draft = _draft_for(services, model, params, assisted)
     requests = [ModelRequest(model, params)] + ([ModelRequest(draft, sampling=False)] if draft else [])
-    loading = _Loading.start(services, client, requests, progress)
+    # A load's progress stops reaching the bar the moment Clear, Undo or Import makes this answer stale: the reset
+    # they send must be the last thing the page shows about it.
+    shown = functools.partial(session.report_if_current, epoch, ticket, progress) if progress else None
+    loading = _Loading.start(services, client, requests, shown)
     try:
         admitted = loading.wait(lambda: stop.is_set() or not session.current(epoch, ticket))
         if admitted is None or stop.is_set():  # Stop (or Clear) came while the request queued or the model loaded

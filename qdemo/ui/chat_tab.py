@@ -26,17 +26,17 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     session.chat_state, session.chat_controls, session.chat_notice = parts.state, parts.controls, parts.notice
     session.model_dropdowns.append(parts.model)
     parts.controls.wire_visibility(ui, parts.notice)
-    answers = _wire_turns(ui, parts)
-    _wire_edits(ui, parts, answers)
+    _wire_turns(ui, parts)
+    _wire_edits(ui, parts)
     _wire_settings(ui, parts)
     _wire_token_view(ui, parts)
     branch_panel.wire(ui, parts)
 
 
-def _wire_turns(ui: UIContext, parts: ChatParts) -> list:
+def _wire_turns(ui: UIContext, parts: ChatParts) -> None:
     """Send and Regenerate in two steps: a quick one (ORDERED) shows the message and arms a ticket, then the one in
     the generation group answers it. Stop twice: unqueued, so it never waits, and ORDERED, after any Send made
-    before it. Returns the answering events (what Clear, Undo and Import cancel)."""
+    before it."""
     on = partial(ui.on, notice=parts.notice)
     send = on([parts.box.submit, parts.send.click], partial(on_chat.begin, parts, ui),
               {parts.box, parts.chatbot, parts.state, parts.action},
@@ -51,28 +51,29 @@ def _wire_turns(ui: UIContext, parts: ChatParts) -> list:
                parts.stage_plot, parts.notes, parts.prompt_view, session.runs, session.saved_runs,
                *_settled_outputs(parts)]
     answer = partial(on_chat.answer, parts, ui)
-    answers = [ui.after(step, answer, inputs, outputs, notice=parts.notice, runs_model=True,
-                        show_progress_on=parts.chatbot) for step in (send, regenerate)]
+    for step in (send, regenerate):
+        ui.after(step, answer, inputs, outputs, notice=parts.notice, runs_model=True, show_progress_on=parts.chatbot)
     stop = partial(on_chat.stop, parts)
     on(parts.stop.click, stop, {parts.state, parts.action}, None, queue=False, js=ACTION_JS)
     on(parts.stop.click, stop, {parts.state, parts.action}, None, **ORDERED)
-    return answers
 
 
-def _wire_edits(ui: UIContext, parts: ChatParts, answers: list) -> None:
-    """Clear (the button or the chatbot's trash icon), Undo and Import stop what runs (the session's interrupt; they
-    cancel the queued answer too) and reset every panel, ORDERED: the reset lands after the answer's last update."""
+def _wire_edits(ui: UIContext, parts: ChatParts) -> None:
+    """Clear (the button or the chatbot's trash icon), Undo and Import stop what runs (the session's interrupt) and
+    reset every panel, ORDERED: the reset lands after the answer's last update. They do not use Gradio's `cancels`:
+    its cancel marks the answer complete on the page at the click, while the answer's thread can still send a
+    progress report or an update, which then stayed on screen over the reset (a stuck "load weights" bar, a frozen
+    "generating" line). An answer still queued takes its turn and ends at once, since its ticket is gone."""
     on = partial(ui.on, notice=parts.notice)
     controls = parts.controls.components()
     reset = [parts.chatbot, parts.box, parts.notice, *on_chat.views_reset(parts), *_settled_outputs(parts)]
     on([parts.clear.click, parts.chatbot.clear], partial(on_chat.clear_chat, parts, ui),
-       {parts.state, parts.action, parts.model, parts.system, *controls}, reset, cancels=answers, **ORDERED)
+       {parts.state, parts.action, parts.model, parts.system, *controls}, reset, **ORDERED)
     on(parts.undo.click, partial(on_chat.undo_turn, parts),
-       {parts.state, parts.action, parts.chatbot, parts.model, parts.system, *controls}, reset, cancels=answers,
-       **ORDERED)
+       {parts.state, parts.action, parts.chatbot, parts.model, parts.system, *controls}, reset, **ORDERED)
     on(parts.import_btn.upload, partial(on_chat.import_chat, parts, ui),
        {parts.import_btn, parts.state, parts.action, parts.model},
-       [*reset, parts.model, parts.system, *controls, parts.model_info, parts.forward], cancels=answers, **ORDERED)
+       [*reset, parts.model, parts.system, *controls, parts.model_info, parts.forward], **ORDERED)
 
 
 def _settled_outputs(parts: ChatParts) -> list:

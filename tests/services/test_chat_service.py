@@ -389,6 +389,39 @@ def test_stop_while_the_model_loads_ends_the_answer_at_once(tiny_dir, cycle_dir,
     assert seen == reported  # the background load's own reports never reached the ended answer
 
 
+def test_a_load_reports_nothing_to_an_answer_that_clear_made_stale(tiny_dir, cycle_dir, tmp_path):
+    """CI: Clear during the first load left "load weights 100%" on the emptied chat. The load went on (for the next
+    message) and its next report reached the cleared answer's bar after Clear's reset. A report made once the answer
+    is stale is now dropped, and the answer writes nothing."""
+    reached, cleared, reported_after = threading.Event(), threading.Event(), threading.Event()
+
+    def loader(spec, **kw):
+        kw["progress"]("before", 0, 1)
+        reached.set()
+        assert cleared.wait(60)
+        kw["progress"]("after", 0, 1)  # at once: before the answer's next look at its stop event
+        reported_after.set()
+        return load_model(spec, **kw)
+
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
+    slow = Services(registry=registry, pool=ModelPool(registry, "cpu", loader=loader), default_model="cycle",
+                    limits=Limits(requests_per_minute=1000))
+    session, seen, updates = chat.ChatSession(), [], []
+    begun = chat.begin_turn(session, "a story", [], slow.limits)
+    stream = chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=50), 1,
+                         progress=lambda *report: seen.append(report))
+    worker = threading.Thread(target=lambda: updates.extend(stream))
+    worker.start()
+    assert reached.wait(60)
+    session.interrupt()
+    cleared.set()
+    assert reported_after.wait(60)
+    worker.join(30)
+    assert not worker.is_alive() and updates == []
+    assert seen == [("before", 0, 1)]
+    _eventually(lambda: any(k.startswith("cycle") for k in slow.pool.loaded()), "the background load")
+
+
 def test_end_notes_are_plain_words_in_a_bubble_of_their_own(services):
     """Item 11: "*⏹ stopped…*" showed its asterisks, ⏹ drew as a blank box, and an answer cut inside a code fence
     carried its note inside the code block. The answer's bubble now holds the answer alone; the note is a bubble of

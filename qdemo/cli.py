@@ -223,13 +223,14 @@ def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="engine vs transformers generate, and each new engine path vs the old way")
     p.add_argument("name")
-    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect", "api"],
+    p.add_argument("--scenario", choices=["single", "multiturn", "ab", "assisted", "inspect", "api", "sweep"],
                    default="single",
                    help="single: engine vs HF generate; multiturn: kept decode state vs full re-prefill, in process "
                         "and through the app's API; ab: one-model Compare vs its sides one after the other; "
                         "assisted: speculative decoding vs the target alone; inspect: lens, attribution and scoring "
                         "of a 512-token chat vs one prefill; api: the app's streaming /chat vs llama-server's, "
-                        "timed on the client")
+                        "timed on the client; sweep: a 3x3 sampling sweep x 8 samples as one batch vs its 72 runs "
+                        "one by one (and, on llama.cpp, llama-server's parallel slots)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3, help="alternating runs of each (median reported)")
     p.add_argument("--prompt", default="Write a Python function that checks whether a number is prime.")

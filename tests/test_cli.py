@@ -47,7 +47,7 @@ def test_bench_json(tiny_registry_path, capsys):
     assert result["step_bytes"] < result["weight_bytes"]  # untied embedding: one row read per step
 
 
-@pytest.mark.parametrize("scenario,key", [("multiturn", "ratio"), ("ab", "speedup")])
+@pytest.mark.parametrize("scenario,key", [("multiturn", "ratio"), ("ab", "speedup"), ("sweep", "speedup")])
 def test_bench_scenarios_measure_side_by_side(tiny_dir, tmp_path, scenario, key):
     from qdemo.bench.scenarios import format_scenario, run_scenario
     from qdemo.models.loader import load_model
@@ -60,4 +60,6 @@ def test_bench_scenarios_measure_side_by_side(tiny_dir, tmp_path, scenario, key)
     assert result["scenario"] == scenario and result[key] > 0
     if scenario == "multiturn":
         assert result["same_first_token"] and result["history_tokens"] >= 3000 - 200
+    if scenario == "sweep":  # the batch's samples are the one-by-one samples, and every row count was timed
+        assert result["same_samples"] and result["runs"] == 72 and sorted(result["step_ms"]) == [1, 2, 4, 8]
     assert scenario in format_scenario(result)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from qdemo.bench import pairs
+from qdemo.bench import pairs, sweeps
 from qdemo.bench.pairs import CODE_PROMPT
 from qdemo.bench.forwards import load_line
 from qdemo.bench.probes import format_inspect, run_inspect_bench
@@ -29,7 +29,7 @@ from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 
-SCENARIOS = ("single", "multiturn", "ab", "assisted", "inspect")
+SCENARIOS = ("single", "multiturn", "ab", "assisted", "inspect", "sweep")
 HISTORY_TURN = ("Here is a log line: [{i:04d}] worker {w} finished task {t} in {s}.{d} s with status ok. "
                 "What does it say about worker {w}?")
 
@@ -135,6 +135,8 @@ def run_scenario(scenario: str, name: str, runs: int = 3, tokens: int = 64, regi
         result = pairs.ab(lm, runs, min(tokens, 64))
     elif scenario == "inspect":
         result = run_inspect_bench(lm, runs)
+    elif scenario == "sweep":
+        result = sweeps.sweep_bench(lm, min(tokens, 48))
     else:
         if lm.spec.draft is None:
             raise ValueError(f"{name} names no draft model in models.yaml (field 'draft')")
@@ -153,6 +155,8 @@ def format_scenario(r: dict[str, Any]) -> str:
 def _table(r: dict[str, Any]) -> str:
     if r["scenario"] == "inspect":
         return format_inspect(r)
+    if r["scenario"] == "sweep":
+        return sweeps.format_sweep(r)
     head = f"{r['scenario']}: {r['model']} ({r['device']}, {r['dtype']}, {r['threads']} threads), median of {r['runs']}"
     if r["scenario"] == "multiturn":
         rows = [("history / prompt tokens", f"{r['history_tokens']} / {r['prompt_tokens']}"),

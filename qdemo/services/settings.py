@@ -17,8 +17,8 @@ SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")  # what greedy and be
 
 def whole_number(value: Any, name: str) -> int:
     """A slider/number box value as an int; ValueError names the field."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, (bool, str)):  # a page's number box sends a number: anything else is not coerced
+        raise ValueError(f"{name} must be a whole number, got {repr(value)[:40]}")
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):

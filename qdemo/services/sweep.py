@@ -21,6 +21,7 @@ from qdemo.services.kept_states import client_state
 from qdemo.services.lab import local_context_ids
 from qdemo.serving.limits import Client
 from qdemo.views.sweep_measures import CellMeasures, Sample, cell_measures
+from qdemo.views.tokens import TOP_ALTERNATIVES
 
 AXES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 MAX_AXES, MAX_VALUES = 2, 5
@@ -92,6 +93,26 @@ class SweepProgress:
     rows_done: int
     rows_total: int
     done: bool = False
+    labels: dict[int, str] = field(default_factory=dict)  # on the last: each shown token id's text (token views)
+    rows_per_chunk: int = ROWS_PER_CHUNK
+    prompt_tokens: int = 0  # prefilled once for every row
+
+
+def kv_bytes_per_token(card: dict[str, Any]) -> int | None:
+    """Keys and values one token of one row holds, from the model card (None when the card does not say)."""
+    try:
+        width = 2 if card.get("dtype") in ("bfloat16", "float16") else 4
+        return 2 * int(card["layers"]) * int(card["kv_heads"]) * int(card["head_dim"]) * width
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def rows_that_fit(free_bytes: int, row_bytes: int | None, cap: int = ROWS_PER_CHUNK) -> int:
+    """Rows of one chunk: as many as the memory budget left holds (each row's keys and values for the prompt and
+    its answer, twice over for the step's activations and logits), at most `cap`, at least one."""
+    if not row_bytes:
+        return cap
+    return max(1, min(cap, free_bytes // (2 * row_bytes)))
 
 
 def _rows(grid: Grid, base: SamplingParams) -> list[tuple[int, int, SamplingParams]]:
@@ -125,8 +146,11 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
         if len(ids) > services.limits.max_prompt_tokens:
             raise Refused(f"the context has {len(ids)} tokens; this server's prompt limit is "
                           f"{services.limits.max_prompt_tokens}")
+        per_token = kv_bytes_per_token(backend.model_card()) if backend.capabilities.stage_chain else None
+        free = services.pool.budget - services.pool.used_bytes()
+        rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens))
         with client_state(services.states, client, backend) as state:
-            yield from run_sweep(backend, ids, params, grid, state, stop,
+            yield from run_sweep(backend, ids, params, grid, state, stop, rows_per_chunk=rows,
                                  time_limit_s=services.limits.max_generation_seconds)
 
 
@@ -159,5 +183,14 @@ def run_sweep(backend: Any, ids: Sequence[int], base: SamplingParams, grid: Grid
                 c, k, _ = chunk[event.row]
                 cells[c].rows[k] = SweepRow(_sample(tokens[event.row], event), tokens[event.row], event.text)
                 done_rows += 1
-                yield SweepProgress(cells, done_rows, len(rows))
-    yield SweepProgress(cells, done_rows, len(rows), done=True)
+                yield SweepProgress(cells, done_rows, len(rows), rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids))
+    yield SweepProgress(cells, done_rows, len(rows), done=True, labels=_labels(backend, cells),
+                        rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids))
+
+
+def _labels(backend: Any, cells: Sequence[CellResult]) -> dict[int, str]:
+    """The text of every token the samples' token views show: each chosen token and the top alternatives its
+    tooltips list."""
+    ids = {i for c in cells for r in c.rows if r is not None for e in r.events
+           for i in (e.token_id, *(t for s in e.stages for t in s.token_ids[:TOP_ALTERNATIVES]))}
+    return backend.token_texts(sorted(ids))

@@ -10,9 +10,10 @@ import gradio as gr
 
 from qdemo.models.registry import ModelSpec
 from qdemo.probes.stages import MAX_SAMPLES
+from qdemo.sampling import SamplingParams
 from qdemo.services import lab
 from qdemo.services.settings import whole_number
-from qdemo.ui import forward_picker
+from qdemo.ui import forward_picker, sweep_panel
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import SamplingControls, build_controls
 from qdemo.views.labels import token_label
@@ -46,6 +47,7 @@ class LabParts:
     token: gr.Dropdown  # the token Append adds
     append: gr.Button
     context_view: gr.Textbox
+    sweep: sweep_panel.SweepParts
 
     def view_inputs(self) -> set:
         return {self.state, self.top_n, *self.controls.components()}
@@ -78,6 +80,13 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     on(parts.forward.input, partial(change_forward, parts, ui), {parts.model, parts.forward, parts.state}, forgets,
        queue=False)
     parts.controls.wire_visibility(ui, parts.message)
+    sweep_panel.wire(ui, parts.sweep, sweep_panel.LabInputs(
+        parts.model, parts.forward, parts.context_box, parts.mode, [parts.controls.by_field[f] for f in LAB_FIELDS],
+        partial(_lab_params, parts)))
+
+
+def _lab_params(parts: LabParts, data: dict) -> SamplingParams:
+    return lab.lab_params(*(data[parts.controls.by_field[f]] for f in LAB_FIELDS))
 
 
 def _layout(ui: UIContext) -> LabParts:
@@ -101,9 +110,13 @@ def _layout(ui: UIContext) -> LabParts:
                                       temperature_label="temperature (0 = greedy)")
             top_n = gr.Slider(5, 50, value=20, step=1, label="tokens shown per stage", elem_id="lab-top-n")
         with gr.Column(scale=3, min_width=320):
-            views = _views()
+            with gr.Tabs(elem_id="lab-views"):
+                with gr.Tab("Next token", elem_id="lab-next-tab"):
+                    views = _views()
+                with gr.Tab("Sweep", elem_id="lab-sweep-tab"):
+                    sweep = sweep_panel.layout()
     return LabParts(state=state, model=model, forward=forward, context_box=context_box, mode=mode,
-                    compute=compute_btn, message=message, controls=controls, top_n=top_n, **views)
+                    compute=compute_btn, message=message, controls=controls, top_n=top_n, sweep=sweep, **views)
 
 
 def _views() -> dict:

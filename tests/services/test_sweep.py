@@ -3,6 +3,7 @@ its shown seed (tokens and every stage number); the cell measures read those row
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 
@@ -91,3 +92,31 @@ def test_a_callers_sweep_passes_admission_reuses_its_state_and_stops(tiny_dir, t
         list(sweep(services, alice, "  ", "chat", "", None, axes, 2, 7))
     with pytest.raises(Refused, match="temperature"):
         list(sweep(services, alice, "hi", "chat", "", {"temperature": -1}, axes, 2, 7))
+
+
+def test_the_chunk_holds_as_many_rows_as_the_memory_budget_left_fits(tiny_dir, tmp_path, monkeypatch):
+    """Rows decode in chunks that fit the pool's budget: each row holds keys and values for the prompt and its
+    answer, so a budget with little room left makes small chunks (more of them), and every sample still runs."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024))
+    pool = ModelPool(registry, "cpu")
+    services = Services(registry=registry, pool=pool, default_model=registry.default,
+                        limits=Limits(requests_per_minute=1000))
+    chunks: list[int] = []
+    real = LocalBackend.generate_rows
+
+    def counted(self, input_ids, params, **kw):
+        chunks.append(len(params))
+        return real(self, input_ids, params, **kw)
+
+    monkeypatch.setattr(LocalBackend, "generate_rows", counted)
+    axes, settings = {"temperature": [0.6, 1.0, 1.4]}, {"max_new_tokens": 5}
+    roomy = list(sweep(services, "a", "one two three", "chat", "", settings, axes, 3, 0))[-1]
+    assert roomy.rows_done == 9 and chunks == [8, 1]
+    config = json.loads((tiny_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 4  # float32 K and V
+    chunks.clear()
+    pool.budget = pool.used_bytes() + 2 * 3 * per_token * (roomy.prompt_tokens + 5)  # room for 3 rows, no more
+    tight = list(sweep(services, "b", "one two three", "chat", "", settings, axes, 3, 0))[-1]
+    assert tight.rows_done == 9 and tight.rows_per_chunk == 3 and chunks == [3, 3, 3]
+    assert [[s.tokens for s in c.samples] for c in tight.cells] == [[s.tokens for s in c.samples] for c in roomy.cells]

@@ -349,6 +349,21 @@ def _eventually(check, what: str, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def _answer_while_loading(tiny_dir, cycle_dir, tmp_path, loader):
+    """Services whose cycle model loads through `loader`, and an answer on a thread of its own that waits for it:
+    (services, the chat session, the progress reports seen, the updates, the thread)."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
+    slow = Services(registry=registry, pool=ModelPool(registry, "cpu", loader=loader), default_model="cycle",
+                    limits=Limits(requests_per_minute=1000))
+    session, seen, updates = chat.ChatSession(), [], []
+    begun = chat.begin_turn(session, "a story", [], slow.limits)
+    stream = chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=50), 1,
+                         progress=lambda *report: seen.append(report))
+    worker = threading.Thread(target=lambda: updates.extend(stream))
+    worker.start()
+    return slow, session, seen, updates, worker
+
+
 def test_stop_while_the_model_loads_ends_the_answer_at_once(tiny_dir, cycle_dir, tmp_path):
     """Item 3: Stop during the first load showed only when the load ended. The answer now ends as soon as Stop is
     pressed, while the load is still held; the load finishes in the background, so the next message finds the
@@ -362,15 +377,7 @@ def test_stop_while_the_model_loads_ends_the_answer_at_once(tiny_dir, cycle_dir,
         assert held.wait(60)
         return load_model(spec, **kw)
 
-    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
-    slow = Services(registry=registry, pool=ModelPool(registry, "cpu", loader=loader), default_model="cycle",
-                    limits=Limits(requests_per_minute=1000))
-    session, seen, updates = chat.ChatSession(), [], []
-    begun = chat.begin_turn(session, "a story", [], slow.limits)
-    stream = chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=50), 1,
-                         progress=lambda *report: seen.append(report))
-    worker = threading.Thread(target=lambda: updates.extend(stream))
-    worker.start()
+    slow, session, seen, updates, worker = _answer_while_loading(tiny_dir, cycle_dir, tmp_path, loader)
     assert reached.wait(60)
     session.stop.set()
     worker.join(10)
@@ -403,15 +410,7 @@ def test_a_load_reports_nothing_to_an_answer_that_clear_made_stale(tiny_dir, cyc
         reported_after.set()
         return load_model(spec, **kw)
 
-    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=8192, cycle_dir=cycle_dir))
-    slow = Services(registry=registry, pool=ModelPool(registry, "cpu", loader=loader), default_model="cycle",
-                    limits=Limits(requests_per_minute=1000))
-    session, seen, updates = chat.ChatSession(), [], []
-    begun = chat.begin_turn(session, "a story", [], slow.limits)
-    stream = chat.answer(slow, session, "c", begun.chat, "cycle", "", SamplingParams(max_new_tokens=50), 1,
-                         progress=lambda *report: seen.append(report))
-    worker = threading.Thread(target=lambda: updates.extend(stream))
-    worker.start()
+    slow, session, seen, updates, worker = _answer_while_loading(tiny_dir, cycle_dir, tmp_path, loader)
     assert reached.wait(60)
     session.interrupt()
     cleared.set()

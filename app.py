@@ -63,11 +63,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-preload", action="store_true", default=env("QDEMO_PRELOAD", "1") in ("0", "false", "no"),
                    help="do not load the default model at start (it then loads with the first request) "
                         "[QDEMO_PRELOAD=0]")
+    _store_args(p)
     defaults = Limits()
     for flag, (field, text) in _LIMIT_FLAGS.items():
         p.add_argument(flag, type=int, default=None, dest=field,
                        help=f"{text} (default {getattr(defaults, field)}) [{Limits.ENV[field]}]")
     return p
+
+
+_STORE_FLAGS = {  # flag → (the variable it sets, help)
+    "--data": ("QDEMO_DATA", "folder of the run store's SQLite file (default: a Space's /data, else the user's data "
+                             "folder, e.g. ~/.local/share/qdemo)"),
+    "--store-url": ("QDEMO_STORE_URL", "a SQLAlchemy URL for the run store instead of the file, e.g. "
+                                       "postgresql://user:pass@host/db for several replicas"),
+    "--keep-days": ("QDEMO_STORE_KEEP_DAYS", "stored runs older than this many days are removed (votes stay)"),
+    "--keep-rows": ("QDEMO_STORE_KEEP_ROWS", "only the newest this many stored runs are kept (votes stay)"),
+}
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    for flag, (variable, text) in _STORE_FLAGS.items():
+        p.add_argument(flag, default=None, dest=variable, metavar=flag.removeprefix("--").split("-")[-1].upper(),
+                       help=f"{text} [{variable}]")
+    p.add_argument("--no-store", action="store_const", const="off", default=None, dest="QDEMO_STORE",
+                   help="keep no runs, sweeps or votes beyond this process [QDEMO_STORE=off]")
+
+
+def store_settings(args: argparse.Namespace):
+    """The run store's settings: its variables, each replaced by its flag where given."""
+    from qdemo.store import StoreSettings
+
+    env = dict(os.environ)
+    env.update({k: v for k in (*(v for v, _ in _STORE_FLAGS.values()), "QDEMO_STORE")
+                if (v := getattr(args, k)) is not None})
+    return StoreSettings.from_env(env)
 
 
 def generation_seconds_for(device: str | None) -> int:
@@ -101,14 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_preload:  # the default loads while the page is built and served
             preload = Preload(args.model or registry.default)
             preload.start(pool)
+        from qdemo.store import open_store
         from qdemo.ui.app import build_app, launch_settings, queue_settings
 
+        store = open_store(store_settings(args))
         demo = build_app(registry, device=args.device, default=args.model, limits=limits, pool=pool,
-                         allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy, preload=preload)
+                         allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy, preload=preload,
+                         store=store)
     except (ValueError, OSError) as exc:
         print(f"qdemo: cannot start: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("qdemo").info("run store: %s", store.url if store is not None else "off (--no-store)")
     demo.queue(**queue_settings(limits)).launch(server_name=args.host, server_port=args.port, share=args.share,
                                                 **launch_settings(limits))
     return 0

@@ -34,6 +34,7 @@ from qdemo.serving.local import drafting_pays, leased
 from qdemo.serving.pool import ModelPool
 from qdemo.serving.protocol import Backend, needs_local
 from qdemo.serving.remote import RemoteBackend, server_label
+from qdemo.store import Store
 
 MAX_ECHO = 60  # characters of a bad value quoted back in a message
 # An absolute path (two or more segments) not glued to a word: "Qwen/Qwen2.5-7B" stays, "/home/x/.cache" goes.
@@ -92,7 +93,9 @@ class Services:
     rates: RateLimiter | None = None
     allow_downloads: bool = False  # a request may start a hub download (the operator's choice: --allow-downloads)
     preload: Any = None  # the default model's background load at start (qdemo.services.preload.Preload)
+    store: Store | None = None  # the run store (qdemo.store): runs, sweeps and votes that outlast the server
     states: KeptStates | None = None  # decode states sessions keep between turns (made over the pool by default)
+    arena: Any = None  # the blind arena's contenders and battles (qdemo.services.arena.Arena), made on first use
     _remotes: dict[str, RemoteBackend] = field(default_factory=dict, repr=False)  # one backend per remote entry
     _remote_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -32,6 +32,7 @@ from qdemo.models.sources import ProgressFn, readiness
 from qdemo.probes.decided import TokenDecision, token_decisions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import Admitted, ModelRequest, Refused, Services
+from qdemo.services.history import client_owner, keep_run
 from qdemo.services.kept_states import client_state
 from qdemo.serving.limits import Client, Limits, clean_text, cut_text
 from qdemo.serving.local import drafting_pays
@@ -530,6 +531,8 @@ def api_turn(services: Services, client: Client | str | None, message: Any, hist
             try:
                 for event in events:
                     run.add(event)
+                    if run.done is not None and not run.done.error:  # kept before the caller sees the end
+                        keep_run(services.store, client_owner(client), "api", run, turn.messages)
                     yield run
             finally:
                 events.close()  # a caller that goes away stops the generation

@@ -22,6 +22,7 @@ from qdemo.probes.stages import stage_distributions
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.chat import UI_INTERVAL_S, answer_text, chat_events, prepare_turn, run_record
+from qdemo.services.history import client_owner, keep_run
 from qdemo.services.kept_states import client_state
 from qdemo.serving.limits import Client
 from qdemo.serving.protocol import Backend, same_tokenizer
@@ -243,9 +244,11 @@ def describe(report: dict) -> str:
 def compare(services: Services, session: CompareSession | None, client: str | None, prompt: Any,
             model_a: str, model_b: str, settings_a: SamplingParams | Mapping | None,
             settings_b: SamplingParams | Mapping | None, seed: int | None, first_run_id: int,
-            progress: ProgressFn | None = None, top_n: int = 20) -> Iterator[CompareUpdate]:
+            progress: ProgressFn | None = None, top_n: int = 20, owner: str | None = None
+            ) -> Iterator[CompareUpdate]:
     """Both answers, streaming together, then the divergence report ("comparing…" while it is computed).
-    One seed for both sides (None: a fresh one, the same for both)."""
+    One seed for both sides (None: a fresh one, the same for both). Both runs go to the run store as `owner`'s
+    (None: the client's; a page passes its browser's)."""
     turn = prepare_turn(prompt, [], None, services.limits)
     if turn is None:
         raise Refused("Type a prompt first.")
@@ -276,6 +279,8 @@ def compare(services: Services, session: CompareSession | None, client: str | No
                 shown_at = time.perf_counter()
                 yield CompareUpdate(a=run_a, b=run_b, status=notice or "streaming…")
         yield CompareUpdate(a=run_a, b=run_b, status="Comparing the two answers…")
+        for run in (run_a, run_b):
+            keep_run(services.store, owner or client_owner(client), "compare", run, turn.messages)
         report = divergence_report(backend_a, backend_b, run_a, run_b, params_a, params_b, states)
         verdict = describe(report) + (f"\n\n{notice}" if notice else "")
         yield CompareUpdate(a=run_a, b=run_b, status=verdict, report=report, done=True)

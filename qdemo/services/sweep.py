@@ -96,6 +96,7 @@ class SweepProgress:
     labels: dict[int, str] = field(default_factory=dict)  # on the last: each shown token id's text (token views)
     rows_per_chunk: int = ROWS_PER_CHUNK
     prompt_tokens: int = 0  # prefilled once for every row
+    forward: str = ""  # how the model ran ("llama.cpp Q4_K_M", "torch bf16")
 
 
 def kv_bytes_per_token(card: dict[str, Any]) -> int | None:
@@ -183,9 +184,10 @@ def run_sweep(backend: Any, ids: Sequence[int], base: SamplingParams, grid: Grid
                 c, k, _ = chunk[event.row]
                 cells[c].rows[k] = SweepRow(_sample(tokens[event.row], event), tokens[event.row], event.text)
                 done_rows += 1
-                yield SweepProgress(cells, done_rows, len(rows), rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids))
+                yield SweepProgress(cells, done_rows, len(rows), rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids),
+                                    forward=backend.forward_label)
     yield SweepProgress(cells, done_rows, len(rows), done=True, labels=_labels(backend, cells),
-                        rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids))
+                        rows_per_chunk=rows_per_chunk, prompt_tokens=len(ids), forward=backend.forward_label)
 
 
 def _labels(backend: Any, cells: Sequence[CellResult]) -> dict[int, str]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from functools import partial
 
 import gradio as gr
 
 from qdemo.models.registry import Registry
-from qdemo.services import perf, settings
+from qdemo.services import history, perf, settings
 from qdemo.services.admission import Services
 from qdemo.serving.limits import Limits
 from qdemo.serving.pool import ModelPool
+from qdemo.store import Store
 from qdemo.ui import (
     api,
     chat_tab,
@@ -53,13 +56,13 @@ input[role="combobox"] {padding-right: 32px; text-overflow: ellipsis}
 
 def build_app(registry: Registry, device: str | None = None, default: str | None = None,
               limits: Limits | None = None, pool: ModelPool | None = None, allow_downloads: bool = False,
-              trusted_proxies: int = 0, preload=None) -> gr.Blocks:
+              trusted_proxies: int = 0, preload=None, store: Store | None = None) -> gr.Blocks:
     """The app; serve it with `.queue(**queue_settings(limits)).launch(**launch_settings(limits), ...)`."""
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
     limits = limits or Limits()
     services = Services(registry=registry, pool=pool or ModelPool(registry, device), default_model=name,
-                        limits=limits, allow_downloads=allow_downloads, preload=preload)
+                        limits=limits, allow_downloads=allow_downloads, preload=preload, store=store)
     ui = UIContext(services, trusted_proxies=trusted_proxies)
     tabs = _optional_tabs()
     # Gradio's own upload/output cache: files older than an hour go, checked every hour.
@@ -73,6 +76,7 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
             saved_runs=gr.BrowserState([], storage_key="qdemo-runs"),
             conversation=gr.BrowserState({"model": name, "system": None, "messages": [], "settings": {}},
                                          storage_key="qdemo-conversation"),
+            owner=gr.BrowserState("", storage_key="qdemo-owner"),
         )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -88,16 +92,24 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
 def _wire_restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None:
     """On page load: the saved conversation and runs come back, and the model lists say what is ready now."""
     outputs = [*session.model_dropdowns, session.runs, session.chat_model, session.chat_system, session.chatbot,
-               *session.chat_controls.components()]
-    ui.on(demo.load, partial(restore, session, ui), {session.saved_runs, session.conversation},
+               *session.chat_controls.components(), session.owner, session.chat_box, session.chat_send]
+    ui.on(demo.load, partial(restore, session, ui), {session.saved_runs, session.conversation, session.owner},
           list(dict.fromkeys(outputs)), notice=session.chat_notice)
 
 
-def restore(session: SessionComponents, ui: UIContext, data: dict) -> dict:
+def restore(session: SessionComponents, ui: UIContext, data: dict, request: gr.Request) -> dict:
+    """The page as it was: its saved conversation and runs; with `?run=ID`, that stored run of this browser's,
+    read-only (Inspect and the bundle read it as the chat's last answer)."""
     services = ui.services
     choices = services.choices()
     out = {d: gr.Dropdown(choices=choices) for d in session.model_dropdowns}
     out[session.runs] = perf.restored(data[session.saved_runs])
+    owner = data[session.owner]
+    if history.page_owner(owner) is None:  # a first visit (or a value the page could not have minted): a new id
+        owner = out[session.owner] = uuid.uuid4().hex
+    link = dict(getattr(request, "query_params", None) or {}).get("run")
+    if link is not None:
+        return {**out, **_stored_run(session, ui, history.page_owner(owner), link, out[session.runs])}
     saved = data[session.conversation] if isinstance(data[session.conversation], dict) else {}
     messages = saved.get("messages") or []
     if messages or saved.get("system") is not None:
@@ -111,6 +123,29 @@ def restore(session: SessionComponents, ui: UIContext, data: dict) -> dict:
         except ValueError:
             values = {}  # settings from an older page: the model's defaults stay
         out.update(session.chat_controls.update(values))
+    return out
+
+
+def _stored_run(session: SessionComponents, ui: UIContext, owner: str | None, link: str, runs: list) -> dict:
+    """A `?run=ID` link: the stored run in the chat, read-only; the message box says how to leave it."""
+    try:
+        kept = history.open_run(ui.services.store, owner, link)
+    except ValueError as exc:
+        return {session.chat_notice: f"⚠️ {exc}"}
+    messages = [m for m in kept.messages if m.get("role") in ("user", "assistant")]
+    system = next((m.get("content") for m in kept.messages if m.get("role") == "system"), None)
+    run = kept.run
+    model = run.model if run.model in ui.services.registry.models else ui.services.default_model
+    out = {session.chatbot: messages + [{"role": "assistant", "content": run.done.text if run.done else ""}],
+           session.runs: [*runs, dataclasses.replace(run, label="chat")],
+           session.chat_model: gr.Dropdown(choices=ui.services.choices(), value=model),
+           session.chat_box: gr.Textbox(interactive=False, placeholder="A stored run, read-only: open the app "
+                                                                       "without ?run= to chat"),
+           session.chat_send: gr.Button(interactive=False),
+           session.chat_notice: f"Stored run #{kept.run_id} ({kept.kind}, {run.model}, {run.forward}): "
+                                "read-only. Inspect and the bundle read its answer."}
+    if system is not None:
+        out[session.chat_system] = system
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from qdemo.services import chat, perf, settings
+from qdemo.services import chat, history, perf, settings
 from qdemo.services.files import scratch_file
 from qdemo.ui import branch_panel, forward_picker
 from qdemo.ui.answer_panel import TOKENS_HINT, assisted_label, decided_summary, decoding_line, view_html
@@ -80,6 +80,8 @@ def _answer(parts: ChatParts, ui: UIContext, data: dict, request: gr.Request, pr
         out = {parts.chatbot: update.chat, parts.metrics: update.metrics, parts.notice: update.notice}
         if update.view is not None:
             runs = runs + [update.view.run]
+            history.keep_run(ui.services.store, history.page_owner(data[parts.session.owner]), "chat",
+                             update.view.run, update.view.messages)
             out.update(_answered(parts, data, update.view, runs))
         if update.done:
             out.update(_settled(parts, data[parts.model], data[parts.system], update.chat, values))

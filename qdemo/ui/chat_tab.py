@@ -24,6 +24,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     parts = layout(ui, session)
     session.chat_model, session.chat_system, session.chatbot = parts.model, parts.system, parts.chatbot
     session.chat_state, session.chat_controls, session.chat_notice = parts.state, parts.controls, parts.notice
+    session.chat_box, session.chat_send = parts.box, parts.send
     session.model_dropdowns.append(parts.model)
     parts.controls.wire_visibility(ui, parts.notice)
     _wire_turns(ui, parts)
@@ -46,6 +47,7 @@ def _wire_turns(ui: UIContext, parts: ChatParts) -> None:
                     **ORDERED)
     session = parts.session
     inputs = {parts.chatbot, parts.model, parts.forward, parts.system, parts.state, parts.ticket, session.runs,
+              session.owner,
               parts.measure, parts.decided, parts.assisted, *parts.controls.components()}
     outputs = [parts.chatbot, parts.notice, parts.metrics, parts.tokens_view, parts.legend, parts.decided_md,
                parts.stage_plot, parts.notes, parts.prompt_view, session.runs, session.saved_runs,

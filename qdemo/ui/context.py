@@ -454,10 +454,13 @@ class SessionComponents:
     runs: gr.State  # list[RunRecord] of this session, newest last
     saved_runs: gr.BrowserState  # their compact copy: the Performance tab survives a reload
     conversation: gr.BrowserState  # {"model", "system", "messages", "settings"}: survives a reload
+    owner: Any = None  # gr.BrowserState: this browser's id, minted on its first load; whose stored runs are whose
     chat_model: Any = None  # gr.Dropdown; Internals follows it
     chat_system: Any = None  # gr.Textbox
     chat_state: Any = None  # gr.State(ChatSession): the last answer the Inspect tab reads
     chatbot: Any = None  # gr.Chatbot
     chat_controls: Any = None  # SamplingControls of the Chat tab (restored with the conversation)
     chat_notice: Any = None  # gr.Markdown under the chat: where page-level refusals show
+    chat_box: Any = None  # gr.Textbox: the message box (a stored run's link shows read-only)
+    chat_send: Any = None  # gr.Button
     model_dropdowns: list = field(default_factory=list)  # every model picker: their labels refresh on load

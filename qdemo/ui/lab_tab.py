@@ -82,7 +82,7 @@ def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
     parts.controls.wire_visibility(ui, parts.message)
     sweep_panel.wire(ui, parts.sweep, sweep_panel.LabInputs(
         parts.model, parts.forward, parts.context_box, parts.mode, [parts.controls.by_field[f] for f in LAB_FIELDS],
-        partial(_lab_params, parts)))
+        partial(_lab_params, parts), session.owner))
 
 
 def _lab_params(parts: LabParts, data: dict) -> SamplingParams:

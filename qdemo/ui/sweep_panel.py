@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from qdemo.sampling import SamplingParams
+from qdemo.services import history
 from qdemo.services import sweep as service
 from qdemo.services.files import scratch_file
 from qdemo.services.settings import whole_number
@@ -54,6 +55,7 @@ class LabInputs:
     mode: Any
     controls: list  # the lab's sampling sliders, in the order `params_of` reads them
     params_of: Callable[[dict], SamplingParams]  # the sliders' values → the sweep's base settings
+    owner: Any = None  # the page's browser id (SessionComponents.owner): whose stored sweep it is
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class SweepParts:
 
 def wire(ui: UIContext, parts: SweepParts, lab: LabInputs) -> None:
     on = partial(ui.on, notice=parts.status)
-    inputs = {parts.state, lab.model, lab.forward, lab.context_box, lab.mode, *lab.controls, *parts.settings()}
+    inputs = {parts.state, lab.model, lab.forward, lab.context_box, lab.mode, *lab.controls, *parts.settings(),
+              *([lab.owner] if lab.owner is not None else [])}
     step = on(parts.run.click, partial(arm, parts), {parts.state}, [parts.status, parts.cell], queue=False)
     ui.after(step, partial(run, parts, ui, lab), inputs,
              [parts.status, parts.maps, parts.scatter, parts.csv, parts.json], notice=parts.status, runs_model=True,
@@ -175,6 +178,9 @@ def run(parts: SweepParts, ui: UIContext, lab: LabInputs, data: dict, request: g
             yield _progress(parts, session, progress)
     session.result = progress
     if progress is not None:
+        owner = history.page_owner(data.get(lab.owner)) if lab.owner is not None else None
+        history.keep_sweep(ui.services.store, owner, model, progress.forward, session.meta,
+                           views.export_body(_cells(progress), {}))
         yield {**_progress(parts, session, progress), **_finished(parts, session, progress)}
 
 

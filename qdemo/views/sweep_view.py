@@ -174,9 +174,13 @@ def export_csv(cells: Sequence[SweepCell]) -> str:
     return out.getvalue()
 
 
-def export_json(cells: Sequence[SweepCell], meta: Mapping[str, object]) -> str:
+def export_body(cells: Sequence[SweepCell], meta: Mapping[str, object]) -> dict:
     """The whole sweep: what it ran (model, context, grid, seed) and per cell its settings, seeds, texts and
-    measures; Chinese text stays readable (ensure_ascii off)."""
-    body = {**meta, "cells": [{"settings": dict(c.settings), "seeds": list(c.seeds), "texts": list(c.texts),
+    measures."""
+    return {**meta, "cells": [{"settings": dict(c.settings), "seeds": list(c.seeds), "texts": list(c.texts),
                                "measures": asdict(c.measures) if c.measures is not None else None} for c in cells]}
-    return json.dumps(body, ensure_ascii=False, indent=1)
+
+
+def export_json(cells: Sequence[SweepCell], meta: Mapping[str, object]) -> str:
+    """export_body as JSON; Chinese text stays readable (ensure_ascii off)."""
+    return json.dumps(export_body(cells, meta), ensure_ascii=False, indent=1)

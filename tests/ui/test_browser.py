@@ -128,6 +128,7 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
     from qdemo.models.loader import load_model
     from qdemo.models.registry import load_registry
     from qdemo.serving.pool import ModelPool
+    from qdemo.store import StoreSettings, open_store
     from qdemo.ui.app import build_app
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -151,7 +152,8 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
                     encoding="utf-8")
     registry = load_registry(path)
     POOLS[:] = [ModelPool(registry, "cpu", loader=loader)]
-    demo = build_app(registry, pool=POOLS[0])
+    store = open_store(StoreSettings(data_dir=tmp_path_factory.mktemp("store")))  # the run store, as served
+    demo = build_app(registry, pool=POOLS[0], store=store)
     demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     shots = tmp_path_factory.mktemp("screenshots")
     print(f"\nscreenshots: {shots}")
@@ -159,6 +161,7 @@ def app(tiny_dir, cycle_dir, tmp_path_factory):
         yield demo, shots
     finally:
         demo.close()
+        store.close()
 
 
 @pytest.fixture(scope="module")

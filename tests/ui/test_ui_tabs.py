@@ -72,11 +72,10 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
     assert public == ["attribution", "batch", "branch", "bundle", "chat", "compare", "decisions", "divergence",
                       "lens", "next_token", "score", "sinks", "sweep"]
-    # Every event passes the one guard, page events and named endpoints alike. The exceptions are Gradio's own: the
-    # examples' loaders (they copy an example into a box) and the functions `cancels=` adds.
+    # Every event passes the one guard, page events and named endpoints alike. The exception is Gradio's own: the
+    # examples' loaders (they copy an example into a box).
     unguarded = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_guarded", False)]
-    assert {fn.name for fn in unguarded} == {"load_example", None}
-    assert all(fn.fn is None for fn in unguarded if fn.name is None)
+    assert {fn.name for fn in unguarded} == {"load_example"}
 
 
 def _event(demo, name: str):
@@ -93,7 +92,7 @@ def _targets(demo, fn) -> set[tuple[str | None, str]]:
 def test_send_arms_a_turn_in_order_then_one_queued_answer(tiny_registry_path):
     """Enter and the Send button are one event: it shows the message and arms the turn; the answer follows it in
     the generation group, with its progress on the chat. Clear and the chatbot's trash icon are one event too, and
-    it cancels the answers. Issue 19 items 1 and 2: everything that changes the chat (Send, Regenerate, Clear, Undo,
+    it interrupts the answers (the session's own stop, not Gradio's cancel). Issue 19 items 1 and 2: everything that changes the chat (Send, Regenerate, Clear, Undo,
     Import, and Stop's second half) runs through the queue one at a time, so it happens in the order the page sent
     it and its update reaches the page after the answer's last one (an unqueued reply could overtake it); Stop's
     first half is unqueued and never waits."""
@@ -106,8 +105,9 @@ def test_send_arms_a_turn_in_order_then_one_queued_answer(tiny_registry_path):
                                                    "branch-tree", "branch-hint"}
     clear = _event(demo, "clear_chat")
     assert _targets(demo, clear) == {("clear", "click"), ("chatbot", "clear")}
-    cancelling = [fn for fn in demo.fns.values() if fn.fn is None and fn.targets == clear.targets]
-    assert cancelling, "Clear cancels the running answer"
+    # Clear ends the answer through the session's interrupt, never Gradio's cancel: its early "complete" let the
+    # answer's late progress or update stay over the reset (CI)
+    assert not [fn for fn in demo.fns.values() if fn.fn is None and fn.targets == clear.targets]
     edits = [_event(demo, name) for name in ("begin", "begin_regenerate", "clear_chat", "undo_turn", "import_chat")]
     stops = [fn for fn in demo.fns.values() if fn.name == "stop" and _targets(demo, fn) == {("stop", "click")}]
     assert sorted(fn.queue for fn in stops) == [False, True]

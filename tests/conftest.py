@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,10 @@ import torch
 
 from qdemo.models.loader import load_model
 from qdemo.models.registry import load_registry
+
+# An app the tests start (python app.py in a subprocess included) keeps its run store in a folder of its own, never
+# in the user's data folder.
+os.environ.setdefault("QDEMO_DATA", tempfile.mkdtemp(prefix="qdemo-test-data-"))
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -2,7 +2,7 @@
 a fairness figure.
 
 Every named endpoint (/chat /compare /next_token /batch /lens /attribution /decisions /branch /score /divergence
-/sinks /bundle /sweep) gets bad inputs through gradio_client, a raw HTTP call or an upload. Each case says what it should
+/sinks /bundle /sweep /arena_battle /arena_vote /arena_leaderboard) gets bad inputs through gradio_client, a raw HTTP call or an upload. Each case says what it should
 get — refused (an error naming what is wrong) or answered (taken, e.g. cut with a notice) — and, where it matters,
 what the message or the answer must say or hold (token ids that agree across endpoints, a refusal that quotes a
 100,000-character value short). Its outcome is that, "wrong" (the other one, or a check failed) or "crashed" (a
@@ -433,6 +433,52 @@ def _within(most: int) -> Callable[[Reply], str]:
     return check
 
 
+def _arena_cases(b: _Bench) -> list[Spec]:
+    """The blind arena: strict fields, names hidden until the vote, one vote per battle by its own session."""
+    api = b.api
+    return [
+        ("prompt 5", "/arena_battle", api("/arena_battle", 5), refused("prompt must be text")),
+        ("empty prompt", "/arena_battle", api("/arena_battle", "  "), refused("prompt is empty")),
+        ("1 MB paste of 粘 (over the prompt limit; no name in the refusal)", "/arena_battle",
+         api("/arena_battle", "粘" * 1_000_000), refused("prompt", _names_hidden(b))),
+        ("a battle names neither contender", "/arena_battle", api("/arena_battle", "Say hi."),
+         answered("Model A", _names_hidden(b))),
+        ("outcome 'A'", "/arena_vote", api("/arena_vote", "x", "A"), refused("outcome must be one of")),
+        ("outcome true", "/arena_vote", api("/arena_vote", "x", True), refused("outcome must be one of")),
+        ("100,000-character outcome", "/arena_vote", api("/arena_vote", "x", "a" * 100_000),
+         refused("outcome", short_echo)),
+        ("battle_id 5", "/arena_vote", api("/arena_vote", 5, "a"), refused("battle_id must be the text")),
+        ("unknown battle_id", "/arena_vote", api("/arena_vote", "no-such-battle", "a"), refused("unknown battle_id")),
+        ("100,000-character battle_id", "/arena_vote", api("/arena_vote", "b" * 100_000, "a"),
+         refused("unknown battle_id", short_echo)),
+        ("another session's vote", "/arena_vote", lambda: _arena_vote(b, twice=False),
+         refused("only the session that started")),
+        ("double vote", "/arena_vote", lambda: _arena_vote(b, twice=True), refused("one vote per battle")),
+        ("leaderboard", "/arena_leaderboard", api("/arena_leaderboard"), answered("win_rates")),
+    ]
+
+
+def _names_hidden(b: _Bench) -> Callable[[Reply], str]:
+    """No contender's name and no model's name in what a battle shows before its vote."""
+    registry = b.pool.registry
+    words = [c.name for c in registry.arena] + list(registry.models)
+
+    def check(reply: Reply) -> str:
+        shown = [w for w in words if w.lower() in reply.text.lower()]
+        return f"the battle shows {shown[0]!r} before the vote" if shown else ""
+    return check
+
+
+def _arena_vote(b: _Bench, twice: bool) -> Reply:
+    """A battle, then a vote on it: by another session, or by its own twice (the second is the reply)."""
+    own = Client(b.url, verbose=False)
+    battle_id = own.predict("Name a fruit.", api_name="/arena_battle")["battle_id"]
+    if not twice:
+        return b.api("/arena_vote", battle_id, "a")()
+    own.predict(battle_id, "a", api_name="/arena_vote")
+    return _reply(lambda: own.predict(battle_id, "b", api_name="/arena_vote"))
+
+
 def _timed_cases(b: _Bench, chunk: int) -> list[Spec]:
     """Issue 19 items 4, 5 and 15: leaving during a prefill or a view, and the time limit in the answer."""
     m, unit = b.model, f"prefill chunk is {chunk} tokens"
@@ -484,7 +530,8 @@ def _in_time(limit: int) -> Callable[[Reply], str]:
 
 def _cases(b: _Bench, not_ready: str | None, chunk: int) -> list[tuple[Spec, bool]]:
     """Every case, and whether it is timed."""
-    plain = _chat_cases(b, not_ready) + _other_endpoint_cases(b) + _reader_cases(b) + _token_id_cases(b)
+    plain = (_chat_cases(b, not_ready) + _other_endpoint_cases(b) + _reader_cases(b) + _token_id_cases(b)
+             + _arena_cases(b))
     return [(spec, False) for spec in plain] + [(spec, True) for spec in _timed_cases(b, chunk)]
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Union
 import yaml
 
 from qdemo.errors import RegistryError
+from qdemo.models.arena_entries import Contender, parse_arena
 from qdemo.models.families import FAMILIES
 from qdemo.sampling import SamplingParams
 
@@ -95,6 +96,7 @@ class Registry:
     default: str
     models: dict[str, ModelSpec] = field(default_factory=dict)
     path: Path | None = None
+    arena: tuple[Contender, ...] = ()  # the blind arena's contenders as listed (empty: the app builds defaults)
 
     def get(self, name: str) -> ModelSpec:
         try:
@@ -121,7 +123,7 @@ def load_registry(path: str | os.PathLike[str] | None = None) -> Registry:
     return parse_registry(data, base_dir=path.parent, path=path)
 
 
-_TOP_KEYS = {"default", "models"}
+_TOP_KEYS = {"default", "models", "arena"}
 _ENTRY_KEYS = {"name", "display_name", "family", "source", "sampling", "max_context", "dtype", "system_prompt", "notes",
                "trust_remote_code", "draft", "draft_tokens"}
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
@@ -156,7 +158,15 @@ def parse_registry(data: Any, base_dir: Path, path: Path | None = None) -> Regis
     default = data.get("default", next(iter(models)))
     if default not in models:
         raise RegistryError(f"{where}: default {default!r} is not a model name; names: {', '.join(models)}")
-    return Registry(default=default, models=models, path=path)
+    arena = parse_arena(data.get("arena"), models, {name: _forwards(spec) for name, spec in models.items()}, where)
+    return Registry(default=default, models=models, path=path, arena=arena)
+
+
+def _forwards(spec: ModelSpec) -> tuple[str, ...]:
+    """The forwards an arena contender may name for `spec` (whether llama.cpp is installed is the server's to say)."""
+    if isinstance(spec.source, OpenAISource):
+        return ()
+    return ("torch", "llama.cpp") if isinstance(spec.source, GgufPartsSource) else ("torch",)
 
 
 def _parse_entry(entry: Any, index: int, base_dir: Path) -> ModelSpec:

@@ -1,5 +1,6 @@
-"""Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token, /batch (and the
-Inspect views' endpoints, qdemo.ui.api_probes). Each reads its arguments at the boundary through one strict reader
+"""Named API endpoints for gradio_client: /chat (streams the answer), /compare, /next_token, /batch, /sweep, the
+blind arena's /arena_battle, /arena_vote and /arena_leaderboard (and the Inspect views' endpoints,
+qdemo.ui.api_probes). Each reads its arguments at the boundary through one strict reader
 (qdemo.services.arguments), calls the same services the page calls and converts their results into JSON; the flow
 (admission, the turn, its run) is the services'. Refusals name the field and reach the caller as a gr.Error (the
 one guard in qdemo.ui.context), never a crashed worker. A caller who cancels or goes away sets the request's
@@ -15,8 +16,9 @@ from typing import Any, Iterator
 import gradio as gr
 
 from qdemo.core.runs import RunRecord
+from qdemo.services import arena as arena_service
 from qdemo.services import batch as batch_service
-from qdemo.services import chat, lab
+from qdemo.services import chat, history, lab
 from qdemo.services import compare as compare_service
 from qdemo.services import sweep as sweep_service
 from qdemo.services.arguments import Arguments
@@ -29,7 +31,8 @@ MAX_SEED = 2 ** 63 - 1
 
 def register(ui: UIContext) -> None:
     for fn, name in ((chat_endpoint, "chat"), (compare_endpoint, "compare"), (next_token_endpoint, "next_token"),
-                     (batch_endpoint, "batch"), (sweep_endpoint, "sweep")):
+                     (batch_endpoint, "batch"), (sweep_endpoint, "sweep"), (arena_battle_endpoint, "arena_battle"),
+                     (arena_vote_endpoint, "arena_vote"), (arena_leaderboard_endpoint, "arena_leaderboard")):
         ui.endpoint(partial(fn, ui), name)
     api_probes.register(ui)
 
@@ -119,7 +122,37 @@ def sweep_endpoint(ui: UIContext, context: str, axes: dict, model: str = "", set
     cells = [{"settings": c.settings, "seeds": c.seeds, "texts": [r.text for r in c.rows if r is not None],
               "measures": dataclasses.asdict(c.measures()) if c.samples else None}
              for c in final.cells]
+    history.keep_sweep(ui.services.store, history.client_owner(ui.client(request)), model or ui.services.default_model,
+                       final.forward, {"axes": axes, "samples": samples, "seed": seed, "context": text},
+                       {"cells": cells})
     return {"cells": cells, "rows_done": final.rows_done, "rows_total": final.rows_total, "notice": args.notice}
+
+
+def arena_battle_endpoint(ui: UIContext, prompt: str, request: gr.Request = None,
+                          stop: threading.Event | None = None) -> dict[str, Any]:
+    """A blind battle: two contenders drawn at random answer `prompt` as Model A and Model B. Answers the
+    battle_id, both answers and whether the battle can be voted on (/arena_vote, from the same session)."""
+    args = Arguments(ui.services.limits)
+    text = args.text(prompt, "prompt", required=True)
+    final = None
+    for final in arena_service.battle(ui.services, arena_service.arena_of(ui.services), ui.client(request), text,
+                                      stop=stop):
+        pass
+    return {**final.to_dict(), "notice": " ".join(n for n in (args.notice, final.status) if n)}
+
+
+def arena_vote_endpoint(ui: UIContext, battle_id: str, outcome: str, request: gr.Request = None) -> dict[str, Any]:
+    """One vote on a battle this session started: outcome a, b, tie or both_bad. Answers who A and B were, where
+    their answers first diverged, and the votes so far."""
+    arena = arena_service.arena_of(ui.services)
+    return arena_service.vote(ui.services, arena, ui.client(request), battle_id, outcome).to_dict()
+
+
+def arena_leaderboard_endpoint(ui: UIContext, request: gr.Request = None) -> dict[str, Any]:
+    """The arena's Bradley–Terry ratings with 95 % bootstrap intervals and vote counts, best first, and the
+    win-rate matrix (names, and rows of shares; null where two never met)."""
+    arena = arena_service.arena_of(ui.services)
+    return arena_service.standings(ui.services, arena, ui.client(request)).to_dict()
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:

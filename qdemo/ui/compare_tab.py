@@ -1,5 +1,5 @@
 """Compare tab: layout and wiring (logic in qdemo.services.compare). Panes A | B with their own model and decoding,
-one prompt and one seed for both, streaming together."""
+one prompt and one seed for both, streaming together; and the blind arena beside them (qdemo.ui.arena_tab)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Iterator
 import gradio as gr
 
 from qdemo.core.runs import RunRecord
-from qdemo.services import chat, compare, perf, settings
-from qdemo.ui import forward_picker
+from qdemo.services import chat, compare, history, perf, settings
+from qdemo.ui import arena_tab, forward_picker
 from qdemo.ui.context import SessionComponents, UIContext, progress_callback
 from qdemo.ui.controls import SamplingControls, build_controls
 from qdemo.views import answer as answer_views
@@ -50,11 +50,15 @@ class CompareParts:
 
 
 def build(ui: UIContext, session: SessionComponents, tab: gr.Tab) -> None:
-    parts = _layout(ui, session)
+    with gr.Tabs():
+        with gr.Tab("Side by side", id="compare-side-by-side"):
+            parts = _layout(ui, session)
+        with gr.Tab("Arena", id="compare-arena") as arena:
+            arena_tab.build(ui, arena)
     for pane in (parts.a, parts.b):
         _wire_pane(ui, parts, pane, tab)
     session.model_dropdowns.extend([parts.a.model, parts.b.model])
-    inputs = {parts.prompt, parts.seed, parts.state, session.runs,
+    inputs = {parts.prompt, parts.seed, parts.state, session.runs, session.owner,
               *(c for pane in (parts.a, parts.b) for c in (pane.model, pane.forward, *pane.controls.components()))}
     outputs = [parts.a.output, parts.b.output, parts.a.metrics, parts.b.metrics, parts.verdict, parts.table,
                parts.chart, session.runs, session.saved_runs]
@@ -149,7 +153,8 @@ def run_both(parts: CompareParts, ui: UIContext, data: dict, request: gr.Request
     for update in compare.compare(ui.services, data[parts.state], ui.client(request), data[parts.prompt],
                                   forward_picker.model_ref(data[a.model], data[a.forward]),
                                   forward_picker.model_ref(data[b.model], data[b.forward]), params_a, params_b, seed,
-                                  perf.next_run_id(runs), progress_callback(progress)):
+                                  perf.next_run_id(runs), progress_callback(progress),
+                                  owner=history.page_owner(data[session.owner])):
         out = {a.output: _pane_text(update.a), b.output: _pane_text(update.b),
                a.metrics: answer_views.metrics_line(update.a), b.metrics: answer_views.metrics_line(update.b),
                parts.verdict: update.status}

@@ -70,8 +70,8 @@ def test_app_builds_with_every_tab(tiny_registry_path):
     assert any((internals_tab._id, "select") in fn.targets for fn in demo.fns.values())  # loads when opened
     # Only the named endpoints are public; every page event stays out of the API.
     public = sorted(fn.api_name for fn in demo.fns.values() if fn.api_visibility != "private")
-    assert public == ["attribution", "batch", "branch", "bundle", "chat", "compare", "decisions", "divergence",
-                      "lens", "next_token", "score", "sinks", "sweep"]
+    assert public == ["arena_battle", "arena_leaderboard", "arena_vote", "attribution", "batch", "branch", "bundle",
+                      "chat", "compare", "decisions", "divergence", "lens", "next_token", "score", "sinks", "sweep"]
     # Every event passes the one guard, page events and named endpoints alike. The exception is Gradio's own: the
     # examples' loaders (they copy an example into a box).
     unguarded = [fn for fn in demo.fns.values() if not getattr(fn.fn, "qdemo_guarded", False)]

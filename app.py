@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
                    help="do not load the default model at start (it then loads with the first request) "
                         "[QDEMO_PRELOAD=0]")
     _store_args(p)
+    p.add_argument("--arena", default=env("QDEMO_ARENA"), metavar="NAMES",
+                   help="the arena's contenders, comma-separated names from models.yaml's arena: list (default: "
+                        "all of them) [QDEMO_ARENA]")
     defaults = Limits()
     for flag, (field, text) in _LIMIT_FLAGS.items():
         p.add_argument(flag, type=int, default=None, dest=field,
@@ -87,6 +90,25 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                        help=f"{text} [{variable}]")
     p.add_argument("--no-store", action="store_const", const="off", default=None, dest="QDEMO_STORE",
                    help="keep no runs, sweeps or votes beyond this process [QDEMO_STORE=off]")
+
+
+def _names(text: str | None) -> list[str] | None:
+    """--arena's names; an empty value is no choice (every contender plays), as for the other variables."""
+    return None if text is None or not text.strip() else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _open_store(args: argparse.Namespace):
+    """The run store, or why it cannot open (a PostgreSQL server out of reach, a failed migration) as a ValueError:
+    the app then does not start, and says so in one line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from qdemo.store import open_store
+
+    try:
+        return open_store(store_settings(args))
+    except SQLAlchemyError as exc:
+        raise ValueError(f"the run store cannot be opened ({str(exc).splitlines()[0][:300]}); fix --store-url or "
+                         "start without a store (--no-store)") from None
 
 
 def store_settings(args: argparse.Namespace):
@@ -130,13 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_preload:  # the default loads while the page is built and served
             preload = Preload(args.model or registry.default)
             preload.start(pool)
-        from qdemo.store import open_store
         from qdemo.ui.app import build_app, launch_settings, queue_settings
 
-        store = open_store(store_settings(args))
+        store = _open_store(args)
         demo = build_app(registry, device=args.device, default=args.model, limits=limits, pool=pool,
                          allow_downloads=args.allow_downloads, trusted_proxies=args.trust_proxy, preload=preload,
-                         store=store)
+                         store=store, arena=_names(args.arena))
     except (ValueError, OSError) as exc:
         print(f"qdemo: cannot start: {exc}", file=sys.stderr)
         return 2

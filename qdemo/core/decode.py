@@ -53,6 +53,10 @@ class DecodeState:
     width: int = 0  # columns in use (the cache's sequence length)
     broken: bool = False  # a forward failed half way: the cache no longer matches the tokens
     gap: int = 0  # the column where every row's padding starts
+    # (the prompt, the logits after it) of the last forked prefill: a later fork of that prompt (the next chunk of a
+    # sweep, the same Compare again) feeds nothing. Feeding its last token again would compute it in a batch of
+    # another size, which some kernels round differently, and the rows would part from their solo runs.
+    tail: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     @property
     def rows(self) -> int:
@@ -96,8 +100,16 @@ class DecodeState:
         if length < self.width:
             self.runner.crop(self, length)
             self.width = length
+        if self.tail is not None and length < len(self.tail[0]):
+            self.tail = None
         if length <= self.gap or self.pads[0]:
             self.gap, self.pads = 0, [0]
+
+    def tail_of(self, ids: Sequence[int]) -> torch.Tensor | None:
+        """The logits after `ids` when this state's last forked prefill was `ids` and row 0 still holds them."""
+        if self.tail is None or self.tail[0] != tuple(ids) or self.rows != 1 or self.width < len(ids):
+            return None
+        return self.tail[1] if common_prefix(self.row_ids(0), ids) == len(ids) else None
 
     def keep_prefix(self, ids: Sequence[int], upto: int) -> int:
         """Crop a one-row state to its longest common prefix with ids[:upto]; returns how many tokens it kept

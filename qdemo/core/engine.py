@@ -276,8 +276,14 @@ def _prefill_rows(
     t0 = now(device)
     if fork:
         ids = prompts[0]
-        reused = state.keep_prefix(ids, len(ids) - 1)
-        logits, early = prefill(lm, state, [ids[reused:]], lock, chunk, clock.reason)
+        tail = state.tail_of(ids)
+        reused = state.keep_prefix(ids, len(ids) if tail is not None else len(ids) - 1)
+        if tail is not None:  # the whole prompt and its last logits are held: nothing to feed
+            logits, early = tail[None].clone(), None
+        else:
+            logits, early = prefill(lm, state, [ids[reused:]], lock, chunk, clock.reason)
+            if early is None:
+                state.tail = (tuple(ids), logits[0].clone())
     else:
         reused, rests, early = _shared_prefix(lm, state, prompts, lock, chunk, clock.reason)
         logits, early = (None, early) if early else prefill(lm, state, rests, lock, chunk, clock.reason)

@@ -34,6 +34,10 @@ from qdemo.models.registry import ModelSpec
 from qdemo.models.sources import ProgressFn, gguf_file
 
 MAX_ROWS = 8  # sequences per context: Compare's sides, beams, batches
+# Rows that decode in one call exactly as each would alone. From 8 tokens a call ggml switches this CPU's matrix
+# kernels (measured: a sweep's 8-row steps moved raw probabilities by up to 3e-2, so seeded draws parted from
+# their solo runs within a few tokens; 7 rows matched 12 of 12). Work that promises solo-run equality stays below.
+SOLO_EXACT_ROWS = 7
 BATCH = 512  # tokens per llama_decode call (and per compute micro-batch)
 FIRST_CONTEXT = 2048  # tokens of a new context (KV cells shared by its rows)
 _BACKEND = threading.Lock()

@@ -11,6 +11,7 @@ vote: the streamed answers, the notices, the refusals and the load progress are 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import re
 import secrets
@@ -30,7 +31,7 @@ from qdemo.services.admission import Refused, Services, echo
 from qdemo.services.arguments import Arguments, kind
 from qdemo.services.battle_book import OPEN_BATTLES, BattleBook, BookVote, MemoryBook
 from qdemo.services.chat import answer_text
-from qdemo.services.history import client_owner
+from qdemo.services.history import STORE_ERRORS, client_owner
 from qdemo.services.settings import summary
 from qdemo.serving.limits import Client, clean_text, cut_text
 from qdemo.views.answer import end_note
@@ -39,6 +40,7 @@ from qdemo.views.ratings import Rating, Vote, leaderboard, win_rates
 __all__ = ["Arena", "BattleBook", "BattleUpdate", "Contender", "MemoryBook", "Reveal", "Standings", "arena_of",
            "battle", "default_contenders", "standings", "vote"]
 
+log = logging.getLogger("qdemo")
 OUTCOMES = ("a", "b", "tie", "both_bad")
 # FastChat's arena counts "both are bad" as a tie: neither answer was better than the other. views.ratings does too.
 RATING_OUTCOMES = {"a": "a", "b": "b", "tie": "tie", "both_bad": "both bad"}
@@ -51,6 +53,7 @@ UNVOTABLE = {"stopped": "The battle was stopped before both answers ended: start
 PRESETS = (("greedy", {"do_sample": False}), ("default", {}),
            ("t=1.0 top-p 0.95", {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0, "min_p": 0.0}))
 READY = "Both answers are in. Which is better? Vote to see who they were."
+NOT_KEPT = "This battle could not be kept for a vote (the server's store failed): start a new one."
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Reveal:
     seed: int
     divergence: str
     report: dict
-    votes: dict[str, int]  # total, and each contender's battles voted on
+    votes: dict[str, int] | None  # total, and each contender's battles voted on (None: the store cannot say now)
 
     def line(self) -> str:
         sides = [f"**{label}** was **{c.name}** ({c.model}, {forward}; {decoding})"
@@ -149,12 +152,31 @@ class Arena:
         self._lock = threading.Lock()
         self._board: tuple[str, Standings] | None = None
 
-    def draw(self, services: Services) -> tuple[Contender, Contender]:
-        """Two distinct contenders that can run here, in random order."""
-        playable = [c for c in self.contenders if _playable(services, c)]
+    def chosen(self, names: Any, field_name: str = "contenders", least: int = 2) -> tuple[Contender, ...]:
+        """The contenders `names` lists (a user's or the operator's choice), read strictly: `least` or more distinct
+        names of this arena's contenders; None: all of them."""
+        if names is None:
+            return self.contenders
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise Refused(f"{field_name} must be a list of contender names, got {kind(names)}")
+        known = {c.name: c for c in self.contenders}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise Refused(f"{field_name}: {echo(unknown[0])} is not a contender here; the contenders are "
+                          f"{', '.join(known)}")
+        if len(set(names)) < least:
+            raise Refused(f"{field_name}: pick {least} or more contenders, got {len(set(names))}")
+        return tuple(known[n] for n in dict.fromkeys(names))
+
+    def draw(self, services: Services, among: Any = None) -> tuple[Contender, Contender]:
+        """Two distinct contenders that can run here, in random order; `among`: only from those names, three or
+        more where the arena has them (a user who names only two knows the pair, and the vote would not be
+        blind)."""
+        pool = self.chosen(among, least=min(3, len(self.contenders)))
+        playable = [c for c in pool if _playable(services, c)]
         if len(playable) < 2:
             raise Refused(f"The arena needs two contenders that can run on this server; {len(playable)} of "
-                          f"{len(self.contenders)} can.")
+                          f"{len(pool)} can.")
         with self._lock:
             a, b = self._rng.sample(playable, 2)
         return a, b
@@ -177,6 +199,14 @@ class Arena:
 
     def now(self) -> float:
         return self._clock()
+
+    def board(self) -> Standings:
+        """standings(), or a refusal saying the store failed (logged): never a crash."""
+        try:
+            return self.standings()
+        except STORE_ERRORS as exc:
+            log.warning("the run store could not read the votes: %s", exc)
+            raise Refused("the leaderboard cannot be read now (the server's store failed); try again") from None
 
     def standings(self) -> Standings:
         """The leaderboard over the book's votes, fitted again only when they changed (the bootstrap is the cost)."""
@@ -255,12 +285,14 @@ class _Mask:
 
 
 def battle(services: Services, arena: Arena, client: Client | str | None, prompt: Any,
-           stop: threading.Event | None = None, progress: ProgressFn | None = None) -> Iterator[BattleUpdate]:
+           stop: threading.Event | None = None, progress: ProgressFn | None = None, among: Any = None
+           ) -> Iterator[BattleUpdate]:
     """A battle on `prompt`: both answers streaming under hidden names, then (when both ended by themselves or at a
-    limit) the battle kept for its vote. `stop`: a threading.Event set when the caller goes."""
+    limit) the battle kept for its vote. `stop`: a threading.Event set when the caller goes. `among`: the
+    contenders the caller chose to draw from (None: all)."""
     if not isinstance(prompt, str):
         raise Refused(f"prompt must be text, got {kind(prompt)}: {echo(prompt)}")
-    a, b = arena.draw(services)
+    a, b = arena.draw(services, among)
     battle_id, seed = secrets.token_urlsafe(16), secrets.randbits(31)
     mask = _Mask.of(services, a, b)
     final = None
@@ -272,7 +304,7 @@ def battle(services: Services, arena: Arena, client: Client | str | None, prompt
         for final in updates:
             if not final.done:
                 yield BattleUpdate(battle_id, _pane(final.a), _pane(final.b), mask.text(final.status))
-    except Refused as exc:
+    except (Refused, ValueError) as exc:  # the guard shows a ValueError word for word: masked like a refusal
         raise Refused(mask.text(str(exc))) from None
     finally:  # a caller that leaves closes this generator: the runs and their leases end now, not at collection
         updates.close()
@@ -281,20 +313,26 @@ def battle(services: Services, arena: Arena, client: Client | str | None, prompt
     # compare's verdict is the divergence (revealed with the vote), then a blank line and its notices
     notice = mask.text(final.status.partition("\n\n")[2])
     why = next((UNVOTABLE[r.done.reason] for r in (final.a, final.b) if r.done and r.done.reason in UNVOTABLE), "")
-    if not why:
-        _keep(arena, Battle(battle_id, client_owner(client), a, b, seed, (final.a.forward, final.b.forward),
-                            compare.describe(final.report), final.report, arena.now()), services, prompt,
-              final.a, final.b)
+    if not why and not _keep(arena, Battle(battle_id, client_owner(client), a, b, seed,
+                                           (final.a.forward, final.b.forward), compare.describe(final.report),
+                                           final.report, arena.now()), services, prompt, final.a, final.b):
+        why = NOT_KEPT
     yield BattleUpdate(battle_id, _pane(final.a), _pane(final.b), " ".join(w for w in (why or READY, notice) if w),
                        done=True, votable=not why, ended=(_reason(final.a), _reason(final.b)))
 
 
-def _keep(arena: Arena, record: Battle, services: Services, prompt: str, run_a: RunRecord, run_b: RunRecord) -> None:
+def _keep(arena: Arena, record: Battle, services: Services, prompt: str, run_a: RunRecord, run_b: RunRecord) -> bool:
+    """The battle in the book and open for its vote; False when the book (a failing store) could not keep it."""
     text, _ = cut_text(clean_text(prompt), services.limits.max_input_chars)
-    arena.book.save_battle(record.battle_id, session=record.session, contender_a=record.a.name,
-                           contender_b=record.b.name, prompt=text, answer_a=run_to_json(run_a),
-                           answer_b=run_to_json(run_b))
+    try:
+        arena.book.save_battle(record.battle_id, session=record.session, contender_a=record.a.name,
+                               contender_b=record.b.name, prompt=text, answer_a=run_to_json(run_a),
+                               answer_b=run_to_json(run_b))
+    except STORE_ERRORS as exc:
+        log.warning("the run store did not keep battle %s: %s", record.battle_id, exc)
+        return False
     arena.remember(record)
+    return True
 
 
 def _pane(run: RunRecord) -> str:
@@ -324,11 +362,14 @@ def vote(services: Services, arena: Arena, client: Client | str | None, battle_i
         stored = arena.book.save_vote(battle_id, session=record.session, outcome=outcome)
     except ValueError:  # the book no longer holds it (a store pruned by its retention)
         raise Refused(unknown) from None
+    except STORE_ERRORS as exc:
+        log.warning("the run store did not keep the vote on battle %s: %s", battle_id, exc)
+        raise Refused("your vote could not be stored (the server's store failed): press it again") from None
     if not stored:
         raise Refused("this battle has its vote already: one vote per battle")
     return Reveal(battle_id, outcome, record.a, record.b, record.forwards,
                   (_decoding(services, record.a), _decoding(services, record.b)), record.seed, record.divergence,
-                  record.report, _counts(arena.book.votes(), record.a.name, record.b.name))
+                  record.report, _counts(arena, record.a.name, record.b.name))
 
 
 def _battle_id(value: Any) -> str:
@@ -344,7 +385,13 @@ def _decoding(services: Services, contender: Contender) -> str:
     return summary(params) + ("" if contender.settings else " (the model's defaults)")
 
 
-def _counts(votes: Sequence[BookVote], a: str, b: str) -> dict[str, int]:
+def _counts(arena: Arena, a: str, b: str) -> dict[str, int] | None:
+    """The votes so far (None when the store cannot be read now: the vote is stored, and its reveal must show)."""
+    try:
+        votes: Sequence[BookVote] = arena.book.votes()
+    except STORE_ERRORS as exc:
+        log.warning("the run store could not count the votes: %s", exc)
+        return None
     return {"total": len(votes), "a": sum(a in (v.contender_a, v.contender_b) for v in votes),
             "b": sum(b in (v.contender_a, v.contender_b) for v in votes)}
 
@@ -352,4 +399,4 @@ def _counts(votes: Sequence[BookVote], a: str, b: str) -> dict[str, int]:
 def standings(services: Services, arena: Arena, client: Client | str | None) -> Standings:
     """The leaderboard for a named endpoint: counted by the rate limit like every request."""
     services.check_rate(client)
-    return arena.standings()
+    return arena.board()

@@ -118,7 +118,8 @@ def run_pair(backend_a: Backend, backend_b: Backend, messages: list[dict[str, st
 
 def _one_after_the_other(backend: Backend, side: Callable[..., Iterator], params: Sequence[SamplingParams],
                          kept: DecodeState | None, records: list[RunRecord]) -> Iterator[tuple[RunRecord, RunRecord]]:
-    """Side A to its end, then side B from the same decode state: B prefills only the prompt's last token."""
+    """Side A to its end, then side B from the same decode state: B feeds nothing (the state keeps the prompt and
+    the logits after it)."""
     state = kept if kept is not None else backend.new_state()
     try:
         for record, p in zip(records, params):

@@ -20,6 +20,7 @@ from qdemo.serving.limits import Client
 from qdemo.store import Store, StoredRun
 
 log = logging.getLogger("qdemo")
+STORE_ERRORS = (SQLAlchemyError, OSError)  # what a failing store raises: a database gone away, a full disk
 OWNER_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,64}")  # a page's browser id, as the page mints it
 HISTORY_ROWS = 200
 
@@ -65,7 +66,7 @@ def keep_run(store: Store | None, owner: str | None, kind: str, run: RunRecord,
             record_json=run_to_json(run), tokens=len(run.tokens),
             tok_s=_finite(stats.decode_tokens_per_s), ttft_s=_finite(stats.ttft_seconds),
             reason=run.done.reason)
-    except (SQLAlchemyError, OSError, ValueError) as exc:
+    except (*STORE_ERRORS, ValueError) as exc:
         log.warning("the run store did not keep a %s run of %s: %s", kind, run.model, exc)
         return None
 
@@ -80,20 +81,21 @@ def keep_sweep(store: Store | None, owner: str | None, model: str, forward: str,
         return None
     try:
         return store.save_sweep(session=owner, model=model, forward=forward, grid=grid, result=result)
-    except (SQLAlchemyError, OSError, ValueError) as exc:
+    except (*STORE_ERRORS, ValueError) as exc:
         log.warning("the run store did not keep a sweep of %s: %s", model, exc)
         return None
 
 
 def history(store: Store | None, owner: str | None, model: str | None = None, forward: str | None = None
             ) -> list[StoredRun]:
-    """The owner's stored runs, newest first, without their records (a listing reads no token data)."""
+    """The owner's newest stored runs, without their records (a listing reads no token data); `forward`: those
+    whose forward begins with it ("llama.cpp", "torch")."""
     if store is None or owner is None:
         return []
     try:
-        return store.runs(session=owner, model=model or None, forward=forward or None, limit=HISTORY_ROWS,
+        return store.runs(session=owner, model=model or None, forward_kind=forward or None, limit=HISTORY_ROWS,
                           with_record=False)
-    except (SQLAlchemyError, OSError) as exc:
+    except STORE_ERRORS as exc:
         log.warning("the run store could not list runs: %s", exc)
         return []
 

@@ -28,6 +28,20 @@ def whole_number(value: Any, name: str) -> int:
     return int(number)
 
 
+def seed_value(value: Any, name: str = "seed") -> int | None:
+    """A seed box's value: the box is text, so digits are the seed and an empty box means a fresh seed per run;
+    anything else (letters, a sign, a fraction) names the field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isascii() or not text.isdigit():
+            raise ValueError(f"{name} must be a whole number of 0 or more, or empty for a fresh seed; got "
+                             f"{text[:40]!r}")
+        return int(text)
+    return whole_number(value, name)
+
+
 def mode_of(params: SamplingParams) -> str:
     return "beam search" if params.beam_search else ("greedy" if params.greedy else "sample")
 
@@ -51,8 +65,7 @@ def to_params(values: Mapping[str, Any]) -> SamplingParams:
     mode = values.get("mode", "sample")
     if mode not in MODES:
         raise ValueError(f"decoding must be one of {', '.join(MODES)}, got {mode!r}")
-    seed = values.get("seed")
-    seed = seed.strip() if isinstance(seed, str) else seed
+    seed = seed_value(values.get("seed"))
     try:
         return SamplingParams(
             do_sample=mode == "sample", temperature=_number(values.get("temperature", 1.0), "temperature"),
@@ -60,7 +73,7 @@ def to_params(values: Mapping[str, Any]) -> SamplingParams:
             min_p=_number(values.get("min_p", 0.0), "min-p"),
             repetition_penalty=_number(values.get("repetition_penalty", 1.0), "repetition penalty"),
             max_new_tokens=whole_number(values.get("max_new_tokens", 256), "max new tokens"),
-            seed=None if seed in (None, "") else whole_number(seed, "seed"),
+            seed=seed,
             num_beams=whole_number(values.get("num_beams", 2), "num beams") if mode == "beam search" else 1)
     except (TypeError, OverflowError) as exc:
         raise ValueError(str(exc)) from None

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from qdemo.core.events import DoneEvent, TokenEvent
+from qdemo.forwards import llama_cpp
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.kept_states import client_state
 from qdemo.services.lab import local_context_ids
 from qdemo.serving.limits import Client
 from qdemo.views.sweep_measures import CellMeasures, Sample, cell_measures
+from qdemo.views.sweep_view import SweepCell
 from qdemo.views.tokens import TOP_ALTERNATIVES
 
 AXES = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -28,6 +30,7 @@ MAX_AXES, MAX_VALUES = 2, 5
 DEFAULT_SAMPLES, MAX_SAMPLES = 8, 32
 ROWS_PER_CHUNK = 8  # rows decoded together (the llama.cpp forward holds at most 8 sequences per context)
 ENDED = ("eos", "stop_token")
+GREEDY_NOTE = "The base settings are greedy; a sweep samples, so every row samples with its cell's settings."
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,17 @@ def read_grid(axes: Any, samples: Any = DEFAULT_SAMPLES, seed: Any = 0) -> Grid:
             raise Refused(f"axes {name}: give 1 to {MAX_VALUES} values in a list")
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
             raise Refused(f"axes {name}: every value must be a number")
-        if len(set(values)) != len(values):
+        if name == "top_k" and any(float(v) != int(v) for v in values):
+            raise Refused("axes top_k: every value must be a whole number (0 = off)")
+        kept = tuple(int(v) if name == "top_k" else float(v) for v in values)
+        if len(set(kept)) != len(kept):
             raise Refused(f"axes {name}: a value appears twice")
-        read.append((name, tuple(int(v) if name == "top_k" else float(v) for v in values)))
+        for value in kept:  # its range, before any model is admitted or loaded
+            try:
+                SamplingParams(**{name: value})
+            except ValueError as exc:
+                raise Refused(f"axes {name}: {exc}") from None
+        read.append((name, kept))
     for name, value, low, high in (("samples", samples, 1, MAX_SAMPLES), ("seed", seed, 0, 2 ** 62)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise Refused(f"{name} must be a whole number from {low} to {high}, got {repr(value)[:40]}")
@@ -97,6 +108,7 @@ class SweepProgress:
     rows_per_chunk: int = ROWS_PER_CHUNK
     prompt_tokens: int = 0  # prefilled once for every row
     forward: str = ""  # how the model ran ("llama.cpp Q4_K_M", "torch bf16")
+    notice: str = ""  # what the admission changed (max new tokens lowered…), and that a greedy base samples
 
 
 def kv_bytes_per_token(card: dict[str, Any]) -> int | None:
@@ -149,10 +161,21 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
                           f"{services.limits.max_prompt_tokens}")
         per_token = kv_bytes_per_token(backend.model_card()) if backend.capabilities.stage_chain else None
         free = services.pool.budget - services.pool.used_bytes()
-        rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens))
+        cap = llama_cpp.SOLO_EXACT_ROWS if getattr(backend, "forward", "") == "llama.cpp" else ROWS_PER_CHUNK
+        rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens), cap)
+        notice = " ".join(n for n in (admitted.notice, "" if params.do_sample else GREEDY_NOTE) if n)
         with client_state(services.states, client, backend) as state:
-            yield from run_sweep(backend, ids, params, grid, state, stop, rows_per_chunk=rows,
-                                 time_limit_s=services.limits.max_generation_seconds)
+            for progress in run_sweep(backend, ids, params, grid, state, stop, rows_per_chunk=rows,
+                                      time_limit_s=services.limits.max_generation_seconds):
+                progress.notice = notice
+                yield progress
+
+
+def view_cells(progress: SweepProgress) -> list[SweepCell]:
+    """The cells as the Sweep view, its exports, the API and the store read them: a sample that did not run (Stop,
+    the time limit) has its seed and None for its text."""
+    return [SweepCell(c.settings, c.seeds, [r.text if r is not None else None for r in c.rows],
+                      c.measures() if c.samples else None) for c in progress.cells]
 
 
 def run_sweep(backend: Any, ids: Sequence[int], base: SamplingParams, grid: Grid, state: Any = None,

@@ -23,6 +23,7 @@ from qdemo.store.rows import StoredBattle, StoredRun, StoredSweep, StoredVote
 from qdemo.store.schema import battles, runs, sweeps, votes
 
 MAX_LIMIT = 10_000
+PRUNE_EVERY = 100  # runs written between two retention passes
 
 
 def _duplicate(error: IntegrityError) -> bool:
@@ -87,19 +88,26 @@ class Store:
                    tokens=checks.whole("tokens", tokens, most=2 ** 31 - 1), tok_s=checks.rate("tok_s", tok_s),
                    ttft_s=checks.rate("ttft_s", ttft_s), reason=checks.text("reason", reason, most=100, empty=True))
         with self._writer.begin() as connection:
-            return connection.execute(insert(runs).values(created_at=time.time(), **row)
-                                      .returning(runs.c.id)).scalar_one()
+            run_id = connection.execute(insert(runs).values(created_at=time.time(), **row)
+                                        .returning(runs.c.id)).scalar_one()
+        # A server that runs for weeks keeps its retention as it writes, not only when it opened the store.
+        if run_id % PRUNE_EVERY == 0:
+            self.prune()
+        return run_id
 
     def runs(self, *, session: str | None = None, model: str | None = None, forward: str | None = None,
-             limit: int = 200, with_record: bool = True) -> list[StoredRun]:
-        """Runs, newest first, of one session / model / forward where given. `with_record=False` leaves
-        `record_json` empty: a listing of many runs need not read megabytes of records."""
+             limit: int = 200, with_record: bool = True, forward_kind: str | None = None) -> list[StoredRun]:
+        """Runs, newest first, of one session / model / forward where given; `forward_kind` ("llama.cpp",
+        "torch"): forwards that begin with it ("llama.cpp Q4_K_M"), filtered before the limit. `with_record=False`
+        leaves `record_json` empty: a listing of many runs need not read megabytes of records."""
         checks.whole("limit", limit, least=1, most=MAX_LIMIT)
         columns = [c for c in runs.c if with_record or c.name != "answer"]
         query = select(*columns).order_by(runs.c.id.desc()).limit(limit)
         for column, value in ((runs.c.session, session), (runs.c.model, model), (runs.c.forward, forward)):
             if value is not None:
                 query = query.where(column == checks.text(column.name, value, empty=column.name == "forward"))
+        if forward_kind is not None:
+            query = query.where(runs.c.forward.startswith(checks.text("forward_kind", forward_kind), autoescape=True))
         with self._engine.connect() as connection:
             return [StoredRun.of(row) for row in connection.execute(query)]
 

@@ -8,7 +8,6 @@ one guard in qdemo.ui.context), never a crashed worker. A caller who cancels or 
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from functools import partial
 from typing import Any, Iterator
@@ -25,6 +24,7 @@ from qdemo.services.arguments import Arguments
 from qdemo.ui import api_probes
 from qdemo.ui.context import UIContext
 from qdemo.views.answer import END_MARK, end_note
+from qdemo.views.sweep_view import export_body
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -119,24 +119,24 @@ def sweep_endpoint(ui: UIContext, context: str, axes: dict, model: str = "", set
                                      args.choice(mode, "mode", lab.CONTEXT_MODES, default="chat"), args.model(model),
                                      args.settings(settings), axes, samples, seed, stop):
         pass
-    cells = [{"settings": c.settings, "seeds": c.seeds, "texts": [r.text for r in c.rows if r is not None],
-              "measures": dataclasses.asdict(c.measures()) if c.samples else None}
-             for c in final.cells]
+    cells = export_body(sweep_service.view_cells(final), {})["cells"]
     history.keep_sweep(ui.services.store, history.client_owner(ui.client(request)), model or ui.services.default_model,
                        final.forward, {"axes": axes, "samples": samples, "seed": seed, "context": text},
                        {"cells": cells})
-    return {"cells": cells, "rows_done": final.rows_done, "rows_total": final.rows_total, "notice": args.notice}
+    return {"cells": cells, "rows_done": final.rows_done, "rows_total": final.rows_total,
+            "notice": " ".join(n for n in (args.notice, final.notice) if n)}
 
 
-def arena_battle_endpoint(ui: UIContext, prompt: str, request: gr.Request = None,
-                          stop: threading.Event | None = None) -> dict[str, Any]:
-    """A blind battle: two contenders drawn at random answer `prompt` as Model A and Model B. Answers the
-    battle_id, both answers and whether the battle can be voted on (/arena_vote, from the same session)."""
+def arena_battle_endpoint(ui: UIContext, prompt: str, contenders: list[str] | None = None,
+                          request: gr.Request = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """A blind battle: two contenders drawn at random (from `contenders`, names from /arena_leaderboard's
+    `contenders`, when given) answer `prompt` as Model A and Model B. Answers the battle_id, both answers and
+    whether the battle can be voted on (/arena_vote, from the same session)."""
     args = Arguments(ui.services.limits)
     text = args.text(prompt, "prompt", required=True)
     final = None
     for final in arena_service.battle(ui.services, arena_service.arena_of(ui.services), ui.client(request), text,
-                                      stop=stop):
+                                      stop=stop, among=contenders):
         pass
     return {**final.to_dict(), "notice": " ".join(n for n in (args.notice, final.status) if n)}
 
@@ -150,9 +150,10 @@ def arena_vote_endpoint(ui: UIContext, battle_id: str, outcome: str, request: gr
 
 def arena_leaderboard_endpoint(ui: UIContext, request: gr.Request = None) -> dict[str, Any]:
     """The arena's Bradley–Terry ratings with 95 % bootstrap intervals and vote counts, best first, and the
-    win-rate matrix (names, and rows of shares; null where two never met)."""
+    win-rate matrix (names, and rows of shares; null where two never met); `contenders`: every contender's name."""
     arena = arena_service.arena_of(ui.services)
-    return arena_service.standings(ui.services, arena, ui.client(request)).to_dict()
+    return {**arena_service.standings(ui.services, arena, ui.client(request)).to_dict(),
+            "contenders": [c.name for c in arena.contenders]}
 
 
 def _summary(run: RunRecord) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from functools import partial
 import gradio as gr
 
 from qdemo.models.registry import Registry
+from qdemo.services import arena as arena_service
 from qdemo.services import history, perf, settings
-from qdemo.services.admission import Services
+from qdemo.services.admission import Refused, Services
 from qdemo.serving.limits import Limits
 from qdemo.serving.pool import ModelPool
 from qdemo.store import Store
@@ -54,9 +55,17 @@ input[role="combobox"] {padding-right: 32px; text-overflow: ellipsis}
 }
 """
 
+# The key Gradio encrypts the browser's saved values with. Without one it draws a new key each process, so after a
+# restart (or on another replica) the page could read back nothing: the conversation, the runs and the id that owns
+# the stored history were lost. A fixed key keeps them; it guards nothing secret (the owner id is itself the random
+# value, and it never leaves this browser but to this app).
+BROWSER_SECRET = "qdemo-browser-state-v1"
+
+
 def build_app(registry: Registry, device: str | None = None, default: str | None = None,
               limits: Limits | None = None, pool: ModelPool | None = None, allow_downloads: bool = False,
-              trusted_proxies: int = 0, preload=None, store: Store | None = None) -> gr.Blocks:
+              trusted_proxies: int = 0, preload=None, store: Store | None = None,
+              arena: list[str] | None = None) -> gr.Blocks:
     """The app; serve it with `.queue(**queue_settings(limits)).launch(**launch_settings(limits), ...)`."""
     name = default or registry.default
     registry.get(name)  # an unknown --model fails before anything is served
@@ -64,6 +73,12 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
     services = Services(registry=registry, pool=pool or ModelPool(registry, device), default_model=name,
                         limits=limits, allow_downloads=allow_downloads, preload=preload, store=store)
     ui = UIContext(services, trusted_proxies=trusted_proxies)
+    if arena is not None:  # the operator's choice of contenders (--arena): checked before anything is served
+        try:
+            services.arena = arena_service.Arena(arena_service.arena_of(services).chosen(arena, "--arena"),
+                                                 book=store)
+        except Refused as exc:
+            raise ValueError(str(exc)) from None
     tabs = _optional_tabs()
     # Gradio's own upload/output cache: files older than an hour go, checked every hour.
     with gr.Blocks(title="qdemo", delete_cache=(3600, 3600)) as demo:
@@ -73,10 +88,10 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
                     elem_id="qdemo-intro")
         session = SessionComponents(
             runs=gr.State([]),
-            saved_runs=gr.BrowserState([], storage_key="qdemo-runs"),
+            saved_runs=gr.BrowserState([], storage_key="qdemo-runs", secret=BROWSER_SECRET),
             conversation=gr.BrowserState({"model": name, "system": None, "messages": [], "settings": {}},
-                                         storage_key="qdemo-conversation"),
-            owner=gr.BrowserState("", storage_key="qdemo-owner"),
+                                         storage_key="qdemo-conversation", secret=BROWSER_SECRET),
+            owner=gr.BrowserState("", storage_key="qdemo-owner", secret=BROWSER_SECRET),
         )
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
@@ -92,7 +107,8 @@ def build_app(registry: Registry, device: str | None = None, default: str | None
 def _wire_restore(demo: gr.Blocks, ui: UIContext, session: SessionComponents) -> None:
     """On page load: the saved conversation and runs come back, and the model lists say what is ready now."""
     outputs = [*session.model_dropdowns, session.runs, session.chat_model, session.chat_system, session.chatbot,
-               *session.chat_controls.components(), session.owner, session.chat_box, session.chat_send]
+               *session.chat_controls.components(), session.owner, session.chat_box, session.chat_send,
+               *session.chat_edits]
     ui.on(demo.load, partial(restore, session, ui), {session.saved_runs, session.conversation, session.owner},
           list(dict.fromkeys(outputs)), notice=session.chat_notice)
 
@@ -141,7 +157,7 @@ def _stored_run(session: SessionComponents, ui: UIContext, owner: str | None, li
            session.chat_model: gr.Dropdown(choices=ui.services.choices(), value=model),
            session.chat_box: gr.Textbox(interactive=False, placeholder="A stored run, read-only: open the app "
                                                                        "without ?run= to chat"),
-           session.chat_send: gr.Button(interactive=False),
+           **{button: gr.Button(interactive=False) for button in (session.chat_send, *session.chat_edits)},
            session.chat_notice: f"Stored run #{kept.run_id} ({kept.kind}, {run.model}, {run.forward}): "
                                 "read-only. Inspect and the bundle read its answer."}
     if system is not None:

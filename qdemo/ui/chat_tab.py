@@ -24,7 +24,7 @@ def build(ui: UIContext, session: SessionComponents) -> None:
     parts = layout(ui, session)
     session.chat_model, session.chat_system, session.chatbot = parts.model, parts.system, parts.chatbot
     session.chat_state, session.chat_controls, session.chat_notice = parts.state, parts.controls, parts.notice
-    session.chat_box, session.chat_send = parts.box, parts.send
+    session.chat_box, session.chat_send, session.chat_edits = parts.box, parts.send, [parts.regen, parts.undo]
     session.model_dropdowns.append(parts.model)
     parts.controls.wire_visibility(ui, parts.notice)
     _wire_turns(ui, parts)

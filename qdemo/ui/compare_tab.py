@@ -144,7 +144,7 @@ def run_both(parts: CompareParts, ui: UIContext, data: dict, request: gr.Request
     try:
         params_a = settings.to_params(a.controls.values(data))
         params_b = settings.to_params(b.controls.values(data))
-        seed = None if not str(data[parts.seed] or "").strip() else settings.whole_number(data[parts.seed], "seed")
+        seed = settings.seed_value(data[parts.seed], "seed")
     except ValueError as exc:
         yield {parts.verdict: f"⚠️ Sampling settings: {exc}"}
         return

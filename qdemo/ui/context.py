@@ -463,4 +463,5 @@ class SessionComponents:
     chat_notice: Any = None  # gr.Markdown under the chat: where page-level refusals show
     chat_box: Any = None  # gr.Textbox: the message box (a stored run's link shows read-only)
     chat_send: Any = None  # gr.Button
+    chat_edits: list = field(default_factory=list)  # Regenerate and Undo: off, with Send, on a stored run's page
     model_dropdowns: list = field(default_factory=list)  # every model picker: their labels refresh on load

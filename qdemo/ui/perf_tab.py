@@ -109,9 +109,8 @@ def list_history(parts: PerfParts, ui: UIContext, data: dict) -> dict:
         return {h.line: "This server keeps no runs beyond its process (its run store is off).", h.table: None}
     model, forward = _choice(data[h.model], [ALL, *ui.services.registry.models], "model"), \
         _choice(data[h.forward], [ALL, *FORWARDS], "forward")
-    rows = history.history(store, history.page_owner(data[parts.session.owner]), None if model == ALL else model)
-    if forward != ALL:
-        rows = [r for r in rows if r.forward.startswith(forward)]
+    rows = history.history(store, history.page_owner(data[parts.session.owner]), None if model == ALL else model,
+                           None if forward == ALL else forward)
     table = [[r.id, r.created_at.strftime("%Y-%m-%d %H:%M"), r.kind, r.model, r.forward, r.tokens,
               _fixed(r.tok_s, 1), _fixed(r.ttft_s, 2), r.reason, f"[open](?run={r.id})"] for r in rows]
     shown = f"{len(rows)} stored run(s)" + (f" of {model}" if model != ALL else "") + \

@@ -125,7 +125,9 @@ def layout() -> SweepParts:
 # --- handlers -------------------------------------------------------------------------------------------------------
 
 def arm(parts: SweepParts, data: dict) -> dict:
-    """At click time: a fresh stop event (a late Stop never reaches the new sweep) and the old cell view gone."""
+    """At click time: a sweep still running is stopped (one sweep a page), then a fresh stop event (a late Stop
+    never reaches the new sweep), and the old cell view goes."""
+    data[parts.state].stop.set()
     data[parts.state].stop = threading.Event()
     return {parts.status: "Sweep queued…", parts.cell: ""}
 
@@ -168,43 +170,39 @@ def run(parts: SweepParts, ui: UIContext, lab: LabInputs, data: dict, request: g
     base = lab.params_of(data).replace(max_new_tokens=whole_number(data[parts.max_new], "max new tokens"))
     samples, seed = whole_number(data[parts.samples], "samples per cell"), whole_number(data[parts.seed], "first seed")
     model = forward_picker.model_ref(data[lab.model], data[lab.forward])
-    session.result, session.meta = None, {"model": model, "context": data[lab.context_box], "mode": data[lab.mode],
-                                          "axes": axes, "samples": samples, "seed": seed, "base": base.to_dict()}
-    shown, progress = 0.0, None
+    meta = {"model": model, "context": data[lab.context_box], "mode": data[lab.mode], "axes": axes,
+            "samples": samples, "seed": seed, "base": base.to_dict()}
+    shown, progress, stop = 0.0, None, session.stop  # this sweep's own stop: a later Run replaces the session's
     for progress in service.sweep(ui.services, ui.client(request), data[lab.context_box], data[lab.mode], model, base,
-                                  axes, samples, seed, session.stop):
+                                  axes, samples, seed, stop):
         if progress.done or time.monotonic() - shown >= UI_INTERVAL_S:
             shown = time.monotonic()
-            yield _progress(parts, session, progress)
-    session.result = progress
+            yield _progress(parts, progress, stop)
     if progress is not None:
+        session.result, session.meta = progress, meta
         owner = history.page_owner(data.get(lab.owner)) if lab.owner is not None else None
-        history.keep_sweep(ui.services.store, owner, model, progress.forward, session.meta,
-                           views.export_body(_cells(progress), {}))
-        yield {**_progress(parts, session, progress), **_finished(parts, session, progress)}
+        history.keep_sweep(ui.services.store, owner, model, progress.forward, meta,
+                           views.export_body(service.view_cells(progress), {}))
+        yield {**_progress(parts, progress, stop), **_finished(parts, meta, progress)}
 
 
-def _cells(progress: service.SweepProgress) -> list[views.SweepCell]:
-    return [views.SweepCell(c.settings, c.seeds, [r.text if r is not None else None for r in c.rows],
-                            c.measures() if c.samples else None) for c in progress.cells]
-
-
-def _progress(parts: SweepParts, session: SweepSession, progress: service.SweepProgress) -> dict:
-    cells = _cells(progress)
+def _progress(parts: SweepParts, progress: service.SweepProgress, stop: threading.Event) -> dict:
+    cells = service.view_cells(progress)
     done = sum(c.measures is not None and c.measures.samples == len(c.seeds) for c in cells)
     line = views.progress_line(done, len(cells), progress.rows_done, progress.rows_total, progress.done,
-                               stopped=progress.done and session.stop.is_set())
+                               stopped=progress.done and stop.is_set())
     note = (f" · one prefill of {progress.prompt_tokens} tokens, {progress.rows_per_chunk} rows a step"
             if progress.prompt_tokens else "")
     hint = " · click a cell for its samples" if progress.done else ""
-    return {parts.status: line + note + hint, parts.maps: views.heatmaps_html(cells)}
+    notice = f"\n\n{progress.notice}" if progress.notice else ""
+    return {parts.status: line + note + hint + notice, parts.maps: views.heatmaps_html(cells)}
 
 
-def _finished(parts: SweepParts, session: SweepSession, progress: service.SweepProgress) -> dict:
-    cells = _cells(progress)
+def _finished(parts: SweepParts, meta: dict, progress: service.SweepProgress) -> dict:
+    cells = service.view_cells(progress)
     return {parts.scatter: views.scatter_figure(cells),
             parts.csv: _download("qdemo-sweep.csv", views.export_csv(cells)),
-            parts.json: _download("qdemo-sweep.json", views.export_json(cells, session.meta))}
+            parts.json: _download("qdemo-sweep.json", views.export_json(cells, meta))}
 
 
 def _download(name: str, text: str) -> gr.DownloadButton:
@@ -222,7 +220,8 @@ def open_cell(parts: SweepParts, data: dict, evt: gr.EventData) -> dict:
         return {parts.cell: "<p>Run a sweep first; then click a cell.</p>"}
     if isinstance(picked, bool) or not isinstance(picked, int) or not 0 <= picked < len(result.cells):
         raise ValueError(f"cell must be a cell of this sweep (0 to {len(result.cells) - 1})")
-    return {parts.cell: _cell_html(result, picked), parts.maps: views.heatmaps_html(_cells(result), picked)}
+    return {parts.cell: _cell_html(result, picked),
+            parts.maps: views.heatmaps_html(service.view_cells(result), picked)}
 
 
 def _cell_html(result: service.SweepProgress, index: int) -> str:

@@ -82,7 +82,8 @@ def test_regenerate_undo_and_edit_crop_the_state(tiny_lm):
     ids = prompt(tiny_lm, base)
     collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state))
     again = collect(generate(tiny_lm, input_ids=ids, params=GREEDY, state=state))  # Regenerate: the same prompt
-    assert again["prefill"].reused_tokens == len(ids) - 1  # one token prefilled, for the first logits
+    # the whole prompt and the logits after it were kept (DecodeState.tail): nothing is fed again
+    assert again["prefill"].reused_tokens == len(ids)
     assert again["done"].token_ids == collect(generate(tiny_lm, input_ids=ids, params=GREEDY))["done"].token_ids
     edited = prompt(tiny_lm, [{"role": "user", "content": "tell me about the lazy dog"}])  # Undo + edit
     out = collect(generate(tiny_lm, input_ids=edited, params=GREEDY, state=state))

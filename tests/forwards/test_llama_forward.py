@@ -19,7 +19,7 @@ from qdemo.core.decode import decode_step, last_logits, new_state, prefill
 from qdemo.core.engine import collect, generate, generate_batch, generate_rows
 from qdemo.forwards import llama_cpp as llama_forward
 from qdemo.forwards.gate import StepGate
-from qdemo.forwards.llama_cpp import load_llama_model
+from qdemo.forwards.llama_cpp import SOLO_EXACT_ROWS, load_llama_model
 from qdemo.models.loader import load_model
 from qdemo.models.prompting import build_prompt
 from qdemo.models.registry import load_registry
@@ -277,12 +277,12 @@ def test_a_sweeps_samples_equal_their_solo_runs(fast):
     """Issue 21: on the llama.cpp forward too, every sample of a sweep (rows after one prefill, in chunks that
     reuse it) equals its solo run with the seed the sweep shows."""
     backend = LocalBackend(fast, StepGate())
-    ids = chat_ids(fast, EN, 8)
-    base = fast.spec.sampling.replace(max_new_tokens=8)
-    grid = read_grid({"temperature": [0.7, 1.3]}, samples=3, seed=5)
+    ids = chat_ids(fast, EN, 10)
+    base = fast.spec.sampling.replace(max_new_tokens=10, top_k=40)
+    grid = read_grid({"temperature": [0.5, 1.1], "top_p": [0.8, 1.0]}, samples=3, seed=1)
     state = new_state(fast)
-    try:
-        final = list(run_sweep(backend, ids, base, grid, state=state, rows_per_chunk=4))[-1]
+    try:  # chunks as the app runs them on llama.cpp; the second starts from the first's prompt and last logits
+        final = list(run_sweep(backend, ids, base, grid, state=state, rows_per_chunk=SOLO_EXACT_ROWS))[-1]
     finally:
         state.release()
     for cell in final.cells:

@@ -24,6 +24,7 @@ from qdemo.services.arena import Arena, MemoryBook
 from qdemo.serving.limits import Client, Limits
 from qdemo.serving.pool import ModelPool
 from qdemo.store import StoreSettings, open_store
+from qdemo.ui.app import build_app
 from tests.conftest import CYCLE_LINE, write_registry
 
 ARENA = """\
@@ -181,6 +182,27 @@ def test_battles_draw_two_distinct_contenders_in_either_order(services):
     assert {(a.name, b.name) for a, b in pairs} == {(x, y) for x in "pqr" for y in "pqr" if x != y}
 
 
+def test_a_user_or_the_operator_picks_the_contenders_drawn_from(services, tmp_path, tiny_dir):
+    """The user names contenders (the page's checkboxes, /arena_battle's `contenders`); the operator (--arena) too:
+    draws come only from those, and a bad choice is refused by the field's name."""
+    fake = [Contender(n, "tiny-qwen2", None, {}) for n in ("p", "q", "r", "s")]
+    arena = Arena(fake, rng=random.Random(5))
+    pairs = {frozenset((a.name, b.name)) for a, b in (arena.draw(services, ["q", "r", "s"]) for _ in range(80))}
+    assert pairs == {frozenset("qr"), frozenset("qs"), frozenset("rs")}
+    # a user who names two knows the pair: with three or more contenders here, the vote stays blind only from three
+    for among, says in ((["q", "s"], "pick 3 or more"), (["q", "q", "r"], "pick 3 or more"),
+                        (["q", "r", "zeta"], "'zeta'"), ("q,r,s", "must be a list"), ([1, 2, 3], "must be a list")):
+        with pytest.raises(Refused, match=f"contenders.*{re.escape(says)}"):
+            arena.draw(services, among)
+    chosen = play(services, arena_service.arena_of(services), among=["alpha greedy", "beta warm"])
+    assert chosen[-1].done  # an arena of two: the choice is all of them
+    with pytest.raises(ValueError, match="--arena: 'nobody' is not a contender here"):
+        build_app(services.registry, pool=services.pool, arena=["alpha greedy", "nobody"])
+    demo = build_app(services.registry, pool=services.pool, arena=["beta warm", "alpha greedy"])
+    among = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "arena-among")
+    assert [c[0] for c in among.choices] == ["beta warm", "alpha greedy"]  # the page offers the operator's two
+
+
 def test_contenders_that_cannot_run_here_are_never_drawn(tmp_path, tiny_dir):
     hub = ("  - name: hub-model\n    family: qwen2\n    source: {hub: {repo_id: qdemo-test/not-cached}}\n"
            "    max_context: 4096\n")
@@ -330,3 +352,45 @@ def test_a_battles_runs_stay_out_of_the_callers_history_until_and_after_the_vote
     battle_id = play(services, arena)[-1].battle_id
     assert services.store.runs(session=history.client_owner(ME)) == []
     assert len(services.store.runs(session=f"arena:{battle_id}")) == 2
+
+
+class _FailingBook(MemoryBook):
+    """A book whose store fails at the named call (a database gone away, a full disk)."""
+
+    def __init__(self, fails: str) -> None:
+        super().__init__()
+        self.fails = fails
+
+    def save_battle(self, *args, **kw):
+        if self.fails == "save_battle":
+            raise OSError("disk full")
+        return super().save_battle(*args, **kw)
+
+    def save_vote(self, *args, **kw):
+        if self.fails == "save_vote":
+            raise OSError("disk full")
+        stored = super().save_vote(*args, **kw)
+        self.fails = "votes" if self.fails == "votes after the vote" else self.fails
+        return stored
+
+    def votes(self):
+        if self.fails == "votes":
+            raise OSError("database gone away")
+        return super().votes()
+
+
+def test_a_failing_store_never_crashes_a_battle_and_never_hides_a_stored_votes_reveal(services):
+    contenders = arena_service.arena_of(services).contenders
+    unkept = Arena(contenders, book=_FailingBook("save_battle"))
+    final = play(services, unkept)[-1]
+    assert final.done and not final.votable and "could not be kept for a vote" in final.status
+    refused = Arena(contenders, book=_FailingBook("save_vote"))
+    battle = play(services, refused)[-1]
+    with pytest.raises(Refused, match="could not be stored"):
+        arena_service.vote(services, refused, ME, battle.battle_id, "a")
+    unread = Arena(contenders, book=_FailingBook("votes after the vote"))
+    battle = play(services, unread)[-1]
+    reveal = arena_service.vote(services, unread, ME, battle.battle_id, "b")
+    assert reveal.votes is None and {reveal.a.name, reveal.b.name} == {c.name for c in contenders}
+    with pytest.raises(Refused, match="leaderboard cannot be read now"):
+        arena_service.standings(services, unread, ME)

@@ -97,7 +97,7 @@ def test_where_a_batch_of_two_does_not_pay_the_sides_run_one_after_the_other_fro
     assert all(len(u.b.tokens) == 0 or u.a.done is not None for u in updates)  # B starts once A has ended
     assert set(fed) == {1}  # never a batch of two rows
     prompt = list(final.a.prefill.prompt_ids)
-    assert final.b.prefill.reused_tokens == len(prompt) - 1
+    assert final.b.prefill.reused_tokens == len(prompt)  # B feeds nothing: A's prefill and its last logits
     for run, params in ((final.a, greedy), (final.b, sampled)):
         solo = collect(generate(tiny_lm, input_ids=prompt, params=params.replace(seed=4)))
         assert run.done.token_ids == solo["done"].token_ids

@@ -4,6 +4,7 @@ run opens token for token with the conversation it answered; a failing store nev
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -89,3 +90,15 @@ def test_a_failing_store_never_fails_the_answer(services, caplog):
     assert history.keep_run(None, OWNER, "chat", final.view.run) is None  # the store is off
     with pytest.raises(ValueError, match="store is off"):
         history.open_run(None, OWNER, "1")
+
+
+def test_the_forward_filter_finds_older_runs_past_the_newest_ones(services, monkeypatch):
+    """Review of issue 21: the forward filter ran after the listing's limit, so older llama.cpp runs never showed
+    behind newer torch ones. It is part of the query now."""
+    run = _answer(services).view.run
+    for forward in ("llama.cpp Q4_K_M", "torch fp32", "torch fp32"):  # the llama.cpp run is the oldest
+        history.keep_run(services.store, OWNER, "chat", dataclasses.replace(run, forward=forward))
+    monkeypatch.setattr(history, "HISTORY_ROWS", 2)
+    assert [r.forward for r in history.history(services.store, OWNER, forward="llama.cpp")] == ["llama.cpp Q4_K_M"]
+    assert [r.forward for r in history.history(services.store, OWNER, forward="torch")] == ["torch fp32"] * 2
+    assert history.history(services.store, OWNER, forward="llama.cpp_%") == []  # a pattern's characters are text

@@ -65,6 +65,10 @@ def test_every_sample_equals_its_solo_run_and_the_prefill_is_shared(tiny_lm):
     ({"temperature": [0.7]}, "8", 0, "samples must be a whole number"),
     ({"temperature": [0.7]}, 8, -1, "seed must be a whole number"),
     ([0.7], 8, 0, "axes must be an object"),
+    ({"top_k": [2.5, 40]}, 8, 0, "axes top_k: every value must be a whole number"),  # not cut to 2
+    ({"top_k": [2, 2.0]}, 8, 0, "axes top_k: a value appears twice"),  # the same cell twice once read
+    ({"temperature": [0.5, -1]}, 8, 0, "axes temperature: "),  # out of range: refused before any model loads
+    ({"top_p": [0.9, 1.5]}, 8, 0, "axes top_p: "),
 ])
 def test_a_bad_grid_is_refused_naming_its_field(axes, samples, seed, match):
     with pytest.raises(Refused, match=match):

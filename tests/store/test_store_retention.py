@@ -58,3 +58,16 @@ def test_the_settings_retention_applies_on_open_and_to_a_bare_prune(store, url):
         assert kept.prune() == 1
         assert len(kept.runs()) == 3
     assert store.prune() == 0  # a store without retention settings prunes nothing unless told
+
+
+def test_a_long_running_store_keeps_its_retention_as_it_writes(url, monkeypatch):
+    """Review of issue 21: retention ran only when the store opened, so a server up for weeks grew without bound.
+    Every PRUNE_EVERY runs written, the settings' retention runs again."""
+    import qdemo.store.store as store_module
+
+    monkeypatch.setattr(store_module, "PRUNE_EVERY", 5)
+    with open_store(StoreSettings(url=url, keep_rows=3)) as kept:
+        _save(kept, 4)
+        assert len(kept.runs()) == 4  # not yet: four runs written since the store opened
+        ids = _save(kept, 1)  # the fifth: the retention runs
+        assert [r.id for r in kept.runs()] == [ids[0], ids[0] - 1, ids[0] - 2]

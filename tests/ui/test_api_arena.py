@@ -102,3 +102,16 @@ def test_a_flood_of_votes_meets_the_rate_limit(served):
             said.append(str(exc))
     assert len(said) == 33 and all("unknown battle_id" in s for s in said[:30])
     assert all("Too many requests" in s for s in said[30:]), said[30:]
+
+
+def test_a_caller_picks_the_contenders_it_draws_from(served):
+    client = fresh(served)
+    board = client.predict(api_name="/arena_leaderboard")
+    assert board["contenders"] == ["alpha greedy", "beta warm", "gamma scripted"]
+    battle = client.predict("Say hi.", ["alpha greedy", "beta warm", "gamma scripted"], api_name="/arena_battle")
+    reveal = client.predict(battle["battle_id"], "tie", api_name="/arena_vote")
+    assert {reveal["a"]["name"], reveal["b"]["name"]} <= {"alpha greedy", "beta warm", "gamma scripted"}
+    with pytest.raises(Exception, match="contenders: 'nobody' is not a contender here"):
+        client.predict("hi", ["alpha greedy", "beta warm", "nobody"], api_name="/arena_battle")
+    with pytest.raises(Exception, match="contenders: pick 3 or more"):  # two named: the pair would be known
+        client.predict("hi", ["alpha greedy", "gamma scripted"], api_name="/arena_battle")

@@ -58,6 +58,8 @@ def test_a_stored_run_is_listed_and_its_link_opens_it_read_only(request, size):
         stored = page.locator("#chatbot .message-row").last.inner_text()
         assert any(row.startswith(stored) for row in shown[1:]), (stored, shown)  # the answer, without a cut's note
         _expect(page.locator("#chat-input textarea"), "the read-only message box").to_be_disabled()
+        for button in ("#send", "#regenerate", "#undo"):  # nothing that would answer again or change the stored chat
+            _expect(page.locator(button), f"{button} off on a stored run").to_be_disabled()
         page.screenshot(path=str(shots / f"stored-run-{size}.png"), full_page=True)
     finally:
         page.context.close()

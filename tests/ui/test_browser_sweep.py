@@ -196,3 +196,12 @@ def test_stop_in_the_browser_ends_a_long_sweep(request):
 def test_read_values_takes_chinese_commas_and_whole_numbers():
     assert sweep_panel.read_values("0.5，1、 2", "v") == [0.5, 1, 2]
     assert sweep_panel.read_values(" 20 40 ", "v") == [20, 40]
+
+
+def test_a_second_run_stops_the_first():
+    """One sweep a page: Run pressed while a sweep runs stops that one (its own stop event) before the new one."""
+    parts, _ = _parts()
+    data = {parts.state: sweep_panel.SweepSession()}
+    first = data[parts.state].stop
+    sweep_panel.arm(parts, data)
+    assert first.is_set() and not data[parts.state].stop.is_set()

@@ -362,7 +362,10 @@ def test_app_help_lists_every_flag_and_variable():
                       ("--max-generation-seconds", "QDEMO_MAX_GENERATION_SECONDS"),
                       ("--requests-per-minute-per-address", "QDEMO_REQUESTS_PER_MINUTE_PER_ADDRESS"),
                       ("--events-per-minute", "QDEMO_EVENTS_PER_MINUTE"), ("--max-upload-kib", "QDEMO_MAX_UPLOAD_KIB"),
-                      ("--allow-downloads", "QDEMO_ALLOW_DOWNLOADS"), ("--trust-proxy", "QDEMO_TRUSTED_PROXIES")]:
+                      ("--allow-downloads", "QDEMO_ALLOW_DOWNLOADS"), ("--trust-proxy", "QDEMO_TRUSTED_PROXIES"),
+                      ("--data", "QDEMO_DATA"), ("--store-url", "QDEMO_STORE_URL"), ("--no-store", "QDEMO_STORE"),
+                      ("--keep-days", "QDEMO_STORE_KEEP_DAYS"), ("--keep-rows", "QDEMO_STORE_KEEP_ROWS"),
+                      ("--arena", "QDEMO_ARENA")]:
         assert flag in out and var in out, flag
 
 
@@ -374,6 +377,10 @@ def test_app_help_lists_every_flag_and_variable():
     (None, {"QDEMO_DEFAULT_MODEL": "nope"}, "nope"),
     (None, {"QDEMO_TRUSTED_PROXIES": "-1"}, "--trust-proxy"),
     (None, {"QDEMO_MAX_PROMPT_TOKENS": "0"}, "max_prompt_tokens"),
+    (None, {"QDEMO_STORE": "maybe"}, "QDEMO_STORE"),
+    (None, {"QDEMO_STORE_KEEP_DAYS": "soon"}, "QDEMO_STORE_KEEP_DAYS"),
+    (None, {"QDEMO_STORE_URL": "postgresql://nobody@127.0.0.1:1/none"}, "the run store cannot be opened"),
+    (None, {"QDEMO_ARENA": "nobody, at all", "QDEMO_PRELOAD": "0"}, "--arena: 'nobody' is not a contender here"),
 ])
 def test_bad_configuration_refuses_to_start(tmp_path, yaml_text, env, match):
     args = []

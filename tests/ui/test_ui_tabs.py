@@ -398,3 +398,14 @@ def test_perf_views_without_runs(tmp_path):
     views = perf.perf_views([])
     assert views.table.empty and views.latency.layout.annotations
     assert perf.write_csv(None, tmp_path).read_text(encoding="utf-8").startswith("run,label,model")
+
+
+def test_the_browsers_saved_values_read_back_after_a_restart(tiny_registry_path):
+    """Review of issue 21: Gradio encrypts a BrowserState with a key drawn per process unless given one, so after a
+    restart the page read back nothing — the id that owns the stored history included. Two builds (two processes'
+    apps) use one key for each saved value."""
+    keys = []
+    for _ in range(2):
+        demo = build_app(load_registry(tiny_registry_path))
+        keys.append({b.storage_key: b.secret for b in demo.blocks.values() if isinstance(b, gr.BrowserState)})
+    assert set(keys[0]) == {"qdemo-runs", "qdemo-conversation", "qdemo-owner"} and keys[0] == keys[1]

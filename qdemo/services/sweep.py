@@ -111,15 +111,6 @@ class SweepProgress:
     notice: str = ""  # what the admission changed (max new tokens lowered…), and that a greedy base samples
 
 
-def kv_bytes_per_token(card: dict[str, Any]) -> int | None:
-    """Keys and values one token of one row holds, from the model card (None when the card does not say)."""
-    try:
-        width = 2 if card.get("dtype") in ("bfloat16", "float16") else 4
-        return 2 * int(card["layers"]) * int(card["kv_heads"]) * int(card["head_dim"]) * width
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def rows_that_fit(free_bytes: int, row_bytes: int | None, cap: int = ROWS_PER_CHUNK) -> int:
     """Rows of one chunk: as many as the memory budget left holds (each row's keys and values for the prompt and
     its answer, twice over for the step's activations and logits), at most `cap`, at least one."""
@@ -159,7 +150,7 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
         if len(ids) > services.limits.max_prompt_tokens:
             raise Refused(f"the context has {len(ids)} tokens; this server's prompt limit is "
                           f"{services.limits.max_prompt_tokens}")
-        per_token = kv_bytes_per_token(backend.model_card()) if backend.capabilities.stage_chain else None
+        per_token = backend.kv_bytes_per_token() if hasattr(backend, "kv_bytes_per_token") else None
         free = services.pool.budget - services.pool.used_bytes()
         cap = llama_cpp.SOLO_EXACT_ROWS if getattr(backend, "forward", "") == "llama.cpp" else ROWS_PER_CHUNK
         rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens), cap)

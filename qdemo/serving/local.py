@@ -73,6 +73,16 @@ class LocalBackend:
         self.position_encoding, self.position_note = lm.family.position_encoding, lm.family.position_note
         self.capabilities = Capabilities() if lm.model is not None else _WEIGHTLESS
 
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values one token of one row holds (a sweep sizes its chunks of rows by it): float16 on
+        llama.cpp, the model's dtype on torch."""
+        config = self._lm.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        half = self.forward == "llama.cpp" or getattr(self._lm, "dtype", None) in (torch.bfloat16, torch.float16)
+        return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * (2 if half else 4)
+
     def shape(self) -> tuple[int, int]:
         """(decoder layers, attention heads)."""
         config = self._lm.config

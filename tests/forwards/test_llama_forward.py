@@ -290,3 +290,9 @@ def test_a_sweeps_samples_equal_their_solo_runs(fast):
             params = base.replace(do_sample=True, seed=seed, **cell.settings)
             solo = collect(generate(fast, input_ids=ids, params=params))["done"]
             assert cell.samples[k].tokens == solo.token_ids, (cell.settings, k)
+
+
+def test_a_sweep_sizes_its_chunks_on_the_llama_cpp_forward_too(fast):
+    """The tour found it: a sweep on the llama.cpp forward crashed sizing its chunks (it read the torch model's
+    card, which a llama.cpp model has not). A row's keys and values per token agree with the runner's own figure."""
+    assert LocalBackend(fast, StepGate()).kv_bytes_per_token() == fast.runner.weights.kv_bytes_per_token > 0

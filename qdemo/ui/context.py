@@ -24,6 +24,7 @@ import gradio as gr
 from gradio.context import LocalContext
 
 from qdemo.services.admission import Refused, Services
+from qdemo.services.files import scratch_file
 from qdemo.serving.limits import Client, RateLimiter, client_from_headers
 from qdemo.ui.zerogpu import on_gpu
 
@@ -438,6 +439,13 @@ def progress_callback(progress: gr.Progress | None) -> Callable[[str, float, flo
         progress(done / total if total else 0, desc=phase)
 
     return report
+
+
+def download(name: str, text: str) -> gr.DownloadButton:
+    """`text` as a file the page offers for download under `name` (a scratch file of its own)."""
+    path = scratch_file(name)
+    path.write_text(text, encoding="utf-8")
+    return gr.DownloadButton(value=str(path), visible=True)
 
 
 def event_index(evt: gr.EventData, key: str = "index") -> Any:

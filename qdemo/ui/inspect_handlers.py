@@ -17,8 +17,7 @@ import gradio as gr
 
 from qdemo.services import probing as service
 from qdemo.services.admission import Refused
-from qdemo.services.files import scratch_file
-from qdemo.ui.context import UIContext, event_index, progress_callback
+from qdemo.ui.context import UIContext, download, event_index, progress_callback
 from qdemo.views import probes as views
 from qdemo.views.bundle import read_bundle
 from qdemo.views.export import csv_text
@@ -104,11 +103,6 @@ class InspectParts:
     bundle_view: gr.HTML
 
 
-def _download(name: str, text: str) -> gr.DownloadButton:
-    path = scratch_file(name)
-    path.write_text(text, encoding="utf-8")
-    return gr.DownloadButton(value=str(path), visible=True)
-
 
 def _conversation(p: InspectParts, ui: UIContext, data: dict) -> service.Conversation:
     return service.Conversation(view=data[p.chat_state].view, history=data[p.chatbot] or [],
@@ -160,8 +154,8 @@ def run_lens(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
     return {p.lens_md: " ".join(lines), p.state: data[p.state], p.attr_pick: gr.skip() if pick is None else pick,
             p.lens_grid: views.lens_grid_html(grid.rows, result.columns, grid.top1, grid.top_probs[:, :, 0],
                                               grid.target_probs, result.texts, result.commitment),
-            p.lens_csv: _download("qdemo-logit-lens.csv", csv_text(grid.to_frame(result.texts))),
-            p.lens_json: _download("qdemo-logit-lens.json", grid.to_json())}
+            p.lens_csv: download("qdemo-logit-lens.csv", csv_text(grid.to_frame(result.texts))),
+            p.lens_json: download("qdemo-logit-lens.json", grid.to_json())}
 
 
 def show_cell(p: InspectParts, data: dict, evt: gr.EventData) -> dict:
@@ -216,8 +210,8 @@ def attribute(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
     return {p.attr_md: line, p.state: data[p.state],
             p.attr_html: views.attribution_html(result.pieces, result.token_scores, result.target_text, att.method),
             p.attr_plot: views.per_turn_figure(labels, [s for _, s in result.per_turn], att.method),
-            p.attr_csv: _download("qdemo-attribution.csv", csv_text(att.to_frame(dict(enumerate(result.pieces))))),
-            p.attr_json: _download("qdemo-attribution.json", att.to_json())}
+            p.attr_csv: download("qdemo-attribution.csv", csv_text(att.to_frame(dict(enumerate(result.pieces))))),
+            p.attr_json: download("qdemo-attribution.json", att.to_json())}
 
 
 # --- scoring and divergence -----------------------------------------------------------------------------------------
@@ -251,8 +245,8 @@ def _score(p: InspectParts, ui: UIContext, data: dict, request: gr.Request, prog
     return {p.score_md: line, p.state: data[p.state], p.div_table: gr.Dataframe(visible=False),
             p.score_html: views.score_html(pieces, s.probs, s.ranks, s.surprisal_bits),
             p.score_plot: views.surprisal_figure(pieces, s.surprisal_bits),
-            p.score_csv: _download("qdemo-score.csv", csv_text(s.to_frame(result.texts))),
-            p.score_json: _download("qdemo-score.json", s.to_json())}
+            p.score_csv: download("qdemo-score.csv", csv_text(s.to_frame(result.texts))),
+            p.score_json: download("qdemo-score.json", s.to_json())}
 
 
 def diverge(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
@@ -277,8 +271,8 @@ def diverge(p: InspectParts, ui: UIContext, data: dict, request: gr.Request,
     return {p.score_md: line, p.state: data[p.state], p.div_table: gr.Dataframe(value=worst, visible=True),
             p.score_html: views.divergence_html(pieces, d.kl_ab, d.agree),
             p.score_plot: views.divergence_figure(pieces, d.kl_ab, d.kl_ba, d.agree, "A", "B"),
-            p.score_csv: _download("qdemo-divergence.csv", csv_text(d.to_frame(result.texts))),
-            p.score_json: _download("qdemo-divergence.json", d.to_json())}
+            p.score_csv: download("qdemo-divergence.csv", csv_text(d.to_frame(result.texts))),
+            p.score_json: download("qdemo-divergence.json", d.to_json())}
 
 
 # --- evidence bundle ------------------------------------------------------------------------------------------------
@@ -290,7 +284,7 @@ def make_bundle(p: InspectParts, ui: UIContext, data: dict, request: gr.Request)
     if made.restored:
         line += (" It was made from the run this browser kept across the reload, which holds no per-stage "
                  "probabilities: its tokens have no stage numbers.")
-    return {p.bundle_file: _download(f"qdemo-run-{run.run_id}.html", made.page), p.bundle_md: line}
+    return {p.bundle_file: download(f"qdemo-run-{run.run_id}.html", made.page), p.bundle_md: line}
 
 
 def open_bundle(p: InspectParts, data: dict) -> dict:

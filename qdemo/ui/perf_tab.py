@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from qdemo.services import history, perf
+from qdemo.services.arguments import Arguments
 from qdemo.services.files import scratch_dir
 from qdemo.ui.context import SessionComponents, UIContext
 
@@ -107,8 +108,9 @@ def list_history(parts: PerfParts, ui: UIContext, data: dict) -> dict:
     store = ui.services.store
     if store is None:
         return {h.line: "This server keeps no runs beyond its process (its run store is off).", h.table: None}
-    model, forward = _choice(data[h.model], [ALL, *ui.services.registry.models], "model"), \
-        _choice(data[h.forward], [ALL, *FORWARDS], "forward")
+    args = Arguments(ui.services.limits)
+    model = args.choice(data[h.model], "model", [ALL, *ui.services.registry.models])
+    forward = args.choice(data[h.forward], "forward", [ALL, *FORWARDS])
     rows = history.history(store, history.page_owner(data[parts.session.owner]), None if model == ALL else model,
                            None if forward == ALL else forward)
     table = [[r.id, r.created_at.strftime("%Y-%m-%d %H:%M"), r.kind, r.model, r.forward, r.tokens,
@@ -116,12 +118,6 @@ def list_history(parts: PerfParts, ui: UIContext, data: dict) -> dict:
     shown = f"{len(rows)} stored run(s)" + (f" of {model}" if model != ALL else "") + \
         (f" on {forward}" if forward != ALL else "")
     return {h.table: pd.DataFrame(table, columns=list(HISTORY_COLUMNS)), h.line: shown}
-
-
-def _choice(value: object, allowed: list[str], name: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of the listed values, got {str(value)[:40]!r}")
-    return value
 
 
 def _fixed(value: float | None, digits: int) -> str:

@@ -18,10 +18,9 @@ import gradio as gr
 from qdemo.sampling import SamplingParams
 from qdemo.services import history
 from qdemo.services import sweep as service
-from qdemo.services.files import scratch_file
 from qdemo.services.settings import whole_number
 from qdemo.ui import forward_picker
-from qdemo.ui.context import UIContext, event_index
+from qdemo.ui.context import UIContext, download, event_index
 from qdemo.views import sweep_view as views
 from qdemo.views.tokens import TOKEN_VIEW_CSS, token_view_html
 
@@ -180,14 +179,15 @@ def run(parts: SweepParts, ui: UIContext, lab: LabInputs, data: dict, request: g
             yield _progress(parts, progress, stop)
     if progress is not None:
         session.result, session.meta = progress, meta
+        cells = service.view_cells(progress)
         owner = history.page_owner(data.get(lab.owner)) if lab.owner is not None else None
-        history.keep_sweep(ui.services.store, owner, model, progress.forward, meta,
-                           views.export_body(service.view_cells(progress), {}))
-        yield {**_progress(parts, progress, stop), **_finished(parts, meta, progress)}
+        history.keep_sweep(ui.services.store, owner, model, progress.forward, meta, views.export_body(cells, {}))
+        yield {**_progress(parts, progress, stop, cells), **_finished(parts, meta, cells)}
 
 
-def _progress(parts: SweepParts, progress: service.SweepProgress, stop: threading.Event) -> dict:
-    cells = service.view_cells(progress)
+def _progress(parts: SweepParts, progress: service.SweepProgress, stop: threading.Event,
+              cells: list[views.SweepCell] | None = None) -> dict:
+    cells = cells if cells is not None else service.view_cells(progress)
     done = sum(c.measures is not None and c.measures.samples == len(c.seeds) for c in cells)
     line = views.progress_line(done, len(cells), progress.rows_done, progress.rows_total, progress.done,
                                stopped=progress.done and stop.is_set())
@@ -198,17 +198,11 @@ def _progress(parts: SweepParts, progress: service.SweepProgress, stop: threadin
     return {parts.status: line + note + hint + notice, parts.maps: views.heatmaps_html(cells)}
 
 
-def _finished(parts: SweepParts, meta: dict, progress: service.SweepProgress) -> dict:
-    cells = service.view_cells(progress)
+def _finished(parts: SweepParts, meta: dict, cells: list[views.SweepCell]) -> dict:
     return {parts.scatter: views.scatter_figure(cells),
-            parts.csv: _download("qdemo-sweep.csv", views.export_csv(cells)),
-            parts.json: _download("qdemo-sweep.json", views.export_json(cells, meta))}
+            parts.csv: download("qdemo-sweep.csv", views.export_csv(cells)),
+            parts.json: download("qdemo-sweep.json", views.export_json(cells, meta))}
 
-
-def _download(name: str, text: str) -> gr.DownloadButton:
-    path = scratch_file(name)
-    path.write_text(text, encoding="utf-8")
-    return gr.DownloadButton(value=str(path), visible=True)
 
 
 def open_cell(parts: SweepParts, data: dict, evt: gr.EventData) -> dict:

@@ -12,7 +12,6 @@ from typing import Any
 
 from qdemo.bench.forwards import Server
 from qdemo.bench.llama_server import server_binary
-from qdemo.forwards import llama_cpp
 from qdemo.forwards.gate import StepGate
 from qdemo.models.loader import LoadedModel
 from qdemo.models.sources import gguf_file
@@ -71,7 +70,7 @@ def sweep_bench(lm: LoadedModel, tokens: int = 48, samples: int = 8) -> dict[str
     ids = backend.chat_prompt([{"role": "user", "content": CONTEXT}], tokens).ids
     base = SamplingParams(do_sample=True, top_k=40, max_new_tokens=tokens)
     grid = read_grid(AXES, samples=samples, seed=1)
-    rows = min(llama_cpp.SOLO_EXACT_ROWS if lm.forward == "llama.cpp" else ROWS_PER_CHUNK, samples * 9)  # as the app
+    rows = min(backend.exact_rows(ROWS_PER_CHUNK), samples * 9)  # as the app
     _timed(backend, ids, base.replace(max_new_tokens=4), read_grid({"temperature": [0.8]}, 2, 0), 2)  # warm-up
     batch_s, batch_tokens, batch = _timed(backend, ids, base, grid, rows)
     alone_s, alone_tokens, alone = _timed(backend, ids, base, grid, 1)

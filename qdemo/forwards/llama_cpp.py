@@ -129,6 +129,7 @@ class LlamaCache:
 
     def __init__(self, ctx: Any, n_ctx: int, rows: int, weights: "LlamaWeights") -> None:
         self.ctx, self.n_ctx, self.seqs, self.weights = ctx, n_ctx, list(range(rows)), weights
+        self.retired: set[int] = set()  # sequences of rows `select` dropped, their cells kept (see select)
         self._finalizer = weakref.finalize(self, _lib().llama_free, ctx)
 
     def close(self) -> None:
@@ -138,6 +139,8 @@ class LlamaCache:
 
 class LlamaCppRunner:
     """A Runner on llama.cpp (qdemo.forwards.runner says what each method promises)."""
+
+    solo_exact_rows = SOLO_EXACT_ROWS
 
     def __init__(self, weights: LlamaWeights) -> None:
         self.weights = weights
@@ -274,13 +277,21 @@ class LlamaCppRunner:
         memory = self._memory(state.cache)
         source = state.cache.seqs[0]  # any id: a kept row may be the one `select` left, not sequence 0
         targets = [seq for seq in range(MAX_ROWS) if seq != source][:rows - 1]
-        for seq in targets:
+        for seq in state.cache.retired | set(targets):  # a new batch: the last one's finished rows go now
             _lib().llama_memory_seq_rm(memory, seq, -1, -1)
+        for seq in targets:
             _lib().llama_memory_seq_cp(memory, source, seq, -1, -1)
+        state.cache.retired = set()
         state.cache.seqs = [source] + targets
 
     def select(self, state: RunnerState, rows: list[int]) -> None:
-        """Row k of the result continues old row rows[k]; a row chosen twice gets a copy of its sequence."""
+        """Row k of the result continues old row rows[k]; a row chosen twice gets a copy of its sequence.
+
+        A dropped row's cells stay where they are (its sequence is retired, not removed): freed cells would take the
+        next steps' tokens behind the kept rows' later ones, and ggml's attention reads a sequence's cells in cell
+        order, so the kept rows would sum in another order than alone and drift from their solo runs (measured on a
+        sweep: 9 of 16 rows equal over 48 tokens with the cells freed). Retired cells are removed when their id is
+        needed again, by a fork, or with the context."""
         lib, memory, cache = _lib(), self._memory(state.cache), state.cache
         used: set[int] = set()
         new_seqs: list[int | None] = []
@@ -288,12 +299,15 @@ class LlamaCppRunner:
             seq = cache.seqs[source]
             new_seqs.append(None if seq in used else seq)
             used.add(seq)
-        for seq in set(cache.seqs) - used:  # dropped rows first: their sequence ids are reused below
-            lib.llama_memory_seq_rm(memory, seq, -1, -1)
-        free = [s for s in range(MAX_ROWS) if s not in used]
+        cache.retired |= set(cache.seqs) - used
+        spare = [s for s in range(MAX_ROWS) if s not in used and s not in cache.retired]
+        spare += sorted(cache.retired - used)  # ids never used first: reusing a retired one frees its cells
         for k, seq in enumerate(new_seqs):
             if seq is None:
-                target = free.pop(0)
+                target = spare.pop(0)
+                if target in cache.retired:
+                    lib.llama_memory_seq_rm(memory, target, -1, -1)
+                    cache.retired.discard(target)
                 lib.llama_memory_seq_cp(memory, cache.seqs[rows[k]], target, -1, -1)
                 new_seqs[k] = target
         cache.seqs = list(new_seqs)

@@ -16,6 +16,10 @@ from qdemo.models.loader import LoadedModel
 class TorchRunner:
     """A transformers model's forwards with a DynamicCache (the torch path)."""
 
+    # fp32 rows equal their solo runs at any batch size; bf16/fp16 GEMMs round by shape at any size above one, and
+    # capping there would give up the batch's whole gain (README: the sweep benchmark).
+    solo_exact_rows: int | None = None
+
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.cache_kw = _cache_kwarg(lm.model)  # read once: inspecting the signature per forward costs ~25 µs

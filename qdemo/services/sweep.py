@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from qdemo.core.events import DoneEvent, TokenEvent
-from qdemo.forwards import llama_cpp
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import ModelRequest, Refused, Services
 from qdemo.services.kept_states import client_state
@@ -152,7 +151,7 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
                           f"{services.limits.max_prompt_tokens}")
         per_token = backend.kv_bytes_per_token() if hasattr(backend, "kv_bytes_per_token") else None
         free = services.pool.budget - services.pool.used_bytes()
-        cap = llama_cpp.SOLO_EXACT_ROWS if getattr(backend, "forward", "") == "llama.cpp" else ROWS_PER_CHUNK
+        cap = backend.exact_rows(ROWS_PER_CHUNK) if hasattr(backend, "exact_rows") else ROWS_PER_CHUNK
         rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens), cap)
         notice = " ".join(n for n in (admitted.notice, "" if params.do_sample else GREEDY_NOTE) if n)
         with client_state(services.states, client, backend) as state:

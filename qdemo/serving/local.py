@@ -22,6 +22,7 @@ from qdemo.core.decode import DecodeState, ShouldStop, last_logits, new_state
 from qdemo.core.engine import generate, generate_assisted, generate_batch, generate_rows
 from qdemo.core.events import Event
 from qdemo.forwards.gate import StepGate
+from qdemo.forwards.torch_runner import runner_for
 from qdemo.models.loader import LoadedModel, pick_device, vocabulary_key
 from qdemo.models.prompting import (
     Message,
@@ -82,6 +83,12 @@ class LocalBackend:
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         half = self.forward == "llama.cpp" or getattr(self._lm, "dtype", None) in (torch.bfloat16, torch.float16)
         return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * (2 if half else 4)
+
+    def exact_rows(self, wanted: int) -> int:
+        """At most `wanted` rows per step, fewer where more rows in one call would round differently from each row
+        alone (the llama.cpp forward's kernels, qdemo.forwards.llama_cpp.SOLO_EXACT_ROWS)."""
+        cap = runner_for(self._lm).solo_exact_rows
+        return min(wanted, cap) if cap else wanted
 
     def shape(self) -> tuple[int, int]:
         """(decoder layers, attention heads)."""

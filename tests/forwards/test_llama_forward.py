@@ -8,6 +8,7 @@ by .ci/run) makes that a failure."""
 from __future__ import annotations
 
 import contextlib
+import math
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -275,21 +276,28 @@ def test_a_kept_state_costs_the_budget_its_whole_context(fast):
 
 def test_a_sweeps_samples_equal_their_solo_runs(fast):
     """Issue 21: on the llama.cpp forward too, every sample of a sweep (rows after one prefill, in chunks that
-    reuse it) equals its solo run with the seed the sweep shows."""
+    reuse it) equals its solo run with the seed the sweep shows: its tokens and the raw probability of each. The
+    rows end at different steps, so the batch narrows under the ones still going (with the finished rows' cells
+    freed, 9 of these 16 parted from their solo runs after 10-22 tokens)."""
     backend = LocalBackend(fast, StepGate())
-    ids = chat_ids(fast, EN, 10)
-    base = fast.spec.sampling.replace(max_new_tokens=10, top_k=40)
-    grid = read_grid({"temperature": [0.5, 1.1], "top_p": [0.8, 1.0]}, samples=3, seed=1)
+    ids = chat_ids(fast, "用一句话介绍 Python。", 48)
+    base = fast.spec.sampling.replace(max_new_tokens=48)
+    grid = read_grid({"temperature": [0.5, 1.3], "top_p": [0.8, 1.0]}, samples=4, seed=1)
     state = new_state(fast)
-    try:  # chunks as the app runs them on llama.cpp; the second starts from the first's prompt and last logits
-        final = list(run_sweep(backend, ids, base, grid, state=state, rows_per_chunk=SOLO_EXACT_ROWS))[-1]
+    try:  # chunks as the app runs them on llama.cpp; later ones start from the first's prompt and last logits
+        final = list(run_sweep(backend, ids, base, grid, state=state,
+                               rows_per_chunk=backend.exact_rows(8)))[-1]
     finally:
         state.release()
+    lengths = [len(sample.tokens) for cell in final.cells for sample in cell.samples]
+    assert len(set(lengths[:SOLO_EXACT_ROWS])) > 2, lengths  # the first chunk's rows leave it at different steps
     for cell in final.cells:
         for k, seed in enumerate(cell.seeds):
             params = base.replace(do_sample=True, seed=seed, **cell.settings)
-            solo = collect(generate(fast, input_ids=ids, params=params))["done"]
-            assert cell.samples[k].tokens == solo.token_ids, (cell.settings, k)
+            events = collect(generate(fast, input_ids=ids, params=params))
+            assert cell.samples[k].tokens == events["done"].token_ids, (cell.settings, k)
+            raw = [math.log(max(e.stages[0].chosen_prob, 1e-45)) for e in events["tokens"]]
+            assert list(cell.samples[k].raw_logprobs) == raw, (cell.settings, k)
 
 
 def test_a_sweep_sizes_its_chunks_on_the_llama_cpp_forward_too(fast):

@@ -12,6 +12,7 @@ import pytest
 from qdemo.core.decode import new_state
 from qdemo.core.engine import collect, generate
 from qdemo.forwards.gate import StepGate
+from qdemo.forwards.torch_runner import TorchRunner
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import Refused, Services
@@ -105,14 +106,7 @@ def test_the_chunk_holds_as_many_rows_as_the_memory_budget_left_fits(tiny_dir, t
     pool = ModelPool(registry, "cpu")
     services = Services(registry=registry, pool=pool, default_model=registry.default,
                         limits=Limits(requests_per_minute=1000))
-    chunks: list[int] = []
-    real = LocalBackend.generate_rows
-
-    def counted(self, input_ids, params, **kw):
-        chunks.append(len(params))
-        return real(self, input_ids, params, **kw)
-
-    monkeypatch.setattr(LocalBackend, "generate_rows", counted)
+    chunks = _count_chunks(monkeypatch)
     axes, settings = {"temperature": [0.6, 1.0, 1.4]}, {"max_new_tokens": 5}
     roomy = list(sweep(services, "a", "one two three", "chat", "", settings, axes, 3, 0))[-1]
     assert roomy.rows_done == 9 and chunks == [8, 1]
@@ -124,3 +118,29 @@ def test_the_chunk_holds_as_many_rows_as_the_memory_budget_left_fits(tiny_dir, t
     tight = list(sweep(services, "b", "one two three", "chat", "", settings, axes, 3, 0))[-1]
     assert tight.rows_done == 9 and tight.rows_per_chunk == 3 and chunks == [3, 3, 3]
     assert [[s.tokens for s in c.samples] for c in tight.cells] == [[s.tokens for s in c.samples] for c in roomy.cells]
+
+
+def test_the_chunk_keeps_to_the_rows_a_forward_decodes_exactly(tiny_dir, tmp_path, monkeypatch):
+    """A forward whose kernels round differently above some batch size (llama.cpp: 7 rows on this CPU kind) caps
+    the chunk there even when the budget has room for more, so every sample stays equal to its solo run."""
+    registry = load_registry(write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024))
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                        limits=Limits(requests_per_minute=1000))
+    chunks = _count_chunks(monkeypatch)
+    monkeypatch.setattr(TorchRunner, "solo_exact_rows", 4)
+    final = list(sweep(services, "a", "one two three", "chat", "", {"max_new_tokens": 4},
+                       {"temperature": [0.6, 1.0, 1.4]}, 3, 0))[-1]
+    assert final.rows_done == 9 and final.rows_per_chunk == 4 and chunks == [4, 4, 1]
+
+
+def _count_chunks(monkeypatch) -> list[int]:
+    """The rows of each chunk the sweep hands the backend, in order."""
+    chunks: list[int] = []
+    real = LocalBackend.generate_rows
+
+    def counted(self, input_ids, params, **kw):
+        chunks.append(len(params))
+        return real(self, input_ids, params, **kw)
+
+    monkeypatch.setattr(LocalBackend, "generate_rows", counted)
+    return chunks

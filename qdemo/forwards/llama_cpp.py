@@ -141,6 +141,7 @@ class LlamaCppRunner:
     """A Runner on llama.cpp (qdemo.forwards.runner says what each method promises)."""
 
     solo_exact_rows = SOLO_EXACT_ROWS
+    batch_note = None
 
     def __init__(self, weights: LlamaWeights) -> None:
         self.weights = weights

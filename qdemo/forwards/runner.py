@@ -36,6 +36,7 @@ class Gate(Protocol):
 class Runner(Protocol):
     # Rows one step may decode while each row's numbers stay bit-equal to its run alone (None: any number).
     solo_exact_rows: int | None
+    batch_note: str | None  # for the user, when a batch's rows may part from their solo runs anyway
 
     def new_cache(self, rows: int, capacity: int) -> Any:
         """An empty cache for `rows` rows, room for about `capacity` tokens."""

@@ -13,16 +13,28 @@ from qdemo.forwards.runner import Gate, Runner, RunnerState
 from qdemo.models.loader import LoadedModel
 
 
+HALF_BATCH_NOTE = ("On torch {dtype} this machine's kernels round a batch's rows a little unlike a row alone, so a "
+                   "sample re-run alone from its seed (in Chat) can part from the sweep's after a few tokens; the "
+                   "sweep itself re-runs the same. The llama.cpp forward or float32 re-run each sample alone as the "
+                   "sweep drew it.")
+
+
 class TorchRunner:
     """A transformers model's forwards with a DynamicCache (the torch path)."""
 
-    # fp32 rows equal their solo runs at any batch size; bf16/fp16 GEMMs round by shape at any size above one, and
-    # capping there would give up the batch's whole gain (README: the sweep benchmark).
+    # No cap: in float32 a batch's rows give their solo runs' tokens (measured on the 0.5B model: 8 of 8, raw
+    # probabilities within 4e-6), and half precision pads one-row products where that makes rows alike
+    # (qdemo.models.batch_invariance). Where it cannot, a cap of one row would give up the batch's whole gain, so
+    # the sweep says so instead (batch_note).
     solo_exact_rows: int | None = None
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
         self.cache_kw = _cache_kwarg(lm.model)  # read once: inspecting the signature per forward costs ~25 µs
+
+    @property
+    def batch_note(self) -> str | None:
+        return None if self.lm.rows_alike else HALF_BATCH_NOTE.format(dtype=str(self.lm.dtype).removeprefix("torch."))
 
     def new_cache(self, rows: int, capacity: int) -> Any:
         return DynamicCache(config=self.lm.model.config)

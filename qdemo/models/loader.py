@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from qdemo.errors import SourceError
+from qdemo.models.batch_invariance import HALF, make_rows_alike
 from qdemo.models.cpu_layout import column_major_tall_linears
 from qdemo.models.families import Family, get_family
 from qdemo.models.progress import reporting
@@ -54,6 +55,9 @@ class LoadedModel:
     config: Any = None  # the checkpoint's transformers config
     vocab_size: int = 0  # rows of the logits
     step_costs: StepCosts = field(default_factory=StepCosts)  # decode forwards' recent cost, by rows
+    # Whether a batch's rows compute as each row alone (qdemo.models.batch_invariance); llama.cpp: up to
+    # its SOLO_EXACT_ROWS, which the sweep keeps to.
+    rows_alike: bool = True
 
     def __post_init__(self) -> None:
         if not self.max_context:
@@ -221,6 +225,13 @@ def load_model(
     model.requires_grad_(False)
     if dev.type == "cpu" and dt == torch.float32:  # measured faster there; bf16/fp16 CPU kernels not measured
         column_major_tall_linears(model, progress)
+    rows_alike = True  # float32: a batch's rows give their solo runs' tokens (qdemo.forwards.torch_runner)
+    if dt in HALF:
+        if progress:
+            progress(ROWS_PHASE, 0, 1)
+        rows_alike = make_rows_alike(model) != "varies"
+        if progress:
+            progress(ROWS_PHASE, 1, 1)
     if progress:
         progress("load weights", 1, 1)
     eos = _eos_ids(getattr(model, "generation_config", None), tokenizer)
@@ -229,7 +240,11 @@ def load_model(
     max_context, note = context_limit(spec, model.config)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, device=dev, dtype=dt, family=family,
                        eos_token_ids=frozenset(eos), stop_token_ids=frozenset(stops), path=path,
-                       weight_bytes=weight_bytes, max_context=max_context, context_note=note)
+                       weight_bytes=weight_bytes, max_context=max_context, context_note=note,
+                       rows_alike=rows_alike)
+
+
+ROWS_PHASE = "check that a row computes alike alone and in a batch"
 
 
 @dataclass(frozen=True)

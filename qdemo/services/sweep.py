@@ -153,7 +153,8 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
         free = services.pool.budget - services.pool.used_bytes()
         cap = backend.exact_rows(ROWS_PER_CHUNK) if hasattr(backend, "exact_rows") else ROWS_PER_CHUNK
         rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens), cap)
-        notice = " ".join(n for n in (admitted.notice, "" if params.do_sample else GREEDY_NOTE) if n)
+        rounding = backend.batch_note() if hasattr(backend, "batch_note") else None
+        notice = " ".join(n for n in (admitted.notice, "" if params.do_sample else GREEDY_NOTE, rounding) if n)
         with client_state(services.states, client, backend) as state:
             for progress in run_sweep(backend, ids, params, grid, state, stop, rows_per_chunk=rows,
                                       time_limit_s=services.limits.max_generation_seconds):

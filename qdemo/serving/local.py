@@ -90,6 +90,10 @@ class LocalBackend:
         cap = runner_for(self._lm).solo_exact_rows
         return min(wanted, cap) if cap else wanted
 
+    def batch_note(self) -> str | None:
+        """What a user should know when a batch's rows may part from their solo runs (torch half precision)."""
+        return runner_for(self._lm).batch_note
+
     def shape(self) -> tuple[int, int]:
         """(decoder layers, attention heads)."""
         config = self._lm.config

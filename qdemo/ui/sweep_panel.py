@@ -26,7 +26,7 @@ from qdemo.views.tokens import TOKEN_VIEW_CSS, token_view_html
 
 NO_AXIS = "none"
 HINT = ("Pick one or two settings and their values: every cell of the grid samples the lab's context N times "
-        "(seeds shown, each reproducible alone), after one shared prefill.")
+        "(seeds shown: each sample re-runs from its seed), after one shared prefill.")
 UI_INTERVAL_S = 0.25  # heatmaps redraw at most this often while rows finish
 MAX_VALUES_CHARS = 200
 

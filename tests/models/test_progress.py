@@ -61,3 +61,16 @@ def test_the_cpu_layout_after_the_tensors_moves_the_bar_too(tiny_registry_path):
     linears = sum(isinstance(m, torch.nn.Linear) for m in lm.model.modules())
     assert [(d, t) for p, d, t in seen if p == LAYOUT_PHASE] == [(i, linears) for i in range(1, linears + 1)]
     assert seen[-1] == ("load weights", 1, 1)
+
+
+def test_a_half_precision_load_reports_its_batch_probe(tiny_registry_path):
+    """The probe that decides whether a row computes alike alone and in a batch runs at load: the bar names it
+    (from 0 to done) before the load ends, and a float32 load has no such phase."""
+    from qdemo.models.loader import ROWS_PHASE
+
+    spec = load_registry(tiny_registry_path).get("tiny-qwen2")
+    for dtype, expected in (("bfloat16", [(0, 1), (1, 1)]), ("float32", [])):
+        seen = []
+        load_model(spec, device="cpu", dtype=dtype, progress=lambda phase, done, total: seen.append((phase, done, total)))
+        assert [(d, t) for p, d, t in seen if p == ROWS_PHASE] == expected, dtype
+        assert seen[-1] == ("load weights", 1, 1)

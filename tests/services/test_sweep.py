@@ -13,6 +13,7 @@ from qdemo.core.decode import new_state
 from qdemo.core.engine import collect, generate
 from qdemo.forwards.gate import StepGate
 from qdemo.forwards.torch_runner import TorchRunner
+from qdemo.models import loader
 from qdemo.models.registry import load_registry
 from qdemo.sampling import SamplingParams
 from qdemo.services.admission import Refused, Services
@@ -144,3 +145,20 @@ def _count_chunks(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(LocalBackend, "generate_rows", counted)
     return chunks
+
+
+@pytest.mark.parametrize("verdict, warned", [("varies", True), ("padded", False), ("alike", False)])
+def test_a_sweep_says_when_its_samples_may_not_re_run_alone_exactly(tiny_dir, tmp_path, monkeypatch, verdict,
+                                                                    warned):
+    """Where half-precision kernels round a batch's rows unlike a row alone and padding cannot help (the probe's
+    "varies"), the sweep's status says a sample re-run alone may part; where rows compute alike it says nothing."""
+    path = write_registry(tmp_path / "models.yaml", tiny_dir, max_context=1024)
+    path.write_text(path.read_text().replace("dtype: float32", "dtype: bfloat16"))
+    monkeypatch.setattr(loader, "make_rows_alike", lambda model: verdict)
+    registry = load_registry(path)
+    services = Services(registry=registry, pool=ModelPool(registry, "cpu"), default_model=registry.default,
+                        limits=Limits(requests_per_minute=1000))
+    final = list(sweep(services, "a", "one two three", "chat", "", {"max_new_tokens": 3},
+                       {"temperature": [0.6, 1.0]}, 2, 0))[-1]
+    assert final.rows_done == 4
+    assert ("On torch bfloat16 this machine's kernels round" in final.notice) is warned, final.notice

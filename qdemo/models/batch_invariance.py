@@ -63,7 +63,7 @@ HALF = (torch.bfloat16, torch.float16)
 def _probe(module: torch.nn.Linear) -> Verdict:
     """Random rows through the module's own weight: each row alone, in a pair with itself, and in batches."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_ROWS, module.in_features, generator=generator).to(module.weight.dtype)
+    x = torch.randn(PROBE_ROWS, module.in_features, generator=generator).to(module.weight.device, module.weight.dtype)
     weight, bias = module.weight, module.bias
     paired = torch.stack([F.linear(x[i].repeat(2, 1), weight, bias)[0] for i in range(PROBE_ROWS)])
     if any(not torch.equal(F.linear(x[:m], weight, bias), paired[:m]) for m in PROBE_SIZES):

@@ -138,12 +138,29 @@ def scatter_figure(cells: Sequence[SweepCell]) -> go.Figure | None:
     done = [c for c in cells if c.measures is not None and math.isfinite(c.measures.mean_logprob)]
     if not done:
         return None
+    xs, ys = [c.measures.mean_logprob for c in done], [c.measures.distinct_2 for c in done]
     fig = go.Figure(go.Scatter(
-        x=[c.measures.mean_logprob for c in done], y=[c.measures.distinct_2 for c in done],
-        mode="markers+text", text=[cell_label(c.settings) for c in done], textposition="top center",
-        marker={"size": 10}, hovertemplate="%{text}<br>log-prob %{x:.2f}<br>distinct-2 %{y:.2f}<extra></extra>"))
-    return styled(fig, wrap_title("Variety against likelihood, one point per cell"),
-                  "mean log-prob per token (more likely →)", "distinct-2 (more varied ↑)", height=380)
+        x=xs, y=ys, mode="markers+text", text=[cell_label(c.settings) for c in done],
+        textposition=_label_sides(xs), cliponaxis=False, marker={"size": 10},
+        hovertemplate="%{text}<br>log-prob %{x:.2f}<br>distinct-2 %{y:.2f}<extra></extra>"))
+    fig = styled(fig, wrap_title("Variety against likelihood, one point per cell"),
+                 "mean log-prob per token (more likely →)", "distinct-2 (more varied ↑)", height=380)
+    fig.update_xaxes(range=_padded(xs, 0.08))
+    fig.update_yaxes(range=_padded(ys, 0.15))
+    return fig
+
+
+def _label_sides(xs: Sequence[float]) -> list[str]:
+    """A label grows away from the nearer side of the plot, so the outermost cells' labels are not cut off."""
+    low, high = min(xs), max(xs)
+    middle = (low + high) / 2
+    return ["top center" if high - low < 1e-9 else ("top right" if x < middle else "top left") for x in xs]
+
+
+def _padded(values: Sequence[float], share: float) -> list[float]:
+    low, high = min(values), max(values)
+    pad = (high - low) * share or 0.1
+    return [low - pad, high + pad]
 
 
 def progress_line(cells_done: int, cells: int, rows_done: int, rows: int, finished: bool, stopped: bool = False

@@ -38,3 +38,22 @@ def test_bad_samples_are_refused():
         cell_measures([Sample((1, 2), (-1.0,), True)])
     empty = cell_measures([Sample((), (), True)])
     assert math.isnan(empty.mean_logprob) and empty.mean_length == 0
+
+
+def test_the_scatters_outermost_labels_grow_inwards_and_fit_the_plot():
+    """Seen in the tour: the leftmost and rightmost cells' labels ran off the plot's edges ("erature 1.3 · top-p 1").
+    Each label now grows away from its nearer edge, is not clipped, and the axes leave room around the points."""
+    from qdemo.views.sweep_view import SweepCell, scatter_figure
+
+    def cell(temperature: float, logprob: float, variety: float) -> SweepCell:
+        measures = cell_measures([Sample((1, 2, 3), (logprob,) * 3, True, 0)])
+        measures = type(measures)(**{**measures.__dict__, "distinct_2": variety})
+        return SweepCell({"temperature": temperature}, [0], ["x"], measures)
+
+    fig = scatter_figure([cell(1.3, -1.5, 0.8), cell(0.9, -1.0, 0.7), cell(0.5, -0.5, 0.5)])
+    trace = fig.data[0]
+    assert list(trace.textposition) == ["top right", "top left", "top left"] and trace.cliponaxis is False
+    low, high = fig.layout.xaxis.range
+    assert low < -1.5 and high > -0.5
+    low, high = fig.layout.yaxis.range
+    assert low < 0.5 and high > 0.8

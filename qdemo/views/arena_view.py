@@ -16,13 +16,21 @@ from qdemo.views.ratings import Rating
 COLUMNS = ["rank", "contender", "rating", "95% interval", "votes"]
 TITLE = "Win rate: row against column"
 LABEL_WIDTH = 14  # characters per line of a contender's name on the axes
+# Below this many votes a bootstrap over them has next to no spread (one vote resampled is always that vote), so
+# its interval would read as certainty: "1264 – 1264" after a single battle.
+INTERVAL_VOTES = 5
 
 
 def leaderboard_frame(ratings: Sequence[Rating]) -> pd.DataFrame:
     """One row per contender, best first (`ratings` is in that order)."""
-    rows = [[i + 1, r.name, round(r.rating), f"{round(r.low)} – {round(r.high)}", r.votes]
-            for i, r in enumerate(ratings)]
+    rows = [[i + 1, r.name, round(r.rating), _interval(r), r.votes] for i, r in enumerate(ratings)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _interval(r: Rating) -> str:
+    if r.votes < INTERVAL_VOTES:
+        return f"after {INTERVAL_VOTES} votes"
+    return f"{round(r.low)} – {round(r.high)}"
 
 
 def empty_leaderboard() -> pd.DataFrame:

@@ -34,3 +34,14 @@ def test_the_heatmap_shows_each_share_and_leaves_pairs_that_never_met_blank():
 def test_no_votes_draw_a_note_not_an_error():
     fig = win_rate_figure([], np.zeros((0, 0)))
     assert not fig.data and "no votes yet" in fig.layout.annotations[0].text
+
+
+def test_a_contender_with_few_votes_shows_no_interval_yet():
+    """Seen in the tour: after one battle the table read "1264 – 1264", as if one vote made the rating certain (a
+    bootstrap of one vote always draws that vote). Below five votes the column says when an interval comes."""
+    ratings = leaderboard([Vote("greedy", "default", "a")], bootstrap=50)
+    frame = leaderboard_frame(ratings)
+    assert list(frame["votes"]) == [1, 1]
+    assert list(frame["95% interval"]) == ["after 5 votes", "after 5 votes"]
+    many = leaderboard_frame(leaderboard(VOTES, bootstrap=50))
+    assert [cell[0].isdigit() for cell in many["95% interval"]] == [votes >= 5 for votes in many["votes"]]

@@ -302,7 +302,7 @@ class LlamaCppRunner:
             used.add(seq)
         cache.retired |= set(cache.seqs) - used
         spare = [s for s in range(MAX_ROWS) if s not in used and s not in cache.retired]
-        spare += sorted(cache.retired - used)  # ids never used first: reusing a retired one frees its cells
+        spare += sorted(cache.retired)  # ids never used first: reusing a retired one frees its cells
         for k, seq in enumerate(new_seqs):
             if seq is None:
                 target = spare.pop(0)

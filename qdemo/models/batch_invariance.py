@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 Verdict = Literal["alike", "padded", "varies"]
+HALF = (torch.bfloat16, torch.float16)
 PROBE_ROWS = 8  # the most rows a batch decodes at once (qdemo.services.sweep.ROWS_PER_CHUNK)
 PROBE_SIZES = (2, 3, 5, PROBE_ROWS)
 
@@ -54,9 +55,6 @@ def make_rows_alike(model: torch.nn.Module) -> Verdict:
     for module in linears:
         module.__class__ = PairedLinear
     return "padded"
-
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 @torch.inference_mode()

@@ -149,12 +149,12 @@ def sweep(services: Services, client: Client | str | None, text: Any, mode: Any,
         if len(ids) > services.limits.max_prompt_tokens:
             raise Refused(f"the context has {len(ids)} tokens; this server's prompt limit is "
                           f"{services.limits.max_prompt_tokens}")
-        per_token = backend.kv_bytes_per_token() if hasattr(backend, "kv_bytes_per_token") else None
+        # need_logits let only a LocalBackend through: it sizes the chunks and knows its forward's rounding
+        row_bytes = backend.kv_bytes_per_token() * (len(ids) + params.max_new_tokens)
         free = services.pool.budget - services.pool.used_bytes()
-        cap = backend.exact_rows(ROWS_PER_CHUNK) if hasattr(backend, "exact_rows") else ROWS_PER_CHUNK
-        rows = rows_that_fit(free, per_token and per_token * (len(ids) + params.max_new_tokens), cap)
-        rounding = backend.batch_note() if hasattr(backend, "batch_note") else None
-        notice = " ".join(n for n in (admitted.notice, "" if params.do_sample else GREEDY_NOTE, rounding) if n)
+        rows = rows_that_fit(free, row_bytes, backend.exact_rows(ROWS_PER_CHUNK))
+        notes = (admitted.notice, "" if params.do_sample else GREEDY_NOTE, backend.batch_note())
+        notice = " ".join(n for n in notes if n)
         with client_state(services.states, client, backend) as state:
             for progress in run_sweep(backend, ids, params, grid, state, stop, rows_per_chunk=rows,
                                       time_limit_s=services.limits.max_generation_seconds):

@@ -103,7 +103,6 @@ class InspectParts:
     bundle_view: gr.HTML
 
 
-
 def _conversation(p: InspectParts, ui: UIContext, data: dict) -> service.Conversation:
     return service.Conversation(view=data[p.chat_state].view, history=data[p.chatbot] or [],
                                 model=data[p.chat_model] or ui.services.default_model, system=data[p.chat_system],

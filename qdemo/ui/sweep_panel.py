@@ -204,7 +204,6 @@ def _finished(parts: SweepParts, meta: dict, cells: list[views.SweepCell]) -> di
             parts.json: download("qdemo-sweep.json", views.export_json(cells, meta))}
 
 
-
 def open_cell(parts: SweepParts, data: dict, evt: gr.EventData) -> dict:
     """A click on a heatmap cell: that cell's samples side by side, each with its seed and token view."""
     session: SweepSession = data[parts.state]
